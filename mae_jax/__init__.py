@@ -1,0 +1,1 @@
+"""mae-jax: Masked Autoencoders in JAX/Flax NNX."""
