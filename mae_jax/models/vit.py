@@ -1,0 +1,316 @@
+"""ViT building blocks (timm / official MAE layout) and an encoder that runs on any token subset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mae_jax.models.pos_embed import sincos_2d
+
+LAYER_NORM_EPS = 1e-6
+
+# xavier_uniform, as the official `_init_weights` applies to every Linear (fans from [in, out]).
+xavier_uniform = nnx.initializers.xavier_uniform()
+# The official code initialises the patch-embed conv as a Linear on its [D, 3*P*P] view.
+patch_embed_init = nnx.initializers.variance_scaling(
+    1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+)
+token_init = nnx.initializers.normal(stddev=0.02)
+
+
+class FixedEmbedding(nnx.Variable):
+    """A position table that is not trained (not an `nnx.Param`, so no optimizer state)."""
+
+
+def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=xavier_uniform,
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        features, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+    )
+
+
+def attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *, bias=None, implementation=None
+) -> jax.Array:
+    """query/key/value: [N, T, H, Dh] -> [N, T, H, Dh] via `jax.nn.dot_product_attention`.
+
+    implementation: None/"xla", "cudnn" (fused flash attention), or "auto" (cudnn on GPU with
+    16-bit inputs when the shape is supported, XLA otherwise).
+    """
+    if implementation == "auto":
+        implementation = None
+        if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(
+                    query, key, value, bias=bias, implementation="cudnn"
+                )
+            except (NotImplementedError, ValueError, RuntimeError):
+                pass  # shape or dtype cuDNN does not support: fall back to XLA below
+    return jax.nn.dot_product_attention(
+        query, key, value, bias=bias, implementation=implementation
+    )
+
+
+class Attention(nnx.Module):
+    """timm `Attention`: fused qkv Linear (with bias), scale Dh**-0.5, output projection."""
+
+    def __init__(self, *, dim: int, num_heads: int, dtype, attention_impl, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"Width {dim} is not divisible by {num_heads} heads.")
+        self.num_heads = num_heads
+        self.attention_impl = attention_impl
+        self.qkv = dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, bias: jax.Array | None = None) -> jax.Array:
+        """x: [N, T, D] -> [N, T, D]; bias: optional [H, T, T] added to the logits."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        if bias is not None:
+            bias = bias[None].astype(qkv.dtype)
+        out = attention(
+            qkv[:, :, 0],
+            qkv[:, :, 1],
+            qkv[:, :, 2],
+            bias=bias,
+            implementation=self.attention_impl,
+        )
+        return self.proj(out.reshape(batch, tokens, dim))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, *, dim: int, hidden_dim: int, dtype, rngs: nnx.Rngs):
+        self.fc1 = dense(dim, hidden_dim, dtype=dtype, rngs=rngs)
+        self.fc2 = dense(hidden_dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth per sample; inactive when `deterministic` (set by `model.eval()`)."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs | None):
+        self.rate = rate
+        self.deterministic = False
+        if rate > 0 and rngs is None:
+            raise ValueError("DropPath with a positive rate needs rngs with a 'dropout' stream.")
+        self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.rate == 0.0 or self.deterministic:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep_mask = jax.random.bernoulli(self.rngs(), keep, shape)
+        return jnp.where(keep_mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block (timm); optional layer scale and drop path (BEiT/mmseg)."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dtype=jnp.float32,
+        attention_impl: str | None = "auto",
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.attn = Attention(
+            dim=dim, num_heads=num_heads, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+        )
+        self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+        self.drop_path = DropPath(drop_path, rngs=rngs)
+        if layer_scale_init is not None:
+            self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
+            self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def __call__(self, x: jax.Array, *, attention_bias: jax.Array | None = None) -> jax.Array:
+        """x: [N, T, D] -> [N, T, D]."""
+        h = self.attn(self.norm1(x), bias=attention_bias)
+        if self.gamma_1 is not None:
+            h = h * self.gamma_1[...].astype(h.dtype)
+        x = x + self.drop_path(h)
+        h = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            h = h * self.gamma_2[...].astype(h.dtype)
+        return x + self.drop_path(h)
+
+
+class PatchEmbed(nnx.Module):
+    """P x P convolution with stride P: [N, H, W, C] -> [N, (H/P)*(W/P), D] (row-major)."""
+
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int, dtype, rngs):
+        self.proj = nnx.Conv(
+            in_chans,
+            embed_dim,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            kernel_init=patch_embed_init,
+            bias_init=nnx.initializers.zeros_init(),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.proj(images)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def check_image_size(image_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if height % patch_size or width % patch_size or height <= 0 or width <= 0:
+        raise ValueError(
+            f"Image size {height}x{width} is not a positive multiple of the patch size "
+            f"{patch_size}: choose a size divisible by {patch_size} (e.g. "
+            f"{max(1, round(height / patch_size)) * patch_size})."
+        )
+    return int(height), int(width)
+
+
+class ViTEncoder(nnx.Module):
+    """The MAE / ViT encoder; attribute names mirror the official checkpoint keys.
+
+    The encoder is position-aware before any masking (`embed`), so MAE can drop tokens in
+    between; `encode` runs the transformer on whatever tokens it is given (plus cls).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        dtype=jnp.float32,
+        attention_impl: str | None = "auto",
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        trainable_pos_embed: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.image_size = check_image_size(image_size, patch_size)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.grid_size = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.patch_embed = PatchEmbed(
+            patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, dtype=dtype, rngs=rngs
+        )
+        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, embed_dim), jnp.float32))
+        table = jnp.asarray(sincos_2d(embed_dim, self.grid_size, cls_token=True))[None]
+        self.pos_embed = (nnx.Param if trainable_pos_embed else FixedEmbedding)(table)
+        # Stochastic depth grows linearly over the blocks (timm / mmseg).
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nnx.List(
+            [
+                Block(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    dtype=dtype,
+                    attention_impl=attention_impl,
+                    drop_path=rates[i],
+                    layer_scale_init=layer_scale_init,
+                    rngs=rngs,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = layer_norm(embed_dim, dtype=dtype, rngs=rngs)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def check_images(self, images: jax.Array) -> None:
+        expected = (*self.image_size, self.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected images of shape [N, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"(float, channels-last), got {tuple(images.shape)}. Resize the images, or build "
+                f"the model with image_size=(H, W) / in_chans matching them."
+            )
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """images: [N, H, W, C] -> patch tokens with position embedding [N, L, D]."""
+        self.check_images(images)
+        x = self.patch_embed(images)
+        return x + self.pos_embed[...][:, 1:].astype(x.dtype)
+
+    def encode(
+        self,
+        tokens: jax.Array,
+        *,
+        apply_norm: bool = True,
+        return_blocks: Sequence[int] = (),
+        attention_bias_fn=None,
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """tokens: [N, K, D] (any subset of `embed`'s output) -> ([N, 1 + K, D], block outputs).
+
+        The cls token (with its zero position) is prepended here, after any masking.
+        `return_blocks` lists block indices whose outputs ([N, 1 + K, D], before any final
+        norm) are returned, in that order.
+        """
+        cls = self.cls_token[...] + self.pos_embed[...][:, :1]
+        cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
+        x = jnp.concatenate([cls, tokens], axis=1)
+        for index in return_blocks:
+            if not -self.depth <= index < self.depth:
+                raise ValueError(f"Block index {index} out of range for depth {self.depth}.")
+        wanted = {index % self.depth for index in return_blocks}
+        outputs = {}
+        bias = attention_bias_fn() if attention_bias_fn is not None else None
+        for index, block in enumerate(self.blocks):
+            x = block(x, attention_bias=bias)
+            if index in wanted:
+                outputs[index] = x
+        if apply_norm:
+            x = self.norm(x)
+        return x, [outputs[index % self.depth] for index in return_blocks]
+
+    def __call__(
+        self, images: jax.Array, *, apply_norm: bool = True, return_blocks: Sequence[int] = ()
+    ) -> dict[str, jax.Array | list[jax.Array]]:
+        """Encoder-only forward on all patches.
+
+        images: [N, H, W, C] -> {"cls": [N, D], "patches": [N, L, D],
+        "blocks": list of [N, L, D] patch tokens of the chosen blocks (before the final norm)}.
+        """
+        x, block_outputs = self.encode(
+            self.embed(images), apply_norm=apply_norm, return_blocks=return_blocks
+        )
+        return {
+            "cls": x[:, 0],
+            "patches": x[:, 1:],
+            "blocks": [out[:, 1:] for out in block_outputs],
+        }
