@@ -1,0 +1,258 @@
+"""Segmentation input pipelines: ADE20K or synthetic scenes -> normalised numpy batches.
+
+Train batches come from an infinite, per-process stream. Element i of a process's stream is
+(epoch e = i // N, position i % N) of that process's shard, epochs shuffled with a seed derived
+from (seed, process, e), and its augmentation seeded by (seed, process, i) through stateless ops.
+So `start_step=k` rebuilds exactly the stream a fresh iterator has after k batches, skipping
+only undecoded records of the current epoch.
+"""
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mae_jax.data import ade20k, seg_transforms, synthetic_scenes
+
+ADE20K_NUM_CLASSES = 150
+# Synthetic defaults: enough variety for a demo, fast to generate (about 10 ms a 64x64 scene).
+SYNTHETIC_NUM_CLASSES = 8
+SYNTHETIC_IMAGE_SIZE = (64, 64)
+SYNTHETIC_NUM_EXAMPLES = {"train": 1024, "validation": 64}
+_SOURCES = ("ade20k", "synthetic")
+
+
+def num_seg_classes(source: str, *, num_classes: int | None = None) -> int:
+    """Classes the model predicts (after label reduction): 150 for ADE20K."""
+    _check_source(source, num_classes)
+    if source == "ade20k":
+        return ADE20K_NUM_CLASSES
+    return SYNTHETIC_NUM_CLASSES if num_classes is None else num_classes
+
+
+def _check_source(source, num_classes):
+    if source not in _SOURCES:
+        raise ValueError(f"Unknown segmentation source {source!r}; use one of {_SOURCES}.")
+    if source == "ade20k" and num_classes not in (None, ADE20K_NUM_CLASSES):
+        raise ValueError(
+            f"num_classes={num_classes} with source='ade20k': ADE20K has 150 classes; "
+            "num_classes only configures source='synthetic'."
+        )
+
+
+def _split_records(
+    source,
+    split,
+    *,
+    data_dir,
+    manual_dir,
+    num_classes,
+    image_size,
+    num_examples,
+    scene_seed,
+    process_index,
+    process_count,
+    drop_remainder,
+):
+    """This process's records of a split, cheap to skip and shuffle, plus a decode function.
+
+    Returns (records dataset, number of records, decode) where decode(record) gives
+    {"image": uint8 [H, W, 3], "label": uint8 [H, W] raw, "name": string}.
+    """
+    _check_source(source, num_classes)
+    if source == "ade20k":
+        builder = ade20k.load_ade20k_builder(data_dir=data_dir, manual_dir=manual_dir)
+        split_name = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[
+            process_index
+        ]
+        features = builder.info.features
+        # Records keep their JPEG / PNG bytes until after skip and shuffle.
+        records = builder.as_dataset(
+            split=split_name,
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()},
+        )
+        size = builder.info.splits[split_name].num_examples
+
+        def decode(record):
+            return {
+                "image": features["image"].decode_example(record["image"]),
+                "label": features["label"].decode_example(record["label"])[..., 0],
+                "name": record["file_name"],
+            }
+
+        return records, size, decode
+
+    num_classes = SYNTHETIC_NUM_CLASSES if num_classes is None else num_classes
+    total = SYNTHETIC_NUM_EXAMPLES[split] if num_examples is None else num_examples
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    # Validation scenes come from another seed so they are never training scenes.
+    split_seed = scene_seed * 2 + (split == "validation")
+    indices = list(range(process_index, total, process_count))
+    if drop_remainder:
+        indices = indices[: total // process_count]
+
+    def generate(index):
+        return synthetic_scenes.generate_scene(
+            int(index), num_classes=num_classes, image_size=(height, width), seed=split_seed
+        )
+
+    def decode(index):
+        # Scenes are generated on demand: scene i depends only on (seed, i).
+        image, label = tf.numpy_function(generate, [index], (tf.uint8, tf.uint8), stateful=False)
+        name = tf.strings.join(
+            [f"synthetic_{split}_", tf.strings.as_string(index, width=5, fill="0")]
+        )
+        return {
+            "image": tf.ensure_shape(image, [height, width, 3]),
+            "label": tf.ensure_shape(label, [height, width]),
+            "name": name,
+        }
+
+    return tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64)), len(indices), decode
+
+
+def _process(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax  # only when the caller did not say which process this is
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    return process_index, process_count
+
+
+def create_seg_train_iterator(
+    *,
+    source,
+    global_batch_size,
+    crop_size,
+    seed,
+    data_dir=None,
+    start_step=0,
+    process_index=None,
+    process_count=None,
+    scale=(2048, 512),
+    ratio_range=(0.5, 2.0),
+    manual_dir=None,
+    num_classes=None,
+    image_size=SYNTHETIC_IMAGE_SIZE,
+    num_examples=None,
+    scene_seed=0,
+    cat_max_ratio=0.75,
+    flip=True,
+    photometric=True,
+    shuffle_buffer=4096,
+):
+    """Infinite iterator of this process's train batches, mmseg's ADE20K train pipeline.
+
+    source: "ade20k" (data_dir = prepared TFDS dir; manual_dir prepares it if needed) or
+    "synthetic" (num_classes, image_size, num_examples, scene_seed configure the scenes).
+    Yields {"image": float32 [B, crop, crop, 3] normalised, "label": int32 [B, crop, crop]
+    (255 = ignore)} with B = global_batch_size / process_count. start_step=k yields what a fresh
+    iterator yields from its k-th batch on.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by process_count="
+            f"{process_count}; pick a multiple so every process gets the same batch."
+        )
+    local_batch = global_batch_size // process_count
+    records, size, decode = _split_records(
+        source,
+        "train",
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        num_classes=num_classes,
+        image_size=image_size,
+        num_examples=num_examples,
+        scene_seed=scene_seed,
+        process_index=process_index,
+        process_count=process_count,
+        drop_remainder=True,
+    )
+    if size == 0:
+        raise ValueError(f"No training examples for process {process_index} of {process_count}.")
+    stream_seed = tf.constant([seed, process_index], tf.int64)
+    first_example = start_step * local_batch
+    first_epoch = first_example // size
+
+    def epoch(epoch_index):
+        shuffle_seed = tf.random.experimental.stateless_fold_in(stream_seed, epoch_index)[0]
+        shuffled = records.shuffle(min(size, shuffle_buffer), seed=shuffle_seed)
+        return shuffled.enumerate(start=epoch_index * size)
+
+    def transform(stream_index, record):
+        example = decode(record)
+        image, label = seg_transforms.train_transform(
+            example["image"],
+            example["label"],
+            seed=tf.random.experimental.stateless_fold_in(stream_seed, stream_index),
+            crop_size=crop_size,
+            scale=scale,
+            ratio_range=ratio_range,
+            cat_max_ratio=cat_max_ratio,
+            flip=flip,
+            photometric=photometric,
+        )
+        return {"image": image, "label": label}
+
+    dataset = (
+        tf.data.Dataset.range(first_epoch, 2**62)
+        .flat_map(epoch)
+        .skip(first_example - first_epoch * size)
+        .map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(local_batch, drop_remainder=True)
+        .prefetch(2)
+    )
+    return dataset.as_numpy_iterator()
+
+
+def seg_eval_examples(
+    *,
+    source,
+    data_dir=None,
+    scale=(2048, 512),
+    limit=None,
+    manual_dir=None,
+    num_classes=None,
+    image_size=SYNTHETIC_IMAGE_SIZE,
+    num_examples=None,
+    scene_seed=0,
+    process_index=0,
+    process_count=1,
+):
+    """Validation examples one at a time, mmseg's test pipeline.
+
+    Yields {"image": float32 [h, w, 3] resized to fit `scale` and normalised, "label": int32
+    [H, W] at the ORIGINAL size (reduced, 255 = ignore), "name": str}. limit keeps the first
+    `limit` examples; process_index / process_count split them without overlap (default: all).
+    """
+    records, _, decode = _split_records(
+        source,
+        "validation",
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        num_classes=num_classes,
+        image_size=image_size,
+        num_examples=num_examples,
+        scene_seed=scene_seed,
+        process_index=0,
+        process_count=1,
+        drop_remainder=False,
+    )
+    if limit is not None:
+        records = records.take(limit)
+    records = records.shard(process_count, process_index)
+
+    def transform(record):
+        example = decode(record)
+        image, label = seg_transforms.eval_transform(
+            example["image"], example["label"], scale=scale
+        )
+        return {"image": image, "label": label, "name": example["name"]}
+
+    dataset = records.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for example in dataset.prefetch(2).as_numpy_iterator():
+        example["name"] = example["name"].decode()
+        yield example
