@@ -1,0 +1,124 @@
+"""Checkpointer save/restore with sharded arrays, keep-K, unfinished saves, exports, preemption."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from mae_jax import checkpointing, sharding
+
+
+class Wide(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([nnx.Linear(64, 256, rngs=rngs) for _ in range(2)])
+        self.norm = nnx.LayerNorm(256, rngs=rngs)
+
+
+def make_train_state(key):
+    params = nnx.state(Wide(rngs=nnx.Rngs(params=key)), nnx.Param)
+    return {"params": params, "opt_state": optax.adamw(1e-3).init(params), "step": jnp.int32(0)}
+
+
+@pytest.fixture(scope="module")
+def sharded_state():
+    mesh = sharding.create_mesh(data=1, fsdp=2, devices=jax.devices()[:2])
+    state, shardings = sharding.create_sharded(make_train_state, mesh, jax.random.key(0))
+    abstract = sharding.abstract_with_shardings(
+        jax.eval_shape(make_train_state, jax.random.key(0)), shardings
+    )
+    return state, abstract
+
+
+def assert_trees_equal(a, b):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), a, b)
+
+
+def test_roundtrip_restores_values_metadata_and_shardings(tmp_path, sharded_state):
+    state, abstract = sharded_state
+    kernel = state["params"]["blocks"][0]["kernel"].value
+    assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
+    with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as checkpointer:
+        metadata = {"config": {"lr": 1e-3}, "data_position": 1234, "seed": 7}
+        assert checkpointer.save(5, state, metadata=metadata)
+        checkpointer.wait()
+        restored, restored_metadata = checkpointer.restore(abstract_state=abstract)
+    assert restored_metadata == metadata
+    assert_trees_equal(restored, state)
+    restored_kernel = restored["params"]["blocks"][0]["kernel"].value
+    assert restored_kernel.sharding == kernel.sharding
+    assert {s.data.shape for s in restored_kernel.addressable_shards} == {(64, 128)}
+    mu = restored["opt_state"][0].mu["blocks"][1]["kernel"].value
+    assert mu.sharding.spec == PartitionSpec(None, "fsdp")
+
+
+def test_saves_every_n_steps_keeps_last_k_and_reports_latest(tmp_path, sharded_state):
+    state, _ = sharded_state
+    checkpointer = checkpointing.Checkpointer(tmp_path, save_every_steps=2, keep=2)
+    assert checkpointer.latest_step() is None
+    saved = [checkpointer.save(step, state, metadata={"step": step}) for step in range(1, 8)]
+    assert saved == [False, True, False, True, False, True, False]
+    assert checkpointer.save(7, state, metadata={"step": 7}, force=True)  # e.g. end of training
+    checkpointer.close()
+    reopened = checkpointing.Checkpointer(tmp_path, save_every_steps=2, keep=2)
+    assert reopened.all_steps() == [6, 7]
+    assert reopened.latest_step() == 7
+    _, metadata = reopened.restore(6)
+    assert metadata == {"step": 6}
+    reopened.close()
+
+
+def test_unfinished_save_is_ignored_on_restore(tmp_path, sharded_state):
+    state, abstract = sharded_state
+    checkpointer = checkpointing.Checkpointer(tmp_path, save_every_steps=1)
+    checkpointer.save(3, state, metadata={"step": 3})
+    checkpointer.close()
+    # What a save killed mid-write leaves behind: orbax's tmp directory, never renamed.
+    unfinished = os.path.join(checkpointer.directory, "4.orbax-checkpoint-tmp-1700000000")
+    os.makedirs(os.path.join(unfinished, "state"))
+    with open(os.path.join(unfinished, "state", "garbage"), "w") as f:
+        f.write("half written")
+    reopened = checkpointing.Checkpointer(tmp_path, save_every_steps=1)
+    assert reopened.latest_step() == 3
+    restored, metadata = reopened.restore(abstract_state=abstract)
+    assert metadata == {"step": 3}
+    assert_trees_equal(restored["params"], state["params"])
+    reopened.close()
+
+
+def test_restore_without_checkpoint_names_the_directory(tmp_path):
+    checkpointer = checkpointing.Checkpointer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No finished checkpoint"):
+        checkpointer.restore()
+    checkpointer.close()
+
+
+def test_save_and_load_pytree_export(tmp_path, sharded_state):
+    state, abstract = sharded_state
+    path = tmp_path / "encoder"
+    checkpointing.save_pytree(path, state["params"])
+    plain = checkpointing.load_pytree(path)  # No flax needed to read an export.
+    np.testing.assert_array_equal(plain["blocks"]["0"]["kernel"],
+                                  state["params"]["blocks"][0]["kernel"].value)
+    into_state = checkpointing.load_pytree(path, abstract["params"])
+    assert isinstance(into_state, nnx.State)
+    assert_trees_equal(into_state, state["params"])
+    restored_kernel = into_state["blocks"][1]["kernel"].value
+    assert restored_kernel.sharding.spec == PartitionSpec(None, "fsdp")
+    with pytest.raises(FileNotFoundError, match="check the path"):
+        checkpointing.load_pytree(tmp_path / "missing")
+
+
+def test_preemption_guard_turns_sigterm_into_a_flag():
+    previous = signal.getsignal(signal.SIGTERM)
+    with checkpointing.PreemptionGuard() as guard:
+        assert not guard.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.requested and guard.signal_received == signal.SIGTERM
+        assert guard.requested_anywhere()
+    assert signal.getsignal(signal.SIGTERM) is previous
