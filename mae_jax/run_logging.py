@@ -1,0 +1,283 @@
+"""Run logging: metrics.jsonl, a progress line, TensorBoard, image grids and a loss-curve PNG.
+
+Only the main process writes. `metrics.jsonl` is appended to, never truncated, so a resumed run
+continues the same file; readers (`read_metrics`, `save_loss_curve`) keep the last line per step,
+i.e. the resumed run's values for steps logged twice. TensorBoard goes through clu's writer,
+which imports TensorFlow, so it is imported lazily; without TF the logger falls back to
+torch.utils.tensorboard, and without that it warns once and carries on without TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+_warned_no_tensorboard = False
+
+
+def _to_python(value: Any) -> Any:
+    """JSON-friendly scalar: device arrays and numpy scalars become floats/ints."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"Only scalars can be logged, got an array of shape {array.shape}.")
+    return array.reshape(()).item()
+
+
+def format_duration(seconds: float) -> str:
+    """'1h02m' for an hour or more, '12m05s' below, '--' when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class _TorchSummaryWriter:
+    """The subset of clu's MetricWriter API used here, over torch.utils.tensorboard (no TF)."""
+
+    def __init__(self, logdir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(logdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        for name, value in images.items():
+            self._writer.add_images(name, value, step, dataformats="NHWC")
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def create_tensorboard_writer(logdir: str) -> Any | None:
+    """clu SummaryWriter (TF), else torch's, else None with one warning."""
+    try:
+        from clu import metric_writers  # Imports TensorFlow.
+
+        return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
+    except ImportError:
+        pass
+    try:
+        return _TorchSummaryWriter(logdir)
+    except ImportError:
+        global _warned_no_tensorboard
+        if not _warned_no_tensorboard:
+            _warned_no_tensorboard = True
+            message = (
+                "Neither TensorFlow (for clu) nor torch.utils.tensorboard is installed: logging "
+                "to metrics.jsonl only. Install tensorflow or tensorboard to get TensorBoard."
+            )
+            print(f"WARNING: {message}", flush=True)
+            warnings.warn(message, stacklevel=2)
+        return None
+
+
+def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dict[str, Any]]:
+    """Lines of `workdir/metrics.jsonl` of one kind, sorted by step, last line per step wins."""
+    path = os.path.join(workdir, METRICS_FILE)
+    by_step: dict[int, dict[str, Any]] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    if record.get("kind", "train") == kind:
+                        by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def tile_images(images: np.ndarray) -> np.ndarray:
+    """images: [N, H, W, C] uint8 -> one [rows * H, cols * W, C] grid, cols = ceil(sqrt(N))."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid
+
+
+class RunLogger:
+    """Writes training/eval scalars and images for one run in `workdir`.
+
+    global_batch_size: images per optimizer step, for images/s; start_step: the step the run
+    (re)starts from, the baseline for throughput and ETA, which come from the wall time and step
+    count between consecutive `log_train` calls.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        total_steps: int,
+        is_main: bool = True,
+        tensorboard: bool = True,
+        log_every: int = 100,
+        global_batch_size: int | None = None,
+        start_step: int = 0,
+    ):
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every}.")
+        self.workdir = os.fspath(workdir)
+        self.total_steps = total_steps
+        self.is_main = is_main
+        self.log_every = log_every
+        self.global_batch_size = global_batch_size
+        self.metrics_path = os.path.join(self.workdir, METRICS_FILE)
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self._writer = None
+        if is_main:
+            os.makedirs(self.workdir, exist_ok=True)
+            if tensorboard:
+                self._writer = create_tensorboard_writer(os.path.join(self.workdir, "tensorboard"))
+
+    def should_log(self, step: int) -> bool:
+        """True every `log_every` steps and at the last step."""
+        return step % self.log_every == 0 or step == self.total_steps
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:  # Append: a resumed run continues the file.
+            f.write(json.dumps(record) + "\n")
+
+    def log_train(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
+        """Records one line (step, loss, lr, images_per_sec, ...) and prints a progress line."""
+        now = time.perf_counter()
+        steps_done = step - self._last_step
+        seconds = now - self._last_time
+        self._last_step, self._last_time = step, now
+        record: dict[str, Any] = {"step": int(step), "kind": "train"}
+        record.update({name: _to_python(value) for name, value in scalars.items()})
+        if steps_done > 0 and seconds > 0:
+            record.setdefault("steps_per_sec", steps_done / seconds)
+            if self.global_batch_size:
+                record.setdefault("images_per_sec", steps_done * self.global_batch_size / seconds)
+            eta = (self.total_steps - step) * seconds / steps_done
+        else:
+            eta = float("nan")
+        if not self.is_main:
+            return record
+        self._append(record)
+        print(self._progress_line(record, eta), flush=True)
+        if self._writer is not None:
+            self._writer.write_scalars(step, self._numeric(record, prefix="train/"))
+        return record
+
+    def log_eval(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
+        """Records evaluation results (e.g. mIoU) at `step`, as a line of kind "eval"."""
+        record = {"step": int(step), "kind": "eval"}
+        record.update({name: _to_python(value) for name, value in scalars.items()})
+        if self.is_main:
+            self._append(record)
+            values = " | ".join(f"{k} {v:.4g}" for k, v in self._numeric(record).items())
+            print(f"eval step {step} | {values}", flush=True)
+            if self._writer is not None:
+                self._writer.write_scalars(step, self._numeric(record, prefix="eval/"))
+        return record
+
+    def log_images(self, step: int, images: Mapping[str, Any]) -> list[str]:
+        """images: {name: uint8 [N, H, W, C] or [H, W, C]} -> TensorBoard and PNG grids.
+
+        PNGs go to `workdir/images/<name>_<step>.png`; returns their paths.
+        """
+        if not self.is_main:
+            return []
+        from PIL import Image
+
+        arrays = {}
+        for name, value in images.items():
+            array = np.asarray(value)
+            array = array[None] if array.ndim == 3 else array
+            if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+                raise ValueError(
+                    f"Image {name!r} must be uint8 [N, H, W, C] with C in (1, 3, 4), got "
+                    f"{array.dtype} {array.shape}; convert with np.clip(x * 255, 0, 255)."
+                )
+            arrays[name] = array
+        directory = os.path.join(self.workdir, "images")
+        os.makedirs(directory, exist_ok=True)
+        paths = []
+        for name, array in arrays.items():
+            grid = tile_images(array)
+            path = os.path.join(directory, f"{name.replace('/', '_')}_{step:07d}.png")
+            Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+            paths.append(path)
+        if self._writer is not None:
+            self._writer.write_images(step, arrays)
+        return paths
+
+    def save_loss_curve(self, path: str | os.PathLike | None = None) -> str | None:
+        """Plots training loss (and lr, if logged) against step from metrics.jsonl to a PNG."""
+        if not self.is_main:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = os.fspath(path or os.path.join(self.workdir, "loss_curve.png"))
+        records = [r for r in read_metrics(self.workdir) if "loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        lr_records = [r for r in records if "lr" in r]
+        if lr_records:
+            lr_axis = ax.twinx()
+            lr_axis.plot([r["step"] for r in lr_records], [r["lr"] for r in lr_records],
+                         color="tab:orange", alpha=0.6, label="lr")
+            lr_axis.set_ylabel("learning rate")
+        ax.set_title(f"training loss ({len(records)} points)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _progress_line(self, record: Mapping[str, Any], eta: float) -> str:
+        parts = [f"step {record['step']}/{self.total_steps}"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}")
+        if "lr" in record:
+            parts.append(f"lr {record['lr']:.1e}")
+        if "images_per_sec" in record:
+            parts.append(f"{record['images_per_sec']:.1f} img/s")
+        shown = {"step", "kind", "loss", "lr", "images_per_sec", "steps_per_sec"}
+        parts += [f"{k} {v:.4g}" for k, v in self._numeric(record).items() if k not in shown]
+        parts.append(f"ETA {format_duration(eta)}")
+        return " | ".join(parts)
+
+    @staticmethod
+    def _numeric(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+        skip = {"step", "kind"}
+        return {
+            prefix + k: float(v)
+            for k, v in record.items()
+            if k not in skip and isinstance(v, int | float) and not isinstance(v, bool)
+        }

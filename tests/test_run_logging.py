@@ -1,0 +1,111 @@
+"""RunLogger: metrics.jsonl lines, resume appends, progress line, images, loss curve, TB."""
+
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_jax import run_logging
+
+
+def read_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_log_train_writes_json_lines_and_a_progress_line(tmp_path, capsys):
+    logger = run_logging.RunLogger(tmp_path, total_steps=40, tensorboard=False, log_every=10,
+                                   global_batch_size=32)
+    for step in (10, 20):
+        logger.log_train(step, {"loss": jnp.float32(0.8123), "lr": np.float32(1.2e-4),
+                                "grad_norm": 1.5})
+    lines = read_lines(tmp_path)
+    assert [line["step"] for line in lines] == [10, 20]
+    assert lines[0]["kind"] == "train"
+    assert lines[0]["loss"] == pytest.approx(0.8123, rel=1e-6)
+    assert lines[1]["lr"] == pytest.approx(1.2e-4, rel=1e-6)
+    assert lines[1]["images_per_sec"] > 0 and lines[1]["grad_norm"] == 1.5
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("step 20/40 | loss 0.8123 | lr 1.2e-04 | ")
+    assert " img/s | grad_norm 1.5 | ETA " in out[-1]
+    assert logger.should_log(30) and logger.should_log(40) and not logger.should_log(31)
+    with pytest.raises(ValueError, match="Only scalars"):
+        logger.log_train(30, {"loss": np.ones(3)})
+
+
+def test_resumed_run_appends_and_readers_keep_the_latest_line_per_step(tmp_path):
+    first = run_logging.RunLogger(tmp_path, total_steps=100, tensorboard=False)
+    for step in (10, 20, 30):
+        first.log_train(step, {"loss": 1.0 / step})
+    # Preempted after a checkpoint at step 20: the resumed run logs step 30 again.
+    resumed = run_logging.RunLogger(tmp_path, total_steps=100, tensorboard=False, start_step=20)
+    resumed.log_train(30, {"loss": 0.5})
+    resumed.log_eval(30, {"miou": 12.5})
+    assert [line["step"] for line in read_lines(tmp_path)] == [10, 20, 30, 30, 30]
+    train = run_logging.read_metrics(tmp_path)
+    assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["loss"] == 0.5
+    assert run_logging.read_metrics(tmp_path, kind="eval") == [
+        {"step": 30, "kind": "eval", "miou": 12.5}
+    ]
+    path = resumed.save_loss_curve()
+    assert os.path.getsize(path) > 1000
+    assert Image.open(path).format == "PNG"
+
+
+def test_log_images_writes_png_grids(tmp_path):
+    logger = run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=False)
+    images = np.random.default_rng(0).integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    (path,) = logger.log_images(3, {"mae/reconstruction": images})
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (16, 24, 3)  # 5 images -> 2 rows x 3 columns.
+    np.testing.assert_array_equal(grid[8:16, 0:8], images[3])
+    with pytest.raises(ValueError, match="uint8"):
+        logger.log_images(3, {"bad": images.astype(np.float32)})
+
+
+def test_only_the_main_process_writes(tmp_path, capsys):
+    logger = run_logging.RunLogger(tmp_path / "run", total_steps=10, is_main=False)
+    logger.log_train(1, {"loss": 1.0})
+    logger.log_eval(1, {"miou": 1.0})
+    assert logger.log_images(1, {"x": np.zeros((1, 4, 4, 3), np.uint8)}) == []
+    assert logger.save_loss_curve() is None
+    assert not os.path.exists(tmp_path / "run")
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("backend", ["clu", "torch"])
+def test_tensorboard_events_are_written(tmp_path, monkeypatch, backend):
+    if backend == "torch":  # As on the GPU machine: no TensorFlow, so no clu writers.
+        monkeypatch.setitem(sys.modules, "clu", None)
+        monkeypatch.setitem(sys.modules, "clu.metric_writers", None)
+    logger = run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=True)
+    expected = run_logging._TorchSummaryWriter if backend == "torch" else object
+    assert isinstance(logger._writer, expected)
+    logger.log_train(1, {"loss": 1.0})
+    logger.log_images(1, {"x": np.zeros((2, 4, 4, 3), np.uint8)})
+    logger.close()
+    files = os.listdir(tmp_path / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in files)
+
+
+def test_missing_tensorflow_and_torch_warns_once_and_keeps_logging(tmp_path, monkeypatch, capsys):
+    # A None entry in sys.modules makes the import raise ImportError, as on a machine without TF.
+    for name in ("clu", "clu.metric_writers", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(run_logging, "_warned_no_tensorboard", False)
+    with pytest.warns(UserWarning, match="TensorBoard"):
+        logger = run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=True)
+    run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=True)  # No second warning.
+    assert capsys.readouterr().out.count("WARNING") == 1
+    logger.log_train(1, {"loss": 1.0})
+    assert read_lines(tmp_path)[0]["loss"] == 1.0
+
+
+def test_format_duration():
+    assert run_logging.format_duration(3725) == "1h02m"
+    assert run_logging.format_duration(65) == "1m05s"
+    assert run_logging.format_duration(float("nan")) == "--"
