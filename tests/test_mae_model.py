@@ -1,0 +1,209 @@
+"""MAE behaviour a user relies on: masking, loss, gradients, variants, errors."""
+
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from torch_mae_reference import build_mae, count_params
+
+import mae_jax
+from mae_jax.models.mae import num_visible, random_masking, reconstruction_loss
+
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
+
+
+def tiny_mae(**overrides):
+    return mae_jax.MAE(**(TINY | overrides), rngs=nnx.Rngs(0))
+
+
+def test_masking_keeps_the_official_number_of_patches_and_inverts_the_shuffle():
+    tokens = jnp.arange(4 * 50 * 3, dtype=jnp.float32).reshape(4, 50, 3)
+    noise = jax.random.uniform(jax.random.key(0), (4, 50))
+    kept, mask, ids_restore = random_masking(tokens, noise, 0.75)
+    assert kept.shape == (4, int(50 * 0.25), 3)
+    np.testing.assert_array_equal(np.asarray(mask.sum(axis=1)), [50 - 12] * 4)
+    ids_shuffle = np.argsort(np.asarray(noise), axis=1)
+    np.testing.assert_array_equal(
+        np.take_along_axis(ids_shuffle, np.asarray(ids_restore), axis=1),
+        np.tile(np.arange(50), (4, 1)),
+    )
+    # Kept tokens are the lowest-noise ones, and the mask marks exactly the others.
+    np.testing.assert_array_equal(
+        np.asarray(kept), np.take_along_axis(np.asarray(tokens), ids_shuffle[:, :12, None], 1)
+    )
+    assert len({tuple(row) for row in np.asarray(mask)}) == 4  # one mask per sample
+
+
+def test_rng_masks_differ_across_samples_and_are_reproducible():
+    model = tiny_mae()
+    images = jnp.ones((3, 32, 32, 3))
+    _, _, mask_a = model(images, rng=jax.random.key(1))
+    _, _, mask_b = model(images, rng=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(mask_a), np.asarray(mask_b))
+    assert len({tuple(row) for row in np.asarray(mask_a)}) == 3
+    assert num_visible(16, 0.75) == int(np.asarray(1 - mask_a[0]).sum())
+
+
+def test_loss_ignores_visible_patches():
+    rng = np.random.default_rng(0)
+    target = jnp.asarray(rng.normal(size=(2, 16, 12)), jnp.float32)
+    pred = jnp.asarray(rng.normal(size=(2, 16, 12)), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=(2, 16)) < 0.75, jnp.float32)
+    for norm_pix in (False, True):
+        base = reconstruction_loss(target, pred, mask, norm_pix_loss=norm_pix)
+        changed = jnp.where(mask[..., None] == 0, pred + 100.0, pred)
+        assert float(reconstruction_loss(target, changed, mask, norm_pix_loss=norm_pix)) == (
+            pytest.approx(float(base), abs=1e-6)
+        )
+        changed_masked = jnp.where(mask[..., None] == 1, pred + 1.0, pred)
+        assert float(reconstruction_loss(target, changed_masked, mask, norm_pix_loss=norm_pix)) > (
+            float(base)
+        )
+
+
+def test_no_gradient_reaches_masked_pixels_through_the_encoder():
+    model = tiny_mae()
+    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(3), (2, 16))
+
+    def encoder_output(images):
+        latent, _, _ = model.forward_encoder(images, noise, 0.75)
+        return jnp.sum(latent**2)
+
+    grads = model.patchify(jax.grad(encoder_output)(images))
+    _, mask, _ = model.forward_encoder(images, noise, 0.75)
+    per_patch = np.abs(np.asarray(grads)).sum(axis=-1)
+    removed = np.asarray(mask) == 1
+    assert np.all(per_patch[removed] == 0)
+    assert np.all(per_patch[~removed] > 0)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_close_loss():
+    images = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(5), (2, 16))
+    loss32, _, _ = tiny_mae()(images, noise=noise)
+    model16 = tiny_mae(dtype=jnp.bfloat16)
+    params = nnx.state(model16, nnx.Param)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    loss16, pred16, _ = model16(images, noise=noise)
+    assert pred16.dtype == jnp.bfloat16 and loss16.dtype == jnp.float32
+    assert float(loss16) == pytest.approx(float(loss32), rel=0.05)
+
+
+def test_unpatchify_inverts_patchify_on_a_non_square_image():
+    images = jax.random.normal(jax.random.key(6), (2, 16, 24, 3))
+    patches = mae_jax.patchify(images, 8)
+    assert patches.shape == (2, 6, 192)
+    np.testing.assert_array_equal(mae_jax.unpatchify(patches, 8, (2, 3)), images)
+
+
+# Official parameter counts (trainable, i.e. without the fixed sin-cos tables) at 224.
+OFFICIAL_COUNTS = {
+    "vit_tiny_patch16": (5_486_592, 31_200_000),
+    "vit_small_patch16": (21_590_016, 47_401_728),
+    "vit_base_patch16": (85_647_360, 111_655_680),
+    "vit_large_patch16": (303_099_904, 329_239_296),
+    "vit_huge_patch14": (630_435_840, 656_613_964),
+    "vit_huge_patch16": (630_666_240, 656_936_704),
+}
+
+
+def _count(module):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_every_variant_has_pinned_parameter_counts():
+    assert set(OFFICIAL_COUNTS) == set(mae_jax.VARIANTS)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
+def test_variant_parameter_counts_match_official(name):
+    encoder_count, full_count = OFFICIAL_COUNTS[name]
+    abstract = nnx.eval_shape(lambda: mae_jax.create_mae(name))  # shapes only, no memory
+    assert _count(abstract.encoder) == encoder_count
+    assert _count(abstract) == full_count
+
+
+def test_pinned_counts_agree_with_the_torch_reference():
+    with torch.device("meta"):
+        reference = build_mae("tiny")
+    assert OFFICIAL_COUNTS["vit_tiny_patch16"] == (
+        count_params(reference, encoder_only=True),
+        count_params(reference),
+    )
+
+
+def test_image_size_not_a_multiple_of_the_patch_is_refused():
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        tiny_mae(image_size=30)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_mask_ratio_outside_open_interval_is_refused(ratio):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        tiny_mae()(jnp.ones((1, 32, 32, 3)), rng=jax.random.key(0), mask_ratio=ratio)
+
+
+def test_wrong_channel_count_or_size_is_refused_before_compiling():
+    model = tiny_mae()
+    with pytest.raises(ValueError, match=r"Expected images of shape \[N, 32, 32, 3\]"):
+        model(jnp.ones((1, 32, 32, 1)), rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="channels-last"):
+        model(jnp.ones((1, 3, 32, 32)), rng=jax.random.key(0))
+
+
+def test_noise_and_rng_are_exclusive():
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_mae()(jnp.ones((1, 32, 32, 3)))
+
+
+def test_checkpoint_of_another_variant_is_refused_with_every_bad_key():
+    state = mae_jax.export_official(tiny_mae())
+    with pytest.raises(ValueError, match="not a vit_base_patch16"):
+        mae_jax.load_official(state, variant="vit_base_patch16")
+    other = mae_jax.MAE(**(TINY | dict(embed_dim=64, depth=3)), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError) as error:
+        mae_jax.load_into(other, state)
+    message = str(error.value)
+    assert "missing keys (12): blocks.2." in message
+    assert "mis-shaped keys" in message and "cls_token: checkpoint (1, 1, 32)" in message
+    state["head.weight"] = np.zeros((10, 32), np.float32)
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): head.weight"):
+        mae_jax.load_into(tiny_mae(), state)
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "was_run"
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as handle:
+        pickle.dump({"model": {"x": _RunsCode(str(marker))}}, handle)
+    with pytest.raises(ValueError, match="Refusing to load"):
+        mae_jax.load_official(str(bad))
+    assert not os.path.exists(marker)
+
+
+def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        mae_jax.load_official(str(tmp_path / "nope.pth"))
