@@ -266,6 +266,8 @@ def create_optimizer(
     before Adam. With `grad_accum_steps = k > 1` the transform is wrapped in optax.MultiSteps:
     gradients of k micro-batches are averaged and the inner update runs every k-th call
     (others return zeros), so the schedule counts *optimizer* steps, not micro-batches.
+    `weight_decay_mask` and `layer_decay_scales` must have the structure of the params passed
+    to `init`/`update` (build them from that same tree, nnx.State or plain dict).
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
