@@ -8,6 +8,8 @@ class 7 'bed ' with a trailing space; the space is dropped here.
 
 import numpy as np
 
+# Data tables: kept compact.
+# fmt: off
 ADE20K_CLASSES = (
     'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
     'cabinet', 'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain',
@@ -56,6 +58,7 @@ ADE20K_PALETTE = (
     (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
     (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
 )
+# fmt: on
 
 IGNORE_INDEX = 255
 

@@ -82,6 +82,7 @@ def _split_records(
         return records, size, decode
 
     num_classes = SYNTHETIC_NUM_CLASSES if num_classes is None else num_classes
+    synthetic_scenes.check_num_classes(num_classes)  # now, not inside the tf.data graph
     total = SYNTHETIC_NUM_EXAMPLES[split] if num_examples is None else num_examples
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     # Validation scenes come from another seed so they are never training scenes.
@@ -179,6 +180,7 @@ def create_seg_train_iterator(
 
     def epoch(epoch_index):
         shuffle_seed = tf.random.experimental.stateless_fold_in(stream_seed, epoch_index)[0]
+        # An op seed makes the order reproducible (tf.random.set_seed, if called, also enters it).
         shuffled = records.shuffle(min(size, shuffle_buffer), seed=shuffle_seed)
         return shuffled.enumerate(start=epoch_index * size)
 

@@ -27,6 +27,16 @@ def reduce_zero_label(label: tf.Tensor) -> tf.Tensor:
     return tf.where(ignored, tf.constant(IGNORE_INDEX, label.dtype), label - 1)
 
 
+def _as_example(image, label) -> tuple[tf.Tensor, tf.Tensor]:
+    """Tensors with image [H, W, 3] uint8 and label [H, W] (a trailing 1-channel axis dropped)."""
+    image, label = tf.convert_to_tensor(image), tf.convert_to_tensor(label)
+    if image.dtype != tf.uint8:
+        raise ValueError(f"Expected a uint8 image (decoded JPEG), got {image.dtype}.")
+    if label.shape.rank == 3:
+        label = label[..., 0]
+    return image, label
+
+
 def rescale_size(height, width, scale) -> tuple[tf.Tensor, tf.Tensor]:
     """mmcv.rescale_size: the (h, w) that fits inside `scale` (long, short edge), keeping ratio.
 
@@ -69,6 +79,7 @@ def random_rescale(image, label, *, seed, scale=(2048, 512), ratio_range=(0.5, 2
 
     image: [H, W, 3] uint8; label: [H, W]. Returns the rescaled pair.
     """
+    image, label = tf.convert_to_tensor(image), tf.convert_to_tensor(label)
     ratio = tf.random.stateless_uniform([], seed, ratio_range[0], ratio_range[1], dtype=tf.float64)
     # mmseg: scale = int(scale[0] * ratio), int(scale[1] * ratio).
     target = (tf.floor(scale[0] * ratio), tf.floor(scale[1] * ratio))
@@ -108,6 +119,7 @@ def random_crop_with_category_ratio(
     Returns image [min(H, ch), min(W, cw), C] and the matching label.
     """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    image, label = tf.convert_to_tensor(image), tf.convert_to_tensor(label)
     shape = tf.shape(label)
     margin_h = tf.maximum(shape[0] - crop_h, 0)
     margin_w = tf.maximum(shape[1] - crop_w, 0)
@@ -130,7 +142,7 @@ def random_crop_with_category_ratio(
         )
 
     if cat_max_ratio < 1.0:
-        chosen = tf.while_loop(keep_trying, lambda i: i + 1, [tf.constant(0)])
+        (chosen,) = tf.while_loop(keep_trying, lambda i: (i + 1,), (tf.constant(0),))
     else:
         chosen = tf.constant(0)
     top, left = offsets_h[chosen], offsets_w[chosen]
@@ -154,6 +166,7 @@ def photometric_distortion(
 ):
     """mmseg PhotoMetricDistortion: brightness, contrast (first or last, at random), saturation,
     hue, each applied with probability 0.5. image: [H, W, 3] uint8 -> [H, W, 3] uint8."""
+    image = tf.convert_to_tensor(image)
     draws = tf.random.stateless_uniform([10], seed)
     apply = draws[:5] < 0.5  # brightness, contrast, saturation, hue, contrast-first
     beta = brightness_delta * (2.0 * draws[5] - 1.0)
@@ -198,8 +211,7 @@ def train_transform(
     label int32 [crop, crop] (reduced, padded with 255).
     """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
-    if label.shape.rank == 3:
-        label = label[..., 0]
+    image, label = _as_example(image, label)
     seeds = tf.random.experimental.stateless_split(seed, num=4)
     label = reduce_zero_label(label)
     image, label = random_rescale(image, label, seed=seeds[0], scale=scale, ratio_range=ratio_range)
@@ -227,8 +239,7 @@ def eval_transform(image, label, *, scale=(2048, 512)):
     image: [H, W, 3] uint8; label: [H, W] or [H, W, 1] uint8 raw.
     Returns image float32 [h, w, 3] and label int32 [H, W] (reduced, ORIGINAL size).
     """
-    if label.shape.rank == 3:
-        label = label[..., 0]
+    image, label = _as_example(image, label)
     shape = tf.shape(image)
     size = rescale_size(shape[0], shape[1], scale)
     image = normalize(resize_image(image, size))

@@ -17,6 +17,14 @@ OTHER, BACKGROUND = 0, 1
 _SHAPES = ("rectangle", "disc", "band")
 
 
+def check_num_classes(num_classes: int) -> None:
+    if not 2 <= num_classes <= 254:
+        raise ValueError(
+            f"num_classes={num_classes}: synthetic scenes need 2..254 classes (background plus "
+            "at least one object class; raw labels must fit uint8 below the ignore value 255)."
+        )
+
+
 def class_appearance(num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed per-class cues for raw labels 1..num_classes (row 0 unused).
 
@@ -69,6 +77,7 @@ def generate_scene(
     index: int, *, num_classes: int, image_size=(64, 64), seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene. Returns image [H, W, 3] uint8 RGB and raw label [H, W] uint8."""
+    check_num_classes(num_classes)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     rng = np.random.default_rng([seed, index])
     colours, kinds, periods = class_appearance(num_classes)
@@ -104,11 +113,6 @@ def generate_scenes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`count` scenes. Returns images [N, H, W, 3] uint8 and raw labels [N, H, W] uint8
     (0 other, 1 background, 2..num_classes objects)."""
-    if not 2 <= num_classes <= 254:
-        raise ValueError(
-            f"num_classes={num_classes}: synthetic scenes need 2..254 classes (background plus "
-            "at least one object class; raw labels must fit uint8 below the ignore value 255)."
-        )
     if count < 1:
         raise ValueError(f"count={count}: ask for at least one scene.")
     scenes = [

@@ -1,0 +1,232 @@
+"""ADE20K builder (from a fake ADEChallengeData2016), segmentation iterators, synthetic scenes."""
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mae_jax.data import ade20k, seg_input, synthetic_scenes
+from mae_jax.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE, colorize
+
+SIZES = {"training": [(24, 40), (40, 24), (30, 30), (36, 52)], "validation": [(28, 44), (20, 36)]}
+PREFIX = {"training": "ADE_train", "validation": "ADE_val"}
+
+
+def _fake_pairs(folder):
+    """(stem, JPEG bytes, PNG bytes, raw label) in the release's format (labels 0..150)."""
+    rng = np.random.default_rng(len(folder))
+    for i, (height, width) in enumerate(SIZES[folder]):
+        label = np.kron(rng.integers(0, 151, size=(height // 4, width // 4)), np.ones((4, 4)))
+        label = label.astype(np.uint8)
+        image = np.stack([label, 255 - label, np.full_like(label, 128)], axis=-1)
+        jpeg, png = io.BytesIO(), io.BytesIO()
+        Image.fromarray(image).save(jpeg, format="JPEG")
+        Image.fromarray(label, mode="L").save(png, format="PNG")
+        yield f"{PREFIX[folder]}_{i + 1:08d}", jpeg.getvalue(), png.getvalue(), label
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A manual dir holding the extracted folder and another holding only the zip."""
+    root = tmp_path_factory.mktemp("ade")
+    folder_dir, zip_dir = root / "manual_folder", root / "manual_zip"
+    zip_dir.mkdir()
+    labels = {}
+    with zipfile.ZipFile(zip_dir / "ADEChallengeData2016.zip", "w") as archive:
+        for folder in SIZES:
+            for stem, jpeg, png, label in _fake_pairs(folder):
+                labels[stem] = label
+                for kind, suffix, data in (("images", "jpg", jpeg), ("annotations", "png", png)):
+                    member = f"ADEChallengeData2016/{kind}/{folder}/{stem}.{suffix}"
+                    path = folder_dir / member
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+                    archive.writestr(member, data)
+        archive.writestr("ADEChallengeData2016/objectInfo150.txt", "Idx\tRatio\n")
+    return {"folder": folder_dir, "zip": zip_dir, "labels": labels, "root": root}
+
+
+@pytest.fixture(scope="module")
+def prepared(release):
+    data_dir = release["root"] / "tfds_folder"
+    ade20k.prepare_ade20k(data_dir=data_dir, manual_dir=release["folder"])
+    return data_dir
+
+
+def _check_builder(builder, labels):
+    assert builder.info.splits["train"].num_examples == 4
+    assert builder.info.splits["validation"].num_examples == 2
+    for example in builder.as_dataset(split="validation").as_numpy_iterator():
+        name = example["file_name"].decode()
+        assert example["image"].dtype == np.uint8 and example["image"].shape[-1] == 3
+        # PNG is lossless: the stored label is the annotation, pixel for pixel.
+        np.testing.assert_array_equal(example["label"][..., 0], labels[name])
+
+
+def test_builder_prepares_from_the_extracted_folder(prepared, release):
+    _check_builder(ade20k.Ade20kSemantic(data_dir=prepared), release["labels"])
+
+
+def test_builder_prepares_from_the_zip(release):
+    builder = ade20k.prepare_ade20k(
+        data_dir=release["root"] / "tfds_zip", manual_dir=release["zip"]
+    )
+    _check_builder(builder, release["labels"])
+
+
+def test_missing_data_raises_clear_error_without_downloading(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", no_download)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", no_download)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        ade20k.prepare_ade20k(data_dir=tmp_path / "tfds", manual_dir=tmp_path / "empty")
+    message = str(error.value)
+    assert "ADEChallengeData2016.zip" in message and "sceneparsing.csail.mit.edu" in message
+    assert "scene_parse150" in message
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        seg_input.create_seg_train_iterator(
+            source="ade20k",
+            data_dir=tmp_path / "tfds",
+            global_batch_size=2,
+            crop_size=16,
+            seed=0,
+            process_index=0,
+            process_count=1,
+        )
+
+
+def test_ade20k_train_batches_are_reduced_padded_and_typed(prepared):
+    batches = seg_input.create_seg_train_iterator(
+        source="ade20k",
+        data_dir=prepared,
+        global_batch_size=4,
+        crop_size=64,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        scale=(64, 32),
+        ratio_range=(0.5, 1.0),
+    )
+    batch = next(batches)
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (4, 64, 64) and batch["label"].dtype == np.int32
+    labels = batch["label"]
+    assert np.all((labels == 255) | ((labels >= 0) & (labels < 150)))
+    # Images are at most 32 pixels on the short side, so the crop's far corner is padding.
+    assert np.all(labels[:, -1, -1] == 255) and np.all(batch["image"][:, -1, -1] == 0)
+
+
+def test_ade20k_eval_examples_keep_the_original_label(prepared, release):
+    examples = list(seg_input.seg_eval_examples(source="ade20k", data_dir=prepared, scale=(64, 32)))
+    assert len(examples) == 2
+    for example in examples:
+        raw = release["labels"][example["name"]]
+        np.testing.assert_array_equal(
+            example["label"], np.where(raw == 0, 255, raw.astype(int) - 1)
+        )
+        assert example["label"].dtype == np.int32 and example["image"].dtype == np.float32
+        assert min(example["image"].shape[:2]) == 32 or max(example["image"].shape[:2]) == 64
+    assert len(list(seg_input.seg_eval_examples(source="ade20k", data_dir=prepared, limit=1))) == 1
+
+
+def _synthetic_iterator(**overrides):
+    options = dict(
+        source="synthetic",
+        global_batch_size=4,
+        crop_size=32,
+        seed=3,
+        process_index=0,
+        process_count=1,
+        scale=(64, 32),
+        num_classes=5,
+        image_size=(32, 48),
+        num_examples=6,
+    )
+    return seg_input.create_seg_train_iterator(**{**options, **overrides})
+
+
+def test_train_iterator_is_deterministic_and_resumes_exactly():
+    fresh = [next(it) for it in [_synthetic_iterator()] for _ in range(5)]
+    again = _synthetic_iterator()
+    for batch in fresh:
+        np.testing.assert_array_equal(next(again)["image"], batch["image"])
+    # 6 examples, 4 a batch: step 3 starts mid-way through the third epoch.
+    resumed = _synthetic_iterator(start_step=3)
+    for batch in fresh[3:]:
+        step = next(resumed)
+        np.testing.assert_array_equal(step["image"], batch["image"])
+        np.testing.assert_array_equal(step["label"], batch["label"])
+    other_seed = next(_synthetic_iterator(seed=4))
+    assert not np.array_equal(other_seed["image"], fresh[0]["image"])
+
+
+def test_ade20k_train_iterator_resumes_exactly(prepared):
+    options = dict(
+        source="ade20k",
+        data_dir=prepared,
+        global_batch_size=3,
+        crop_size=16,
+        seed=1,
+        process_index=0,
+        process_count=1,
+        scale=(64, 32),
+    )
+    fresh = seg_input.create_seg_train_iterator(**options)
+    batches = [next(fresh) for _ in range(3)]
+    resumed = next(seg_input.create_seg_train_iterator(**options, start_step=2))
+    np.testing.assert_array_equal(resumed["image"], batches[2]["image"])
+    np.testing.assert_array_equal(resumed["label"], batches[2]["label"])
+
+
+def test_train_iterator_gives_each_process_its_own_share():
+    first = next(_synthetic_iterator(process_index=0, process_count=2))
+    second = next(_synthetic_iterator(process_index=1, process_count=2))
+    assert first["image"].shape == (2, 32, 32, 3)
+    assert not np.array_equal(first["image"], second["image"])
+    with pytest.raises(ValueError, match="divisible"):
+        _synthetic_iterator(global_batch_size=3, process_index=0, process_count=2)
+
+
+def test_synthetic_scenes_are_deterministic_and_labels_in_range():
+    images, labels = synthetic_scenes.generate_scenes(
+        num_classes=5, count=6, image_size=(32, 40), seed=7
+    )
+    again, _ = synthetic_scenes.generate_scenes(num_classes=5, count=3, image_size=(32, 40), seed=7)
+    assert images.shape == (6, 32, 40, 3) and images.dtype == np.uint8
+    assert labels.shape == (6, 32, 40) and labels.dtype == np.uint8
+    np.testing.assert_array_equal(again, images[:3])  # scene i does not depend on the count
+    assert labels.max() <= 5 and len(np.unique(labels)) >= 4
+    other, _ = synthetic_scenes.generate_scenes(num_classes=5, count=1, image_size=(32, 40), seed=8)
+    assert not np.array_equal(other[0], images[0])
+
+
+def test_synthetic_eval_examples_and_class_counts():
+    examples = list(
+        seg_input.seg_eval_examples(
+            source="synthetic", scale=(64, 32), num_classes=5, image_size=(32, 48), limit=3
+        )
+    )
+    assert [e["name"] for e in examples] == [f"synthetic_validation_{i:05d}" for i in range(3)]
+    for example in examples:
+        assert example["image"].shape == (32, 48, 3) and example["label"].shape == (32, 48)
+        assert set(np.unique(example["label"])) <= set(range(5)) | {255}
+    assert seg_input.num_seg_classes("ade20k") == 150
+    assert seg_input.num_seg_classes("synthetic", num_classes=5) == 5
+    with pytest.raises(ValueError, match="150 classes"):
+        seg_input.num_seg_classes("ade20k", num_classes=10)
+
+
+def test_meta_lists_and_colorize():
+    assert len(ADE20K_CLASSES) == len(ADE20K_PALETTE) == 150
+    assert ADE20K_CLASSES[:3] == ("wall", "building", "sky") and ADE20K_CLASSES[-1] == "flag"
+    painted = colorize(np.array([[0, 255], [149, 2]]))
+    assert painted.dtype == np.uint8 and painted.shape == (2, 2, 3)
+    np.testing.assert_array_equal(painted[0, 0], ADE20K_PALETTE[0])
+    np.testing.assert_array_equal(painted[0, 1], [0, 0, 0])
+    np.testing.assert_array_equal(painted[1, 0], ADE20K_PALETTE[149])
