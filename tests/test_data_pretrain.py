@@ -155,7 +155,8 @@ def test_tfds_process_shards_are_disjoint_and_grayscale_becomes_rgb(tiny_tfds_di
         source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir, image_size=SIZE, count=4
     )
     assert fixed.shape == (4, SIZE, SIZE, 3)
-    # Exact ImageNet normalisation of a constant grey image (the "test" split is preferred).
+    assert _grey_ids(fixed, spacing=10, offset=5) == [0, 1, 2, 3]  # the 4-image "test" split
+    # Exact ImageNet normalisation of a constant grey image.
     value = (denormalize(fixed[:1]) * 255).mean()
     expected = (np.round(value) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(fixed[0, 5, 5], expected, atol=1e-3)
