@@ -1,0 +1,351 @@
+"""UPerNet segmentation head on ViT features (mmsegmentation's MAE + UPerNet config), NHWC.
+
+Pieces, as in mmseg: `MultiScaleNeck` (mmseg's `Feature2Pyramid`) turns four 1/16 ViT maps into
+1/4, 1/8, 1/16 and 1/32 maps; `UPerHead` (pyramid pooling + FPN) predicts logits at 1/4;
+`FCNHead` is the auxiliary head on level 2. `UPerNetHeads` bundles the three.
+
+Train/eval: every BatchNorm and Dropout follows Flax NNX's mode switch, so `heads.train()` uses
+batch statistics and live dropout and `heads.eval()` running statistics and no dropout (NNX sets
+`use_running_average` / `deterministic` on every submodule). Modules start in train mode.
+Dropout needs an `rngs` stream named "dropout" (the `rngs` given to the constructor).
+
+Batch norm is global across devices without an `axis_name`: inside a jitted step over a batch
+sharded on the data axis, the batch mean is an ordinary reduction over the whole (global) array
+and GSPMD inserts the cross-device sum, which is what mmseg's SyncBN computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+# mmcv's ConvModule initialises convs with kaiming normal (fan_out, relu).
+kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch's default ConvTranspose2d init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# mmseg's decode heads initialise the classifier (`conv_seg`) with N(0, 0.01), bias 0.
+classifier_init = nnx.initializers.normal(stddev=0.01)
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """x: [B, H, W, C] -> [B, oh, ow, C], PyTorch's `adaptive_avg_pool2d` bins.
+
+    Bin i covers [floor(i * in / out), ceil((i + 1) * in / out)); bins may overlap when `in` is
+    not a multiple of `out`, and `out > in` repeats pixels. Shapes are static, so this jits.
+    """
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    rows = jnp.asarray(_pool_matrix(x.shape[1], out_h), x.dtype)
+    cols = jnp.asarray(_pool_matrix(x.shape[2], out_w), x.dtype)
+    hp = jax.lax.Precision.HIGHEST  # exact averages even where f32 matmuls default to TF32
+    x = jnp.einsum("oh,bhwc->bowc", rows, x, precision=hp)
+    return jnp.einsum("pw,bowc->bopc", cols, x, precision=hp)
+
+
+def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        start, end = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """x: [..., H, W, C] -> [..., h, w, C]; equals torch `F.interpolate(mode="bilinear",
+    align_corners=False)` when given `size`, for up- and down-sampling.
+
+    `jax.image.resize` antialiases when downsampling; PyTorch samples the two nearest pixels
+    (source coordinate (dst + 0.5) * in / out - 0.5, clamped at 0), which is what this gathers.
+    """
+    if x.ndim < 3:
+        raise ValueError(f"resize_bilinear expects [..., H, W, C], got shape {x.shape}")
+    for axis, out_size in zip((x.ndim - 3, x.ndim - 2), size, strict=True):
+        in_size = x.shape[axis]
+        if in_size == out_size:
+            continue  # PyTorch's scale is then exactly 1: an identity
+        scale = in_size / out_size
+        source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+        low = np.minimum(np.floor(source).astype(np.int32), in_size - 1)
+        high = np.minimum(low + 1, in_size - 1)
+        weight_shape = [1] * x.ndim
+        weight_shape[axis] = out_size
+        weight = jnp.asarray((source - low).reshape(weight_shape), x.dtype)
+        x = jnp.take(x, low, axis=axis) * (1 - weight) + jnp.take(x, high, axis=axis) * weight
+    return x
+
+
+def batch_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # PyTorch momentum 0.1 == Flax momentum 0.9. Flax updates the running variance with the
+    # biased batch variance where PyTorch uses the unbiased one (a factor n / (n - 1)).
+    return nnx.BatchNorm(
+        features,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+class ConvBNReLU(nnx.Module):
+    """mmcv's ConvModule: conv (no bias, 'same' padding) -> BatchNorm -> ReLU."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = nnx.Conv(
+            in_channels,
+            out_channels,
+            (kernel_size, kernel_size),
+            padding=kernel_size // 2,
+            use_bias=False,
+            kernel_init=kaiming_fan_out,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+        self.bn = batch_norm(out_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, in_channels] -> [B, H, W, out_channels]."""
+        return jax.nn.relu(self.bn(self.conv(x)))
+
+
+def _deconv2x(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.ConvTranspose:
+    return nnx.ConvTranspose(
+        dim,
+        dim,
+        (2, 2),
+        strides=(2, 2),
+        padding="VALID",
+        kernel_init=torch_default_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+class MultiScaleNeck(nnx.Module):
+    """mmseg's `Feature2Pyramid` (rescales 4, 2, 1, 0.5) for a plain ViT."""
+
+    def __init__(self, *, embed_dim: int, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.up4_deconv1 = _deconv2x(embed_dim, dtype=dtype, rngs=rngs)
+        self.up4_norm = batch_norm(embed_dim, dtype=dtype, rngs=rngs)
+        self.up4_deconv2 = _deconv2x(embed_dim, dtype=dtype, rngs=rngs)
+        self.up2_deconv = _deconv2x(embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+        """features: 4 x [B, h, w, D] -> [B, 4h, 4w, D], [B, 2h, 2w, D], [B, h, w, D],
+        [B, h/2, w/2, D] (floor, as MaxPool2d(2))."""
+        if len(features) != 4:
+            raise ValueError(f"MultiScaleNeck needs 4 feature maps, got {len(features)}")
+        x4 = jax.nn.gelu(self.up4_norm(self.up4_deconv1(features[0])), approximate=False)
+        x4 = self.up4_deconv2(x4)
+        x2 = self.up2_deconv(features[1])
+        half = nnx.max_pool(features[3], window_shape=(2, 2), strides=(2, 2), padding="VALID")
+        return [x4, x2, features[2], half]
+
+
+class PyramidPoolingModule(nnx.Module):
+    """PSPNet's PPM: adaptive average pools, 1x1 ConvBNReLU each, upsampled back."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        channels: int,
+        pool_scales: Sequence[int],
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.pool_scales = tuple(pool_scales)
+        conv = partial(ConvBNReLU, in_channels=in_channels, out_channels=channels, dtype=dtype)
+        self.convs = nnx.List([conv(kernel_size=1, rngs=rngs) for _ in self.pool_scales])
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        """x: [B, H, W, in_channels] -> one [B, H, W, channels] per pool scale."""
+        size = x.shape[1:3]
+        return [
+            resize_bilinear(conv(adaptive_avg_pool2d(x, scale)), size)
+            for scale, conv in zip(self.pool_scales, self.convs, strict=True)
+        ]
+
+
+class ClassifierHead(nnx.Module):
+    """mmseg's `cls_seg`: Dropout2d (whole channels) then a 1x1 conv with bias."""
+
+    def __init__(self, *, channels: int, num_classes: int, dropout: float, dtype, rngs: nnx.Rngs):
+        # NHWC: broadcasting the mask over H and W drops whole channels, like nn.Dropout2d.
+        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
+        self.conv_seg = nnx.Conv(
+            channels,
+            num_classes,
+            (1, 1),
+            kernel_init=classifier_init,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv_seg(self.dropout(x))
+
+
+class UPerHead(nnx.Module):
+    """UPerNet decode head (mmseg's `UPerHead`): PPM on the last level + FPN, logits at level 0."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: Sequence[int] = (768,) * 4,
+        channels: int = 768,
+        num_classes: int = 150,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        in_channels = tuple(in_channels)
+        conv = partial(ConvBNReLU, out_channels=channels, dtype=dtype, rngs=rngs)
+        self.psp_modules = PyramidPoolingModule(
+            in_channels=in_channels[-1],
+            channels=channels,
+            pool_scales=pool_scales,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        bottleneck_in = in_channels[-1] + len(pool_scales) * channels
+        self.bottleneck = conv(in_channels=bottleneck_in, kernel_size=3)
+        self.lateral_convs = nnx.List(
+            [conv(in_channels=c, kernel_size=1) for c in in_channels[:-1]]
+        )
+        self.fpn_convs = nnx.List(
+            [conv(in_channels=channels, kernel_size=3) for _ in in_channels[:-1]]
+        )
+        self.fpn_bottleneck = conv(in_channels=len(in_channels) * channels, kernel_size=3)
+        self.classifier = ClassifierHead(
+            channels=channels, num_classes=num_classes, dropout=dropout, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+        """features: [B, H_i, W_i, in_channels[i]], finest first -> logits [B, H_0, W_0, K]."""
+        if len(features) != len(self.lateral_convs) + 1:
+            raise ValueError(
+                f"UPerHead was built for {len(self.lateral_convs) + 1} levels, got {len(features)}"
+            )
+        top = features[-1]
+        top = self.bottleneck(jnp.concatenate([top, *self.psp_modules(top)], axis=-1))
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, features, strict=False)]
+        laterals.append(top)
+        for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse maps added into finer ones
+            laterals[i - 1] = laterals[i - 1] + resize_bilinear(
+                laterals[i], laterals[i - 1].shape[1:3]
+            )
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals, strict=False)]
+        outs.append(laterals[-1])
+        size = outs[0].shape[1:3]
+        outs = [outs[0]] + [resize_bilinear(x, size) for x in outs[1:]]
+        return self.classifier(self.fpn_bottleneck(jnp.concatenate(outs, axis=-1)))
+
+
+class FCNHead(nnx.Module):
+    """mmseg's FCNHead as the auxiliary head: one 3x3 ConvBNReLU (concat_input False)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 768,
+        channels: int = 256,
+        num_classes: int = 150,
+        dropout: float = 0.1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = ConvBNReLU(
+            in_channels=in_channels, out_channels=channels, kernel_size=3, dtype=dtype, rngs=rngs
+        )
+        self.classifier = ClassifierHead(
+            channels=channels, num_classes=num_classes, dropout=dropout, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, in_channels] -> logits [B, H, W, num_classes]."""
+        return self.classifier(self.conv(x))
+
+
+class UPerNetHeads(nnx.Module):
+    """Neck + UPerHead + auxiliary FCNHead (on neck level `aux_level`), as mmseg's MAE config."""
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 768,
+        channels: int = 768,
+        aux_channels: int = 256,
+        num_classes: int = 150,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        aux_level: int = 2,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.aux_level = aux_level
+        self.neck = MultiScaleNeck(embed_dim=embed_dim, dtype=dtype, rngs=rngs)
+        self.decode_head = UPerHead(
+            in_channels=(embed_dim,) * 4,
+            channels=channels,
+            num_classes=num_classes,
+            pool_scales=pool_scales,
+            dropout=dropout,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.auxiliary_head = FCNHead(
+            in_channels=embed_dim,
+            channels=aux_channels,
+            num_classes=num_classes,
+            dropout=dropout,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """features: 4 x [B, h, w, D] ViT maps at 1/16 ->
+        (logits [B, 4h, 4w, K] at 1/4, auxiliary logits [B, h, w, K] at 1/16)."""
+        pyramid = self.neck(features)
+        return self.decode_head(pyramid), self.auxiliary_head(pyramid[self.aux_level])
+
+
+def segmentation_loss(
+    logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255, avg_non_ignore: bool = False
+) -> jax.Array:
+    """logits: [B, h, w, K] (any resolution), labels: [B, H, W] int -> scalar cross-entropy.
+
+    Logits are resized bilinearly (align_corners False) to the label size first. Pixels equal
+    to `ignore_index` contribute 0. mmseg's CrossEntropyLoss (avg_non_ignore=False, the MAE
+    config) then averages over ALL pixels; `avg_non_ignore=True` averages over the valid pixels
+    only, as torch `F.cross_entropy(ignore_index=...)` does.
+    """
+    if logits.ndim != 4 or labels.ndim != 3 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"expected logits [B, h, w, K] and labels [B, H, W]; got {logits.shape}, {labels.shape}"
+        )
+    logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+    valid = labels != ignore_index
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    total = jnp.sum(jnp.where(valid, per_pixel, 0.0))
+    if avg_non_ignore:
+        return total / jnp.maximum(jnp.sum(valid), 1)
+    return total / labels.size
