@@ -118,7 +118,7 @@ def save_official(model: MAE | ViTEncoder, path: str | os.PathLike) -> None:
     Written to a temporary file first and renamed, so a failure never leaves half a file.
     """
     torch = _import_torch()
-    state = {key: torch.from_numpy(np.ascontiguousarray(v)) for key, v in
+    state = {key: torch.from_numpy(np.array(v, copy=True)) for key, v in
              export_official(model).items()}
     tmp = f"{os.fspath(path)}.tmp"
     torch.save({"model": state}, tmp)

@@ -1,0 +1,142 @@
+"""Reconstruction figures: masked | reconstruction | reconstruction + visible | original.
+
+As a command, from any checkpoint (an official `.pth`, e.g. mae_visualize_vit_large.pth, or a
+train.py workdir) on your own images, one row per image and mask ratio:
+
+    python -m mae_jax.visualize --checkpoint=mae_visualize_vit_base.pth \
+        --images=cat.jpg,dog.png --mask_ratios=0.75,0.85,0.95 --out=reconstructions.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from mae_jax.models.mae import MAE
+
+
+def reconstruct(
+    model: MAE, images: jax.Array, *, noise: jax.Array, mask_ratio: float
+) -> dict[str, jax.Array]:
+    """images: normalised [N, H, W, C] -> dict of [N, H, W, C] images in the same space.
+
+    With norm_pix_loss the predictions are per-patch normalised, so they are mapped back with
+    each patch's own mean and variance (what a viewer expects to see).
+    """
+    out = model.forward(images, noise=noise, mask_ratio=mask_ratio)
+    pred, mask = out["pred"].astype(jnp.float32), out["mask"]
+    if model.norm_pix_loss:
+        target = model.patchify(images)
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, keepdims=True, ddof=1)
+        pred = pred * jnp.sqrt(var + 1.0e-6) + mean
+    patch_mask = model.unpatchify(jnp.broadcast_to(mask[..., None], pred.shape))
+    reconstruction = model.unpatchify(pred)
+    return {
+        "masked": images * (1 - patch_mask),
+        "reconstruction": reconstruction,
+        "pasted": images * (1 - patch_mask) + reconstruction * patch_mask,
+        "original": images,
+        "mask": patch_mask,
+    }
+
+
+def to_uint8(images) -> np.ndarray:
+    return np.clip(np.asarray(denormalize(np.asarray(images))) * 255.0, 0, 255).astype(np.uint8)
+
+
+def figure_rows(parts: dict[str, jax.Array], *, min_height: int = 96) -> np.ndarray:
+    """uint8 [N*H', 4*W', C]: one row per image, masked | reconstruction | pasted | original.
+
+    Removed patches of the masked view are grey; small images are enlarged (nearest) to
+    `min_height` so that a figure of 32x32 inputs can be read.
+    """
+    masked = to_uint8(parts["masked"])
+    mask = np.asarray(parts["mask"]) > 0.5
+    masked = np.where(mask, np.uint8(128), masked)
+    row = [masked] + [to_uint8(parts[k]) for k in ("reconstruction", "pasted", "original")]
+    rows = np.concatenate(row, axis=2)
+    scale = max(1, min_height // rows.shape[1])
+    rows = rows.repeat(scale, axis=1).repeat(scale, axis=2)
+    return rows.reshape(-1, *rows.shape[2:])
+
+
+def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
+    """Image files (any format PIL reads) -> normalised float32 [N, H, W, 3] (resize + crop)."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = max(size[0] / image.height, size[1] / image.width)
+            width = max(size[1], round(image.width * scale))
+            height = max(size[0], round(image.height * scale))
+            resized = image.resize((width, height), Image.BICUBIC)
+            top = (resized.height - size[0]) // 2
+            left = (resized.width - size[1]) // 2
+            crop = resized.crop((left, top, left + size[1], top + size[0]))
+            out.append(np.asarray(crop, np.float32) / 255.0)
+    images = np.stack(out)
+    return ((images - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)).astype(np.float32)
+
+
+def load_model(checkpoint: str) -> MAE:
+    """An MAE from an official .pth/dict file or from a train.py workdir (latest checkpoint)."""
+    if os.path.isdir(checkpoint):
+        from mae_jax.train_lib import load_pretrained_model
+
+        return load_pretrained_model(checkpoint)
+    from mae_jax.convert import load_official
+
+    model = load_official(checkpoint, model="mae")
+    return model
+
+
+def render(
+    model: MAE, images: np.ndarray, *, mask_ratios: list[float], seed: int = 0
+) -> np.ndarray:
+    """uint8 figure: for each image, one row per mask ratio."""
+    model.eval()
+    rows = []
+    forward = nnx.jit(reconstruct, static_argnames="mask_ratio")
+    for index, ratio in enumerate(mask_ratios):
+        noise = model.make_noise(jax.random.key(seed + index), images.shape[0])
+        rows.append(figure_rows(forward(model, jnp.asarray(images), noise=noise, mask_ratio=ratio)))
+    # Interleave: image 0 at every ratio, then image 1, ...
+    per_image = [np.split(r, images.shape[0], axis=0) for r in rows]
+    return np.concatenate([rows_of[i] for i in range(images.shape[0]) for rows_of in per_image])
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help=".pth file or train.py workdir")
+    parser.add_argument("--images", required=True, help="comma-separated image files")
+    parser.add_argument("--mask_ratios", default="0.75,0.85,0.95")
+    parser.add_argument("--out", default="reconstructions.png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = [p for p in args.images.split(",") if p]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        parser.error(f"image file(s) not found: {', '.join(missing)}")
+    ratios = [float(r) for r in args.mask_ratios.split(",")]
+    model = load_model(args.checkpoint)
+    images = load_images(paths, model.encoder.image_size)
+    figure = render(model, images, mask_ratios=ratios, seed=args.seed)
+    Image.fromarray(figure).save(args.out)
+    print(json.dumps({"out": args.out, "rows": len(paths) * len(ratios), "mask_ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
