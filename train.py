@@ -6,6 +6,8 @@ Re-running the same command resumes from the newest checkpoint in DIR.
 """
 
 import os
+import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,7 +30,15 @@ def main(argv):
     training.maybe_initialize_distributed(FLAGS.multiprocess)
     config_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
     workdir = FLAGS.workdir or os.path.join("runs", config_name)
-    result = train_lib.train_and_evaluate(FLAGS.config, workdir)
+    try:
+        result = train_lib.train_and_evaluate(FLAGS.config, workdir)
+    except Exception:
+        # After an error, tf.data's worker threads can deadlock interpreter shutdown (their
+        # destructors wait on Python): report and leave at once. Checkpoints are already closed.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     print(f"Done: {result}")
 
 

@@ -92,3 +92,68 @@ def apply_decoder_arg(config: ml_collections.ConfigDict, arg: str | None) -> Non
         config.model.decoder_num_heads = max(1, int(values["decoder_width"]) // 32)
     if "decoder_heads" in values:
         config.model.decoder_num_heads = int(values["decoder_heads"])
+
+
+def segment_defaults() -> ml_collections.ConfigDict:
+    """mmsegmentation's MAE ViT-B/16 + UPerNet recipe on ADE20K at 512x512 (160k iterations)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "vit_base_patch16"  # Backbone size (a name in mae_jax.VARIANTS).
+    config.model.image_size = 512  # Training crop / window size; pos embeds resized to it.
+    config.model.patch_size = 0  # 0: the variant's (likewise the next three).
+    config.model.embed_dim = 0
+    config.model.depth = 0
+    config.model.num_heads = 0
+    config.model.out_indices = (3, 5, 7, 11)  # Blocks feeding the 4 pyramid levels.
+    config.model.drop_path_rate = 0.1  # Stochastic depth, linear over the blocks.
+    config.model.layer_scale_init = 1.0  # Layer scale init (mmseg); 0 disables layer scale.
+    config.model.channels = 768  # UPerNet channels.
+    config.model.aux_channels = 256  # Auxiliary FCN head channels.
+    config.model.dropout = 0.1  # Dropout before both classifiers.
+    config.model.dtype = "float32"  # Compute dtype: float32 | bfloat16.
+    config.model.attention_impl = "auto"
+
+    # Encoder initialisation: "" = random, a .pth (official MAE format), or a train.py workdir.
+    config.init_from = ""
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "ade20k"  # ade20k | synthetic (generated scenes, offline).
+    config.data.data_dir = ""  # Where the prepared ade20k_semantic TFDS data lives.
+    config.data.manual_dir = ""  # Folder holding ADEChallengeData2016(.zip), to prepare once.
+    config.data.num_classes = 0  # synthetic: number of classes (0 = its default).
+    config.data.scene_size = 64  # synthetic: scene side in pixels.
+    config.data.num_examples = 0  # synthetic: training scenes (0 = its default).
+    config.data.scale = (2048, 512)  # mmseg img_scale: resize target (long, short).
+    config.data.ratio_range = (0.5, 2.0)  # Random rescale range for training.
+    config.data.eval_limit = 0  # Evaluate on the first N validation images (0 = all).
+
+    config.batch_size = 16  # Global batch (mmseg: 8 GPUs x 2).
+    config.lr = 1e-4  # Peak learning rate (AdamW).
+    config.b1 = 0.9
+    config.b2 = 0.999
+    config.weight_decay = 0.05
+    config.layer_decay = 0.65  # Layer-wise lr decay over the backbone blocks.
+    config.warmup_steps = 1500  # Linear warmup (from lr * 1e-6) ...
+    config.total_steps = 160_000  # ... then poly decay to min_lr at this step.
+    config.poly_power = 1.0
+    config.min_lr = 0.0
+    config.aux_weight = 0.4  # Auxiliary FCN loss weight.
+    config.clip_grad_norm = 0.0  # 0: no clipping.
+
+    config.eval_every_steps = 16_000  # Sliding-window evaluation cadence (and at the end).
+    config.eval_window = 512  # Sliding window size.
+    config.eval_stride = 341  # Sliding window stride.
+    config.num_pictures = 4  # Validation images drawn as image | prediction | ground truth.
+    config.eval_only = False  # Evaluate init_from / the newest checkpoint, no training.
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 4000
+    config.keep_checkpoints = 3
+    config.tensorboard = True
+    return config

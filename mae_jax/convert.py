@@ -167,19 +167,30 @@ def has_decoder(state_dict: Mapping[str, np.ndarray]) -> bool:
     return any(key.startswith("decoder_") or key == "mask_token" for key in state_dict)
 
 
-def load_into(model: MAE | ViTEncoder, state_dict, *, strict: bool = True) -> None:
+def load_into(
+    model: MAE | ViTEncoder,
+    state_dict,
+    *,
+    strict: bool = True,
+    allow_missing: tuple[str, ...] = (),
+) -> None:
     """Copies official weights into `model` in place.
 
     Position embeddings of another grid are resized bicubically (official
     `interpolate_pos_embed`). Raises one error naming every missing, unexpected and mis-shaped
     key. With strict=False, keys the model does not have (e.g. a decoder when loading an
-    encoder) are ignored, but missing and mis-shaped ones still fail.
+    encoder) are ignored, but missing and mis-shaped ones still fail. `allow_missing`: regexes
+    of model keys that may stay as initialised (e.g. layer-scale gammas the official MAE lacks).
     """
     state_dict = read_state_dict(state_dict)
     target = _loadable_state(model)
     flat = list(nnx.to_flat_state(target))
     expected = {official_key(path): (path, variable) for path, variable in flat}
-    missing = sorted(set(expected) - set(state_dict))
+    missing = sorted(
+        key
+        for key in set(expected) - set(state_dict)
+        if not any(re.search(pattern, key) for pattern in allow_missing)
+    )
     unexpected = sorted(set(state_dict) - set(expected)) if strict else []
     misshaped, updates = [], {}
     for key, (path, variable) in expected.items():

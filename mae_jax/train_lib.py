@@ -355,21 +355,23 @@ def train_and_evaluate(
         ))
 
     # ----------------------------------------------------------------- Train loop
-    state, step = training.run_loop(
-        state=state, train_step=train_step, batches=batches, mesh=mesh, start_step=start_step,
-        total_steps=total_steps, checkpointer=checkpointer, logger=logger,
-        metadata_fn=lambda step: {"step": step, "images_seen": step * config.batch_size},
-        hooks=tuple(hooks),
-    )
-    checkpointer.close()
-
-    # ----------------------------------------------------------------- Export
-    result = {"step": step, "total_steps": total_steps}
-    if step >= total_steps:
-        if config.export_encoder:
-            result["export"] = export_encoder(workdir, config, graphdef, state)
-        result["loss_curve"] = logger.save_loss_curve()
-    logger.close()
+    result = {"total_steps": total_steps}
+    try:
+        state, step = training.run_loop(
+            state=state, train_step=train_step, batches=batches, mesh=mesh,
+            start_step=start_step, total_steps=total_steps, checkpointer=checkpointer,
+            logger=logger, hooks=tuple(hooks),
+            metadata_fn=lambda step: {"step": step, "images_seen": step * config.batch_size},
+        )
+        result["step"] = step
+        # ------------------------------------------------------------- Export
+        if step >= total_steps:
+            if config.export_encoder:
+                result["export"] = export_encoder(workdir, config, graphdef, state)
+            result["loss_curve"] = logger.save_loss_curve()
+    finally:
+        checkpointer.close()
+        logger.close()
     records = [r for r in _read_train_metrics(workdir) if "loss" in r]
     if records:
         result["loss"] = records[-1]["loss"]

@@ -1,0 +1,488 @@
+"""ADE20K semantic segmentation with an MAE ViT backbone and UPerNet: `segment.py`'s library.
+
+Reuses the pretraining machinery (mesh, sharded init/restore, compiled step, loop, checkpoints,
+logging) from `mae_jax.training`; only the model, the step and the evaluation are specific.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from mae_jax import optim, training
+from mae_jax import sharding as sharding_lib
+from mae_jax.checkpointing import Checkpointer
+from mae_jax.convert import export_official, load_into
+from mae_jax.models.registry import VARIANTS, get_variant
+from mae_jax.models.segmenter import MAESegmenter
+from mae_jax.models.upernet import segmentation_loss
+from mae_jax.run_logging import RunLogger
+from mae_jax.seg_metrics import SegMetrics
+from mae_jax.sliding_window import num_windows, slide_inference
+
+ENCODER_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads")
+LAYER_SCALE_KEYS = (r"\.gamma_[12]$",)  # absent from MAE checkpoints; they start at init
+
+
+# --------------------------------------------------------------------------- Model from config
+def build_segmenter(config, num_classes: int, *, seed: int = 0) -> MAESegmenter:
+    model = config.model
+    overrides = {name: model[name] for name in ENCODER_OVERRIDES if model.get(name)}
+    return MAESegmenter(
+        variant=model.variant,
+        image_size=model.image_size,
+        num_classes=num_classes,
+        out_indices=tuple(model.out_indices),
+        drop_path_rate=model.drop_path_rate,
+        layer_scale_init=model.layer_scale_init or None,
+        channels=model.channels,
+        aux_channels=model.aux_channels,
+        dropout=model.dropout,
+        dtype=training.parse_dtype(model.dtype),
+        attention_impl=model.attention_impl or None,
+        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+        **overrides,
+    )
+
+
+def data_options(config) -> dict[str, Any]:
+    """Keyword arguments shared by the train and eval input pipelines."""
+    data = config.data
+    options = {
+        "source": data.source,
+        "data_dir": data.data_dir or None,
+        "manual_dir": data.manual_dir or None,
+        "scale": tuple(data.scale),
+    }
+    if data.source == "synthetic":
+        options.update(
+            num_classes=data.num_classes or None,
+            image_size=(data.scene_size, data.scene_size),
+            num_examples=data.num_examples or None,
+        )
+    return options
+
+
+def class_names(config, num_classes: int) -> list[str]:
+    if config.data.source == "ade20k":
+        from mae_jax.data.ade20k_meta import ADE20K_CLASSES
+
+        return list(ADE20K_CLASSES)
+    return [f"class_{index}" for index in range(num_classes)]
+
+
+def palette(config, num_classes: int) -> np.ndarray:
+    if config.data.source == "ade20k":
+        from mae_jax.data.ade20k_meta import ADE20K_PALETTE
+
+        return np.asarray(ADE20K_PALETTE, np.uint8)
+    return np.random.default_rng(1).integers(0, 255, (num_classes, 3)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- Config checks
+def check_config(config, *, num_devices: int, num_processes: int) -> None:
+    problems = []
+    model = config.model
+    if model.variant not in VARIANTS:
+        problems.append(f"model.variant {model.variant!r} is not one of {', '.join(VARIANTS)}")
+    else:
+        patch = model.get("patch_size") or get_variant(model.variant).patch_size
+        depth = model.get("depth") or get_variant(model.variant).depth
+        if model.image_size % patch:
+            problems.append(f"model.image_size {model.image_size} is not a multiple of {patch}")
+        elif (model.image_size // patch) % 2:
+            problems.append(
+                f"model.image_size / patch = {model.image_size // patch} must be even (the "
+                "neck's 0.5x level max-pools by 2)"
+            )
+        if len(model.out_indices) != 4 or not all(0 <= i < depth for i in model.out_indices):
+            problems.append(f"model.out_indices {model.out_indices} must be 4 blocks < {depth}")
+    if model.dtype not in training.DTYPES:
+        problems.append(f"model.dtype {model.dtype!r} is not one of {', '.join(training.DTYPES)}")
+    if config.batch_size % num_devices:
+        problems.append(
+            f"batch_size {config.batch_size} must be a multiple of the {num_devices} devices"
+        )
+    if config.batch_size % num_processes:
+        problems.append(f"batch_size must be a multiple of the {num_processes} processes")
+    if config.warmup_steps >= config.total_steps and not config.eval_only:
+        problems.append(
+            f"warmup_steps {config.warmup_steps} must be < total_steps {config.total_steps}"
+        )
+    if config.eval_window < model.image_size or config.eval_stride < 1:
+        problems.append(
+            f"eval_window {config.eval_window} must be >= model.image_size {model.image_size} "
+            "(it is what the model sees) and eval_stride >= 1"
+        )
+    if config.eval_window != model.image_size:
+        problems.append(
+            f"eval_window {config.eval_window} must equal model.image_size {model.image_size}"
+        )
+    if config.data.source not in ("ade20k", "synthetic"):
+        problems.append(f"data.source {config.data.source!r} must be 'ade20k' or 'synthetic'")
+    if config.init_from and not os.path.exists(config.init_from):
+        problems.append(
+            f"init_from {config.init_from!r} does not exist: give an official .pth file "
+            "(e.g. mae_pretrain_vit_base.pth) or a train.py workdir"
+        )
+    for name in ("log_every_steps", "checkpoint_every_steps"):
+        if config[name] < 1:
+            problems.append(f"{name} must be >= 1")
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- Encoder weights
+def pretrained_encoder_weights(init_from: str) -> dict[str, np.ndarray]:
+    """Official-format encoder weights from a .pth file or a train.py workdir."""
+    if os.path.isdir(init_from):
+        from mae_jax.train_lib import load_pretrained_model
+
+        return export_official(load_pretrained_model(init_from).encoder)
+    from mae_jax.convert import read_state_dict
+
+    return read_state_dict(init_from)
+
+
+def load_backbone_weights(config, params, shardings, num_classes: int):
+    """Replaces the random backbone leaves of sharded `params` by pretrained ones.
+
+    The encoder is rebuilt on the host at the segmentation size, the checkpoint loaded into it
+    (position embeddings interpolated, layer-scale gammas left at init), then each leaf is
+    placed with the sharding of the leaf it replaces.
+    """
+    weights = pretrained_encoder_weights(config.init_from)
+    host_model = nnx.eval_shape(lambda: build_segmenter(config, num_classes, seed=config.seed))
+    backbone = host_model.backbone
+    host_state = jax.tree.map(
+        lambda x: np.zeros(x.shape, x.dtype), nnx.state(backbone, nnx.Param)
+    )
+    nnx.update(backbone, host_state)
+    load_into(backbone, weights, strict=False, allow_missing=LAYER_SCALE_KEYS)
+    loaded = nnx.state(backbone, nnx.Param)
+    params = dict(params) if not isinstance(params, nnx.State) else params
+    params["backbone"] = jax.tree.map(
+        lambda value, sharding: jax.device_put(np.asarray(value), sharding),
+        loaded,
+        shardings["backbone"],
+    )
+    return params
+
+
+# --------------------------------------------------------------------------- Steps
+def split_model(model: MAESegmenter):
+    return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+
+def make_train_step(graphdef, rng_state, tx, schedule, *, aux_weight: float):
+    """(state, batch) -> (state, metrics); batch: image [B, S, S, 3], label [B, S, S]."""
+
+    def loss_fn(params, batch_stats, images, labels, rng):
+        # Copies made inside this trace, since the forward mutates them (BatchNorm statistics,
+        # dropout / drop-path keys) and NNX refuses to mutate variables of an outer trace.
+        model = nnx.merge(
+            graphdef, params, *jax.tree.map(lambda x: x, (batch_stats, rng_state))
+        )
+        nnx.reseed(model, dropout=jax.random.wrap_key_data(rng))
+        logits, aux_logits = model(images)
+        decode_loss = segmentation_loss(logits, labels)
+        aux_loss = segmentation_loss(aux_logits, labels)
+        new_batch_stats = nnx.state(model, nnx.BatchStat)
+        return decode_loss + aux_weight * aux_loss, (new_batch_stats, decode_loss, aux_loss)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        (loss, (batch_stats, decode_loss, aux_loss)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state["params"], state["batch_stats"], batch["image"], batch["label"], rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = dict(
+            state,
+            step=state["step"] + 1,
+            params=optax.apply_updates(state["params"], updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            nonfinite_steps=state["nonfinite_steps"] + (~jnp.isfinite(loss)).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "decode_loss": decode_loss,
+            "aux_loss": aux_loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def create_tx(config, params, schedule):
+    depth = config.model.get("depth") or get_variant(config.model.variant).depth
+    scales = optim.layer_decay_scales(
+        params, decay=config.layer_decay, depth=depth, prefix=("backbone",), convention="mmseg"
+    )
+    return optim.create_optimizer(
+        learning_rate=schedule,
+        b1=config.b1,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        # mmseg's constructor only skips 1-D params and biases in practice (its name check
+        # never matches full names), so pos_embed and cls_token are decayed: same here.
+        weight_decay_mask=optim.weight_decay_mask,
+        layer_decay_scales=scales,
+        clip_grad_norm=config.clip_grad_norm or None,
+    )
+
+
+# --------------------------------------------------------------------------- Evaluation
+class Evaluator:
+    """Sliding-window evaluation over the validation set; metrics summed over all processes."""
+
+    def __init__(self, config, eval_graphdef, rng_state, mesh, num_classes: int, workdir: str,
+                 logger: RunLogger):
+        self.config = config
+        self.mesh = mesh
+        self.num_classes = num_classes
+        self.workdir = workdir
+        self.logger = logger
+        self.names = class_names(config, num_classes)
+        self.palette = palette(config, num_classes)
+        long_side, short_side = max(config.data.scale), min(config.data.scale)
+        most = max(
+            num_windows(short_side, long_side, window=config.eval_window,
+                        stride=config.eval_stride),
+            num_windows(long_side, short_side, window=config.eval_window,
+                        stride=config.eval_stride),
+        )
+        local_devices = len(jax.local_devices())
+        # A fixed, device-divisible window count: one compilation for every image size.
+        self.windows_per_image = math.ceil(most / local_devices) * local_devices
+        self.batch_sharding = sharding_lib.batch_sharding(mesh)
+
+        @jax.jit
+        def forward(params, batch_stats, windows):
+            model = nnx.merge(eval_graphdef, params, batch_stats, rng_state)
+            logits, _ = model(windows)
+            return logits.astype(jnp.float32)
+
+        self.forward = forward
+
+    def _logits_fn(self, state):
+        def logits_fn(windows):
+            local = np.asarray(windows)
+            global_windows = sharding_lib.global_batch_from_host(
+                {"image": local}, self.batch_sharding
+            )["image"]
+            out = self.forward(state["params"], state["batch_stats"], global_windows)
+            shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+            return jnp.concatenate([jnp.asarray(s.data) for s in shards])
+
+        return logits_fn
+
+    def __call__(self, step: int, state) -> dict[str, Any]:
+        from mae_jax.data import seg_input
+
+        config = self.config
+        examples = seg_input.seg_eval_examples(
+            **data_options(config),
+            limit=config.data.eval_limit or None,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        metrics = SegMetrics(self.num_classes)
+        pictures = []
+        logits_fn = self._logits_fn(state)
+        examples = list(examples)
+        count = len(examples)
+        if jax.process_count() > 1:  # every process must run the same number of forwards
+            from jax.experimental import multihost_utils
+
+            count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+        for index in range(count):
+            dummy = index >= len(examples)
+            example = examples[min(index, len(examples) - 1)]
+            logits = slide_inference(
+                logits_fn,
+                jnp.asarray(example["image"]),
+                num_classes=self.num_classes,
+                window=config.eval_window,
+                stride=config.eval_stride,
+                output_size=example["label"].shape,
+                pad_windows_to=self.windows_per_image,
+            )
+            if dummy:
+                continue
+            prediction = np.asarray(jnp.argmax(logits, axis=-1))
+            metrics.update(prediction, example["label"])
+            if len(pictures) < config.num_pictures:
+                pictures.append(self._picture(example, prediction))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            metrics.areas = np.asarray(
+                multihost_utils.process_allgather(metrics.areas)
+            ).reshape(-1, *metrics.areas.shape).sum(axis=0)
+        summary = metrics.compute()
+        per_class = metrics.per_class()
+        results = dict(summary)
+        results["per_class"] = {
+            name: {"IoU": _finite(iou), "Acc": _finite(acc)}
+            for name, iou, acc in zip(self.names, per_class["IoU"], per_class["Acc"], strict=True)
+        }
+        results["step"] = int(step)
+        if jax.process_index() == 0:
+            print(metrics.format_table(self.names), flush=True)
+            path = os.path.join(self.workdir, "eval_results.json")
+            with open(path + ".tmp", "w") as handle:
+                json.dump(results, handle, indent=2)
+            os.replace(path + ".tmp", path)
+            self.logger.log_eval(step, summary)
+            if pictures:
+                self.logger.log_images(step, {"segmentation": _stack(pictures)})
+        return results
+
+    def _picture(self, example, prediction) -> np.ndarray:
+        """image | prediction | ground truth at the label's size, uint8."""
+        from PIL import Image
+
+        from mae_jax.data.ade20k_meta import colorize
+        from mae_jax.data.constants import denormalize
+
+        height, width = example["label"].shape
+        image = (np.asarray(denormalize(example["image"])) * 255).astype(np.uint8)
+        image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        return np.concatenate(
+            [image, colorize(prediction, self.palette), colorize(example["label"], self.palette)],
+            axis=1,
+        )
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _stack(pictures: list[np.ndarray]) -> np.ndarray:
+    """Pictures of different sizes stacked vertically on a black canvas."""
+    width = max(p.shape[1] for p in pictures)
+    rows = [np.pad(p, ((0, 4), (0, width - p.shape[1]), (0, 0))) for p in pictures]
+    return np.concatenate(rows, axis=0)
+
+
+# --------------------------------------------------------------------------- Main
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, devices=None
+) -> dict[str, Any]:
+    """Fine-tunes (or resumes, or with eval_only just evaluates) in `workdir`.
+
+    Returns the final evaluation results (aAcc, mIoU, mAcc in percent, per_class, step).
+    """
+    from mae_jax.data import seg_input  # TensorFlow: input pipeline only
+
+    workdir = training.ensure_workdir(workdir)
+    devices = list(devices or jax.devices())
+    check_config(config, num_devices=len(devices), num_processes=jax.process_count())
+    is_main = jax.process_index() == 0
+    num_classes = seg_input.num_seg_classes(
+        config.data.source, num_classes=config.data.num_classes or None
+    )
+
+    # ----------------------------------------------------------------- Set up Mesh
+    mesh = sharding_lib.create_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, devices=devices)
+    print(f"Mesh: {dict(mesh.shape)} over {len(devices)} {devices[0].platform} device(s).")
+
+    # ----------------------------------------------------------------- Model and optimiser
+    schedule = optim.warmup_poly_schedule(
+        peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+        power=config.poly_power, min_lr=config.min_lr,
+    ) if not config.eval_only else optax.constant_schedule(0.0)
+    abstract_model = nnx.eval_shape(lambda: build_segmenter(config, num_classes, seed=config.seed))
+    abstract_params = nnx.state(abstract_model, nnx.Param)
+    tx = create_tx(config, abstract_params, schedule)
+
+    def init():
+        model = build_segmenter(config, num_classes, seed=config.seed)
+        _, params, batch_stats, _ = split_model(model)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_state": tx.init(params),
+            "rng": jax.random.PRNGKey(config.seed + 1),
+            "nonfinite_steps": jnp.zeros((), jnp.int32),
+        }
+
+    rng_state = jax.jit(lambda: split_model(build_segmenter(config, num_classes))[3])()
+    abstract_model.train()
+    train_graphdef = split_model(abstract_model)[0]
+    abstract_model.eval()
+    eval_graphdef = split_model(abstract_model)[0]
+
+    # ----------------------------------------------------------------- Load checkpoint
+    checkpointer = Checkpointer(
+        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+    )
+    state, state_shardings, start_step, _ = training.init_or_restore(init, mesh, checkpointer)
+    if start_step:
+        print(f"Resuming from step {start_step}.")
+    elif config.init_from:
+        state["params"] = load_backbone_weights(
+            config, state["params"], state_shardings["params"], num_classes
+        )
+        print(f"Backbone initialised from {config.init_from}.")
+    else:
+        print("Backbone initialised at random (set init_from for MAE weights).")
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as handle:
+            handle.write(config.to_json_best_effort(indent=2))
+
+    logger = RunLogger(
+        workdir, total_steps=config.total_steps, is_main=is_main,
+        log_every=config.log_every_steps, global_batch_size=config.batch_size,
+        start_step=start_step, tensorboard=config.get("tensorboard", True),
+    )
+    evaluator = Evaluator(config, eval_graphdef, rng_state, mesh, num_classes, workdir, logger)
+    if config.eval_only:
+        results = evaluator(start_step, state)
+        checkpointer.close()
+        logger.close()
+        return results
+
+    # ----------------------------------------------------------------- Train loop
+    batches = seg_input.create_seg_train_iterator(
+        **data_options(config),
+        global_batch_size=config.batch_size,
+        crop_size=config.model.image_size,
+        seed=config.seed,
+        start_step=start_step,
+        ratio_range=tuple(config.data.ratio_range),
+    )
+    step_fn = make_train_step(train_graphdef, rng_state, tx, schedule,
+                              aux_weight=config.aux_weight)
+    train_step = training.compile_step(step_fn, state_shardings, mesh)
+    results: dict[str, Any] = {}
+
+    def evaluate(step, state):
+        results.update(evaluator(step, state))
+
+    try:
+        state, step = training.run_loop(
+            state=state, train_step=train_step, batches=batches, mesh=mesh,
+            start_step=start_step, total_steps=config.total_steps, checkpointer=checkpointer,
+            logger=logger, metadata_fn=lambda step: {"step": step},
+            hooks=(training.Hook(config.eval_every_steps, evaluate),),
+        )
+        if step >= config.total_steps:
+            logger.save_loss_curve()
+    finally:
+        checkpointer.close()
+        logger.close()
+    return results | {"step": step}
