@@ -87,16 +87,19 @@ def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
     return ((images - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)).astype(np.float32)
 
 
-def load_model(checkpoint: str) -> MAE:
-    """An MAE from an official .pth/dict file or from a train.py workdir (latest checkpoint)."""
+def load_model(checkpoint: str, **overrides) -> MAE:
+    """An MAE from an official .pth/dict file or from a train.py workdir (latest checkpoint).
+
+    overrides: for .pth files, model arguments the weights cannot tell (num_heads and
+    decoder_num_heads of unnamed sizes, norm_pix_loss).
+    """
     if os.path.isdir(checkpoint):
         from mae_jax.train_lib import load_pretrained_model
 
         return load_pretrained_model(checkpoint)
     from mae_jax.convert import load_official
 
-    model = load_official(checkpoint, model="mae")
-    return model
+    return load_official(checkpoint, model="mae", **overrides)
 
 
 def render(
@@ -125,13 +128,23 @@ def main(argv=None) -> None:
     parser.add_argument("--mask_ratios", default="0.75,0.85,0.95")
     parser.add_argument("--out", default="reconstructions.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--norm_pix_loss", action="store_true",
+                        help="the .pth was trained on normalised pixels")
+    parser.add_argument("--num_heads", type=int, default=0, help="for unnamed encoder sizes")
+    parser.add_argument("--decoder_num_heads", type=int, default=0)
     args = parser.parse_args(argv)
     paths = [p for p in args.images.split(",") if p]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
     ratios = [float(r) for r in args.mask_ratios.split(",")]
-    model = load_model(args.checkpoint)
+    if not os.path.exists(args.checkpoint):
+        parser.error(f"checkpoint not found: {args.checkpoint}")
+    overrides = {"norm_pix_loss": True} if args.norm_pix_loss else {}
+    for name in ("num_heads", "decoder_num_heads"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
+    model = load_model(args.checkpoint, **overrides)
     images = load_images(paths, model.encoder.image_size)
     figure = render(model, images, mask_ratios=ratios, seed=args.seed)
     Image.fromarray(figure).save(args.out)

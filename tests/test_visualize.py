@@ -1,0 +1,63 @@
+"""Reconstruction figures, and the `python -m mae_jax.visualize` command."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import mae_jax
+from mae_jax.visualize import figure_rows, main, reconstruct
+
+TINY = dict(
+    image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_pasted_reconstruction_keeps_visible_patches_and_fills_removed_ones(norm_pix_loss):
+    model = mae_jax.MAE(**TINY, norm_pix_loss=norm_pix_loss, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    parts = reconstruct(model, images, noise=noise, mask_ratio=0.75)
+    _, pred, mask = model(images, noise=noise, mask_ratio=0.75)
+    removed = np.asarray(model.unpatchify(jnp.broadcast_to(mask[..., None], pred.shape))) > 0.5
+    pasted, original = np.asarray(parts["pasted"]), np.asarray(images)
+    np.testing.assert_allclose(pasted[~removed], original[~removed], atol=1e-6)
+    np.testing.assert_allclose(pasted[removed], np.asarray(parts["reconstruction"])[removed])
+    if not norm_pix_loss:  # raw-pixel models predict pixels directly
+        np.testing.assert_allclose(
+            np.asarray(parts["reconstruction"]), np.asarray(model.unpatchify(pred)), atol=1e-6
+        )
+    figure = figure_rows(jax.device_get(parts))
+    assert figure.dtype == np.uint8 and figure.shape == (2 * 96, 4 * 96, 3)
+
+
+def test_command_renders_every_image_at_every_mask_ratio(tmp_path, capsys):
+    model = mae_jax.MAE(**TINY, rngs=nnx.Rngs(0))
+    checkpoint = tmp_path / "mae_visualize_tiny.pth"
+    mae_jax.save_official(model, checkpoint)
+    paths = []
+    for index, mode in enumerate(["RGB", "L", "RGBA"]):
+        path = tmp_path / f"image{index}.png"
+        Image.new(mode, (40 + 10 * index, 30), color=60 * index).save(path)
+        paths.append(str(path))
+    out = tmp_path / "figure.png"
+    main([
+        f"--checkpoint={checkpoint}", f"--images={','.join(paths)}",
+        "--mask_ratios=0.5,0.75,0.85", f"--out={out}", "--num_heads=2",
+        "--decoder_num_heads=2",
+    ])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 9
+    with Image.open(out) as figure:
+        assert figure.size == (4 * 96, 9 * 96)
+
+
+def test_command_refuses_missing_files(tmp_path):
+    with pytest.raises(SystemExit):
+        main([f"--checkpoint={tmp_path}/none.pth", f"--images={tmp_path}/none.png"])
