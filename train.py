@@ -1,46 +1,12 @@
-r"""MAE pretraining entry point.
+r"""MAE pretraining.
 
     python train.py --config=configs/cifar100_tiny.py [--workdir=DIR] [--config.key=value ...]
 
-Re-running the same command resumes from the newest checkpoint in DIR.
+Re-running the same command resumes from the newest checkpoint in DIR (default runs/<config>).
+Add --multiprocess on multi-host jobs.
 """
 
-import os
-import sys
-import traceback
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
-flags.DEFINE_bool("multiprocess", False, "Initialise JAX's multi-process runtime (multi-host).")
-flags.mark_flags_as_required(["config"])
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-    from mae_jax import train_lib, training
-
-    training.maybe_initialize_distributed(FLAGS.multiprocess)
-    config_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
-    workdir = FLAGS.workdir or os.path.join("runs", config_name)
-    try:
-        result = train_lib.train_and_evaluate(FLAGS.config, workdir)
-    except Exception:
-        # After an error, tf.data's worker threads can deadlock interpreter shutdown (their
-        # destructors wait on Python): report and leave at once. Checkpoints are already closed.
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    print(f"Done: {result}")
-
+from mae_jax.entry import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run("mae_jax.train_lib")

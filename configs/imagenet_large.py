@@ -1,25 +1,20 @@
 r"""Official MAE recipe, ViT-Large/16 on ImageNet-1K: 800 epochs, effective batch 4096.
 
-norm_pix_loss, mask 0.75, base lr 1.5e-4 (peak 2.4e-3), 40 warmup epochs, AdamW (0.9, 0.95),
-wd 0.05. The paper reports 85.9 top-1 after fine-tuning and 75.8 linear probing (ViT-L).
-Needs the ImageNet TFDS data prepared by hand (`imagenet2012`, manual download).
+As configs/imagenet_base.py with the large encoder. The paper reports 85.9 top-1 after
+fine-tuning and 75.8 linear probing (ViT-L).
 
     python train.py --config=configs/imagenet_large.py --workdir=runs/imagenet_large \
-        --config.data.data_dir=/path/to/tfds --config.grad_accum_steps=8
+        --config.data.data_dir=/path/to/tfds --config.grad_accum_steps=16
 """
 
-from mae_jax.config_defaults import apply_decoder_arg, pretrain_defaults
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import imagenet_base  # noqa: E402
 
 
 def get_config(arg=None):
-    config = pretrain_defaults()
+    config = imagenet_base.get_config(arg)
     config.model.variant = "vit_large_patch16"
-    config.model.norm_pix_loss = True
-    config.model.dtype = "bfloat16"
-    config.data.source = "tfds:imagenet2012"
-    config.data.download = False
-    config.batch_size = 4096
-    config.num_epochs = 800
-    config.warmup_epochs = 40.0
-    apply_decoder_arg(config, arg)
     return config

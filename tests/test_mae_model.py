@@ -207,3 +207,27 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         mae_jax.load_official(str(tmp_path / "nope.pth"))
+
+
+def test_initialisation_follows_the_official_recipe():
+    model = mae_jax.MAE(**(TINY | dict(embed_dim=64, decoder_embed_dim=48)), rngs=nnx.Rngs(3))
+    flat = {
+        "/".join(map(str, path)): np.asarray(v[...])
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    for name, value in flat.items():
+        if name.endswith("bias"):
+            assert np.all(value == 0), name
+        elif name.endswith("scale"):
+            assert np.all(value == 1), name
+        elif name.endswith("kernel"):
+            # xavier_uniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)); the patch-embed conv
+            # on its [D, 3*P*P] view and the fused qkv from its [D, 3D] matrix.
+            fan_in, fan_out = int(np.prod(value.shape[:-1])), value.shape[-1]
+            bound = np.sqrt(6.0 / (fan_in + fan_out))
+            assert np.abs(value).max() <= bound, name
+            assert np.std(value) == pytest.approx(bound / np.sqrt(3), rel=0.15), name
+    for token in ("encoder/cls_token", "decoder/mask_token"):
+        assert np.std(flat[token]) == pytest.approx(0.02, rel=0.5)
+    # Position tables are fixed sin-cos, not parameters.
+    assert not any("pos_embed" in name for name in flat)

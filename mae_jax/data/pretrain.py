@@ -114,7 +114,7 @@ def _tfds_builder(name: str, data_dir: str | None, download: bool):
     where = builder.data_dir
     how_to = (
         f"On a machine with internet run `tfds build {name.split(':')[0]} --data_dir DIR`, copy "
-        "DIR to this machine and pass --config.data_dir=DIR."
+        "DIR to this machine and pass --config.data.data_dir=DIR."
     )
     if not download:
         raise FileNotFoundError(

@@ -1,0 +1,45 @@
+"""The command line shared by train.py and segment.py (absl flags + ml_collections configs)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+flags.DEFINE_bool("multiprocess", False, "Initialise JAX's multi-process runtime (multi-host).")
+
+
+def run(library: str) -> None:
+    """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`."""
+    flags.mark_flags_as_required(["config"])
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+        from mae_jax import training
+
+        training.maybe_initialize_distributed(FLAGS.multiprocess)
+        config_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+        workdir = FLAGS.workdir or os.path.join("runs", config_name)
+        try:
+            result = importlib.import_module(library).train_and_evaluate(FLAGS.config, workdir)
+        except Exception:
+            # After an error, tf.data's worker threads can deadlock interpreter shutdown (their
+            # destructors wait on Python): report and leave now. Checkpoints are already closed.
+            traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        print(f"Done: {result}")
+
+    app.run(main)
