@@ -72,7 +72,14 @@ def init_or_restore(
         state = jax.jit(init_fn, out_shardings=shardings)()
         return state, shardings, 0, {}
     target = sharding_lib.abstract_with_shardings(abstract, shardings)
-    state, metadata = checkpointer.restore(latest, abstract_state=target)
+    try:
+        state, metadata = checkpointer.restore(latest, abstract_state=target)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"The checkpoint at step {latest} in {checkpointer.directory} does not fit this "
+            "config (another model size or optimizer?). Resume with the config that wrote it, "
+            f"or start a new run in another --workdir. Details: {error}"
+        ) from error
     return state, shardings, int(latest), metadata
 
 

@@ -207,3 +207,13 @@ def test_saved_config_is_json(tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
     with open(tmp_path / "config.json") as handle:
         assert json.load(handle)["model"]["embed_dim"] == 32
+
+
+def test_resuming_with_another_model_size_is_a_clear_error(tmp_path):
+    train_lib.train_and_evaluate(
+        tiny_config(total_steps=2, warmup_steps=1, visualize_every_steps=0), str(tmp_path)
+    )
+    bigger = tiny_config(total_steps=4, warmup_steps=1, visualize_every_steps=0)
+    bigger.model.embed_dim = 64
+    with pytest.raises(ValueError, match="does not fit this config"):
+        train_lib.train_and_evaluate(bigger, str(tmp_path))
