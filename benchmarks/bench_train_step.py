@@ -1,0 +1,368 @@
+"""MAE pretraining step, JAX (mae_jax, the step train.py runs) vs the official PyTorch MAE.
+
+Both sides train the same architecture on the same synthetic batch, generated on the device:
+JAX runs `train_lib.make_train_step` jitted by `training.compile_step` (explicit shardings,
+donated state, AdamW from `train_lib.create_tx`); PyTorch runs `tests/torch_mae_reference.py`
+(a plain-torch copy of the official `models_mae.py`) with forward + backward + AdamW step, under
+bf16 autocast on CUDA when --dtype=bfloat16 (float32 on CPU, as the official code does).
+
+    python benchmarks/bench_train_step.py --image_size 64 --batch_size 8      # CPU, seconds
+    python benchmarks/bench_train_step.py --dtype bfloat16 --batch_size 256 \
+        --model vit_base_patch16 --out_json vitb.json                          # one GPU
+
+Timing: each of `--repeats` timed regions runs `--steps` steps and blocks only at its end
+(jax.block_until_ready / torch.cuda.synchronize); ms/step median and mean are over regions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+# JAX must not grab 75% of the GPU up front: PyTorch shares the device in this process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mae_jax import config_defaults, optim, train_lib, training  # noqa: E402
+from mae_jax import sharding as sharding_lib  # noqa: E402
+from mae_jax.models.registry import VARIANTS, get_variant  # noqa: E402
+
+FRAMEWORKS = ("jax", "torch")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_tiny_patch16", choices=sorted(VARIANTS))
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=32, help="Global images per step.")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per region.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed regions.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps after compile.")
+    parser.add_argument("--frameworks", default="jax,torch", help="Comma list of jax, torch.")
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    # Model overrides (0 = the variant's / the paper's decoder); tests use them to shrink.
+    parser.add_argument("--patch_size", type=int, default=0)
+    parser.add_argument("--embed_dim", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=0)
+    parser.add_argument("--num_heads", type=int, default=0)
+    parser.add_argument("--decoder_depth", type=int, default=0)
+    parser.add_argument("--decoder_width", type=int, default=0, help="Heads: width / 32.")
+    parser.add_argument("--out_json", default="")
+    args = parser.parse_args(argv)
+    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = set(args.frameworks) - set(FRAMEWORKS)
+    if unknown or not args.frameworks:
+        parser.error(f"--frameworks must list some of {FRAMEWORKS}, got {sorted(unknown)}")
+    if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
+        parser.error("--steps, --repeats and --batch_size must be >= 1, --warmup >= 0")
+    return args
+
+
+def build_config(args: argparse.Namespace):
+    """train.py's config (the official recipe) with this run's model and batch."""
+    config = config_defaults.pretrain_defaults()
+    config.model.variant = args.model
+    config.model.image_size = args.image_size
+    config.model.dtype = args.dtype
+    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+        config.model[name] = getattr(args, name)
+    decoder = {"decoder_depth": args.decoder_depth, "decoder_width": args.decoder_width}
+    config_defaults.apply_decoder_arg(
+        config, ",".join(f"{k}={v}" for k, v in decoder.items() if v)
+    )
+    config.mask_ratio = args.mask_ratio
+    config.batch_size = args.batch_size
+    config.total_steps = 1 + args.warmup + args.steps * args.repeats
+    config.warmup_steps = 1  # The step also evaluates the lr schedule, as in training.
+    return config
+
+
+def model_dims(config) -> dict[str, int]:
+    """Encoder and decoder sizes after overrides, shared by both frameworks."""
+    variant = get_variant(config.model.variant)
+    dims = {name: config.model[name] or getattr(variant, name)
+            for name in ("patch_size", "embed_dim", "depth", "num_heads")}
+    return dims | {name: config.model[name]
+                   for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+
+
+class CompileCounter:
+    """Counts XLA backend compilations in this process (a real recompile shows up here)."""
+
+    count = 0
+    seconds = 0.0
+    _registered = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._registered:
+            jax.monitoring.register_event_duration_secs_listener(cls._listen)
+            cls._registered = True
+
+    @classmethod
+    def _listen(cls, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            cls.count += 1
+            cls.seconds += duration
+
+
+def summarize(region_seconds: list[float], steps: int, batch: int) -> dict[str, float]:
+    per_step = [1000 * s / steps for s in region_seconds]
+    return {
+        "ms_per_step_median": statistics.median(per_step),
+        "ms_per_step_mean": statistics.fmean(per_step),
+        "images_per_s": batch * steps * len(region_seconds) / sum(region_seconds),
+    }
+
+
+# --------------------------------------------------------------------------- JAX
+def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
+    config = build_config(args)
+    devices = jax.devices()
+    train_lib.check_config(config, num_devices=len(devices), num_processes=1)
+    mesh = sharding_lib.create_mesh(data=-1, fsdp=1, devices=devices)
+    schedule = optim.warmup_cosine_schedule(
+        peak_lr=train_lib.peak_learning_rate(config), warmup_steps=config.warmup_steps,
+        total_steps=config.total_steps,
+    )
+    tx = train_lib.create_tx(config, schedule)
+    state, state_shardings = sharding_lib.create_sharded(
+        train_lib.initial_state_fn(config, tx), mesh
+    )
+    graphdef = nnx.split(
+        nnx.eval_shape(lambda: train_lib.build_model(config.model, seed=config.seed)),
+        nnx.Param, ...,
+    )[0]
+    step_fn = train_lib.make_train_step(
+        graphdef, tx, schedule, mask_ratio=config.mask_ratio, grad_accum_steps=1
+    )
+    train_step = training.compile_step(step_fn, state_shardings, mesh)
+
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    make_images = jax.jit(
+        lambda key: jax.random.normal(key, shape, jnp.float32),
+        out_shardings=sharding_lib.batch_sharding(mesh),
+    )
+    batch = {"image": make_images(jax.random.PRNGKey(1))}
+    jax.block_until_ready((state, batch))
+
+    CompileCounter.install()
+    compiles_before, compile_seconds_before = CompileCounter.count, CompileCounter.seconds
+    start = time.perf_counter()
+    state, metrics = jax.block_until_ready(train_step(state, batch))
+    first_call_s = time.perf_counter() - start
+    compiles = CompileCounter.count - compiles_before
+    compile_s = CompileCounter.seconds - compile_seconds_before
+
+    for _ in range(args.warmup):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready((state, metrics))
+    regions = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = train_step(state, batch)
+        jax.block_until_ready((state, metrics))
+        regions.append(time.perf_counter() - start)
+    recompiles = CompileCounter.count - compiles_before - compiles
+    cache_size = train_step._cache_size() if hasattr(train_step, "_cache_size") else None
+    if recompiles or cache_size not in (None, 1):
+        raise RuntimeError(f"The JAX step recompiled ({recompiles} compiles, cache {cache_size}).")
+
+    stats = [d.memory_stats() or {} for d in mesh.devices.flat]
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    row = {
+        "framework": "jax",
+        "device": f"{len(devices)} x {devices[0].device_kind}",
+        "dtype": args.dtype,
+        "batch": args.batch_size,
+        **summarize(regions, args.steps, args.batch_size),
+        "first_step_s": first_call_s,
+        "compile_s": compile_s,
+        "compiles_first_call": compiles,
+        "compiles_after_first_call": recompiles,
+        "jit_cache_size": cache_size,
+        "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
+        "params": training.tree_size(state["params"]),
+        "loss": float(metrics["loss"]),
+        "region_seconds": regions,
+    }
+    del state, batch
+    return row
+
+
+# --------------------------------------------------------------------------- PyTorch
+def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from torch_mae_reference import MaskedAutoencoderViT
+
+    config = build_config(args)
+    dims = model_dims(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    # The official recipe: bf16/fp16 autocast is a CUDA-only option (--amp); CPU stays float32.
+    amp = on_gpu and args.dtype == "bfloat16"
+    torch.backends.cudnn.benchmark = True  # As the official main_pretrain.py.
+    torch.manual_seed(config.seed)
+    model = MaskedAutoencoderViT(
+        img_size=args.image_size, norm_pix_loss=config.model.norm_pix_loss, **dims
+    ).to(device)
+    # Official optim_factory.add_weight_decay: no decay for biases and 1-D parameters.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": no_decay, "weight_decay": 0.0},
+         {"params": decay, "weight_decay": config.weight_decay}],
+        lr=train_lib.peak_learning_rate(config), betas=(config.b1, config.b2),
+    )
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss, _, _ = model(images, mask_ratio=config.mask_ratio)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    loss = step()
+    sync()
+    first_step_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        loss = step()
+    sync()
+    regions = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        sync()
+        regions.append(time.perf_counter() - start)
+    row = {
+        "framework": "torch",
+        "device": torch.cuda.get_device_name(device) if on_gpu else
+        f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": "bfloat16 (autocast)" if amp else "float32",
+        "batch": args.batch_size,
+        **summarize(regions, args.steps, args.batch_size),
+        "first_step_s": first_step_s,
+        "compile_s": None,  # Eager: nothing to compile.
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "loss": float(loss.detach()),
+        "region_seconds": regions,
+    }
+    model = optimizer = images = None  # Drop the last references (step() shares them).
+    if on_gpu:
+        torch.cuda.empty_cache()  # Hand the memory back before JAX runs.
+    return row
+
+
+# --------------------------------------------------------------------------- Report
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [d.device_kind for d in jax.devices()],
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    header = ("framework", "device", "dtype", "batch", "ms/step med", "ms/step mean",
+              "images/s", "compile s", "first step s", "peak GiB")
+    lines = [header]
+    for r in rows:
+        lines.append((r["framework"], r["device"], r["dtype"], str(r["batch"]),
+                      cell(r["ms_per_step_median"], ".1f"), cell(r["ms_per_step_mean"], ".1f"),
+                      cell(r["images_per_s"], ".1f"), cell(r["compile_s"], ".2f"),
+                      cell(r["first_step_s"], ".2f"), cell(r["peak_memory_gib"], ".2f")))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = [" | ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; returns {"machine", "settings", "results": [row per framework]}."""
+    args = parse_args(argv)
+    config = build_config(args)
+    settings = vars(args) | {"model_dims": model_dims(config)}
+    machine = machine_info()
+    print("Machine:", ", ".join(f"{k}={v}" for k, v in machine.items()))
+    print("Model:", args.model, settings["model_dims"], f"image {args.image_size},",
+          f"mask ratio {args.mask_ratio}, {args.warmup} warmup + {args.repeats} x {args.steps} "
+          "timed steps")
+    benches = {"jax": bench_jax, "torch": bench_torch}
+    # PyTorch first: its cached memory is released afterwards, JAX's is not.
+    results = {name: benches[name](args) for name in sorted(args.frameworks, reverse=True)}
+    rows = [results[name] for name in args.frameworks]
+    for row in rows:
+        if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
+            raise RuntimeError(f"{row['framework']}: non-positive timing {row['region_seconds']}")
+    print(format_table(rows))
+    if "jax" in results:
+        r = results["jax"]
+        print(f"JAX step compiled {r['compiles_first_call']} time(s) on the first call, "
+              f"{r['compiles_after_first_call']} time(s) after it (jit cache size "
+              f"{r['jit_cache_size']}): no recompilation.")
+    print("Trainable parameters:", {r["framework"]: r["params"] for r in rows},
+          "| final loss:", {r["framework"]: round(r["loss"], 4) for r in rows})
+    report = {"machine": machine, "settings": settings, "results": rows}
+    if args.out_json:
+        with open(args.out_json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print("Wrote", args.out_json)
+    return report
+
+
+if __name__ == "__main__":
+    main()
