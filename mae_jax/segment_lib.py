@@ -21,7 +21,7 @@ from flax import nnx
 from mae_jax import optim, training
 from mae_jax import sharding as sharding_lib
 from mae_jax.checkpointing import Checkpointer
-from mae_jax.convert import export_official, load_into
+from mae_jax.convert import export_official, load_into, official_key
 from mae_jax.models.registry import VARIANTS, get_variant
 from mae_jax.models.segmenter import MAESegmenter
 from mae_jax.models.upernet import segmentation_loss
@@ -157,8 +157,9 @@ def load_backbone_weights(config, params, shardings, num_classes: int):
     """Replaces the random backbone leaves of sharded `params` by pretrained ones.
 
     The encoder is rebuilt on the host at the segmentation size, the checkpoint loaded into it
-    (position embeddings interpolated, layer-scale gammas left at init), then each leaf is
-    placed with the sharding of the leaf it replaces.
+    (position embeddings interpolated), then each loaded leaf is placed with the sharding of
+    the leaf it replaces. Leaves the checkpoint lacks (layer-scale gammas) keep their
+    initialised values: the host copy only holds zeros there.
     """
     weights = pretrained_encoder_weights(config.init_from)
     host_model = nnx.eval_shape(lambda: build_segmenter(config, num_classes, seed=config.seed))
@@ -168,13 +169,17 @@ def load_backbone_weights(config, params, shardings, num_classes: int):
     )
     nnx.update(backbone, host_state)
     load_into(backbone, weights, strict=False, allow_missing=LAYER_SCALE_KEYS)
-    loaded = nnx.state(backbone, nnx.Param)
+    original = dict(nnx.to_flat_state(params["backbone"]))
+    placement = dict(nnx.to_flat_state(shardings["backbone"]))
+    leaves = []
+    for path, variable in nnx.to_flat_state(nnx.state(backbone, nnx.Param)):
+        if official_key(path) in weights:
+            value = jax.device_put(np.asarray(variable[...]), placement[path].get_value())
+            leaves.append((path, variable.replace(value)))
+        else:
+            leaves.append((path, original[path]))
     params = dict(params) if not isinstance(params, nnx.State) else params
-    params["backbone"] = jax.tree.map(
-        lambda value, sharding: jax.device_put(np.asarray(value), sharding),
-        loaded,
-        shardings["backbone"],
-    )
+    params["backbone"] = nnx.from_flat_state(leaves)
     return params
 
 

@@ -1,0 +1,340 @@
+"""segment.py's library: short real runs (generated scenes, a fake ADE20K), resume after a kill,
+pretrained backbones, eval-only, the demo learning, sharding invariance, bad configs."""
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
+
+import mae_jax
+from mae_jax import segment_lib, train_lib, training
+from mae_jax.checkpointing import Checkpointer
+from mae_jax.config_defaults import pretrain_defaults, segment_defaults
+from mae_jax.data.ade20k_meta import ADE20K_CLASSES
+from mae_jax.models.pos_embed import resize_pos_embed
+from mae_jax.run_logging import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilations(tmp_path_factory):
+    """Most tests here compile the same tiny model again (resume, eval-only, init_from): a
+    persistent compilation cache, private to this module, turns those repeats into file reads."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {key: getattr(jax.config, key) for key in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    yield
+    for key, value in before.items():
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()
+
+
+def set_fields(config, changes):
+    for key, value in changes.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def tiny_config(**changes):
+    """A 16x16 ViT (2 blocks feeding the 4 levels twice) + 16-channel UPerNet, 4 classes."""
+    config = segment_defaults()
+    config.model.update(
+        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
+        num_heads=2, out_indices=(0, 1, 0, 1), channels=16, aux_channels=16,
+    )
+    config.data.update(
+        source="synthetic", num_classes=4, scene_size=24, num_examples=16, scale=(24, 24),
+        eval_limit=2,
+    )
+    config.mesh.update(data=1, fsdp=1)
+    config.update(
+        batch_size=4, lr=1e-3, total_steps=6, warmup_steps=2, log_every_steps=2,
+        checkpoint_every_steps=3, eval_every_steps=6, eval_window=16, eval_stride=8,
+        num_pictures=2, tensorboard=False,
+    )
+    return set_fields(config, changes)
+
+
+def run(config, workdir, num_devices=1):
+    return segment_lib.train_and_evaluate(
+        config, str(workdir), devices=jax.devices()[:num_devices]
+    )
+
+
+def losses_of(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+
+def params_of(workdir):
+    with Checkpointer(str(workdir)) as checkpointer:
+        state, _ = checkpointer.restore()
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def flat_params(tree):
+    if isinstance(tree, nnx.State):
+        tree = tree.to_pure_dict()
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The tiny config trained for 6 steps on 1 device; shared, so tests must not modify it."""
+    workdir = tmp_path_factory.mktemp("finished")
+    result = run(tiny_config(), workdir)
+    return workdir, result
+
+
+# --------------------------------------------------------------------------- Short runs
+def test_short_run_logs_losses_saves_checkpoints_and_evaluates(finished_run):
+    workdir, result = finished_run
+    records = read_metrics(str(workdir))
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for record in records:
+        assert {"loss", "decode_loss", "aux_loss", "lr", "grad_norm"} <= set(record)
+        # The auxiliary FCN head adds with weight 0.4 (mmseg).
+        assert record["loss"] == pytest.approx(record["decode_loss"] + 0.4 * record["aux_loss"])
+        assert np.isfinite(record["loss"]) and record["lr"] > 0
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    with open(workdir / "eval_results.json") as handle:
+        saved = json.load(handle)
+    assert {"aAcc", "mIoU", "mAcc", "per_class", "step"} <= set(saved)
+    assert saved["step"] == 6 and result["step"] == 6
+    for key in ("aAcc", "mIoU", "mAcc"):
+        assert 0.0 <= saved[key] <= 100.0 and saved[key] == pytest.approx(result[key])
+    assert list(saved["per_class"]) == [f"class_{index}" for index in range(4)]
+    for scores in saved["per_class"].values():
+        assert set(scores) == {"IoU", "Acc"}
+    assert [r["step"] for r in read_metrics(str(workdir), kind="eval")] == [6]
+    pictures = os.listdir(workdir / "images")
+    assert len(pictures) == 1 and pictures[0].startswith("segmentation")
+    # Two validation scenes of 24x24 drawn as image | prediction | ground truth.
+    picture = np.asarray(Image.open(workdir / "images" / pictures[0]))
+    assert picture.shape[1] == 3 * 24 and picture.shape[0] >= 2 * 24
+
+
+def _write_fake_ade20k(manual_dir):
+    """ADEChallengeData2016 with 4 training and 2 validation pairs (labels 0..150, 0 = other)."""
+    rng = np.random.default_rng(0)
+    sizes = {("training", "ADE_train"): [(24, 40), (40, 24), (30, 30), (36, 52)],
+             ("validation", "ADE_val"): [(28, 44), (20, 36)]}
+    with zipfile.ZipFile(manual_dir / "ADEChallengeData2016.zip", "w") as archive:
+        for (folder, prefix), shapes in sizes.items():
+            for index, (height, width) in enumerate(shapes):
+                label = np.kron(rng.integers(0, 151, (height // 4, width // 4)), np.ones((4, 4)))
+                label = label.astype(np.uint8)
+                image = np.stack([label, 255 - label, np.full_like(label, 128)], axis=-1)
+                stem = f"{prefix}_{index + 1:08d}"
+                for kind, name, array, form in (("images", f"{stem}.jpg", image, "JPEG"),
+                                                ("annotations", f"{stem}.png", label, "PNG")):
+                    encoded = io.BytesIO()
+                    Image.fromarray(array).save(encoded, format=form)
+                    archive.writestr(f"ADEChallengeData2016/{kind}/{folder}/{name}",
+                                     encoded.getvalue())
+        archive.writestr("ADEChallengeData2016/objectInfo150.txt", "Idx\tRatio\n")
+
+
+def test_short_run_on_a_fake_ade20k_reports_the_150_classes(tmp_path):
+    manual_dir = tmp_path / "download"
+    manual_dir.mkdir()
+    _write_fake_ade20k(manual_dir)
+    config = tiny_config(**{
+        "model.image_size": 32, "eval_window": 32, "eval_stride": 21, "data.source": "ade20k",
+        "data.manual_dir": str(manual_dir), "data.data_dir": str(tmp_path / "tfds"),
+        "data.scale": (64, 32), "data.num_classes": 0, "total_steps": 2, "warmup_steps": 1,
+        "eval_every_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1,
+    })
+    result = run(config, tmp_path / "run")
+    assert result["step"] == 2
+    assert np.isfinite(losses_of(tmp_path / "run")[2])
+    with open(tmp_path / "run" / "eval_results.json") as handle:
+        saved = json.load(handle)
+    assert list(saved["per_class"]) == list(ADE20K_CLASSES) and len(ADE20K_CLASSES) == 150
+    assert 0.0 <= saved["aAcc"] <= 100.0
+    # Classes absent from both prediction and labels have no IoU (NaN -> null in the JSON).
+    assert any(scores["IoU"] is None for scores in saved["per_class"].values())
+
+
+# --------------------------------------------------------------------------- Resume, eval-only
+def test_killed_run_resumes_to_the_same_parameters_and_losses(finished_run, tmp_path, monkeypatch):
+    straight, _ = finished_run
+    original_run_loop = training.run_loop
+
+    def run_loop_with_sigterm(**kwargs):
+        # A real SIGTERM arriving after step 3 (e.g. a preempted job).
+        kill = training.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
+        return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
+
+    monkeypatch.setattr(training, "run_loop", run_loop_with_sigterm)
+    first = run(tiny_config(), tmp_path)
+    assert first["step"] == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    assert not os.path.exists(tmp_path / "eval_results.json")
+    monkeypatch.setattr(training, "run_loop", original_run_loop)
+    second = run(tiny_config(), tmp_path)
+    assert second["step"] == 6
+    # Dropout / drop-path keys come from fold_in(rng, step) and BatchNorm statistics live in
+    # the checkpointed state, so the resumed run is the uninterrupted one, bit for bit.
+    assert losses_of(straight) == losses_of(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, params_of(straight), params_of(tmp_path))
+
+
+def test_eval_only_evaluates_the_newest_checkpoint_without_training(finished_run, tmp_path):
+    finished, result = finished_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir)
+    os.remove(workdir / "eval_results.json")
+    before = read_metrics(str(workdir))
+    results = run(tiny_config(eval_only=True), workdir)
+    assert results["step"] == 6
+    with open(workdir / "eval_results.json") as handle:
+        saved = json.load(handle)
+    assert saved["step"] == 6
+    assert saved["mIoU"] == pytest.approx(result["mIoU"]) and saved["aAcc"] == pytest.approx(
+        result["aAcc"]
+    )
+    assert read_metrics(str(workdir)) == before  # no training step ran
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+
+# --------------------------------------------------------------------------- Pretrained backbones
+def _capture_evaluated_params(monkeypatch):
+    captured = {}
+    original = segment_lib.Evaluator.__call__
+
+    def evaluate(self, step, state):
+        captured["params"] = jax.tree.map(np.asarray, state["params"])
+        return original(self, step, state)
+
+    monkeypatch.setattr(segment_lib.Evaluator, "__call__", evaluate)
+    return captured
+
+
+def test_official_checkpoint_of_another_size_initialises_the_backbone(tmp_path, monkeypatch):
+    # An MAE pretrained at 32x32 (8x8 patches), fine-tuned at 16x16 (4x4 patches).
+    mae = mae_jax.MAE(
+        image_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+        decoder_depth=1, decoder_num_heads=2, rngs=nnx.Rngs(5),
+    )
+    path = tmp_path / "mae_pretrain_tiny.pth"
+    mae_jax.save_official(mae.encoder, path)
+    captured = _capture_evaluated_params(monkeypatch)
+    run(tiny_config(init_from=str(path), eval_only=True), tmp_path / "run")
+    backbone = captured["params"]["backbone"]
+
+    expected = resize_pos_embed(np.asarray(mae.encoder.pos_embed[...]), 4)
+    np.testing.assert_allclose(backbone["pos_embed"], expected, rtol=1e-6, atol=1e-7)
+    pretrained = flat_params(nnx.state(mae.encoder, nnx.Param))
+    loaded = flat_params(backbone)
+    assert set(pretrained) <= set(loaded)
+    for key, value in pretrained.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    gammas = [key for key in loaded if "gamma_" in key]
+    assert len(gammas) == 4  # not in MAE checkpoints: they stay at mmseg's init, 1.0
+    for key in gammas:
+        np.testing.assert_array_equal(loaded[key], 1.0)
+
+
+def test_train_py_workdir_initialises_the_backbone(tmp_path):
+    mae_config = pretrain_defaults()
+    mae_config.model.update(
+        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
+        num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+    )
+    mae_config.data.update(source="generated:16", generated_size=16, shuffle_buffer_size=16)
+    mae_config.update(
+        batch_size=4, total_steps=2, warmup_steps=1, log_every_steps=1,
+        checkpoint_every_steps=2, visualize_every_steps=0, export_encoder=False,
+        tensorboard=False,
+    )
+    train_lib.train_and_evaluate(mae_config, str(tmp_path / "mae"), devices=jax.devices()[:1])
+    encoder = train_lib.load_pretrained_model(str(tmp_path / "mae")).encoder
+
+    config = tiny_config(init_from=str(tmp_path / "mae"))
+    model = segment_lib.build_segmenter(config, 4)
+    params = nnx.state(model, nnx.Param)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, params)
+    params = segment_lib.load_backbone_weights(config, params, shardings, 4)
+    loaded = flat_params(params["backbone"])
+    pretrained = flat_params(nnx.state(encoder, nnx.Param))
+    for key, value in pretrained.items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    np.testing.assert_allclose(
+        loaded["['pos_embed']"], np.asarray(encoder.pos_embed[...]), rtol=1e-6, atol=1e-7
+    )
+    assert all(leaf.sharding == device for leaf in jax.tree.leaves(params["backbone"]))
+
+
+# --------------------------------------------------------------------------- Learning, sharding
+def test_demo_config_learns_the_generated_scenes(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "seg_demo", os.path.join(ROOT, "configs", "seg_demo.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = set_fields(module.get_config(), {
+        "total_steps": 80, "warmup_steps": 8, "batch_size": 8, "eval_every_steps": 80,
+        "checkpoint_every_steps": 80, "log_every_steps": 20, "data.eval_limit": 8,
+        "tensorboard": False,
+    })
+    result = run(config, tmp_path)
+    losses = losses_of(tmp_path)
+    assert min(losses[60], losses[80]) < 0.7 * losses[20], losses
+    # Chance is 1/6 of the pixels; the full demo reaches ~96.
+    assert result["mIoU"] > 50, result
+
+
+@pytest.mark.parametrize("data,fsdp", [(2, 1), (2, 2)])
+def test_same_losses_on_1_2_and_4_devices(finished_run, tmp_path, data, fsdp):
+    one, _ = finished_run
+    config = tiny_config(eval_every_steps=0)
+    config.mesh.update(data=data, fsdp=fsdp)
+    run(config, tmp_path, num_devices=data * fsdp)
+    # BatchNorm statistics are global under GSPMD, so the batch split changes only the order
+    # of reductions: losses agree to rounding.
+    assert losses_of(one) == pytest.approx(losses_of(tmp_path), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- Bad configs
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"model.image_size": 18, "eval_window": 18}, "not a multiple of 4"),
+        ({"batch_size": 6}, "multiple of the 4 devices"),
+        ({"warmup_steps": 6}, "warmup_steps 6 must be < total_steps 6"),
+        ({"eval_window": 32}, "eval_window 32 must equal model.image_size 16"),
+        ({"data.source": "cityscapes"}, "data.source 'cityscapes' must be"),
+        ({"init_from": "/nowhere/mae_pretrain_vit_base.pth"}, "does not exist"),
+        ({"model.out_indices": (0, 1, 2, 3)}, "must be 4 blocks < 2"),
+        ({"model.image_size": 20, "eval_window": 20}, "must be even"),
+    ],
+)
+def test_bad_configs_get_a_clear_error_before_any_work(changes, message):
+    with pytest.raises(ValueError, match=message):
+        segment_lib.check_config(tiny_config(**changes), num_devices=4, num_processes=1)
+
+
+def test_config_errors_are_reported_together():
+    config = tiny_config(**{"batch_size": 6, "warmup_steps": 9, "data.source": "x"})
+    with pytest.raises(ValueError) as error:
+        segment_lib.check_config(config, num_devices=4, num_processes=1)
+    assert str(error.value).count("\n  - ") == 3
