@@ -118,17 +118,20 @@ def check_config(config, *, num_devices: int, num_processes: int) -> None:
         problems.append(
             f"warmup_steps {config.warmup_steps} must be < total_steps {config.total_steps}"
         )
-    if config.eval_window < model.image_size or config.eval_stride < 1:
-        problems.append(
-            f"eval_window {config.eval_window} must be >= model.image_size {model.image_size} "
-            "(it is what the model sees) and eval_stride >= 1"
-        )
     if config.eval_window != model.image_size:
         problems.append(
-            f"eval_window {config.eval_window} must equal model.image_size {model.image_size}"
+            f"eval_window {config.eval_window} must equal model.image_size {model.image_size} "
+            "(the window is what the model sees)"
         )
+    if config.eval_stride < 1:
+        problems.append(f"eval_stride {config.eval_stride} must be >= 1")
     if config.data.source not in ("ade20k", "synthetic"):
         problems.append(f"data.source {config.data.source!r} must be 'ade20k' or 'synthetic'")
+    elif config.data.source == "ade20k" and config.data.num_classes not in (0, 150):
+        problems.append(
+            f"data.num_classes {config.data.num_classes} with data.source='ade20k': ADE20K has "
+            "150 classes; set data.num_classes=0 (it only configures 'synthetic')"
+        )
     if config.init_from and not os.path.exists(config.init_from):
         problems.append(
             f"init_from {config.init_from!r} does not exist: give an official .pth file "

@@ -303,14 +303,15 @@ def test_demo_config_learns_the_generated_scenes(tmp_path):
     assert result["mIoU"] > 50, result
 
 
-@pytest.mark.parametrize("data,fsdp", [(2, 1), (2, 2)])
-def test_same_losses_on_1_2_and_4_devices(finished_run, tmp_path, data, fsdp):
+def test_same_losses_on_1_and_4_devices(finished_run, tmp_path):
     one, _ = finished_run
     config = tiny_config(eval_every_steps=0)
-    config.mesh.update(data=data, fsdp=fsdp)
-    run(config, tmp_path, num_devices=data * fsdp)
-    # BatchNorm statistics are global under GSPMD, so the batch split changes only the order
-    # of reductions: losses agree to rounding.
+    config.mesh.update(data=2, fsdp=2)  # the batch split 4 ways over both mesh axes
+    run(config, tmp_path, num_devices=4)
+    # BatchNorm statistics are global under GSPMD, so the split changes only the order of
+    # reductions: losses agree to rounding. Parameters are not compared leaf by leaf: some get
+    # exactly-zero gradients (e.g. the attention key bias), whose rounding noise, which depends
+    # on the reduction order, Adam normalises into full +-lr steps.
     assert losses_of(one) == pytest.approx(losses_of(tmp_path), rel=1e-5)
 
 
@@ -326,6 +327,8 @@ def test_same_losses_on_1_2_and_4_devices(finished_run, tmp_path, data, fsdp):
         ({"init_from": "/nowhere/mae_pretrain_vit_base.pth"}, "does not exist"),
         ({"model.out_indices": (0, 1, 2, 3)}, "must be 4 blocks < 2"),
         ({"model.image_size": 20, "eval_window": 20}, "must be even"),
+        ({"eval_stride": 0}, "eval_stride 0 must be >= 1"),
+        ({"data.source": "ade20k"}, "ADE20K has 150 classes; set data.num_classes=0"),
     ],
 )
 def test_bad_configs_get_a_clear_error_before_any_work(changes, message):
