@@ -109,6 +109,7 @@ def segment_defaults() -> ml_collections.ConfigDict:
     config.model.out_indices = (3, 5, 7, 11)  # Blocks feeding the 4 pyramid levels.
     config.model.drop_path_rate = 0.1  # Stochastic depth, linear over the blocks.
     config.model.layer_scale_init = 1.0  # Layer scale init (mmseg); 0 disables layer scale.
+    config.model.relative_position_bias = True  # BEiT-style, zero-initialised (mmseg's MAE).
     config.model.channels = 768  # UPerNet channels.
     config.model.aux_channels = 256  # Auxiliary FCN head channels.
     config.model.dropout = 0.1  # Dropout before both classifiers.

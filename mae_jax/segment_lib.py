@@ -27,7 +27,8 @@ from mae_jax.run_logging import RunLogger
 from mae_jax.seg_evaluation import Evaluator, data_options
 
 ENCODER_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads")
-LAYER_SCALE_KEYS = (r"\.gamma_[12]$",)  # absent from MAE checkpoints; they start at init
+# Absent from MAE checkpoints: layer-scale gammas and relative position tables start at init.
+NOT_IN_MAE_CHECKPOINTS = (r"\.gamma_[12]$", r"\.relative_position_bias_table$")
 
 
 # --------------------------------------------------------------------------- Model from config
@@ -41,6 +42,7 @@ def build_segmenter(config, num_classes: int, *, seed: int = 0) -> MAESegmenter:
         out_indices=tuple(model.out_indices),
         drop_path_rate=model.drop_path_rate,
         layer_scale_init=model.layer_scale_init or None,
+        relative_position_bias=model.relative_position_bias,
         channels=model.channels,
         aux_channels=model.aux_channels,
         dropout=model.dropout,
@@ -134,7 +136,7 @@ def load_backbone_weights(config, params, shardings, num_classes: int):
         lambda x: np.zeros(x.shape, x.dtype), nnx.state(backbone, nnx.Param)
     )
     nnx.update(backbone, host_state)
-    load_into(backbone, weights, strict=False, allow_missing=LAYER_SCALE_KEYS)
+    load_into(backbone, weights, strict=False, allow_missing=NOT_IN_MAE_CHECKPOINTS)
     original = dict(nnx.to_flat_state(params["backbone"]))
     placement = dict(nnx.to_flat_state(shardings["backbone"]))
     leaves = []

@@ -18,8 +18,8 @@ class MAESegmenter(nnx.Module):
 
     The backbone is the MAE encoder with trainable position embeddings (interpolated to the
     input grid when weights are loaded), stochastic depth growing linearly to
-    `drop_path_rate`, optional layer scale (mmseg: init 1.0), and features taken from
-    `out_indices` before any final norm.
+    `drop_path_rate`, optional layer scale (mmseg: init 1.0) and BEiT-style relative position
+    bias (mmseg: zero-initialised), and features taken from `out_indices` before any final norm.
     """
 
     def __init__(
@@ -31,6 +31,7 @@ class MAESegmenter(nnx.Module):
         out_indices: Sequence[int] = (3, 5, 7, 11),
         drop_path_rate: float = 0.1,
         layer_scale_init: float | None = 1.0,
+        relative_position_bias: bool = True,
         channels: int = 768,
         aux_channels: int = 256,
         dropout: float = 0.1,
@@ -53,6 +54,7 @@ class MAESegmenter(nnx.Module):
             drop_path_rate=drop_path_rate,
             layer_scale_init=layer_scale_init,
             trainable_pos_embed=True,
+            relative_position_bias=relative_position_bias,
             dtype=dtype,
             attention_impl=attention_impl,
             rngs=rngs,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mae_jax.models.pos_embed import sincos_2d
@@ -65,21 +67,71 @@ def attention(
     )
 
 
-class Attention(nnx.Module):
-    """timm `Attention`: fused qkv Linear (with bias), scale Dh**-0.5, output projection."""
+@functools.lru_cache(maxsize=8)
+def relative_position_index(grid_size: tuple[int, int]) -> np.ndarray:
+    """BEiT's [1 + h*w, 1 + h*w] index into a relative-position table of (2h-1)(2w-1) + 3 rows
+    (the last three: token-to-cls, cls-to-token, cls-to-cls)."""
+    height, width = grid_size
+    coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij")).reshape(
+        2, -1
+    )
+    relative = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    relative[:, :, 0] += height - 1
+    relative[:, :, 1] += width - 1
+    relative[:, :, 0] *= 2 * width - 1
+    num_relative = (2 * height - 1) * (2 * width - 1) + 3
+    index = np.zeros((height * width + 1,) * 2, dtype=np.int32)
+    index[1:, 1:] = relative.sum(-1)
+    index[0, :] = num_relative - 3
+    index[:, 0] = num_relative - 2
+    index[0, 0] = num_relative - 1
+    return index
 
-    def __init__(self, *, dim: int, num_heads: int, dtype, attention_impl, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """timm `Attention`: fused qkv Linear (with bias), scale Dh**-0.5, output projection.
+
+    With `relative_grid=(h, w)`, a learned BEiT-style relative position bias (zero-initialised,
+    as mmsegmentation's MAE backbone) is added to the logits; the input must then be
+    [N, 1 + h*w, D].
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        dtype,
+        attention_impl,
+        relative_grid: tuple[int, int] | None = None,
+        rngs: nnx.Rngs,
+    ):
         if dim % num_heads:
             raise ValueError(f"Width {dim} is not divisible by {num_heads} heads.")
         self.num_heads = num_heads
         self.attention_impl = attention_impl
         self.qkv = dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
         self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+        if relative_grid is not None:
+            height, width = relative_grid
+            rows = (2 * height - 1) * (2 * width - 1) + 3
+            self.relative_position_bias_table = nnx.Param(jnp.zeros((rows, num_heads)))
+        else:
+            self.relative_position_bias_table = None
+        self.relative_grid = None if relative_grid is None else tuple(relative_grid)
 
     def __call__(self, x: jax.Array, *, bias: jax.Array | None = None) -> jax.Array:
         """x: [N, T, D] -> [N, T, D]; bias: optional [H, T, T] added to the logits."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        if self.relative_position_bias_table is not None:
+            index = relative_position_index(self.relative_grid)
+            if index.shape[0] != tokens:
+                raise ValueError(
+                    f"Relative position bias is built for {index.shape[0]} tokens, got {tokens}."
+                )
+            relative = self.relative_position_bias_table[...][index].transpose(2, 0, 1)
+            bias = relative if bias is None else bias + relative
         if bias is not None:
             bias = bias[None].astype(qkv.dtype)
         out = attention(
@@ -133,11 +185,17 @@ class Block(nnx.Module):
         attention_impl: str | None = "auto",
         drop_path: float = 0.0,
         layer_scale_init: float | None = None,
+        relative_grid: tuple[int, int] | None = None,
         rngs: nnx.Rngs,
     ):
         self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.attn = Attention(
-            dim=dim, num_heads=num_heads, dtype=dtype, attention_impl=attention_impl, rngs=rngs
+            dim=dim,
+            num_heads=num_heads,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            relative_grid=relative_grid,
+            rngs=rngs,
         )
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
@@ -215,6 +273,7 @@ class ViTEncoder(nnx.Module):
         drop_path_rate: float = 0.0,
         layer_scale_init: float | None = None,
         trainable_pos_embed: bool = False,
+        relative_position_bias: bool = False,
         rngs: nnx.Rngs,
     ):
         self.image_size = check_image_size(image_size, patch_size)
@@ -241,6 +300,7 @@ class ViTEncoder(nnx.Module):
                     attention_impl=attention_impl,
                     drop_path=rates[i],
                     layer_scale_init=layer_scale_init,
+                    relative_grid=self.grid_size if relative_position_bias else None,
                     rngs=rngs,
                 )
                 for i in range(depth)
