@@ -18,6 +18,16 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>
 flags.DEFINE_bool("multiprocess", False, "Initialise JAX's multi-process runtime (multi-host).")
 
 
+def default_workdir(config_flag: str) -> str:
+    """runs/<config name>[_<config argument>]: 'configs/cifar100_tiny.py:decoder_depth=4' ->
+    'runs/cifar100_tiny_decoder_depth=4', so ablations never share a run directory."""
+    path, _, argument = config_flag.partition(".py:")
+    name = os.path.splitext(os.path.basename(path))[0]
+    if argument:
+        name += "_" + argument.replace(",", "_").replace("/", "-")
+    return os.path.join("runs", name)
+
+
 def run(library: str) -> None:
     """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`."""
     flags.mark_flags_as_required(["config"])
@@ -29,8 +39,7 @@ def run(library: str) -> None:
         from mae_jax import training
 
         training.maybe_initialize_distributed(FLAGS.multiprocess)
-        config_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
-        workdir = FLAGS.workdir or os.path.join("runs", config_name)
+        workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
         try:
             result = importlib.import_module(library).train_and_evaluate(FLAGS.config, workdir)
         except Exception:

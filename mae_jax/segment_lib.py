@@ -290,6 +290,10 @@ def train_and_evaluate(
     )
     evaluator = Evaluator(config, eval_graphdef, rng_state, mesh, num_classes, workdir, logger)
     if config.eval_only:
+        if not start_step:
+            print(f"WARNING: eval_only found no checkpoint in {workdir}: the UPerNet heads are "
+                  "untrained, so these metrics only check the pipeline. Point --workdir at a "
+                  "segment.py run to evaluate it.")
         results = evaluator(start_step, state)
         checkpointer.close()
         logger.close()

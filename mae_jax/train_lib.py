@@ -302,9 +302,11 @@ def train_and_evaluate(
         peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps,
         min_lr=config.min_lr,
     )
+    micro_batch = config.batch_size // config.grad_accum_steps
     print(f"{num_examples} training images, {lengths['steps_per_epoch']} steps/epoch, "
-          f"{total_steps} steps ({warmup_steps} warmup), peak lr {peak_lr:.3g}, "
-          f"global batch {config.batch_size} x {config.grad_accum_steps} accumulation step(s).")
+          f"{total_steps} steps ({warmup_steps} warmup), peak lr {peak_lr:.3g}, effective "
+          f"batch {config.batch_size} = {config.grad_accum_steps} micro-batch(es) of "
+          f"{micro_batch}.")
 
     # ----------------------------------------------------------------- Model and optimiser
     tx = create_tx(config, schedule)

@@ -354,7 +354,7 @@ def create_pretrain_iterator(
     if steps_per_epoch == 0:
         raise ValueError(
             f"{source} split {split!r} gives {records.count} example(s) per process, fewer than "
-            f"one local batch of {batch}; lower global_batch_size or use more data"
+            f"one local batch of {batch}; lower the batch size (config.batch_size) or use more data"
         )
     start_epoch, skip_batches = divmod(start_step, steps_per_epoch)
     base_seed = tf.random.experimental.stateless_fold_in(

@@ -55,27 +55,37 @@ def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of PyTorch's bilinear resampling along one axis (align_corners False):
+    source coordinate (dst + 0.5) * in / out - 0.5, clamped at 0, two nearest pixels."""
+    scale = in_size / out_size
+    source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    weight = source - low
+    matrix = np.zeros((out_size, in_size), np.float32)
+    np.add.at(matrix, (np.arange(out_size), low), 1.0 - weight)
+    np.add.at(matrix, (np.arange(out_size), high), weight)
+    return matrix
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """x: [..., H, W, C] -> [..., h, w, C]; equals torch `F.interpolate(mode="bilinear",
     align_corners=False)` when given `size`, for up- and down-sampling.
 
-    `jax.image.resize` antialiases when downsampling; PyTorch samples the two nearest pixels
-    (source coordinate (dst + 0.5) * in / out - 0.5, clamped at 0), which is what this gathers.
+    `jax.image.resize` antialiases when downsampling; PyTorch does not. Each axis is resampled
+    by a small dense matrix, so forward and backward are matrix products (a gather's gradient
+    would be a slow scatter-add on the large upsampled logits).
     """
     if x.ndim < 3:
         raise ValueError(f"resize_bilinear expects [..., H, W, C], got shape {x.shape}")
-    for axis, out_size in zip((x.ndim - 3, x.ndim - 2), size, strict=True):
-        in_size = x.shape[axis]
-        if in_size == out_size:
-            continue  # PyTorch's scale is then exactly 1: an identity
-        scale = in_size / out_size
-        source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-        low = np.minimum(np.floor(source).astype(np.int32), in_size - 1)
-        high = np.minimum(low + 1, in_size - 1)
-        weight_shape = [1] * x.ndim
-        weight_shape[axis] = out_size
-        weight = jnp.asarray((source - low).reshape(weight_shape), x.dtype)
-        x = jnp.take(x, low, axis=axis) * (1 - weight) + jnp.take(x, high, axis=axis) * weight
+    height, width = x.shape[-3], x.shape[-2]
+    if height != size[0]:  # PyTorch's scale is exactly 1 otherwise: an identity
+        rows = jnp.asarray(_bilinear_matrix(height, size[0]), x.dtype)
+        x = jnp.einsum("oh,...hwc->...owc", rows, x)
+    if width != size[1]:
+        cols = jnp.asarray(_bilinear_matrix(width, size[1]), x.dtype)
+        x = jnp.einsum("ow,...hwc->...hoc", cols, x)
     return x
 
 
