@@ -230,6 +230,12 @@ def train_and_evaluate(
     devices = list(devices or jax.devices())
     check_config(config, num_devices=len(devices), num_processes=jax.process_count())
     is_main = jax.process_index() == 0
+    if config.data.source == "ade20k":  # missing data fails (or is prepared) before any model work
+        from mae_jax.data.ade20k import load_ade20k_builder
+
+        load_ade20k_builder(
+            data_dir=config.data.data_dir or None, manual_dir=config.data.manual_dir or None
+        )
     num_classes = seg_input.num_seg_classes(
         config.data.source, num_classes=config.data.num_classes or None
     )

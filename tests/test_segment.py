@@ -341,3 +341,12 @@ def test_config_errors_are_reported_together():
     with pytest.raises(ValueError) as error:
         segment_lib.check_config(config, num_devices=4, num_processes=1)
     assert str(error.value).count("\n  - ") == 3
+
+
+def test_missing_ade20k_data_fails_fast_and_says_where_to_get_it(tmp_path):
+    config = segment_defaults()  # the published ViT-B recipe: nothing is built before the check
+    config.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match="sceneparsing.csail.mit.edu") as error:
+        segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert "scene_parse150" in str(error.value)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
