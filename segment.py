@@ -6,7 +6,7 @@ Re-running the same command resumes from the newest checkpoint in DIR (default r
 --config.eval_only=True evaluates without training. Add --multiprocess on multi-host jobs.
 """
 
-from mae_jax.entry import run
+from mae_jax.core.entry import run
 
 if __name__ == "__main__":
-    run("mae_jax.segment_lib")
+    run("mae_jax.segmentation.lib")

@@ -1,8 +1,9 @@
 """MAE pretraining step, JAX (mae_jax, the step train.py runs) vs the official PyTorch MAE.
 
 Both sides train the same architecture on the same synthetic batch, generated on the device:
-JAX runs `train_lib.make_train_step` jitted by `training.compile_step` (explicit shardings,
-donated state, AdamW from `train_lib.create_tx`); PyTorch runs `tests/torch_mae_reference.py`
+JAX runs the pretraining step (`mae_jax.core.step.make_train_step` with MAE's loss) jitted by
+`compile_step` (explicit shardings, donated state, AdamW from `mae_jax.pretrain.lib.create_tx`);
+PyTorch runs `mae_jax.reference.torch_mae`
 (a plain-torch copy of the official `models_mae.py`) with forward + backward + AdamW step, under
 bf16 autocast on CUDA when --dtype=bfloat16 (float32 on CPU, as the official code does).
 
@@ -22,24 +23,24 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
 # JAX must not grab 75% of the GPU up front: PyTorch shares the device in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mae_jax import config_defaults, optim, train_lib, training  # noqa: E402
-from mae_jax import sharding as sharding_lib  # noqa: E402
-from mae_jax.models.registry import VARIANTS, get_variant  # noqa: E402
+from mae_jax.core import config as core_config  # noqa: E402
+from mae_jax.core import optim  # noqa: E402
+from mae_jax.core import sharding as sharding_lib  # noqa: E402
+from mae_jax.core.state import TrainState, tree_size  # noqa: E402
+from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
+from mae_jax.models.registry import VARIANTS  # noqa: E402
+from mae_jax.pretrain import config as pretrain_config  # noqa: E402
+from mae_jax.pretrain import lib as pretrain_lib  # noqa: E402
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps after compile.")
     parser.add_argument("--frameworks", default="jax,torch", help="Comma list of jax, torch.")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
-    # Model overrides (0 = the variant's / the paper's decoder); tests use them to shrink.
+    # Model overrides (0 = not overridden: the variant's / the paper's decoder); tests shrink.
     parser.add_argument("--patch_size", type=int, default=0)
     parser.add_argument("--embed_dim", type=int, default=0)
     parser.add_argument("--depth", type=int, default=0)
@@ -75,14 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace):
     """train.py's config (the official recipe) with this run's model and batch."""
-    config = config_defaults.pretrain_defaults()
+    config = pretrain_config.defaults()
     config.model.variant = args.model
     config.model.image_size = args.image_size
     config.model.dtype = args.dtype
-    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
-        config.model[name] = getattr(args, name)
+    for name in core_config.ENCODER_FIELDS:
+        if getattr(args, name):
+            config.model[name] = getattr(args, name)
     decoder = {"decoder_depth": args.decoder_depth, "decoder_width": args.decoder_width}
-    config_defaults.apply_decoder_arg(
+    pretrain_config.apply_arg(
         config, ",".join(f"{k}={v}" for k, v in decoder.items() if v)
     )
     config.mask_ratio = args.mask_ratio
@@ -94,10 +96,7 @@ def build_config(args: argparse.Namespace):
 
 def model_dims(config) -> dict[str, int]:
     """Encoder and decoder sizes after overrides, shared by both frameworks."""
-    variant = get_variant(config.model.variant)
-    dims = {name: config.model[name] or getattr(variant, name)
-            for name in ("patch_size", "embed_dim", "depth", "num_heads")}
-    return dims | {name: config.model[name]
+    return core_config.encoder_dims(config.model) | {name: config.model[name]
                    for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
 
 
@@ -134,24 +133,24 @@ def summarize(region_seconds: list[float], steps: int, batch: int) -> dict[str, 
 def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args)
     devices = jax.devices()
-    train_lib.check_config(config, num_devices=len(devices), num_processes=1)
+    pretrain_config.check_config(config, num_devices=len(devices), num_processes=1)
     mesh = sharding_lib.create_mesh(data=-1, fsdp=1, devices=devices)
     schedule = optim.warmup_cosine_schedule(
-        peak_lr=train_lib.peak_learning_rate(config), warmup_steps=config.warmup_steps,
+        peak_lr=pretrain_lib.peak_learning_rate(config), warmup_steps=config.warmup_steps,
         total_steps=config.total_steps,
     )
-    tx = train_lib.create_tx(config, schedule)
+    tx = pretrain_lib.create_tx(config, schedule)
+    spec = pretrain_lib.model_spec(config.model)
     state, state_shardings = sharding_lib.create_sharded(
-        train_lib.initial_state_fn(config, tx), mesh
+        lambda: TrainState.create(spec.build(nnx.Rngs(config.seed)), tx,
+                                  rng_seed=config.seed + 1),
+        mesh,
     )
-    graphdef = nnx.split(
-        nnx.eval_shape(lambda: train_lib.build_model(config.model, seed=config.seed)),
-        nnx.Param, ...,
-    )[0]
-    step_fn = train_lib.make_train_step(
-        graphdef, tx, schedule, mask_ratio=config.mask_ratio, grad_accum_steps=1
+    graphdef = nnx.split(nnx.eval_shape(spec.build), nnx.Param, ...)[0]
+    step_fn = make_train_step(
+        graphdef, pretrain_lib.make_loss_fn(config.mask_ratio), tx, schedule
     )
-    train_step = training.compile_step(step_fn, state_shardings, mesh)
+    train_step = compile_step(step_fn, state_shardings, mesh)
 
     shape = (args.batch_size, args.image_size, args.image_size, 3)
     make_images = jax.jit(
@@ -198,7 +197,7 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         "compiles_after_first_call": recompiles,
         "jit_cache_size": cache_size,
         "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
-        "params": training.tree_size(state["params"]),
+        "params": tree_size(state.params),
         "loss": float(metrics["loss"]),
         "region_seconds": regions,
     }
@@ -210,8 +209,7 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
 def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from torch_mae_reference import MaskedAutoencoderViT
+    from mae_jax.reference.torch_mae import MaskedAutoencoderViT
 
     config = build_config(args)
     dims = model_dims(config)
@@ -232,7 +230,7 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         [{"params": no_decay, "weight_decay": 0.0},
          {"params": decay, "weight_decay": config.weight_decay}],
-        lr=train_lib.peak_learning_rate(config), betas=(config.b1, config.b2),
+        lr=pretrain_lib.peak_learning_rate(config), betas=(config.b1, config.b2),
     )
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 

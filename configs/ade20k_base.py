@@ -14,12 +14,12 @@ Prepare ADE20K once (ADEChallengeData2016.zip from http://sceneparsing.csail.mit
 Evaluate a finished run again: add --config.eval_only=True.
 """
 
-from mae_jax.config_defaults import segment_defaults
+from mae_jax.segmentation.config import defaults
 
 
 def get_config(arg=None):
     del arg
-    config = segment_defaults()
+    config = defaults()
     config.model.variant = "vit_base_patch16"
     config.model.dtype = "bfloat16"
     config.data.source = "ade20k"

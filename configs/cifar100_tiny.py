@@ -12,11 +12,11 @@ Machines without internet: build the dataset elsewhere (`tfds build cifar100 --d
 copy D here and add --config.data.data_dir=D.
 """
 
-from mae_jax.config_defaults import apply_decoder_arg, pretrain_defaults
+from mae_jax.pretrain.config import apply_arg, defaults
 
 
 def get_config(arg=None):
-    config = pretrain_defaults()
+    config = defaults()
     config.model.variant = "vit_tiny_patch16"
     config.model.image_size = 224
     config.data.source = "tfds:cifar100"
@@ -26,5 +26,5 @@ def get_config(arg=None):
     config.warmup_epochs = 40.0
     config.checkpoint_every_steps = 2000
     config.visualize_every_steps = 2000
-    apply_decoder_arg(config, arg)
+    apply_arg(config, arg)
     return config

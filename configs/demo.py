@@ -7,17 +7,13 @@ patch 4) with a 2-block decoder for 600 steps, and leaves reconstruction grids i
     python train.py --config=configs/demo.py --workdir=runs/demo
 """
 
-from mae_jax.config_defaults import apply_decoder_arg, pretrain_defaults
+from mae_jax.pretrain.config import apply_arg, defaults
 
 
 def get_config(arg=None):
-    config = pretrain_defaults()
-    config.model.variant = "vit_tiny_patch16"
+    config = defaults()
+    config.model.variant = "vit_micro_patch4"  # width 64, 4 blocks, 4 heads, patch 4
     config.model.image_size = 32
-    config.model.patch_size = 4
-    config.model.embed_dim = 64
-    config.model.depth = 4
-    config.model.num_heads = 4
     config.model.decoder_embed_dim = 64
     config.model.decoder_depth = 2
     config.model.decoder_num_heads = 4
@@ -32,5 +28,5 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 200
     config.visualize_every_steps = 200
     config.num_visualize_images = 8
-    apply_decoder_arg(config, arg)
+    apply_arg(config, arg)
     return config

@@ -11,18 +11,14 @@ To start from a demo MAE: --config.init_from=runs/demo (a train.py workdir of co
 which has the same encoder size).
 """
 
-from mae_jax.config_defaults import segment_defaults
+from mae_jax.segmentation.config import defaults
 
 
 def get_config(arg=None):
     del arg
-    config = segment_defaults()
-    config.model.variant = "vit_tiny_patch16"
+    config = defaults()
+    config.model.variant = "vit_micro_patch4"  # width 64, 4 blocks, 4 heads, patch 4
     config.model.image_size = 32
-    config.model.patch_size = 4
-    config.model.embed_dim = 64
-    config.model.depth = 4
-    config.model.num_heads = 4
     config.model.out_indices = (0, 1, 2, 3)
     config.model.drop_path_rate = 0.05
     config.model.channels = 64

@@ -88,18 +88,20 @@ def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
 
 
 def load_model(checkpoint: str, **overrides) -> MAE:
-    """An MAE from an official .pth/dict file or from a train.py workdir (latest checkpoint).
+    """An MAE from an official .pth file, a train.py workdir (newest checkpoint) or an export.
 
     overrides: for .pth files, model arguments the weights cannot tell (num_heads and
     decoder_num_heads of unnamed sizes, norm_pix_loss).
     """
-    if os.path.isdir(checkpoint):
-        from mae_jax.train_lib import load_pretrained_model
+    from mae_jax.weights.load import load_model as load
 
-        return load_pretrained_model(checkpoint)
-    from mae_jax.convert import load_official
-
-    return load_official(checkpoint, model="mae", **overrides)
+    model = load(checkpoint, model="mae", **overrides)
+    if not isinstance(model, MAE):
+        raise ValueError(
+            f"{checkpoint} holds a {type(model).__name__}, not an MAE with its decoder: "
+            "reconstructions need a full MAE (a train.py run or an mae_visualize_*.pth)."
+        )
+    return model
 
 
 def render(

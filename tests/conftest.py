@@ -7,3 +7,100 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mae_jax.core.run_logging import read_metrics  # noqa: E402
+from mae_jax.pretrain import config as pretrain_config  # noqa: E402
+from mae_jax.segmentation import config as segmentation_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def set_fields(config, changes):
+    """config with dotted-key changes applied: {"model.image_size": 16, "lr": 1e-3}."""
+    for key, value in changes.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def tiny_pretrain_config(**changes):
+    """A 16x16 MAE (2 blocks of width 32, patch 4, 1-block decoder) on 32 generated images."""
+    config = pretrain_config.defaults()
+    config.model.update(
+        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
+        num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+    )
+    config.data.update(source="generated:32", generated_size=16, shuffle_buffer_size=64)
+    config.update(
+        batch_size=8, lr=1e-3, total_steps=6, warmup_steps=2, log_every_steps=2,
+        checkpoint_every_steps=3, visualize_every_steps=3, num_visualize_images=2,
+        export_encoder=False, tensorboard=False,
+    )
+    return set_fields(config, changes)
+
+
+def tiny_segmentation_config(**changes):
+    """A 16x16 ViT (2 blocks feeding the 4 levels twice) + 16-channel UPerNet, 4 classes."""
+    config = segmentation_config.defaults()
+    config.model.update(
+        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
+        num_heads=2, out_indices=(0, 1, 0, 1), channels=16, aux_channels=16,
+    )
+    config.data.update(
+        source="synthetic", num_classes=4, scene_size=24, num_examples=16, scale=(24, 24),
+        eval_limit=2,
+    )
+    config.mesh.update(data=1, fsdp=1)
+    config.update(
+        batch_size=4, lr=1e-3, total_steps=6, warmup_steps=2, log_every_steps=2,
+        checkpoint_every_steps=3, eval_every_steps=6, eval_window=16, eval_stride=8,
+        num_pictures=2, tensorboard=False,
+    )
+    return set_fields(config, changes)
+
+
+def load_config_file(name, arg=None):
+    """configs/<name>.py's get_config(arg)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def losses_of(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+
+def params_of(workdir, step=None):
+    """The trained parameters of a run directory, as nested dicts of numpy arrays."""
+    from mae_jax.weights.load import load_model
+
+    model = load_model(str(workdir), step=step)
+    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+
+
+@pytest.fixture(scope="module")
+def shared_compilations(tmp_path_factory):
+    """Tests of one module that compile the same tiny model again (resume, eval-only,
+    init_from): a persistent compilation cache, private to the module, makes repeats file reads."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {key: getattr(jax.config, key) for key in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    yield
+    for key, value in before.items():
+        jax.config.update(key, value)
+    compilation_cache.reset_cache()

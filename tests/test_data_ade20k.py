@@ -189,7 +189,7 @@ def test_train_iterator_gives_each_process_its_own_share():
     second = next(_synthetic_iterator(process_index=1, process_count=2))
     assert first["image"].shape == (2, 32, 32, 3)
     assert not np.array_equal(first["image"], second["image"])
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="multiple of the 2 processes"):
         _synthetic_iterator(global_batch_size=3, process_index=0, process_count=2)
 
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from mae_jax.entry import default_workdir
+from mae_jax.core.entry import default_workdir
 
 
 def test_config_arguments_get_their_own_default_workdir():

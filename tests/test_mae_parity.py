@@ -4,7 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_mae_reference import (
+
+import mae_jax
+from mae_jax.models.mae import random_masking
+from mae_jax.reference.torch_mae import (
     MaskedAutoencoderViT,
     build_mae,
     interpolate_pos_embed,
@@ -12,9 +15,6 @@ from torch_mae_reference import (
     official_state_dict,
     randomize_,
 )
-
-import mae_jax
-from mae_jax.models.mae import random_masking
 
 ATOL = 1e-5
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import run_logging
+from mae_jax.core import run_logging
 
 
 def read_lines(workdir):

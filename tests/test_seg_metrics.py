@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import seg_metrics
+from mae_jax.segmentation import metrics as seg_metrics
 
 NUM_CLASSES = 6
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from mae_jax import sharding
+from mae_jax.core import sharding
 
 
 def test_four_simulated_devices_are_available():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mae_jax import sliding_window
+from mae_jax.segmentation import sliding_window
 
 CLASSES = 5
 

@@ -1,10 +1,11 @@
-"""Checks that the plain-PyTorch MAE reference behaves like the official code (see REFERENCE.md)."""
+"""Checks that the plain-PyTorch MAE reference behaves like the official `models_mae.py`."""
 
 import numpy as np
 import pytest
 import torch
-import torch_mae_reference as ref
 from torch import nn
+
+from mae_jax.reference import torch_mae as ref
 
 
 def tiny_mae(img_size=32, **overrides):

@@ -1,15 +1,17 @@
 """UPerNet head: resize / pooling primitives, parity with the plain-torch mmseg copy, loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_upernet_reference as ref
 from flax import nnx
 
 from mae_jax.models import upernet
+from mae_jax.reference import torch_upernet as ref
 
 EMBED, CHANNELS, AUX_CHANNELS, CLASSES = 32, 32, 16, 7
 
@@ -84,9 +86,9 @@ def flax_heads_from(torch_model, dropout=0.1):
     return heads
 
 
-@nnx.jit
-def run(model, features):
-    return model(features)  # jitted: eager op-by-op dispatch is many times slower on CPU
+@functools.partial(nnx.jit, static_argnames="train")
+def run(model, features, train=False):
+    return model(features, train=train)  # jitted: eager op-by-op dispatch is much slower
 
 
 def random_features(batch=2, size=8):
@@ -97,16 +99,15 @@ def random_features(batch=2, size=8):
 def test_neck_shapes_follow_the_four_scales():
     neck = upernet.MultiScaleNeck(embed_dim=EMBED, rngs=nnx.Rngs(0))
     features = [jnp.asarray(f) for f in random_features(batch=1, size=8)]
-    shapes = [p.shape for p in run(neck, features)]
+    shapes = [p.shape for p in run(neck, features, train=False)]
     assert shapes == [(1, 32, 32, EMBED), (1, 16, 16, EMBED), (1, 8, 8, EMBED), (1, 4, 4, EMBED)]
     with pytest.raises(ValueError, match="4 feature maps"):
-        neck(features[:3])
+        neck(features[:3], train=False)
 
 
 def test_eval_mode_matches_torch_reference():
     torch_model = randomized_torch_heads().eval()
     heads = flax_heads_from(torch_model)
-    heads.eval()
     features = random_features()
     with torch.no_grad():
         want, want_aux = torch_model([nchw(f) for f in features])
@@ -120,11 +121,10 @@ def test_train_mode_batch_norm_matches_torch_reference():
     # dropout 0 so that train mode differs from eval only by BatchNorm's batch statistics.
     torch_model = randomized_torch_heads(dropout=0.0).train()
     heads = flax_heads_from(torch_model, dropout=0.0)
-    heads.train()
     features = random_features(batch=3)
     old_var = torch_model.decode_head.fpn_bottleneck.bn.running_var.clone().numpy()
     want, want_aux = torch_model([nchw(f) for f in features])
-    got, got_aux = run(heads, [jnp.asarray(f) for f in features])
+    got, got_aux = run(heads, [jnp.asarray(f) for f in features], train=True)
     np.testing.assert_allclose(got, nhwc(want.detach()), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(got_aux, nhwc(want_aux.detach()), atol=1e-4, rtol=1e-4)
     # Running means move as PyTorch's (momentum 0.1); running variances differ only by PyTorch's
@@ -148,13 +148,18 @@ def test_dropout_is_channelwise_in_train_and_off_in_eval():
         rngs=nnx.Rngs(0),
     )
     x = jnp.ones((2, 4, 4, CHANNELS))
-    dropped = heads.decode_head.classifier.dropout(x)
+    classifier = heads.decode_head.classifier
+    dropped = classifier.dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
     # Dropout2d: a channel is either zeroed at every pixel or kept (scaled) at every pixel.
     per_channel = dropped.reshape(2, 16, CHANNELS)
     assert jnp.all(per_channel == per_channel[:, :1])
     assert jnp.any(per_channel == 0) and jnp.any(per_channel == 2.0)
-    heads.eval()
-    assert jnp.array_equal(heads.decode_head.classifier.dropout(x), x)
+    # The randomness is the call's: the same key drops the same channels.
+    again = classifier.dropout(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    assert jnp.array_equal(dropped, again)
+    # Evaluation (train=False) never drops, with or without rngs.
+    evaluated = classifier(x, train=False, rngs=nnx.Rngs(dropout=1))
+    assert jnp.array_equal(evaluated, classifier.conv_seg(x))
 
 
 def test_classifier_init_is_small_normal_with_zero_bias():

@@ -45,13 +45,15 @@ def test_zero_initialised_bias_and_unit_layer_scale_leave_the_encoder_unchanged(
     )
 
 
-def test_drop_path_drops_whole_samples_in_training_only():
-    block = Block(dim=8, num_heads=2, drop_path=0.5, rngs=nnx.Rngs(params=0, dropout=1))
+def test_drop_path_drops_whole_samples_only_when_given_rngs():
+    block = Block(dim=8, num_heads=2, drop_path=0.5, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(4), (256, 3, 8))
-    block.eval()
-    np.testing.assert_array_equal(block(x), block(x))
-    block.train()
-    residual_only = block.drop_path(jnp.ones((256, 3, 8)))
+    np.testing.assert_array_equal(block(x), block(x))  # no rngs: deterministic
+    # The randomness is the call's own: the same key gives the same draw.
+    np.testing.assert_array_equal(block(x, rngs=nnx.Rngs(dropout=1)),
+                                  block(x, rngs=nnx.Rngs(dropout=1)))
+    assert not np.array_equal(block(x, rngs=nnx.Rngs(dropout=1)), block(x))
+    residual_only = block.drop_path(jnp.ones((256, 3, 8)), rngs=nnx.Rngs(dropout=1))
     kept = np.asarray(residual_only[:, 0, 0]) > 0
     assert 0.3 < kept.mean() < 0.7  # about half the samples keep their branch
     np.testing.assert_allclose(np.asarray(residual_only)[kept], 2.0)  # rescaled by 1 / keep

@@ -49,3 +49,18 @@ def write_generated_images(folder: str, *, count: int, size: int = 64, seed: int
         Image.fromarray(generate_image(rng, size)).save(os.path.join(folder, f"{index:06d}.png"))
     open(marker, "w").close()
     return folder
+
+
+def resolve_source(data_config, workdir: str, *, seed: int) -> str:
+    """`generated:N` (the demo's offline data) -> a folder of N generated images in workdir;
+    any other source string as it is."""
+    source = data_config.source
+    if not source.startswith("generated:"):
+        return source
+    count = source.split(":", 1)[1]
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"data.source {source!r}: use generated:N with N >= 1 images.")
+    folder = os.path.join(workdir, "generated_images")
+    write_generated_images(folder, count=int(count), size=data_config.get("generated_size", 64),
+                           seed=seed)
+    return f"folder:{folder}"

@@ -1,16 +1,14 @@
 """Segmentation input pipelines: ADE20K or synthetic scenes -> normalised numpy batches.
 
-Train batches come from an infinite, per-process stream. Element i of a process's stream is
-(epoch e = i // N, position i % N) of that process's shard, epochs shuffled with a seed derived
-from (seed, process, e), and its augmentation seeded by (seed, process, i) through stateless ops.
-So `start_step=k` rebuilds exactly the stream a fresh iterator has after k batches, skipping
-only undecoded records of the current epoch.
+Train batches come from the shared resumable stream of `mae_jax.data.stream` (batch k depends
+only on (seed, process, k)); each example's augmentation is seeded by it through stateless ops.
 """
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mae_jax.data import ade20k, seg_transforms, synthetic_scenes
+from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
 ADE20K_NUM_CLASSES = 150
 # Synthetic defaults: enough variety for a demo, fast to generate (about 10 ms a 64x64 scene).
@@ -111,17 +109,6 @@ def _split_records(
     return tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64)), len(indices), decode
 
 
-def _process(process_index, process_count):
-    if process_index is None or process_count is None:
-        import jax  # only when the caller did not say which process this is
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-    return process_index, process_count
-
-
 def create_seg_train_iterator(
     *,
     source,
@@ -152,13 +139,8 @@ def create_seg_train_iterator(
     (255 = ignore)} with B = global_batch_size / process_count. start_step=k yields what a fresh
     iterator yields from its k-th batch on.
     """
-    process_index, process_count = _process(process_index, process_count)
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by process_count="
-            f"{process_count}; pick a multiple so every process gets the same batch."
-        )
-    local_batch = global_batch_size // process_count
+    process_index, process_count = check_process(process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_count)
     records, size, decode = _split_records(
         source,
         "train",
@@ -172,24 +154,18 @@ def create_seg_train_iterator(
         process_count=process_count,
         drop_remainder=True,
     )
-    if size == 0:
-        raise ValueError(f"No training examples for process {process_index} of {process_count}.")
-    stream_seed = tf.constant([seed, process_index], tf.int64)
-    first_example = start_step * local_batch
-    first_epoch = first_example // size
+    stream = shuffled_stream(
+        records, num_records=size, batch_size=local_batch, seed=seed,
+        process_index=process_index, start_step=start_step,
+        shuffle_buffer_size=shuffle_buffer, what=f"{source} training split",
+    )
 
-    def epoch(epoch_index):
-        shuffle_seed = tf.random.experimental.stateless_fold_in(stream_seed, epoch_index)[0]
-        # An op seed makes the order reproducible (tf.random.set_seed, if called, also enters it).
-        shuffled = records.shuffle(min(size, shuffle_buffer), seed=shuffle_seed)
-        return shuffled.enumerate(start=epoch_index * size)
-
-    def transform(stream_index, record):
+    def transform(example_seed, record):
         example = decode(record)
         image, label = seg_transforms.train_transform(
             example["image"],
             example["label"],
-            seed=tf.random.experimental.stateless_fold_in(stream_seed, stream_index),
+            seed=example_seed,
             crop_size=crop_size,
             scale=scale,
             ratio_range=ratio_range,
@@ -200,10 +176,7 @@ def create_seg_train_iterator(
         return {"image": image, "label": label}
 
     dataset = (
-        tf.data.Dataset.range(first_epoch, 2**62)
-        .flat_map(epoch)
-        .skip(first_example - first_epoch * size)
-        .map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(local_batch, drop_remainder=True)
         .prefetch(2)
     )

@@ -12,9 +12,12 @@ The image stays uint8 until Normalize, as in mmseg, where OpenCV rounds after ev
 
 import tensorflow as tf
 
+from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
+
 IGNORE_INDEX = 255
-MEAN_RGB = (123.675, 116.28, 103.53)
-STD_RGB = (58.395, 57.12, 57.375)
+# mmseg's Normalize on 0-255 pixels: the ImageNet statistics times 255.
+MEAN_RGB = tuple(255.0 * m for m in IMAGENET_MEAN)
+STD_RGB = tuple(255.0 * s for s in IMAGENET_STD)
 
 
 def reduce_zero_label(label: tf.Tensor) -> tf.Tensor:

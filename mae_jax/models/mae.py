@@ -6,6 +6,7 @@ One method per idea, as in the official `models_mae.py`: `patchify`, `random_mas
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,22 +24,20 @@ from mae_jax.models.vit import (
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     """images: [N, H, W, C] -> [N, L, P*P*C], feature index (row*P + col)*C + channel."""
-    n, height, width, channels = images.shape
-    h, w = height // patch_size, width // patch_size
-    x = images.reshape(n, h, patch_size, w, patch_size, channels)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h * w, patch_size * patch_size * channels)
+    return einops.rearrange(
+        images, "n (h p) (w q) c -> n (h w) (p q c)", p=patch_size, q=patch_size
+    )
 
 
 def unpatchify(
     patches: jax.Array, patch_size: int, grid_size: tuple[int, int], channels: int = 3
 ) -> jax.Array:
     """patches: [N, L, P*P*C] -> images [N, H, W, C] (inverse of `patchify`)."""
-    n = patches.shape[0]
     h, w = grid_size
-    x = patches.reshape(n, h, w, patch_size, patch_size, channels)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h * patch_size, w * patch_size, channels)
+    return einops.rearrange(
+        patches, "n (h w) (p q c) -> n (h p) (w q) c", h=h, w=w, p=patch_size, q=patch_size,
+        c=channels,
+    )
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:

@@ -25,6 +25,8 @@ VARIANTS: dict[str, Variant] = {
     "vit_large_patch16": Variant(1024, 24, 16, 16),
     "vit_huge_patch14": Variant(1280, 32, 16, 14),
     "vit_huge_patch16": Variant(1280, 32, 16, 16),
+    # Not an official size: the offline demos (configs/demo.py, configs/seg_demo.py) use it.
+    "vit_micro_patch4": Variant(64, 4, 4, 4),
 }
 
 # The official decoder (the paper's default): width 512, depth 8, 16 heads.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,12 +43,7 @@ class MAESegmenter(nnx.Module):
     ):
         if len(out_indices) != 4:
             raise ValueError(f"UPerNet needs 4 backbone levels, got out_indices={out_indices}.")
-        variant_kwargs = {
-            "patch_size": get_variant(variant).patch_size,
-            "embed_dim": get_variant(variant).embed_dim,
-            "depth": get_variant(variant).depth,
-            "num_heads": get_variant(variant).num_heads,
-        } | encoder_overrides
+        variant_kwargs = dict(vars(get_variant(variant))) | encoder_overrides
         self.out_indices = tuple(out_indices)
         self.backbone = ViTEncoder(
             image_size=image_size,
@@ -75,11 +71,22 @@ class MAESegmenter(nnx.Module):
             rngs=rngs,
         )
 
-    def features(self, images: jax.Array) -> list[jax.Array]:
+    def features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
         """images [N, H, W, 3] -> 4 maps [N, H/P, W/P, D] from the chosen blocks."""
-        out = self.backbone(images, apply_norm=False, return_blocks=self.out_indices)
+        out = self.backbone(
+            images, apply_norm=False, return_blocks=self.out_indices, rngs=rngs
+        )
         height, width = self.backbone.grid_size
-        return [x.reshape(x.shape[0], height, width, x.shape[-1]) for x in out["blocks"]]
+        return [
+            einops.rearrange(x, "n (h w) d -> n h w d", h=height, w=width) for x in out["blocks"]
+        ]
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.heads(self.features(images))
+    def __call__(
+        self, images: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """train=True: drop path, dropout (randomness from `rngs`, a "dropout" stream) and
+        batch statistics; False (evaluation): none of them, running statistics."""
+        if train and rngs is None:
+            raise ValueError("Training mode needs rngs with a 'dropout' stream.")
+        rngs = rngs if train else None
+        return self.heads(self.features(images, rngs=rngs), train=train, rngs=rngs)

@@ -4,10 +4,9 @@ Pieces, as in mmseg: `MultiScaleNeck` (mmseg's `Feature2Pyramid`) turns four 1/1
 1/4, 1/8, 1/16 and 1/32 maps; `UPerHead` (pyramid pooling + FPN) predicts logits at 1/4;
 `FCNHead` is the auxiliary head on level 2. `UPerNetHeads` bundles the three.
 
-Train/eval: every BatchNorm and Dropout follows Flax NNX's mode switch, so `heads.train()` uses
-batch statistics and live dropout and `heads.eval()` running statistics and no dropout (NNX sets
-`use_running_average` / `deterministic` on every submodule). Modules start in train mode.
-Dropout needs an `rngs` stream named "dropout" (the `rngs` given to the constructor).
+Train/eval is an argument of every call, not module state: `train=True` uses batch statistics
+(and updates the running ones) and live dropout, whose randomness comes from the `rngs` passed
+to the same call (a "dropout" stream); `train=False` uses running statistics and no dropout.
 
 Batch norm is global across devices without an `axis_name`: inside a jitted step over a batch
 sharded on the data axis, the batch mean is an ordinary reduction over the whole (global) array
@@ -128,9 +127,9 @@ class ConvBNReLU(nnx.Module):
         )
         self.bn = batch_norm(out_channels, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         """x: [B, H, W, in_channels] -> [B, H, W, out_channels]."""
-        return jax.nn.relu(self.bn(self.conv(x)))
+        return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
 
 
 def _deconv2x(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.ConvTranspose:
@@ -156,12 +155,13 @@ class MultiScaleNeck(nnx.Module):
         self.up4_deconv2 = _deconv2x(embed_dim, dtype=dtype, rngs=rngs)
         self.up2_deconv = _deconv2x(embed_dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
+    def __call__(self, features: Sequence[jax.Array], *, train: bool) -> list[jax.Array]:
         """features: 4 x [B, h, w, D] -> [B, 4h, 4w, D], [B, 2h, 2w, D], [B, h, w, D],
         [B, h/2, w/2, D] (floor, as MaxPool2d(2))."""
         if len(features) != 4:
             raise ValueError(f"MultiScaleNeck needs 4 feature maps, got {len(features)}")
-        x4 = jax.nn.gelu(self.up4_norm(self.up4_deconv1(features[0])), approximate=False)
+        x4 = self.up4_norm(self.up4_deconv1(features[0]), use_running_average=not train)
+        x4 = jax.nn.gelu(x4, approximate=False)
         x4 = self.up4_deconv2(x4)
         x2 = self.up2_deconv(features[1])
         half = nnx.max_pool(features[3], window_shape=(2, 2), strides=(2, 2), padding="VALID")
@@ -184,11 +184,11 @@ class PyramidPoolingModule(nnx.Module):
         conv = partial(ConvBNReLU, in_channels=in_channels, out_channels=channels, dtype=dtype)
         self.convs = nnx.List([conv(kernel_size=1, rngs=rngs) for _ in self.pool_scales])
 
-    def __call__(self, x: jax.Array) -> list[jax.Array]:
+    def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
         """x: [B, H, W, in_channels] -> one [B, H, W, channels] per pool scale."""
         size = x.shape[1:3]
         return [
-            resize_bilinear(conv(adaptive_avg_pool2d(x, scale)), size)
+            resize_bilinear(conv(adaptive_avg_pool2d(x, scale), train=train), size)
             for scale, conv in zip(self.pool_scales, self.convs, strict=True)
         ]
 
@@ -198,7 +198,7 @@ class ClassifierHead(nnx.Module):
 
     def __init__(self, *, channels: int, num_classes: int, dropout: float, dtype, rngs: nnx.Rngs):
         # NHWC: broadcasting the mask over H and W drops whole channels, like nn.Dropout2d.
-        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2))
         self.conv_seg = nnx.Conv(
             channels,
             num_classes,
@@ -209,8 +209,8 @@ class ClassifierHead(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv_seg(self.dropout(x))
+    def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+        return self.conv_seg(self.dropout(x, deterministic=not train, rngs=rngs))
 
 
 class UPerHead(nnx.Module):
@@ -249,25 +249,31 @@ class UPerHead(nnx.Module):
             channels=channels, num_classes=num_classes, dropout=dropout, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    def __call__(
+        self, features: Sequence[jax.Array], *, train: bool, rngs: nnx.Rngs | None
+    ) -> jax.Array:
         """features: [B, H_i, W_i, in_channels[i]], finest first -> logits [B, H_0, W_0, K]."""
         if len(features) != len(self.lateral_convs) + 1:
             raise ValueError(
                 f"UPerHead was built for {len(self.lateral_convs) + 1} levels, got {len(features)}"
             )
         top = features[-1]
-        top = self.bottleneck(jnp.concatenate([top, *self.psp_modules(top)], axis=-1))
-        laterals = [conv(x) for conv, x in zip(self.lateral_convs, features, strict=False)]
+        pooled = self.psp_modules(top, train=train)
+        top = self.bottleneck(jnp.concatenate([top, *pooled], axis=-1), train=train)
+        laterals = [
+            conv(x, train=train) for conv, x in zip(self.lateral_convs, features, strict=False)
+        ]
         laterals.append(top)
         for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse maps added into finer ones
             laterals[i - 1] = laterals[i - 1] + resize_bilinear(
                 laterals[i], laterals[i - 1].shape[1:3]
             )
-        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals, strict=False)]
+        outs = [conv(x, train=train) for conv, x in zip(self.fpn_convs, laterals, strict=False)]
         outs.append(laterals[-1])
         size = outs[0].shape[1:3]
         outs = [outs[0]] + [resize_bilinear(x, size) for x in outs[1:]]
-        return self.classifier(self.fpn_bottleneck(jnp.concatenate(outs, axis=-1)))
+        fused = self.fpn_bottleneck(jnp.concatenate(outs, axis=-1), train=train)
+        return self.classifier(fused, train=train, rngs=rngs)
 
 
 class FCNHead(nnx.Module):
@@ -290,9 +296,9 @@ class FCNHead(nnx.Module):
             channels=channels, num_classes=num_classes, dropout=dropout, dtype=dtype, rngs=rngs
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
         """x: [B, H, W, in_channels] -> logits [B, H, W, num_classes]."""
-        return self.classifier(self.conv(x))
+        return self.classifier(self.conv(x, train=train), train=train, rngs=rngs)
 
 
 class UPerNetHeads(nnx.Module):
@@ -331,11 +337,18 @@ class UPerNetHeads(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, features: Sequence[jax.Array], *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """features: 4 x [B, h, w, D] ViT maps at 1/16 ->
-        (logits [B, 4h, 4w, K] at 1/4, auxiliary logits [B, h, w, K] at 1/16)."""
-        pyramid = self.neck(features)
-        return self.decode_head(pyramid), self.auxiliary_head(pyramid[self.aux_level])
+        (logits [B, 4h, 4w, K] at 1/4, auxiliary logits [B, h, w, K] at 1/16).
+
+        train: batch statistics and dropout (needs `rngs` with a "dropout" stream when the
+        dropout rate is positive); False: running statistics, no dropout.
+        """
+        pyramid = self.neck(features, train=train)
+        logits = self.decode_head(pyramid, train=train, rngs=rngs)
+        return logits, self.auxiliary_head(pyramid[self.aux_level], train=train, rngs=rngs)
 
 
 def segmentation_loss(

@@ -154,21 +154,17 @@ class Mlp(nnx.Module):
 
 
 class DropPath(nnx.Module):
-    """Stochastic depth per sample; inactive when `deterministic` (set by `model.eval()`)."""
+    """Stochastic depth per sample, active only when the call gets `rngs` (a "dropout" stream)."""
 
-    def __init__(self, rate: float, *, rngs: nnx.Rngs | None):
+    def __init__(self, rate: float):
         self.rate = rate
-        self.deterministic = False
-        if rate > 0 and rngs is None:
-            raise ValueError("DropPath with a positive rate needs rngs with a 'dropout' stream.")
-        self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.rate == 0.0 or self.deterministic:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.rate == 0.0 or rngs is None:
             return x
         keep = 1.0 - self.rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep_mask = jax.random.bernoulli(self.rngs(), keep, shape)
+        keep_mask = jax.random.bernoulli(rngs.dropout(), keep, shape)
         return jnp.where(keep_mask, x / keep, 0).astype(x.dtype)
 
 
@@ -199,23 +195,29 @@ class Block(nnx.Module):
         )
         self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
-        self.drop_path = DropPath(drop_path, rngs=rngs)
+        self.drop_path = DropPath(drop_path)
         if layer_scale_init is not None:
             self.gamma_1 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
             self.gamma_2 = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def __call__(self, x: jax.Array, *, attention_bias: jax.Array | None = None) -> jax.Array:
-        """x: [N, T, D] -> [N, T, D]."""
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        attention_bias: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """x: [N, T, D] -> [N, T, D]; `rngs` (a "dropout" stream) turns drop path on."""
         h = self.attn(self.norm1(x), bias=attention_bias)
         if self.gamma_1 is not None:
             h = h * self.gamma_1[...].astype(h.dtype)
-        x = x + self.drop_path(h)
+        x = x + self.drop_path(h, rngs=rngs)
         h = self.mlp(self.norm2(x))
         if self.gamma_2 is not None:
             h = h * self.gamma_2[...].astype(h.dtype)
-        return x + self.drop_path(h)
+        return x + self.drop_path(h, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -334,12 +336,13 @@ class ViTEncoder(nnx.Module):
         apply_norm: bool = True,
         return_blocks: Sequence[int] = (),
         attention_bias_fn=None,
+        rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, list[jax.Array]]:
         """tokens: [N, K, D] (any subset of `embed`'s output) -> ([N, 1 + K, D], block outputs).
 
         The cls token (with its zero position) is prepended here, after any masking.
         `return_blocks` lists block indices whose outputs ([N, 1 + K, D], before any final
-        norm) are returned, in that order.
+        norm) are returned, in that order. `rngs` (a "dropout" stream) turns drop path on.
         """
         cls = self.cls_token[...] + self.pos_embed[...][:, :1]
         cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
@@ -351,7 +354,7 @@ class ViTEncoder(nnx.Module):
         outputs = {}
         bias = attention_bias_fn() if attention_bias_fn is not None else None
         for index, block in enumerate(self.blocks):
-            x = block(x, attention_bias=bias)
+            x = block(x, attention_bias=bias, rngs=rngs)
             if index in wanted:
                 outputs[index] = x
         if apply_norm:
@@ -359,15 +362,21 @@ class ViTEncoder(nnx.Module):
         return x, [outputs[index % self.depth] for index in return_blocks]
 
     def __call__(
-        self, images: jax.Array, *, apply_norm: bool = True, return_blocks: Sequence[int] = ()
+        self,
+        images: jax.Array,
+        *,
+        apply_norm: bool = True,
+        return_blocks: Sequence[int] = (),
+        rngs: nnx.Rngs | None = None,
     ) -> dict[str, jax.Array | list[jax.Array]]:
         """Encoder-only forward on all patches.
 
         images: [N, H, W, C] -> {"cls": [N, D], "patches": [N, L, D],
         "blocks": list of [N, L, D] patch tokens of the chosen blocks (before the final norm)}.
+        `rngs` (a "dropout" stream) turns drop path on; without it the forward is deterministic.
         """
         x, block_outputs = self.encode(
-            self.embed(images), apply_norm=apply_norm, return_blocks=return_blocks
+            self.embed(images), apply_norm=apply_norm, return_blocks=return_blocks, rngs=rngs
         )
         return {
             "cls": x[:, 0],

@@ -230,6 +230,7 @@ def load_official(
     *,
     model: str = "auto",
     variant: str | None = None,
+    known: Mapping | None = None,
     rngs: nnx.Rngs | None = None,
     **overrides,
 ) -> MAE | ViTEncoder:
@@ -237,11 +238,13 @@ def load_official(
 
     model: "auto" (MAE when the file has a decoder, else the encoder alone), "mae" or
     "encoder". variant: optional registry name the file must match (error otherwise).
+    known: model arguments a file format records beside the weights (a Hugging Face
+    config.json), preferred to what the shapes tell.
     overrides: any model argument, e.g. image_size=256 (position embeddings are interpolated),
     norm_pix_loss=True, dtype=jnp.bfloat16, num_heads for unnamed widths.
     """
     state_dict = read_state_dict(path_or_state_dict)
-    config = infer_config(state_dict)
+    config = infer_config(state_dict) | dict(known or {})
     if variant is not None:
         want = VARIANTS.get(variant)
         if want is None:

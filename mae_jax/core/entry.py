@@ -36,9 +36,12 @@ def run(library: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-        from mae_jax import training
+        if FLAGS.multiprocess:
+            # One process per host; the coordinator comes from the environment (SLURM,
+            # Open MPI, TPU pods).
+            import jax
 
-        training.maybe_initialize_distributed(FLAGS.multiprocess)
+            jax.distributed.initialize()
         workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
         try:
             result = importlib.import_module(library).train_and_evaluate(FLAGS.config, workdir)

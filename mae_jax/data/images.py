@@ -1,4 +1,4 @@
-"""MAE pretraining input pipeline (tf.data): deterministic, resumable, sharded per process.
+"""Image datasets for pretraining (tf.data): deterministic, resumable, sharded per process.
 
 Sources are strings:
   * ``"tfds:NAME"``: any TFDS image dataset; NAME is passed to ``tfds.builder`` as is, so it may
@@ -8,12 +8,8 @@ Sources are strings:
   * ``"folder:/path/to/images"``: every .jpg/.jpeg/.png below the folder (recursive, any case);
     ``split`` is ignored (the folder is the split).
 
-Determinism and resumption: epoch ``e`` is the process's shard shuffled with a seed derived from
-(seed, process, e) and cut to a whole number of batches; each example's crop and flip come from
-stateless random ops seeded by (seed, process, e, position in epoch). Batch ``k`` therefore depends
-only on (seed, k), so ``start_step=k`` skips ``k // steps_per_epoch`` epochs arithmetically and
-``k % steps_per_epoch`` batches of raw records (before decoding), and yields exactly the batches a
-fresh iterator yields from its k-th batch on.
+Determinism and resumption: the shared stream of `mae_jax.data.stream` (batch ``k`` depends only
+on (seed, process, k)); each example's crop and flip come from stateless ops seeded by it.
 
 Corrupt folder images: a validation pass at start-up opens every file with PIL (header + ``verify``,
 no pixel decoding), skips the unreadable ones and logs their count with examples. Files that pass
@@ -33,6 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
 try:  # Keep TensorFlow off accelerators: JAX owns them.
     tf.config.set_visible_devices([], "GPU")
@@ -334,51 +331,16 @@ def create_pretrain_iterator(
     per-epoch shuffle (a full shuffle when the shard is smaller); it holds encoded records.
     Defaults for the process arguments come from jax.process_index() / jax.process_count().
     """
-    if process_index is None or process_count is None:
-        import jax  # lazily: only the defaults need it
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by process_count "
-            f"{process_count}; choose a batch size that is a multiple of the number of processes"
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if start_step < 0 or image_size <= 0 or global_batch_size <= 0:
-        raise ValueError("start_step must be >= 0, image_size and global_batch_size > 0")
-    batch = global_batch_size // process_count
+    process_index, process_count = check_process(process_index, process_count)
+    batch = local_batch_size(global_batch_size, process_count)
+    if image_size <= 0:
+        raise ValueError(f"image_size must be > 0, got {image_size}.")
     records = _local_records(source, data_dir, split, process_index, process_count, download)
-    steps_per_epoch = records.count // batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{source} split {split!r} gives {records.count} example(s) per process, fewer than "
-            f"one local batch of {batch}; lower the batch size (config.batch_size) or use more data"
-        )
-    start_epoch, skip_batches = divmod(start_step, steps_per_epoch)
-    base_seed = tf.random.experimental.stateless_fold_in(
-        tf.constant([seed, 0], tf.int64), process_index
+    ds = shuffled_stream(
+        records.records, num_records=records.count, batch_size=batch, seed=seed,
+        process_index=process_index, start_step=start_step,
+        shuffle_buffer_size=shuffle_buffer_size, what=f"{source} split {split!r}",
     )
-    buffer = max(1, min(records.count, shuffle_buffer_size))
-
-    def epoch(index):
-        epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-        shuffle_seed = tf.random.stateless_uniform(
-            [], epoch_seed, minval=0, maxval=2**31 - 1, dtype=tf.int64
-        )
-        ds = records.records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        ds = ds.take(steps_per_epoch * batch).enumerate()
-        ds = ds.skip(tf.where(index == start_epoch, tf.constant(skip_batches * batch, tf.int64), 0))
-        # Seeds per (epoch, position in epoch): independent of where the iterator started.
-        return ds.map(
-            lambda position, record: (
-                tf.random.experimental.stateless_fold_in(epoch_seed, position),
-                record,
-            )
-        )
-
-    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
     preprocess = _preprocess_fn(records, image_size, augment)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _finish(ds, records, batch).as_numpy_iterator()

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax import sharding as sharding_lib
-from mae_jax.run_logging import RunLogger
-from mae_jax.seg_metrics import SegMetrics
-from mae_jax.sliding_window import num_windows, slide_inference
+from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.run_logging import RunLogger
+from mae_jax.segmentation.metrics import SegMetrics
+from mae_jax.segmentation.sliding_window import num_windows, slide_inference
 
 
 def data_options(config) -> dict[str, Any]:
@@ -59,8 +59,7 @@ class Evaluator:
     def __init__(
         self,
         config,
-        eval_graphdef,
-        rng_state,
+        graphdef,
         mesh,
         num_classes: int,
         workdir: str,
@@ -88,9 +87,9 @@ class Evaluator:
         self.batch_sharding = sharding_lib.batch_sharding(mesh)
 
         @jax.jit
-        def forward(params, batch_stats, windows):
-            model = nnx.merge(eval_graphdef, params, batch_stats, rng_state)
-            logits, _ = model(windows)
+        def forward(params, rest, windows):
+            model = nnx.merge(graphdef, params, rest)
+            logits, _ = model(windows, train=False)
             return logits.astype(jnp.float32)
 
         self.forward = forward
@@ -101,7 +100,7 @@ class Evaluator:
             global_windows = sharding_lib.global_batch_from_host(
                 {"image": local}, self.batch_sharding
             )["image"]
-            out = self.forward(state["params"], state["batch_stats"], global_windows)
+            out = self.forward(state.params, state.rest, global_windows)
             shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
             return jnp.concatenate([jnp.asarray(s.data) for s in shards])
 

@@ -28,6 +28,7 @@ from types import FrameType
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -122,6 +123,18 @@ class Checkpointer:
         restored = self._manager.restore(int(step), args=args)
         return restored[STATE_ITEM], dict(restored[METADATA_ITEM] or {})
 
+    def restore_model_arrays(self, step: int | None = None) -> dict[str, Any]:
+        """{"params": ..., "rest": ...} of a training checkpoint as nested dicts of numpy arrays,
+        read without the optimizer state and without knowing the model (for loading weights)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No finished checkpoint in {self.directory}.")
+        path = os.path.join(self.directory, str(int(step)), STATE_ITEM)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path).item_metadata.tree
+            wanted = {name: metadata[name] for name in ("params", "rest") if name in metadata}
+            return checkpointer.restore(path, args=_numpy_restore(wanted, partial=True))
+
     def wait(self) -> None:
         """Blocks until background saves have finished."""
         self._manager.wait_until_finished()
@@ -154,26 +167,20 @@ def save_pytree(path: str | os.PathLike, tree: Any, *, force: bool = False) -> N
         checkpointer.close()
 
 
-def load_pytree(path: str | os.PathLike, abstract: Any = None) -> Any:
-    """Reads a pytree written by `save_pytree` (or a Checkpointer's `<step>/state` item).
-
-    abstract: ShapeDtypeStructs (with shardings) to restore into, as a plain pytree or an
-    abstract `nnx.State` (e.g. `nnx.state(nnx.eval_shape(...))`); None: as saved, nested dicts.
-    """
+def read_pytree(path: str | os.PathLike) -> dict[str, Any]:
+    """A pytree written by `save_pytree`, as nested dicts of numpy arrays (no target needed)."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No pytree checkpoint at {path}; check the path.")
-    target = abstract.to_pure_dict() if isinstance(abstract, nnx.State) else abstract
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        restored = checkpointer.restore(path, target)
-    finally:
-        checkpointer.close()
-    if isinstance(abstract, nnx.State):
-        state = jax.tree_util.tree_map(lambda x: x, abstract)  # A copy to fill in.
-        state.replace_by_pure_dict(restored)
-        return state
-    return restored
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path).item_metadata.tree
+        return checkpointer.restore(path, args=_numpy_restore(metadata))
+
+
+def _numpy_restore(metadata: Any, *, partial: bool = False) -> ocp.args.PyTreeRestore:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args,
+                                  partial_restore=partial)
 
 
 class PreemptionGuard:

@@ -4,7 +4,7 @@ Everything here works on generic parameter pytrees (dicts, or the `nnx.State` th
 `nnx.split(model, nnx.Param, ...)` returns) and decides per parameter from its *path*, e.g.
 ('encoder', 'blocks', 3, 'attn', 'qkv', 'kernel'), so the rules live in one place.
 
-Recipes (see REFERENCE.md):
+Recipes (official MAE `main_pretrain.py`, mmseg's MAE config):
   pretraining:  AdamW(0.9, 0.95), wd 0.05 except 1-D params and biases, lr scaled by batch/256,
                 linear warmup then half-cycle cosine, per step (`warmup_cosine_schedule`).
   segmentation: AdamW(0.9, 0.999), wd 0.05, mmseg layer decay 0.65 (`layer_decay_scales(...,
@@ -20,20 +20,10 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 PyTree = Any
 Schedule = Callable[[jax.Array | int], jax.Array]
-
-# What mmseg's LayerDecayOptimizerConstructor means to exclude from weight decay besides 1-D
-# params and biases. Caveat: mmseg compares these against *full* names ('backbone.pos_embed'),
-# so in mmseg itself the check never fires and these parameters are in fact decayed. Pass
-# `no_decay_names=MMSEG_NO_DECAY_NAMES` for the intended behaviour, `()` for the literal one.
-MMSEG_NO_DECAY_NAMES = ("pos_embed", "cls_token", "relative_position_bias_table")
-# The official MAE fine-tuning recipe (timm `model.no_weight_decay()`).
-MAE_FINETUNE_NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
-
 
 def path_to_names(path: Sequence[Any]) -> tuple[str | int, ...]:
     """Turns a jax key path (or a plain tuple of keys) into plain names.
@@ -58,11 +48,6 @@ def path_to_names(path: Sequence[Any]) -> tuple[str | int, ...]:
     while names and names[-1] in ("value", "raw_value"):
         names.pop()
     return tuple(names)
-
-
-def path_to_name(path: Sequence[Any]) -> str:
-    """Dotted name of a key path, torch style: 'encoder.blocks.3.attn.qkv.kernel'."""
-    return ".".join(str(n) for n in path_to_names(path))
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -155,7 +140,7 @@ def weight_decay_mask(params: PyTree, *, no_decay_names: Iterable[str] = ()) -> 
     timm `param_groups_weight_decay` (official MAE pretraining): decay every param with
     ndim > 1 except names ending in 'bias'; so cls_token/mask_token (ndim 3) ARE decayed.
     `no_decay_names` adds exclusions: a path component ('pos_embed') or a regex on the dotted
-    name ('.*relative_position_bias_table'); see MMSEG_NO_DECAY_NAMES.
+    name ('.*relative_position_bias_table').
     """
     no_decay_names = tuple(no_decay_names)
 
@@ -255,7 +240,6 @@ def create_optimizer(
     weight_decay_mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     layer_decay_scales: PyTree | None = None,
     clip_grad_norm: float | None = None,
-    grad_accum_steps: int = 1,
     eps: float = 1e-8,
 ) -> optax.GradientTransformation:
     """AdamW exactly as torch.optim.AdamW with per-group lr, plus clipping and accumulation.
@@ -263,14 +247,10 @@ def create_optimizer(
     update = -lr(step) * scale * (adam_step + wd * mask * param), i.e. the decay is decoupled
     but multiplied by the (scaled) lr, as torch does; `layer_decay_scales` plays torch's
     per-group lr and so scales both terms. Clipping (global norm) applies to the gradient
-    before Adam. With `grad_accum_steps = k > 1` the transform is wrapped in optax.MultiSteps:
-    gradients of k micro-batches are averaged and the inner update runs every k-th call
-    (others return zeros), so the schedule counts *optimizer* steps, not micro-batches.
+    before Adam. (Gradient accumulation happens inside the train step, `mae_jax.core.step`.)
     `weight_decay_mask` and `layer_decay_scales` must have the structure of the params passed
     to `init`/`update` (build them from that same tree, nnx.State or plain dict).
     """
-    if grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
     parts = []
     if clip_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(clip_grad_norm))
@@ -280,36 +260,4 @@ def create_optimizer(
     parts.append(optax.scale_by_learning_rate(learning_rate))
     if layer_decay_scales is not None:
         parts.append(scale_by_tree(layer_decay_scales))
-    optimizer = optax.chain(*parts)
-    if grad_accum_steps > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=grad_accum_steps)
-        optimizer = optimizer.gradient_transformation()
-    return optimizer
-
-
-def optimizer_step(opt_state: PyTree) -> jax.Array:
-    """Number of optimizer updates applied so far (micro-batches not counted)."""
-    states = jax.tree_util.tree_leaves(
-        opt_state,
-        is_leaf=lambda x: isinstance(x, optax.MultiStepsState | optax.ScaleByScheduleState),
-    )
-    for state in states:
-        if isinstance(state, optax.MultiStepsState):
-            return state.gradient_step
-    for state in states:
-        if isinstance(state, optax.ScaleByScheduleState):
-            return state.count
-    raise ValueError(
-        "No step counter found in the optimizer state; pass a state from create_optimizer "
-        "built with a schedule, or pass the step number."
-    )
-
-
-def current_learning_rate(learning_rate: float | Schedule, opt_state_or_step: Any) -> jax.Array:
-    """The base lr (before layer-decay scales) used by the next optimizer update."""
-    if not callable(learning_rate):
-        return jnp.asarray(learning_rate, jnp.float32)
-    step = opt_state_or_step
-    if not isinstance(step, int | np.integer) and not (hasattr(step, "ndim") and step.ndim == 0):
-        step = optimizer_step(step)
-    return learning_rate(step)
+    return optax.chain(*parts)

@@ -8,47 +8,22 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import losses_of, params_of
+from conftest import tiny_pretrain_config as tiny_config
 from flax import nnx
 from PIL import Image
 
-from mae_jax import train_lib, training
-from mae_jax.config_defaults import pretrain_defaults
-from mae_jax.run_logging import read_metrics
-
-
-def tiny_config(**changes):
-    config = pretrain_defaults()
-    config.model.update(
-        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
-        num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
-    )
-    config.data.update(source="generated:32", generated_size=16, shuffle_buffer_size=64)
-    config.update(
-        batch_size=8, lr=1e-3, total_steps=6, warmup_steps=2, log_every_steps=2,
-        checkpoint_every_steps=3, visualize_every_steps=3, num_visualize_images=2,
-        export_encoder=False, tensorboard=False,
-    )
-    for key, value in changes.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
-def params_of(workdir):
-    model = train_lib.load_pretrained_model(str(workdir))
-    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
-
-
-def losses_of(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+from mae_jax.core import config as core_config
+from mae_jax.core import loop
+from mae_jax.core.run_logging import read_metrics
+from mae_jax.pretrain import lib as pretrain_lib
+from mae_jax.pretrain.config import check_config
+from mae_jax.weights.load import load_model
 
 
 def test_short_run_on_generated_folder_leaves_checkpoints_figures_and_exports(tmp_path):
     config = tiny_config(export_encoder=True)
-    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    result = pretrain_lib.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [2, 4, 6]
@@ -58,19 +33,23 @@ def test_short_run_on_generated_folder_leaves_checkpoints_figures_and_exports(tm
     assert os.path.exists(tmp_path / "loss_curve.png")
     assert os.path.exists(tmp_path / "export" / "encoder.pth")
     assert os.path.isdir(tmp_path / "export" / "encoder_flax")
-    # The exported encoder loads back as an official-format checkpoint.
+    # Both exports load back: the official-format file and the Flax export.
     import mae_jax
 
     encoder = mae_jax.load_official(str(tmp_path / "export" / "encoder.pth"), num_heads=2)
-    trained = params_of(tmp_path)["encoder"]["cls_token"]
-    np.testing.assert_array_equal(np.asarray(encoder.cls_token[...]), trained)
+    trained = params_of(tmp_path)["encoder"]
+    np.testing.assert_array_equal(np.asarray(encoder.cls_token[...]), trained["cls_token"])
+    flax_export = load_model(str(tmp_path / "export" / "encoder_flax"))
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.tree.map(np.asarray, nnx.state(flax_export, nnx.Param).to_pure_dict()),
+                 trained)
 
 
 def test_short_run_on_tfds_mock_cifar100(tmp_path):
     config = tiny_config(**{"data.source": "tfds:cifar100", "model.image_size": 16})
     config.visualize_every_steps = 0
     with tfds.testing.mock_data(num_examples=24):
-        result = train_lib.train_and_evaluate(config, str(tmp_path))
+        result = pretrain_lib.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6 and np.isfinite(result["loss"])
 
 
@@ -84,7 +63,7 @@ def test_corrupt_image_in_folder_is_skipped_not_fatal(tmp_path):
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
     config = tiny_config(**{"data.source": f"folder:{folder}", "total_steps": 2,
                              "warmup_steps": 1})
-    result = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    result = pretrain_lib.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["step"] == 2
 
 
@@ -96,7 +75,7 @@ def test_tiny_mae_overfits_a_few_images(tmp_path):
            "log_every_steps": 10, "checkpoint_every_steps": 400, "visualize_every_steps": 0,
            "weight_decay": 0.0}
     )
-    train_lib.train_and_evaluate(config, str(tmp_path))
+    pretrain_lib.train_and_evaluate(config, str(tmp_path))
     losses = losses_of(tmp_path)
     assert max(losses[390], losses[400]) < losses[10] / 5, losses
 
@@ -105,9 +84,9 @@ def test_tiny_mae_overfits_a_few_images(tmp_path):
 def test_same_parameters_on_1_2_and_4_devices(tmp_path, data, fsdp):
     config = tiny_config(visualize_every_steps=0, total_steps=3, checkpoint_every_steps=3)
     config.mesh.update(data=1, fsdp=1)
-    train_lib.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    pretrain_lib.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
     config.mesh.update(data=data, fsdp=fsdp)
-    train_lib.train_and_evaluate(
+    pretrain_lib.train_and_evaluate(
         config, str(tmp_path / "many"), devices=jax.devices()[: data * fsdp]
     )
     one, many = params_of(tmp_path / "one"), params_of(tmp_path / "many")
@@ -132,21 +111,21 @@ def without_key_bias(path, array):
 
 def test_killed_run_resumes_to_the_same_parameters_and_losses(tmp_path, monkeypatch):
     config = tiny_config(visualize_every_steps=0, grad_accum_steps=2)
-    train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+    pretrain_lib.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    original_run_loop = training.run_loop
+    original_run_loop = loop.run_loop
 
     def run_loop_with_sigterm(**kwargs):
         # A real SIGTERM arriving after step 3 (e.g. a preempted job).
-        kill = training.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
+        kill = loop.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
         return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
 
-    monkeypatch.setattr(training, "run_loop", run_loop_with_sigterm)
-    first = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(loop, "run_loop", run_loop_with_sigterm)
+    first = pretrain_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert first["step"] == 3
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
-    monkeypatch.setattr(training, "run_loop", original_run_loop)
-    second = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(loop, "run_loop", original_run_loop)
+    second = pretrain_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert second["step"] == 6
     assert losses_of(tmp_path / "straight") == pytest.approx(losses_of(tmp_path / "resumed"))
     straight, resumed = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
@@ -157,10 +136,10 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
     config = tiny_config(visualize_every_steps=0, total_steps=6, lr=1e12, weight_decay=0.0)
     config.checkpoint_every_steps = 1
     config.warmup_steps = 1
-    with pytest.raises(training.NonFiniteLossError, match="last good checkpoint"):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
+        pretrain_lib.train_and_evaluate(config, str(tmp_path))
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-    model = train_lib.load_pretrained_model(str(tmp_path), step=steps[-1])
+    model = load_model(str(tmp_path), step=steps[-1])
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
 
@@ -180,40 +159,40 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
 def test_bad_configs_get_one_clear_error_before_any_work(tmp_path, changes, message):
     config = tiny_config(**changes)
     with pytest.raises(ValueError, match=message):
-        train_lib.check_config(config, num_devices=4, num_processes=1)
+        check_config(config, num_devices=4, num_processes=1)
 
 
 def test_config_errors_are_reported_together():
     config = tiny_config(**{"model.image_size": 18, "mask_ratio": 0.0, "batch_size": 6})
     with pytest.raises(ValueError) as error:
-        train_lib.check_config(config, num_devices=4, num_processes=1)
+        check_config(config, num_devices=4, num_processes=1)
     assert str(error.value).count("\n  - ") == 3
 
 
 def test_warmup_longer_than_training_is_refused():
     config = tiny_config(total_steps=5, warmup_steps=10)
     with pytest.raises(ValueError, match="warmup"):
-        train_lib.schedule_lengths(config, num_examples=64)
+        core_config.schedule_lengths(config, num_examples=64)
 
 
 def test_epochs_convert_to_steps_in_one_place():
     config = tiny_config(total_steps=0, num_epochs=3, warmup_steps=0, warmup_epochs=0.5)
-    lengths = train_lib.schedule_lengths(config, num_examples=100)
+    lengths = core_config.schedule_lengths(config, num_examples=100)
     assert lengths == {"steps_per_epoch": 12, "total_steps": 36, "warmup_steps": 6}
 
 
 def test_saved_config_is_json(tmp_path):
     config = tiny_config(total_steps=2, warmup_steps=1, visualize_every_steps=0)
-    train_lib.train_and_evaluate(config, str(tmp_path))
+    pretrain_lib.train_and_evaluate(config, str(tmp_path))
     with open(tmp_path / "config.json") as handle:
         assert json.load(handle)["model"]["embed_dim"] == 32
 
 
 def test_resuming_with_another_model_size_is_a_clear_error(tmp_path):
-    train_lib.train_and_evaluate(
+    pretrain_lib.train_and_evaluate(
         tiny_config(total_steps=2, warmup_steps=1, visualize_every_steps=0), str(tmp_path)
     )
     bigger = tiny_config(total_steps=4, warmup_steps=1, visualize_every_steps=0)
     bigger.model.embed_dim = 64
     with pytest.raises(ValueError, match="does not fit this config"):
-        train_lib.train_and_evaluate(bigger, str(tmp_path))
+        pretrain_lib.train_and_evaluate(bigger, str(tmp_path))

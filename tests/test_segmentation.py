@@ -1,7 +1,6 @@
 """segment.py's library: short real runs (generated scenes, a fake ADE20K), resume after a kill,
 pretrained backbones, eval-only, the demo learning, sharding invariance, bad configs."""
 
-import importlib.util
 import io
 import json
 import os
@@ -11,81 +10,34 @@ import zipfile
 
 import jax
 import numpy as np
+import optax
 import pytest
+from conftest import load_config_file, losses_of, params_of, set_fields, tiny_pretrain_config
+from conftest import tiny_segmentation_config as tiny_config
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 import mae_jax
-from mae_jax import segment_lib, train_lib, training
-from mae_jax.checkpointing import Checkpointer
-from mae_jax.config_defaults import pretrain_defaults, segment_defaults
+from mae_jax.core import loop
+from mae_jax.core.run_logging import read_metrics
+from mae_jax.core.state import TrainState
 from mae_jax.data.ade20k_meta import ADE20K_CLASSES
 from mae_jax.models.pos_embed import resize_pos_embed
-from mae_jax.run_logging import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mae_jax.pretrain import lib as pretrain_lib
+from mae_jax.segmentation import config as segmentation_config
+from mae_jax.segmentation import lib as segment_lib
+from mae_jax.weights.load import load_encoder
 
 
 @pytest.fixture(scope="module", autouse=True)
-def shared_compilations(tmp_path_factory):
-    """Most tests here compile the same tiny model again (resume, eval-only, init_from): a
-    persistent compilation cache, private to this module, turns those repeats into file reads."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {key: getattr(jax.config, key) for key in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
-
-
-def set_fields(config, changes):
-    for key, value in changes.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
-
-
-def tiny_config(**changes):
-    """A 16x16 ViT (2 blocks feeding the 4 levels twice) + 16-channel UPerNet, 4 classes."""
-    config = segment_defaults()
-    config.model.update(
-        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
-        num_heads=2, out_indices=(0, 1, 0, 1), channels=16, aux_channels=16,
-    )
-    config.data.update(
-        source="synthetic", num_classes=4, scene_size=24, num_examples=16, scale=(24, 24),
-        eval_limit=2,
-    )
-    config.mesh.update(data=1, fsdp=1)
-    config.update(
-        batch_size=4, lr=1e-3, total_steps=6, warmup_steps=2, log_every_steps=2,
-        checkpoint_every_steps=3, eval_every_steps=6, eval_window=16, eval_stride=8,
-        num_pictures=2, tensorboard=False,
-    )
-    return set_fields(config, changes)
+def _cache(shared_compilations):
+    """Most tests here compile the same tiny model again: share compilations (conftest)."""
 
 
 def run(config, workdir, num_devices=1):
     return segment_lib.train_and_evaluate(
         config, str(workdir), devices=jax.devices()[:num_devices]
     )
-
-
-def losses_of(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
-
-
-def params_of(workdir):
-    with Checkpointer(str(workdir)) as checkpointer:
-        state, _ = checkpointer.restore()
-    return jax.tree.map(np.asarray, state["params"])
 
 
 def flat_params(tree):
@@ -159,7 +111,7 @@ def test_short_run_on_a_fake_ade20k_reports_the_150_classes(tmp_path):
     config = tiny_config(**{
         "model.image_size": 32, "eval_window": 32, "eval_stride": 21, "data.source": "ade20k",
         "data.manual_dir": str(manual_dir), "data.data_dir": str(tmp_path / "tfds"),
-        "data.scale": (64, 32), "data.num_classes": 0, "total_steps": 2, "warmup_steps": 1,
+        "data.scale": (64, 32), "data.num_classes": None, "total_steps": 2, "warmup_steps": 1,
         "eval_every_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1,
     })
     result = run(config, tmp_path / "run")
@@ -176,19 +128,19 @@ def test_short_run_on_a_fake_ade20k_reports_the_150_classes(tmp_path):
 # --------------------------------------------------------------------------- Resume, eval-only
 def test_killed_run_resumes_to_the_same_parameters_and_losses(finished_run, tmp_path, monkeypatch):
     straight, _ = finished_run
-    original_run_loop = training.run_loop
+    original_run_loop = loop.run_loop
 
     def run_loop_with_sigterm(**kwargs):
         # A real SIGTERM arriving after step 3 (e.g. a preempted job).
-        kill = training.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
+        kill = loop.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
         return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
 
-    monkeypatch.setattr(training, "run_loop", run_loop_with_sigterm)
+    monkeypatch.setattr(loop, "run_loop", run_loop_with_sigterm)
     first = run(tiny_config(), tmp_path)
     assert first["step"] == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
     assert not os.path.exists(tmp_path / "eval_results.json")
-    monkeypatch.setattr(training, "run_loop", original_run_loop)
+    monkeypatch.setattr(loop, "run_loop", original_run_loop)
     second = run(tiny_config(), tmp_path)
     assert second["step"] == 6
     # Dropout / drop-path keys come from fold_in(rng, step) and BatchNorm statistics live in
@@ -221,7 +173,7 @@ def _capture_evaluated_params(monkeypatch):
     original = segment_lib.Evaluator.__call__
 
     def evaluate(self, step, state):
-        captured["params"] = jax.tree.map(np.asarray, state["params"])
+        captured["params"] = jax.tree.map(np.asarray, state.params)
         return original(self, step, state)
 
     monkeypatch.setattr(segment_lib.Evaluator, "__call__", evaluate)
@@ -254,26 +206,23 @@ def test_official_checkpoint_of_another_size_initialises_the_backbone(tmp_path, 
 
 
 def test_train_py_workdir_initialises_the_backbone(tmp_path):
-    mae_config = pretrain_defaults()
-    mae_config.model.update(
-        variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32, depth=2,
-        num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+    mae_config = tiny_pretrain_config(
+        **{"model.decoder_embed_dim": 16, "data.source": "generated:16",
+           "data.shuffle_buffer_size": 16, "batch_size": 4, "total_steps": 2,
+           "warmup_steps": 1, "log_every_steps": 1, "checkpoint_every_steps": 2,
+           "visualize_every_steps": 0}
     )
-    mae_config.data.update(source="generated:16", generated_size=16, shuffle_buffer_size=16)
-    mae_config.update(
-        batch_size=4, total_steps=2, warmup_steps=1, log_every_steps=1,
-        checkpoint_every_steps=2, visualize_every_steps=0, export_encoder=False,
-        tensorboard=False,
-    )
-    train_lib.train_and_evaluate(mae_config, str(tmp_path / "mae"), devices=jax.devices()[:1])
-    encoder = train_lib.load_pretrained_model(str(tmp_path / "mae")).encoder
+    pretrain_lib.train_and_evaluate(mae_config, str(tmp_path / "mae"), devices=jax.devices()[:1])
+    encoder = load_encoder(str(tmp_path / "mae"))
 
     config = tiny_config(init_from=str(tmp_path / "mae"))
-    model = segment_lib.build_segmenter(config, 4)
-    params = nnx.state(model, nnx.Param)
+    spec = segment_lib.model_spec(config, 4)
+    model = spec.build()
+    state = TrainState.create(model, optax.identity(), rng_seed=0)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, params)
-    params = segment_lib.load_backbone_weights(config, params, shardings, 4)
+    shardings = jax.tree.map(lambda _: device, state)
+    state = segment_lib.init_backbone(config.init_from, spec, state, shardings)
+    params = state.params
     loaded = flat_params(params["backbone"])
     pretrained = flat_params(nnx.state(encoder, nnx.Param))
     for key, value in pretrained.items():
@@ -286,12 +235,7 @@ def test_train_py_workdir_initialises_the_backbone(tmp_path):
 
 # --------------------------------------------------------------------------- Learning, sharding
 def test_demo_config_learns_the_generated_scenes(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "seg_demo", os.path.join(ROOT, "configs", "seg_demo.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = set_fields(module.get_config(), {
+    config = set_fields(load_config_file("seg_demo"), {
         "total_steps": 80, "warmup_steps": 8, "batch_size": 8, "eval_every_steps": 80,
         "checkpoint_every_steps": 80, "log_every_steps": 20, "data.eval_limit": 8,
         "tensorboard": False,
@@ -319,7 +263,7 @@ def test_same_losses_on_1_and_4_devices(finished_run, tmp_path):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"model.image_size": 18, "eval_window": 18}, "not a multiple of 4"),
+        ({"model.image_size": 18, "eval_window": 18}, "not a multiple of the patch size 4"),
         ({"batch_size": 6}, "multiple of the 4 devices"),
         ({"warmup_steps": 6}, "warmup_steps 6 must be < total_steps 6"),
         ({"eval_window": 32}, "eval_window 32 must equal model.image_size 16"),
@@ -328,23 +272,23 @@ def test_same_losses_on_1_and_4_devices(finished_run, tmp_path):
         ({"model.out_indices": (0, 1, 2, 3)}, "must be 4 blocks < 2"),
         ({"model.image_size": 20, "eval_window": 20}, "must be even"),
         ({"eval_stride": 0}, "eval_stride 0 must be >= 1"),
-        ({"data.source": "ade20k"}, "ADE20K has 150 classes; set data.num_classes=0"),
+        ({"data.source": "ade20k"}, "ADE20K has 150 classes; leave data.num_classes unset"),
     ],
 )
 def test_bad_configs_get_a_clear_error_before_any_work(changes, message):
     with pytest.raises(ValueError, match=message):
-        segment_lib.check_config(tiny_config(**changes), num_devices=4, num_processes=1)
+        segmentation_config.check_config(tiny_config(**changes), num_devices=4, num_processes=1)
 
 
 def test_config_errors_are_reported_together():
     config = tiny_config(**{"batch_size": 6, "warmup_steps": 9, "data.source": "x"})
     with pytest.raises(ValueError) as error:
-        segment_lib.check_config(config, num_devices=4, num_processes=1)
+        segmentation_config.check_config(config, num_devices=4, num_processes=1)
     assert str(error.value).count("\n  - ") == 3
 
 
 def test_missing_ade20k_data_fails_fast_and_says_where_to_get_it(tmp_path):
-    config = segment_defaults()  # the published ViT-B recipe: nothing is built before the check
+    config = segmentation_config.defaults()  # the published ViT-B recipe: nothing built first
     config.data.data_dir = str(tmp_path / "tfds")
     with pytest.raises(FileNotFoundError, match="sceneparsing.csail.mit.edu") as error:
         segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])

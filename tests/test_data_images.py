@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax.data import pretrain
+from mae_jax.data import images
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 
 SIZE = 32
@@ -68,11 +68,11 @@ def _grey_ids(images, spacing, offset):
 
 
 def test_parse_source_accepts_both_forms_and_rejects_others():
-    assert pretrain.parse_source("tfds:cifar100") == ("tfds", "cifar100")
-    assert pretrain.parse_source("folder:/data/imgs") == ("folder", "/data/imgs")
+    assert images.parse_source("tfds:cifar100") == ("tfds", "cifar100")
+    assert images.parse_source("folder:/data/imgs") == ("folder", "/data/imgs")
     for bad in ["cifar100", "tfds:", "hdf5:/x", "", "folder: "]:
         with pytest.raises(ValueError, match="tfds:NAME.*folder:"):
-            pretrain.parse_source(bad)
+            images.parse_source(bad)
 
 
 def test_normalize_and_denormalize_are_inverse():
@@ -86,10 +86,10 @@ def test_tfds_batches_are_normalised_deterministic_and_seed_dependent():
     common = dict(source="tfds:cifar100", image_size=SIZE, global_batch_size=4, process_count=1,
                   process_index=0)  # fmt: skip
     with tfds.testing.mock_data(num_examples=10):
-        first = _take(pretrain.create_pretrain_iterator(seed=0, **common), 3)
-        again = _take(pretrain.create_pretrain_iterator(seed=0, **common), 3)
-        other = _take(pretrain.create_pretrain_iterator(seed=1, **common), 3)
-        fixed = pretrain.load_fixed_images(source="tfds:cifar100", image_size=SIZE, count=3)
+        first = _take(images.create_pretrain_iterator(seed=0, **common), 3)
+        again = _take(images.create_pretrain_iterator(seed=0, **common), 3)
+        other = _take(images.create_pretrain_iterator(seed=1, **common), 3)
+        fixed = images.load_fixed_images(source="tfds:cifar100", image_size=SIZE, count=3)
     assert first[0].shape == (4, SIZE, SIZE, 3) and first[0].dtype == np.float32
     assert all(LOW - 1e-4 <= b.min() and b.max() <= HIGH + 1e-4 for b in first)
     assert first[0].std() > 0.5  # real image content, not a constant
@@ -103,8 +103,8 @@ def test_resume_from_step_matches_fresh_iterator_across_epoch_boundary(tmp_path)
     source = _write_folder(tmp_path)  # 9 readable images, batch 4 -> 2 steps per epoch
     common = dict(source=source, image_size=SIZE, global_batch_size=4, seed=3, process_count=1,
                   process_index=0)  # fmt: skip
-    fresh = _take(pretrain.create_pretrain_iterator(**common), 6)
-    resumed = _take(pretrain.create_pretrain_iterator(start_step=3, **common), 3)
+    fresh = _take(images.create_pretrain_iterator(**common), 6)
+    resumed = _take(images.create_pretrain_iterator(start_step=3, **common), 3)
     for a, b in zip(fresh[3:], resumed, strict=True):
         np.testing.assert_array_equal(a, b)
     # Each epoch is a new permutation and new augmentations, not a replay.
@@ -113,10 +113,10 @@ def test_resume_from_step_matches_fresh_iterator_across_epoch_boundary(tmp_path)
 
 def test_folder_skips_and_counts_corrupt_files_and_converts_modes_to_rgb(tmp_path, caplog):
     source = _write_folder(tmp_path)
-    with caplog.at_level(logging.WARNING, logger=pretrain.__name__):
-        assert pretrain.num_examples(source=source) == 9
+    with caplog.at_level(logging.WARNING, logger=images.__name__):
+        assert images.num_examples(source=source) == 9
     assert "Skipping 1 unreadable" in caplog.text and "broken.jpg" in caplog.text
-    iterator = pretrain.create_pretrain_iterator(
+    iterator = images.create_pretrain_iterator(
         source=source, image_size=SIZE, global_batch_size=8, seed=0, process_count=1,
         process_index=0, augment=False,
     )  # fmt: skip
@@ -131,7 +131,7 @@ def test_folder_shards_are_disjoint_and_equal_sized(tmp_path):
     source = _write_folder(tmp_path)
     ids = []
     for index in range(2):
-        iterator = pretrain.create_pretrain_iterator(
+        iterator = images.create_pretrain_iterator(
             source=source, image_size=SIZE, global_batch_size=8, seed=0, process_count=2,
             process_index=index, augment=False,
         )  # fmt: skip
@@ -143,7 +143,7 @@ def test_folder_shards_are_disjoint_and_equal_sized(tmp_path):
 def test_tfds_process_shards_are_disjoint_and_grayscale_becomes_rgb(tiny_tfds_dir):
     shards = []
     for index in range(2):
-        iterator = pretrain.create_pretrain_iterator(
+        iterator = images.create_pretrain_iterator(
             source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir, image_size=SIZE,
             global_batch_size=4, seed=0, process_count=2, process_index=index,
             download=False, augment=False,
@@ -151,7 +151,7 @@ def test_tfds_process_shards_are_disjoint_and_grayscale_becomes_rgb(tiny_tfds_di
         batches = np.concatenate(_take(iterator, 5))  # one epoch: 10 examples per process
         shards.append(_grey_ids(batches, spacing=10, offset=5))
     assert sorted(shards[0] + shards[1]) == list(range(20))
-    fixed = pretrain.load_fixed_images(
+    fixed = images.load_fixed_images(
         source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir, image_size=SIZE, count=4
     )
     assert fixed.shape == (4, SIZE, SIZE, 3)
@@ -160,19 +160,19 @@ def test_tfds_process_shards_are_disjoint_and_grayscale_becomes_rgb(tiny_tfds_di
     value = (denormalize(fixed[:1]) * 255).mean()
     expected = (np.round(value) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(fixed[0, 5, 5], expected, atol=1e-3)
-    count = pretrain.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir)
+    count = images.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir)
     assert count == 20
 
 
 def test_random_resized_crop_boxes_stay_in_range_and_fall_back_to_center():
     for i in range(20):
         seed = tf.constant([i, 7], tf.int64)
-        top, left, height, width = (int(v) for v in pretrain._crop_box(seed, 48, 64))
+        top, left, height, width = (int(v) for v in images._crop_box(seed, 48, 64))
         assert 0 <= top and top + height <= 48 and 0 <= left and left + width <= 64
         assert 0.18 <= height * width / (48 * 64) <= 1.0
         assert 0.7 <= width / height <= 1.4
     # No try fits a 4 x 100 strip: torchvision's center crop with the ratio clamped to 4/3.
-    box = pretrain._crop_box(tf.constant([0, 0], tf.int64), 4, 100)
+    box = images._crop_box(tf.constant([0, 0], tf.int64), 4, 100)
     assert [int(v) for v in box] == [0, 47, 4, 5]
 
 
@@ -181,19 +181,19 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no readable"):
-        pretrain.num_examples(source=f"folder:{empty}")
+        images.num_examples(source=f"folder:{empty}")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        pretrain.num_examples(source=f"folder:{tmp_path / 'missing'}")
+        images.num_examples(source=f"folder:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="tfds:NAME"):
-        pretrain.create_pretrain_iterator(source="imagenet", image_size=SIZE, global_batch_size=4,
+        images.create_pretrain_iterator(source="imagenet", image_size=SIZE, global_batch_size=4,
                                           seed=0, process_index=0, process_count=1)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="not prepared.*tfds build cifar100"):
-        pretrain.create_pretrain_iterator(
+        images.create_pretrain_iterator(
             source="tfds:cifar100", data_dir=str(tmp_path / "tfds"), image_size=SIZE,
             global_batch_size=4, seed=0, process_index=0, process_count=1, download=False,
         )  # fmt: skip
-    with pytest.raises(ValueError, match="divisible by process_count"):
-        pretrain.create_pretrain_iterator(source=_write_folder(tmp_path / "f"), image_size=SIZE,
+    with pytest.raises(ValueError, match="multiple of the 2 processes"):
+        images.create_pretrain_iterator(source=_write_folder(tmp_path / "f"), image_size=SIZE,
                                           global_batch_size=5, seed=0, process_index=0,
                                           process_count=2)  # fmt: skip
 
@@ -204,5 +204,5 @@ def test_failed_download_says_how_to_build_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MaeJaxTinyGray, "_split_generators", no_network)
     with pytest.raises(RuntimeError, match="tfds build mae_jax_tiny_gray --data_dir DIR"):
-        pretrain.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=str(tmp_path))
+        images.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=str(tmp_path))
     assert not os.path.exists(tmp_path / "mae_jax_tiny_gray" / "1.0.0" / "dataset_info.json")

@@ -1,0 +1,1 @@
+"""Classification fine-tuning / linear-probe pieces: Mixup / CutMix, losses, LARS."""

@@ -1,0 +1,1 @@
+"""The shared training core: config checks, train state, step, loop, checkpoints, logging."""

@@ -1,0 +1,162 @@
+"""Config resolution and the checks every task shares, in one place.
+
+A config names a model `variant` (a registry name) and may override its encoder dimensions
+explicitly; an unset override (None) means "the variant's value", never a magic 0. Each config
+says which entry point it is for (`config.task`), so running it with the wrong script is one
+clear error. Problems are collected and reported together, before any data or compile work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from mae_jax.models.registry import VARIANTS, get_variant
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ENCODER_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
+# The script that runs each task, for the wrong-entry-point error.
+ENTRY_POINTS = {
+    "pretrain": "train.py",
+    "segment": "segment.py",
+    "linprobe": "linprobe.py",
+    "finetune": "finetune.py",
+}
+
+
+def parse_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"Unknown compute dtype {name!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Config-file argument 'decoder_depth=4,decoder_width=256' -> {'decoder_depth': '4', ...}."""
+    out = {}
+    for item in (arg or "").split(","):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"Config argument {item!r} is not key=value.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def encoder_fields(model: ml_collections.ConfigDict) -> None:
+    """Adds the optional encoder overrides (None = the variant's value) to `config.model`."""
+    model.patch_size = config_dict.placeholder(int)  # Override the variant's patch size.
+    model.embed_dim = config_dict.placeholder(int)  # Override the encoder width.
+    model.depth = config_dict.placeholder(int)  # Override the encoder depth.
+    model.num_heads = config_dict.placeholder(int)  # Override the encoder head count.
+
+
+def encoder_dims(model: ml_collections.ConfigDict) -> dict[str, int]:
+    """{patch_size, embed_dim, depth, num_heads}: the variant's, with explicit overrides."""
+    dims = dict(vars(get_variant(model.variant)))
+    for name in ENCODER_FIELDS:
+        if model.get(name) is not None:
+            dims[name] = int(model[name])
+    return dims
+
+
+def check_task(config: ml_collections.ConfigDict, task: str) -> None:
+    """A config written for another entry point is one clear error."""
+    got = config.get("task")
+    if got != task:
+        script = ENTRY_POINTS.get(got)
+        hint = f"run it with `python {script}`" if script else "set config.task"
+        raise ValueError(
+            f"This config is for task {got!r}, not {task!r} ({ENTRY_POINTS[task]}): {hint}."
+        )
+
+
+def check_model(model: ml_collections.ConfigDict, problems: list[str]) -> dict[str, int] | None:
+    """Variant, overrides, image size and dtype; returns the resolved dims when they exist."""
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype {model.dtype!r} is not one of {', '.join(DTYPES)}")
+    if model.variant not in VARIANTS:
+        problems.append(f"model.variant {model.variant!r} is not one of {', '.join(VARIANTS)}")
+        return None
+    dims = encoder_dims(model)
+    bad = [f"model.{k} {v}" for k, v in dims.items() if v < 1]
+    if bad:
+        problems.append(f"{', '.join(bad)} must be >= 1")
+        return None
+    if model.image_size < 1 or model.image_size % dims["patch_size"]:
+        problems.append(
+            f"model.image_size {model.image_size} is not a multiple of the patch size "
+            f"{dims['patch_size']}"
+        )
+    if dims["embed_dim"] % dims["num_heads"]:
+        problems.append(
+            f"model width {dims['embed_dim']} is not divisible by num_heads {dims['num_heads']}"
+        )
+    return dims
+
+
+def check_batch(
+    config: ml_collections.ConfigDict, problems: list[str], *, num_devices: int,
+    num_processes: int,
+) -> None:
+    """batch_size > 0, split evenly over processes and (per micro-batch) over devices."""
+    batch, accum = config.batch_size, config.get("grad_accum_steps", 1)
+    if batch < 1:
+        problems.append(f"batch_size must be >= 1, got {batch}")
+        return
+    if accum < 1 or batch % accum:
+        problems.append(
+            f"batch_size {batch} must be a multiple of grad_accum_steps {accum} (>= 1)"
+        )
+    elif accum == 1 and batch % num_devices:
+        problems.append(f"batch_size {batch} must be a multiple of the {num_devices} devices")
+    elif (batch // accum) % num_devices:
+        problems.append(
+            f"micro-batch batch_size/grad_accum_steps = {batch // accum} must be a multiple of "
+            f"the {num_devices} devices; change batch_size or grad_accum_steps"
+        )
+    if batch % num_processes:
+        problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
+
+
+def check_run(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    """Cadences, retention and the init_from path."""
+    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if name in config and config[name] < 1:
+            problems.append(f"{name} must be >= 1, got {config[name]}")
+    init_from = config.get("init_from")
+    if init_from and not os.path.exists(os.path.expanduser(init_from)):
+        problems.append(
+            f"init_from {init_from!r} does not exist: give an official .pth file (e.g. "
+            "mae_pretrain_vit_base.pth) or a run directory"
+        )
+
+
+def schedule_lengths(config, num_examples: int) -> dict[str, int]:
+    """Epoch-denominated durations -> optimiser steps (the one place this is converted)."""
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"The dataset has {num_examples} examples, fewer than one batch of "
+            f"{config.batch_size}: lower batch_size."
+        )
+    total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+    warmup = (
+        config.warmup_steps
+        if config.get("warmup_steps", 0) > 0
+        else int(round(config.warmup_epochs * steps_per_epoch))
+    )
+    if warmup >= total:
+        raise ValueError(
+            f"warmup ({warmup} steps) must be shorter than training ({total} steps): lower "
+            "warmup_epochs / warmup_steps or train longer."
+        )
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": int(total), "warmup_steps": warmup}
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))

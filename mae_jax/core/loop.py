@@ -1,0 +1,110 @@
+"""The training loop every task runs.
+
+Host batches become global arrays, one compiled step runs with donated state, metrics are read
+back only at log steps, checkpoints are written every N steps, hooks (reconstructions,
+evaluation) run every N steps, SIGTERM / Ctrl-C saves and stops, and a non-finite step stops the
+run with a clear error before any checkpoint of bad state is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.checkpointing import Checkpointer, PreemptionGuard
+from mae_jax.core.run_logging import RunLogger
+from mae_jax.core.state import TrainState
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss, gradients or parameters stopped being finite; no bad state was saved."""
+
+
+@dataclasses.dataclass
+class Hook:
+    """Runs `fn(step, state)` every `every_steps` steps and after the last one (0: never)."""
+
+    every_steps: int
+    fn: Callable[[int, TrainState], None]
+    at_end: bool = True
+
+    def due(self, step: int, total_steps: int) -> bool:
+        if self.every_steps <= 0:
+            return False
+        return step % self.every_steps == 0 or (self.at_end and step == total_steps)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: TrainState
+    step: int  # the last step done
+    metrics: dict[str, float]  # the last logged training metrics
+    preempted: bool  # stopped early on SIGTERM / Ctrl-C (a checkpoint was saved)
+
+
+def run_loop(
+    *,
+    state: TrainState,
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]],
+    batches: Iterator[Mapping[str, np.ndarray]],
+    mesh,
+    start_step: int,
+    total_steps: int,
+    checkpointer: Checkpointer,
+    logger: RunLogger,
+    metadata_fn: Callable[[int], dict] = lambda step: {},
+    hooks: tuple[Hook, ...] = (),
+) -> LoopResult:
+    """Trains from `start_step` to `total_steps` (or until a stop signal)."""
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    step = start_step
+    last_saved = start_step if checkpointer.latest_step() is not None else None
+    last_metrics: dict[str, float] = {}
+    preempted = False
+
+    def check_finite(step: int) -> None:
+        # Read only at log and checkpoint steps: no per-step host sync.
+        bad = int(jax.device_get(state.nonfinite_steps))
+        if bad:
+            kept = (
+                f"the last good checkpoint (step {last_saved}) is intact"
+                if last_saved is not None
+                else "no checkpoint had been saved yet"
+            )
+            raise NonFiniteLossError(
+                f"The loss, gradients or parameters became NaN/inf (first seen by step {step}; "
+                f"{bad} bad step(s)). Stopped without saving; {kept}. Lower the learning rate, "
+                "enable clip_grad_norm, or use float32."
+            )
+
+    with PreemptionGuard() as guard:
+        while step < total_steps:
+            batch = sharding_lib.global_batch_from_host(next(batches), batch_sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            log_now = logger.should_log(step)
+            if log_now:
+                check_finite(step)
+                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                logger.log_train(step, last_metrics)
+            for hook in hooks:
+                if hook.due(step, total_steps):
+                    hook.fn(step, state)
+            # Several processes must agree on the stop step: they compare flags at log steps.
+            stop = guard.requested_anywhere() if log_now else (
+                guard.requested and jax.process_count() == 1
+            )
+            if step % checkpointer.save_every_steps == 0 or stop or step == total_steps:
+                check_finite(step)
+                checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
+                last_saved = step
+            if stop:
+                preempted = True
+                print(f"Stopped at step {step} on request; re-run the same command to resume.")
+                break
+    checkpointer.wait()
+    return LoopResult(state=state, step=step, metrics=last_metrics, preempted=preempted)

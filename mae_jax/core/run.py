@@ -1,0 +1,127 @@
+"""What every task's run shares: the workdir, the mesh, the state (initialised or restored),
+checkpoints, logging and the loop. A task library plugs in its model, loss, data and hooks:
+
+    with Run(config, workdir, devices=devices) as run:
+        graphdef, state, start_step = run.init_state(spec, tx)
+        logger = run.start_logging(total_steps=..., start_step=start_step)
+        result = run.train(state, step_fn, batches, start_step=..., total_steps=..., hooks=...)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from mae_jax.core import loop
+from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.checkpointing import Checkpointer
+from mae_jax.core.run_logging import RunLogger
+from mae_jax.core.state import TrainState, init_or_restore, tree_size
+from mae_jax.core.step import compile_step
+from mae_jax.models.factory import ModelSpec
+
+
+def ensure_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    try:
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(f"Cannot write to workdir {workdir}: {error}") from error
+    return workdir
+
+
+class Run:
+    """One run in `workdir` over `devices` (default: all devices of all processes)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None):
+        self.config = config
+        self.workdir = ensure_workdir(workdir)
+        self.devices = list(devices or jax.devices())
+        self.is_main = jax.process_index() == 0
+        self.mesh = sharding_lib.create_mesh(
+            data=config.mesh.data, fsdp=config.mesh.fsdp, devices=self.devices
+        )
+        print(f"Mesh: {dict(self.mesh.shape)} over {len(self.devices)} "
+              f"{self.devices[0].platform} device(s), {jax.process_count()} process(es).")
+        self.checkpointer = Checkpointer(
+            self.workdir, save_every_steps=config.checkpoint_every_steps,
+            keep=config.keep_checkpoints,
+        )
+        self.logger: RunLogger | None = None
+        self.state_shardings: Any = None
+
+    # ------------------------------------------------------------------------- state
+    def init_state(
+        self, spec: ModelSpec, tx: optax.GradientTransformation, *, trainable: Any = nnx.Param
+    ) -> tuple[nnx.GraphDef, TrainState, int]:
+        """(graphdef, state born sharded, start step): the newest checkpoint, else a new state.
+
+        Parameters come from `config.seed`, step randomness from `config.seed + 1`. Writes
+        `config.json` and `model.json` (what `mae_jax.weights.load` reads back).
+        """
+        seed = self.config.seed
+
+        def init():
+            model = spec.build(nnx.Rngs(seed))
+            return TrainState.create(model, tx, rng_seed=seed + 1, trainable=trainable)
+
+        graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(seed))), trainable, ...)[0]
+        state, self.state_shardings, start_step = init_or_restore(init, self.mesh,
+                                                                  self.checkpointer)
+        print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
+              f"{tree_size(state.params) / 1e6:.2f}M trainable parameters.")
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as handle:
+                handle.write(self.config.to_json_best_effort(indent=2))
+            spec.save(self.workdir)
+        return graphdef, state, start_step
+
+    # ------------------------------------------------------------------------- loop
+    def start_logging(self, *, total_steps: int, start_step: int) -> RunLogger:
+        self.logger = RunLogger(
+            self.workdir, total_steps=total_steps, is_main=self.is_main,
+            log_every=self.config.log_every_steps, global_batch_size=self.config.batch_size,
+            start_step=start_step, tensorboard=self.config.get("tensorboard", True),
+        )
+        return self.logger
+
+    def train(
+        self,
+        state: TrainState,
+        step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]],
+        batches: Iterator[dict],
+        *,
+        start_step: int,
+        total_steps: int,
+        hooks: tuple[loop.Hook, ...] = (),
+        metadata_fn: Callable[[int], dict] = lambda step: {"step": step},
+    ) -> loop.LoopResult:
+        """Compiles the step once and runs the loop to `total_steps` (or a stop signal)."""
+        train_step = compile_step(step_fn, self.state_shardings, self.mesh)
+        return loop.run_loop(
+            state=state, train_step=train_step, batches=batches, mesh=self.mesh,
+            start_step=start_step, total_steps=total_steps, checkpointer=self.checkpointer,
+            logger=self.logger, hooks=hooks, metadata_fn=metadata_fn,
+        )
+
+    # ------------------------------------------------------------------------- end
+    def close(self) -> None:
+        self.checkpointer.close()
+        if self.logger is not None:
+            self.logger.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

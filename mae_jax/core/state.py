@@ -1,0 +1,105 @@
+"""The train state every task shares: one type, one way to start (init or restore), one way to
+apply gradients.
+
+The model is split once (`nnx.split(model, trainable, ...)`): `params` are what the optimiser
+updates, `rest` is the rest of the model's state (fixed position tables, BatchNorm statistics, a
+frozen encoder). Randomness is explicit: step `s` draws from `fold_in(rng, s)`, so a resumed run
+sees the same masks, drop-path and dropout draws as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.checkpointing import Checkpointer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimiser steps done
+    params: Any  # trainable model state (nnx.State)
+    rest: Any  # the model's other state (nnx.State)
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 base key
+    nonfinite_steps: jax.Array  # [] int32: steps with a non-finite loss, gradient or parameter
+
+    @classmethod
+    def create(
+        cls, model: nnx.Module, tx: optax.GradientTransformation, *, rng_seed: int,
+        trainable: Any = nnx.Param,
+    ) -> TrainState:
+        _, params, rest = nnx.split(model, trainable, ...)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(rng_seed),
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+        )
+
+    def step_rng(self) -> jax.Array:
+        """The key of the step about to run: fold_in(rng, step)."""
+        return jax.random.fold_in(self.rng, self.step)
+
+    def apply_gradients(
+        self, grads: Any, *, tx: optax.GradientTransformation, loss: jax.Array, rest: Any = None
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """The end of every train step: update, count a non-finite step, report norms.
+
+        A step is non-finite when the loss, the gradient norm or the new parameters' norm is
+        not finite. The norms are float32 sums of squares, so parameters that exploded to
+        ~1e20 (finite, but useless) overflow the norm and count too. `rest`: the model's new
+        non-trainable state (e.g. BatchNorm statistics), None to keep it.
+        """
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        grad_norm = optax.global_norm(grads)
+        param_norm = optax.global_norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        state = self.replace(
+            step=self.step + 1,
+            params=params,
+            rest=self.rest if rest is None else rest,
+            opt_state=opt_state,
+            nonfinite_steps=self.nonfinite_steps + (~finite).astype(jnp.int32),
+        )
+        return state, {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm}
+
+
+def init_or_restore(
+    init_fn: Callable[[], TrainState], mesh, checkpointer: Checkpointer
+) -> tuple[TrainState, Any, int]:
+    """Returns (state, shardings, start_step), the state born sharded.
+
+    When `checkpointer` holds a finished checkpoint, the state is read straight into its
+    shardings (the initialiser only runs abstractly); otherwise `init_fn` runs under jit.
+    """
+    abstract = jax.eval_shape(init_fn)
+    shardings = sharding_lib.state_shardings(abstract, mesh)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return jax.jit(init_fn, out_shardings=shardings)(), shardings, 0
+    target = sharding_lib.abstract_with_shardings(abstract, shardings)
+    try:
+        state, _ = checkpointer.restore(latest, abstract_state=target)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"The checkpoint at step {latest} in {checkpointer.directory} does not fit this "
+            "config (another model size or optimizer?). Resume with the config that wrote it, "
+            f"or start a new run in another --workdir. Details: {error}"
+        ) from error
+    return state, shardings, int(latest)
+
+
+def tree_size(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays."""
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -1,0 +1,1 @@
+"""MAE pretraining (train.py): configs and the training library."""

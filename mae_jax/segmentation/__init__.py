@@ -1,0 +1,1 @@
+"""Semantic segmentation (segment.py): MAE ViT + UPerNet, sliding-window evaluation, metrics."""

@@ -1,0 +1,117 @@
+"""Segmentation configs: mmsegmentation's MAE + UPerNet recipe as defaults, and their checks."""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from mae_jax.core import config as core_config
+
+ADE20K_NUM_CLASSES = 150
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """mmsegmentation's MAE ViT-B/16 + UPerNet recipe on ADE20K at 512x512 (160k iterations)."""
+    config = ml_collections.ConfigDict()
+    config.task = "segment"  # Run with segment.py.
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "vit_base_patch16"  # Backbone size (a name in mae_jax.VARIANTS).
+    config.model.image_size = 512  # Training crop / window size; pos embeds resized to it.
+    core_config.encoder_fields(config.model)  # Optional overrides of the variant's sizes.
+    config.model.out_indices = (3, 5, 7, 11)  # Blocks feeding the 4 pyramid levels.
+    config.model.drop_path_rate = 0.1  # Stochastic depth, linear over the blocks.
+    config.model.layer_scale_init = 1.0  # Layer scale init (mmseg); 0 disables layer scale.
+    config.model.relative_position_bias = True  # BEiT-style, zero-initialised (mmseg's MAE).
+    config.model.channels = 768  # UPerNet channels.
+    config.model.aux_channels = 256  # Auxiliary FCN head channels.
+    config.model.dropout = 0.1  # Dropout before both classifiers.
+    config.model.dtype = "float32"  # Compute dtype: float32 | bfloat16.
+    config.model.attention_impl = "auto"
+
+    # Initialisation: "" = random; an official MAE .pth or any run directory (its encoder);
+    # mmseg's published MAE UPerNet .pth (the whole segmenter).
+    config.init_from = ""
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "ade20k"  # ade20k | synthetic (generated scenes, offline).
+    config.data.data_dir = ""  # Where the prepared ade20k_semantic TFDS data lives.
+    config.data.manual_dir = ""  # Folder holding ADEChallengeData2016(.zip), to prepare once.
+    config.data.num_classes = config_dict.placeholder(int)  # synthetic: classes (None: 8).
+    config.data.scene_size = 64  # synthetic: scene side in pixels.
+    config.data.num_examples = config_dict.placeholder(int)  # synthetic: scenes (None: 1024).
+    config.data.scale = (2048, 512)  # mmseg img_scale: resize target (long, short).
+    config.data.ratio_range = (0.5, 2.0)  # Random rescale range for training.
+    config.data.eval_limit = 0  # Evaluate on the first N validation images (0 = all).
+
+    config.batch_size = 16  # Global batch (mmseg: 8 GPUs x 2).
+    config.lr = 1e-4  # Peak learning rate (AdamW).
+    config.b1 = 0.9
+    config.b2 = 0.999
+    config.weight_decay = 0.05
+    config.layer_decay = 0.65  # Layer-wise lr decay over the backbone blocks.
+    config.warmup_steps = 1500  # Linear warmup (from lr * 1e-6) ...
+    config.total_steps = 160_000  # ... then poly decay to min_lr at this step.
+    config.poly_power = 1.0
+    config.min_lr = 0.0
+    config.aux_weight = 0.4  # Auxiliary FCN loss weight.
+    config.clip_grad_norm = 0.0  # 0: no clipping.
+
+    config.eval_every_steps = 16_000  # Sliding-window evaluation cadence (and at the end).
+    config.eval_window = 512  # Sliding window size.
+    config.eval_stride = 341  # Sliding window stride.
+    config.num_pictures = 4  # Validation images drawn as image | prediction | ground truth.
+    config.eval_only = False  # Evaluate init_from / the newest checkpoint, no training.
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 4000
+    config.keep_checkpoints = 3
+    config.tensorboard = True
+    return config
+
+
+def check_config(config, *, num_devices: int, num_processes: int) -> None:
+    """Every impossible combination, reported together before any data or compile work."""
+    core_config.check_task(config, "segment")
+    problems: list[str] = []
+    model = config.model
+    dims = core_config.check_model(model, problems)
+    if dims:
+        grid = model.image_size // dims["patch_size"]
+        if model.image_size % dims["patch_size"] == 0 and grid % 2:
+            problems.append(
+                f"model.image_size / patch = {grid} must be even (the neck's 0.5x level "
+                "max-pools by 2)"
+            )
+        depth = dims["depth"]
+        if len(model.out_indices) != 4 or not all(0 <= i < depth for i in model.out_indices):
+            problems.append(f"model.out_indices {model.out_indices} must be 4 blocks < {depth}")
+    core_config.check_batch(config, problems, num_devices=num_devices,
+                            num_processes=num_processes)
+    core_config.check_run(config, problems)
+    if config.warmup_steps >= config.total_steps and not config.eval_only:
+        problems.append(
+            f"warmup_steps {config.warmup_steps} must be < total_steps {config.total_steps}"
+        )
+    if config.eval_window != model.image_size:
+        problems.append(
+            f"eval_window {config.eval_window} must equal model.image_size {model.image_size} "
+            "(the window is what the model sees)"
+        )
+    if config.eval_stride < 1:
+        problems.append(f"eval_stride {config.eval_stride} must be >= 1")
+    if config.data.source not in ("ade20k", "synthetic"):
+        problems.append(f"data.source {config.data.source!r} must be 'ade20k' or 'synthetic'")
+    elif config.data.source == "ade20k" and config.data.num_classes not in (
+        None, ADE20K_NUM_CLASSES
+    ):
+        problems.append(
+            f"data.num_classes {config.data.num_classes} with data.source='ade20k': ADE20K has "
+            "150 classes; leave data.num_classes unset (it only configures 'synthetic')"
+        )
+    core_config.raise_problems(problems)

@@ -1,0 +1,198 @@
+"""Load a model, or only its encoder, from whatever a user has, restoring parameters only.
+
+    load_model(path)      an official .pth (architecture from its shapes), a Hugging Face
+                          ViTMAE folder, a run directory of train.py / segment.py (its newest
+                          checkpoint) or a Flax export
+    load_encoder(path)    the ViT encoder of any of those
+    transfer_encoder(source, target)   copies one encoder's weights into another (Flax to Flax,
+                          position embeddings resized to the target grid)
+
+`load_official` reads official .pth files and Hugging Face ViTMAE checkpoints. A run directory
+or Flax export holds `model.json` (the model's `ModelSpec`); a run directory's
+checkpoint is read without its optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax.core.checkpointing import Checkpointer, read_pytree, save_pytree
+from mae_jax.models.factory import MODEL_JSON, ModelSpec, encoder_of
+from mae_jax.models.pos_embed import resize_pos_embed
+from mae_jax.models.vit import ViTEncoder
+from mae_jax.weights import hf, official
+
+EXPORT_WEIGHTS = "weights"
+RUN_CHECKPOINTS = "checkpoints"
+
+
+def source_kind(path: str | os.PathLike) -> str:
+    """"run" (a run directory), "export" (a Flax export) or "official" (an official .pth file,
+    or a Hugging Face ViTMAE folder / file)."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No checkpoint at {path}: give a .pth file or a run directory.")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_JSON)):
+        if os.path.isdir(os.path.join(path, RUN_CHECKPOINTS)):
+            return "run"
+        if os.path.isdir(os.path.join(path, EXPORT_WEIGHTS)):
+            return "export"
+    if os.path.isdir(path):
+        if hf.is_hf_checkpoint(path):
+            return "official"
+        raise ValueError(
+            f"{path} is a directory but neither a run directory (model.json + checkpoints/), "
+            "a Flax export (model.json + weights/) nor a Hugging Face ViTMAE folder "
+            "(config.json + model.safetensors): point at a train.py / segment.py workdir, its "
+            "export/ folder, an HF folder or an official .pth file."
+        )
+    return "official"
+
+
+def load_model(
+    path: str | os.PathLike, *, step: int | None = None, **overrides
+) -> nnx.Module:
+    """The model stored at `path`, on the host.
+
+    step: a run directory's checkpoint step (default: the newest). overrides: for official
+    files, the arguments `mae_jax.load_official` takes (model="mae"/"encoder", num_heads, ...).
+    """
+    kind = source_kind(path)
+    path = os.path.expanduser(os.fspath(path))
+    if kind == "official":
+        return load_official(path, **overrides)
+    overrides.pop("model", None)
+    if overrides:
+        raise ValueError(
+            f"{path} records its architecture in model.json; {sorted(overrides)} only apply to "
+            "official checkpoint files."
+        )
+    spec = ModelSpec.load(path)
+    if kind == "run":
+        with Checkpointer(path, async_save=False) as checkpointer:
+            if checkpointer.latest_step() is None:
+                raise FileNotFoundError(
+                    f"No finished checkpoint in {checkpointer.directory}: the run has not saved "
+                    "one yet."
+                )
+            arrays = checkpointer.restore_model_arrays(step)
+        flat = {**_flatten(arrays.get("params", {})), **_flatten(arrays.get("rest", {}))}
+    else:
+        flat = _flatten(read_pytree(os.path.join(path, EXPORT_WEIGHTS)))
+    model = spec.build()
+    _assign(model, flat, where=path)
+    return model
+
+
+def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
+    """A model from an official MAE checkpoint (`mae_*_vit_*.pth`, or its state dict) or a
+    Hugging Face ViTMAE checkpoint (`facebook/vit-mae-*`: a folder with config.json and
+    model.safetensors / pytorch_model.bin, or the weights file alone).
+
+    kwargs: see `mae_jax.weights.official.load_official` (model="mae"/"encoder", variant,
+    image_size, num_heads for unnamed sizes, dtype, ...).
+    """
+    source = path_or_state_dict
+    if isinstance(source, str | os.PathLike) and hf.is_hf_checkpoint(source):
+        state_dict, known = hf.read_hf(source)
+        return official.load_official(state_dict, known=known, **kwargs)
+    state_dict = official.read_state_dict(source)
+    if hf.is_hf_state_dict(state_dict):  # e.g. a lone HF pytorch_model.bin
+        state_dict = hf.hf_to_official(state_dict)
+    return official.load_official(state_dict, **kwargs)
+
+
+def load_encoder(path: str | os.PathLike, **overrides) -> ViTEncoder:
+    """The ViT encoder of whatever `path` holds (an MAE, an encoder, a segmenter, ...)."""
+    if source_kind(path) == "official":
+        overrides.setdefault("model", "encoder")
+    return encoder_of(load_model(path, **overrides))
+
+
+def save_export(model: nnx.Module, spec: ModelSpec, directory: str) -> str:
+    """A Flax export that `load_model` reads back: `model.json` + `weights/` (all model state)."""
+    os.makedirs(directory, exist_ok=True)
+    save_pytree(os.path.join(directory, EXPORT_WEIGHTS), nnx.state(model), force=True)
+    if jax.process_index() == 0:
+        spec.save(directory)
+    return directory
+
+
+def transfer_encoder(
+    source: ViTEncoder, target: ViTEncoder, *, allow_missing: tuple[str, ...] = ()
+) -> list[tuple]:
+    """Copies `source`'s weights into `target` in place; returns the paths copied.
+
+    Position embeddings of another grid are resized bicubically (official
+    `interpolate_pos_embed`). `allow_missing`: regexes of target paths the source may lack
+    (they keep their values). Any other missing or mis-shaped weight is one clear error.
+    """
+    values = {
+        _key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(source))
+    }
+    table = values.get(("pos_embed",))
+    if table is not None and table.shape[1:] != (1 + target.num_patches, target.embed_dim):
+        values[("pos_embed",)] = resize_pos_embed(table, target.grid_size)
+    missing = [
+        key for path, _ in nnx.to_flat_state(nnx.state(target))
+        if (key := _key(path)) not in values
+        and not any(re.search(pattern, ".".join(key)) for pattern in allow_missing)
+    ]
+    if missing:
+        raise ValueError(
+            f"The source encoder lacks {len(missing)} weight(s) of the target: "
+            f"{', '.join('.'.join(k) for k in missing[:8])}. Is it the same model size?"
+        )
+    return _assign(target, values, where="the source encoder", strict=False)
+
+
+def _key(path: tuple) -> tuple[str, ...]:
+    return tuple(str(part) for part in path)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
+    """Nested dicts -> {path of str: array}; the 'value' level of nnx Variables is dropped."""
+    out = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, prefix + (str(name),)))
+        else:
+            out[prefix if name == "value" else prefix + (str(name),)] = value
+    return out
+
+
+def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -> list[tuple]:
+    """Writes `flat` values into the model's variables of the same path and shape."""
+    state = nnx.state(model)
+    copied, missing, misshaped = [], [], []
+    for path, variable in nnx.to_flat_state(state):
+        key = _key(path)
+        if key not in flat:
+            missing.append(".".join(key))
+            continue
+        value, current = np.asarray(flat[key]), variable.get_value()  # may be abstract
+        if value.shape != tuple(current.shape):
+            misshaped.append(f"{'.'.join(key)}: {value.shape} vs {tuple(current.shape)}")
+            continue
+        variable.set_value(jnp.asarray(value, dtype=current.dtype))
+        copied.append(path)
+    if (missing and strict) or misshaped:
+        raise ValueError(
+            f"The weights in {where} do not fit the model: "
+            + "; ".join(
+                part for part in (
+                    f"missing {', '.join(missing[:8])}" if missing and strict else "",
+                    f"mis-shaped {', '.join(misshaped[:8])}" if misshaped else "",
+                ) if part
+            )
+        )
+    nnx.update(model, state)
+    return copied

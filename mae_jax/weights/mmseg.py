@@ -1,0 +1,381 @@
+"""mmsegmentation's MAE + UPerNet checkpoints <-> `MAESegmenter` (backbone, neck, both heads and
+BatchNorm running statistics).
+
+The published `upernet_mae-base_fp16_8x2_512x512_160k_ade20k_20220426_174752-f92a2975.pth` is
+`{"state_dict": ..., "meta": ...}` from mmseg's `EncoderDecoder` with (its config
+`configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py` over
+`configs/_base_/models/upernet_mae.py`):
+  * backbone `MAE` (mmseg/models/backbones/mae.py, a `BEiT` subclass): img_size 512, patch 16,
+    LN eps 1e-6, layer scale `init_values=1.0` (`gamma_1` / `gamma_2`), a relative position
+    bias table per layer (zero-initialised), trainable `pos_embed`, `final_norm=False` (so no
+    `backbone.ln1`), out_indices (3, 5, 7, 11). Its layers are built with `bias=True`, so the
+    attention has a full `qkv.bias` like ours; BEiT's `q_bias` / `v_bias` form (no key bias) is
+    read too, with a zero key bias: q . (k + b) = q . k + q . b adds the same number to every
+    logit of a query row, which softmax ignores, so a zero key bias is exact;
+  * neck `Feature2Pyramid` (`upsample_4x` = deconv, SyncBN, GELU, deconv; `upsample_2x` =
+    deconv); decode head `UPerHead`; auxiliary head `FCNHead` (one ConvModule); every ConvModule
+    is `conv.weight` (no bias) + `bn.*`.
+
+Layouts: PyTorch convs are OIHW, Flax HWIO; PyTorch ConvTranspose2d is [in, out, kh, kw] and
+applies its kernel spatially flipped relative to Flax's (non-transposed-kernel) ConvTranspose,
+so the kernel is also flipped in both directions. Linears are [out, in] vs [in, out].
+
+Buffers: `relative_position_index` (fixed by the grid) is checked against ours on import and
+written on export; `num_batches_tracked` is dropped on import and written as 0 on export (it
+only matters for BatchNorm with momentum=None, which mmseg does not use).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax.models.vit import relative_position_index
+from mae_jax.weights import official
+
+SAME, LINEAR, CONV, DECONV = "same", "linear", "conv", "deconv"
+FINAL_NORM = (("backbone", "norm", "scale"), ("backbone", "norm", "bias"))
+_BN = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
+# Older BEiT-era configs put the neck into the backbone under these names (import only).
+_ALIASES = (("backbone.fpn1.", "neck.upsample_4x."), ("backbone.fpn2.", "neck.upsample_2x."))
+
+
+# --------------------------------------------------------------------------- the key table
+def _bn(torch_prefix: str, flax_prefix: str) -> list[tuple[str, str, str]]:
+    return [(f"{torch_prefix}.{t}", f"{flax_prefix}/{f}", SAME) for t, f in _BN]
+
+
+def _conv_module(torch_prefix: str, flax_prefix: str) -> list[tuple[str, str, str]]:
+    """mmcv ConvModule: conv (bias=False next to a norm) + bn."""
+    return [(f"{torch_prefix}.conv.weight", f"{flax_prefix}/conv/kernel", CONV)] + _bn(
+        f"{torch_prefix}.bn", f"{flax_prefix}/bn"
+    )
+
+
+def _dense(torch_prefix: str, flax_prefix: str, kind: str) -> list[tuple[str, str, str]]:
+    """A Linear / conv / deconv with bias."""
+    return [
+        (f"{torch_prefix}.weight", f"{flax_prefix}/kernel", kind),
+        (f"{torch_prefix}.bias", f"{flax_prefix}/bias", SAME),
+    ]
+
+
+def _norm(torch_prefix: str, flax_prefix: str) -> list[tuple[str, str, str]]:
+    return [
+        (f"{torch_prefix}.weight", f"{flax_prefix}/scale", SAME),
+        (f"{torch_prefix}.bias", f"{flax_prefix}/bias", SAME),
+    ]
+
+
+def _table() -> list[tuple[str, str, str]]:
+    """(mmseg key, Flax path joined by "/", layout); `{i}` stands for a layer / module index."""
+    layer, block = "backbone.layers.{i}", "backbone/blocks/{i}"
+    decode, ours = "decode_head", "heads/decode_head"
+    return [
+        ("backbone.cls_token", "backbone/cls_token", SAME),
+        ("backbone.pos_embed", "backbone/pos_embed", SAME),
+        *_dense("backbone.patch_embed.projection", "backbone/patch_embed/proj", CONV),
+        *_norm(f"{layer}.ln1", f"{block}/norm1"),
+        *_dense(f"{layer}.attn.qkv", f"{block}/attn/qkv", LINEAR),
+        *_dense(f"{layer}.attn.proj", f"{block}/attn/proj", LINEAR),
+        (f"{layer}.attn.relative_position_bias_table",
+         f"{block}/attn/relative_position_bias_table", SAME),
+        *_norm(f"{layer}.ln2", f"{block}/norm2"),
+        *_dense(f"{layer}.ffn.layers.0.0", f"{block}/mlp/fc1", LINEAR),  # mmcv FFN
+        *_dense(f"{layer}.ffn.layers.1", f"{block}/mlp/fc2", LINEAR),
+        (f"{layer}.gamma_1", f"{block}/gamma_1", SAME),
+        (f"{layer}.gamma_2", f"{block}/gamma_2", SAME),
+        *_norm("backbone.ln1", "backbone/norm"),  # final norm, only when final_norm=True
+        *_dense("neck.upsample_4x.0", "heads/neck/up4_deconv1", DECONV),
+        *_bn("neck.upsample_4x.1", "heads/neck/up4_norm"),
+        *_dense("neck.upsample_4x.3", "heads/neck/up4_deconv2", DECONV),
+        *_dense("neck.upsample_2x.0", "heads/neck/up2_deconv", DECONV),
+        *_conv_module(f"{decode}.psp_modules.{{i}}.1", f"{ours}/psp_modules/convs/{{i}}"),
+        *_conv_module(f"{decode}.bottleneck", f"{ours}/bottleneck"),
+        *_conv_module(f"{decode}.lateral_convs.{{i}}", f"{ours}/lateral_convs/{{i}}"),
+        *_conv_module(f"{decode}.fpn_convs.{{i}}", f"{ours}/fpn_convs/{{i}}"),
+        *_conv_module(f"{decode}.fpn_bottleneck", f"{ours}/fpn_bottleneck"),
+        *_dense(f"{decode}.conv_seg", f"{ours}/classifier/conv_seg", CONV),
+        *_conv_module("auxiliary_head.convs.0", "heads/auxiliary_head/conv"),
+        *_dense("auxiliary_head.conv_seg", "heads/auxiliary_head/classifier/conv_seg", CONV),
+    ]
+
+
+def _compile(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_RULES = [(_compile(t), t, _compile(f), f, kind) for t, f, kind in _table()]
+_Q_OR_V_BIAS = re.compile(r"^backbone\.layers\.(\d+)\.attn\.(q_bias|v_bias)$")
+_REL_INDEX = re.compile(r"^backbone\.layers\.(\d+)\.attn\.relative_position_index$")
+
+
+def flax_path(key: str) -> tuple[tuple, str] | None:
+    """mmseg key -> (Flax state path, layout), or None for keys outside the table."""
+    for torch_re, _, _, flax_template, kind in _RULES:
+        if match := torch_re.match(key):
+            path = flax_template.format(**match.groupdict()).split("/")
+            return tuple(int(p) if p.isdigit() else p for p in path), kind
+    return None
+
+
+def mmseg_key(path: tuple) -> tuple[str, str] | None:
+    """Flax state path -> (mmseg key, layout), or None."""
+    joined = "/".join(str(p) for p in path)
+    for _, torch_template, flax_re, _, kind in _RULES:
+        if match := flax_re.match(joined):
+            return torch_template.format(**match.groupdict()), kind
+    return None
+
+
+# --------------------------------------------------------------------------- layouts
+def to_flax(kind: str, value: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> Flax layout for one tensor."""
+    if kind == LINEAR:  # [out, in] -> [in, out]
+        return value.T
+    if kind == CONV:  # OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if kind == DECONV:  # [in, out, kh, kw] -> [kh, kw, in, out], spatially flipped
+        return value.transpose(2, 3, 0, 1)[::-1, ::-1]
+    return value
+
+
+def to_torch(kind: str, value: np.ndarray) -> np.ndarray:
+    """Flax layout -> PyTorch layout (inverse of `to_flax`)."""
+    if kind == LINEAR:
+        return value.T
+    if kind == CONV:  # HWIO -> OIHW
+        return value.transpose(3, 2, 0, 1)
+    if kind == DECONV:
+        return value[::-1, ::-1].transpose(2, 3, 0, 1)
+    return value
+
+
+# --------------------------------------------------------------------------- reading
+def read_mmseg_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
+    """An mmseg checkpoint (path, `{"state_dict": ...}` or the state dict) -> {mmseg key:
+    float32 numpy}, PyTorch layout. Files are read with torch.load(weights_only=True)."""
+    checkpoint = path_or_state_dict
+    if isinstance(checkpoint, str | os.PathLike):
+        torch = official._import_torch()
+        path = os.fspath(checkpoint)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"mmseg checkpoint not found: {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"Refusing to load {path}: it is not a plain tensor checkpoint that "
+                "torch.load(weights_only=True) accepts (it may contain code that would run when "
+                f"unpickled, or be corrupt). Details: {error}"
+            ) from error
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"Expected an mmseg state dict, got {type(checkpoint).__name__}.")
+    state = official.read_state_dict(dict(checkpoint))  # tensors -> float32 numpy
+    for old, new in _ALIASES:
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    return state
+
+
+def is_mmseg_checkpoint(path_or_state_dict) -> bool:
+    """True for a whole mmseg segmentor checkpoint (backbone and decode-head keys), e.g. to tell
+    it from an official MAE .pth. Files are memory-mapped where possible (cheap)."""
+    checkpoint = path_or_state_dict
+    if isinstance(checkpoint, str | os.PathLike):
+        if not os.path.isfile(checkpoint):
+            return False
+        torch = official._import_torch()
+        try:
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a zip-format file (no mmap), or no checkpoint at all
+            try:
+                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            except Exception:
+                return False
+    if not isinstance(checkpoint, Mapping):
+        return False
+    keys = [str(k) for k in checkpoint.get("state_dict", checkpoint)]
+    return any(k.startswith("decode_head.") for k in keys) and any(
+        k.startswith("backbone.") for k in keys
+    )
+
+
+def _convert(state: Mapping[str, np.ndarray]):
+    """{mmseg key: array} -> ({Flax path: array in Flax layout}, {layer: relative index},
+    [unknown keys])."""
+    leaves, indices, unknown, qv = {}, {}, [], {}
+    for key, value in state.items():
+        if key.endswith(".num_batches_tracked"):
+            continue
+        if match := _REL_INDEX.match(key):
+            indices[int(match.group(1))] = value
+            continue
+        if match := _Q_OR_V_BIAS.match(key):
+            qv.setdefault(int(match.group(1)), {})[match.group(2)] = value
+            continue
+        found = flax_path(key)
+        if found is None:
+            unknown.append(key)
+            continue
+        path, kind = found
+        leaves[path] = np.ascontiguousarray(to_flax(kind, value))
+    for layer, biases in sorted(qv.items()):
+        path = ("backbone", "blocks", layer, "attn", "qkv", "bias")
+        if path in leaves or sorted(biases) != ["q_bias", "v_bias"]:
+            raise ValueError(
+                f"backbone.layers.{layer}.attn: expected either qkv.bias or both q_bias and "
+                f"v_bias, got {sorted(biases) + (['qkv.bias'] if path in leaves else [])}."
+            )
+        q, v = biases["q_bias"], biases["v_bias"]
+        # BEiT's qv_bias: no key bias. Zero is exact (softmax ignores a per-row constant).
+        leaves[path] = np.concatenate([q, np.zeros_like(q), v])
+    return leaves, indices, unknown
+
+
+def read_mmseg(path_or_state_dict) -> dict[tuple, np.ndarray]:
+    """mmseg checkpoint -> {MAESegmenter state path: float32 numpy in Flax layout}.
+
+    Raises for keys that have no place in an MAESegmenter (naming them).
+    """
+    leaves, _, unknown = _convert(read_mmseg_state_dict(path_or_state_dict))
+    if unknown:
+        raise ValueError(
+            f"Keys with no counterpart in MAESegmenter ({len(unknown)}): "
+            f"{', '.join(sorted(unknown))}."
+        )
+    return leaves
+
+
+# --------------------------------------------------------------------------- loading
+def _weights_state(segmenter: nnx.Module) -> nnx.State:
+    return nnx.state(segmenter, nnx.Any(nnx.Param, nnx.BatchStat))
+
+
+def load_mmseg(segmenter: nnx.Module, path_or_state_dict) -> None:
+    """Copies an mmseg MAE + UPerNet checkpoint into a built `MAESegmenter` in place: backbone,
+    neck, heads and BatchNorm running statistics.
+
+    Build the segmenter like the checkpoint (image_size, variant / width / depth, channels,
+    num_classes, layer scale and relative position bias on): one error names every missing,
+    unexpected and mis-shaped key (position and relative-position tables are not resized).
+    The backbone's final norm may be absent (mmseg's final_norm=False): MAESegmenter never
+    applies it, so it keeps its initial value.
+    """
+    leaves, indices, unknown = _convert(read_mmseg_state_dict(path_or_state_dict))
+    state = _weights_state(segmenter)
+    flat = list(nnx.to_flat_state(state))
+    expected = {path: variable for path, variable in flat}
+    name = {path: (mmseg_key(path) or ("/".join(map(str, path)), SAME))[0] for path in expected}
+    missing = sorted(name[p] for p in expected if p not in leaves and p not in FINAL_NORM)
+    unexpected = sorted(unknown + [mmseg_key(p)[0] for p in leaves if p not in expected])
+    # get_value(): the target may be abstract (nnx.eval_shape), holding ShapeDtypeStructs.
+    misshaped = [
+        f"{name[path]}: checkpoint {tuple(to_torch(mmseg_key(path)[1], leaves[path]).shape)} vs "
+        f"model {tuple(to_torch(mmseg_key(path)[1], np.zeros(variable.get_value().shape)).shape)}"
+        for path, variable in expected.items()
+        if path in leaves and leaves[path].shape != tuple(variable.get_value().shape)
+    ]
+    misshaped += _check_relative_indices(segmenter, indices)
+    if missing or unexpected or misshaped:
+        lines = ["The mmseg checkpoint does not fit the segmenter:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if misshaped:
+            lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+        lines.append(
+            "Build MAESegmenter like the checkpoint's model (mmseg's MAE UPerNet: "
+            "variant='vit_base_patch16', image_size=512, num_classes=150, channels=768, "
+            "aux_channels=256, layer_scale_init and relative_position_bias on)."
+        )
+        raise ValueError("\n".join(lines))
+    if all(p in leaves for p in FINAL_NORM):
+        warnings.warn(
+            "The checkpoint has a final norm (backbone.ln1, mmseg final_norm=True); it was "
+            "loaded into backbone.norm, but MAESegmenter takes every feature map before any "
+            "final norm, while mmseg normalises the last layer's output first: the level taken "
+            "from the last block differs.",
+            stacklevel=2,
+        )
+    for path, variable in flat:
+        if path in leaves:
+            variable.set_value(jnp.asarray(leaves[path], dtype=variable.get_value().dtype))
+    nnx.update(segmenter, state)
+
+
+def _check_relative_indices(segmenter, indices: Mapping[int, np.ndarray]) -> list[str]:
+    """The checkpoint's relative_position_index buffers must be the ones of our grid."""
+    problems = []
+    want = relative_position_index(segmenter.backbone.grid_size)
+    for layer, index in sorted(indices.items()):
+        if index.shape != want.shape or not np.array_equal(index, want):
+            problems.append(
+                f"backbone.layers.{layer}.attn.relative_position_index: the checkpoint's "
+                f"{index.shape[0] - 1}-token window is not this model's "
+                f"{segmenter.backbone.grid_size} grid"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------- export
+def export_mmseg(segmenter: nnx.Module, *, final_norm: bool = False) -> dict[str, np.ndarray]:
+    """The segmenter as an mmseg state dict: {key: numpy}, PyTorch layouts, float32 weights and
+    running statistics, int64 `num_batches_tracked` (0) and `relative_position_index`.
+
+    The attention keeps its full `qkv.bias` (mmseg's MAE backbone has one), so nothing is
+    dropped. final_norm=False (mmseg's MAE config) leaves `backbone.norm` out: MAESegmenter
+    never applies it, so the exported model computes the same function.
+    """
+    out = {}
+    for path, variable in nnx.to_flat_state(_weights_state(segmenter)):
+        if path in FINAL_NORM and not final_norm:
+            continue
+        found = mmseg_key(path)
+        if found is None:
+            raise ValueError(
+                f"{'/'.join(map(str, path))} has no mmseg counterpart: only MAESegmenter "
+                "(MAE backbone + Feature2Pyramid + UPerHead + FCNHead) can be exported."
+            )
+        key, kind = found
+        out[key] = np.ascontiguousarray(to_torch(kind, np.asarray(variable[...], np.float32)))
+        if key.endswith(".running_var"):  # BatchNorm's buffer, meaningless for momentum 0.1
+            out[key[: -len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    backbone = segmenter.backbone
+    for layer, block in enumerate(backbone.blocks):
+        if block.attn.relative_position_bias_table is not None:
+            index = relative_position_index(backbone.grid_size).astype(np.int64)
+            out[f"backbone.layers.{layer}.attn.relative_position_index"] = index
+    return out
+
+
+def save_mmseg(
+    segmenter: nnx.Module,
+    path: str | os.PathLike,
+    *,
+    meta: Mapping | None = None,
+    final_norm: bool = False,
+) -> None:
+    """Writes `{"state_dict": ..., "meta": ...}` with torch.save, as mmseg's checkpoints are
+    (load it with mmseg's `load_checkpoint` or `torch.load(weights_only=True)`). meta: extra
+    entries, e.g. {"CLASSES": (...), "PALETTE": [...]}; plain Python values only.
+
+    Written to a temporary file first and renamed, so a failure never leaves half a file.
+    """
+    torch = official._import_torch()
+    state = {
+        key: torch.from_numpy(np.array(value, copy=True))
+        for key, value in export_mmseg(segmenter, final_norm=final_norm).items()
+    }
+    info = {"exported_by": "mae_jax", "out_indices": list(segmenter.out_indices)}
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save({"state_dict": state, "meta": info | dict(meta or {})}, tmp)
+    os.replace(tmp, path)
