@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from mae_jax.models import upernet
+from mae_jax.models import resize, upernet
 from mae_jax.reference import torch_upernet as ref
 
 EMBED, CHANNELS, AUX_CHANNELS, CLASSES = 32, 32, 16, 7
@@ -30,7 +30,7 @@ def nhwc(t):
 def test_adaptive_avg_pool_matches_torch(in_size, out_size):
     in_hw = in_size if isinstance(in_size, tuple) else (in_size, in_size)
     x = np.random.default_rng(0).normal(size=(2, *in_hw, 3)).astype(np.float32)
-    got = upernet.adaptive_avg_pool2d(jnp.asarray(x), out_size)
+    got = resize.adaptive_avg_pool2d(jnp.asarray(x), out_size)
     want = nhwc(F.adaptive_avg_pool2d(nchw(x), out_size))
     np.testing.assert_allclose(got, want, atol=1e-6)
 
@@ -49,7 +49,7 @@ def test_adaptive_avg_pool_matches_torch(in_size, out_size):
 )
 def test_resize_bilinear_matches_torch_up_and_down(in_hw, out_hw):
     x = np.random.default_rng(1).normal(size=(2, *in_hw, 3)).astype(np.float32)
-    got = upernet.resize_bilinear(jnp.asarray(x), out_hw)
+    got = resize.resize_bilinear(jnp.asarray(x), out_hw)
     want = nhwc(F.interpolate(nchw(x), size=out_hw, mode="bilinear", align_corners=False))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-5)

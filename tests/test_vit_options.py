@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax.models.vit import Attention, Block, ViTEncoder, relative_position_index
+from mae_jax.models.attention import Attention, relative_position_index
+from mae_jax.models.vit import Block, ViTEncoder
 
 
 def test_relative_position_index_follows_beit():

@@ -11,15 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mae_jax.models.layers import FixedEmbedding, dense, layer_norm, token_init
 from mae_jax.models.pos_embed import sincos_2d
-from mae_jax.models.vit import (
-    Block,
-    FixedEmbedding,
-    ViTEncoder,
-    dense,
-    layer_norm,
-    token_init,
-)
+from mae_jax.models.vit import Block, ViTEncoder
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:

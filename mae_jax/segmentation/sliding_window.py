@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.models.upernet import resize_bilinear
+from mae_jax.models.resize import resize_bilinear
 
 
 def window_boxes(height: int, width: int, *, window: int, stride: int) -> list[tuple[int, ...]]:

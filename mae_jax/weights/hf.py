@@ -34,6 +34,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mae_jax.models.mae import MAE
 from mae_jax.weights import official
 
 CONFIG_FILE = "config.json"

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax.models.vit import relative_position_index
+from mae_jax.models.attention import relative_position_index
 from mae_jax.weights import official
 
 SAME, LINEAR, CONV, DECONV = "same", "linear", "conv", "deconv"

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax.models.layers import FixedEmbedding
 from mae_jax.models.mae import MAE
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.registry import DEFAULT_DECODER, VARIANTS, find_variant
-from mae_jax.models.vit import FixedEmbedding, ViTEncoder
+from mae_jax.models.vit import ViTEncoder
 
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 _DECODER_NAMES = {"embed": "decoder_embed", "norm": "decoder_norm", "pred": "decoder_pred",

@@ -1,0 +1,111 @@
+"""Multi-head self-attention (timm layout) with optional BEiT relative position bias."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mae_jax.models.layers import dense
+
+
+def attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *, bias=None, implementation=None
+) -> jax.Array:
+    """query/key/value: [N, T, H, Dh] -> [N, T, H, Dh] via `jax.nn.dot_product_attention`.
+
+    implementation: None/"xla", "cudnn" (fused flash attention), or "auto" (cudnn on GPU with
+    16-bit inputs when the shape is supported, XLA otherwise).
+    """
+    if implementation == "auto":
+        implementation = None
+        if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(
+                    query, key, value, bias=bias, implementation="cudnn"
+                )
+            except (NotImplementedError, ValueError, RuntimeError):
+                pass  # shape or dtype cuDNN does not support: fall back to XLA below
+    return jax.nn.dot_product_attention(
+        query, key, value, bias=bias, implementation=implementation
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def relative_position_index(grid_size: tuple[int, int]) -> np.ndarray:
+    """BEiT's [1 + h*w, 1 + h*w] index into a relative-position table of (2h-1)(2w-1) + 3 rows
+    (the last three: token-to-cls, cls-to-token, cls-to-cls)."""
+    height, width = grid_size
+    coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing="ij")).reshape(
+        2, -1
+    )
+    relative = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    relative[:, :, 0] += height - 1
+    relative[:, :, 1] += width - 1
+    relative[:, :, 0] *= 2 * width - 1
+    num_relative = (2 * height - 1) * (2 * width - 1) + 3
+    index = np.zeros((height * width + 1,) * 2, dtype=np.int32)
+    index[1:, 1:] = relative.sum(-1)
+    index[0, :] = num_relative - 3
+    index[:, 0] = num_relative - 2
+    index[0, 0] = num_relative - 1
+    return index
+
+
+class Attention(nnx.Module):
+    """timm `Attention`: fused qkv Linear (with bias), scale Dh**-0.5, output projection.
+
+    With `relative_grid=(h, w)`, a learned BEiT-style relative position bias (zero-initialised,
+    as mmsegmentation's MAE backbone) is added to the logits; the input must then be
+    [N, 1 + h*w, D].
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        dtype,
+        attention_impl,
+        relative_grid: tuple[int, int] | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"Width {dim} is not divisible by {num_heads} heads.")
+        self.num_heads = num_heads
+        self.attention_impl = attention_impl
+        self.qkv = dense(dim, 3 * dim, dtype=dtype, rngs=rngs)
+        self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+        if relative_grid is not None:
+            height, width = relative_grid
+            rows = (2 * height - 1) * (2 * width - 1) + 3
+            self.relative_position_bias_table = nnx.Param(jnp.zeros((rows, num_heads)))
+        else:
+            self.relative_position_bias_table = None
+        self.relative_grid = None if relative_grid is None else tuple(relative_grid)
+
+    def __call__(self, x: jax.Array, *, bias: jax.Array | None = None) -> jax.Array:
+        """x: [N, T, D] -> [N, T, D]; bias: optional [H, T, T] added to the logits."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        if self.relative_position_bias_table is not None:
+            index = relative_position_index(self.relative_grid)
+            if index.shape[0] != tokens:
+                raise ValueError(
+                    f"Relative position bias is built for {index.shape[0]} tokens, got {tokens}."
+                )
+            relative = self.relative_position_bias_table[...][index].transpose(2, 0, 1)
+            bias = relative if bias is None else bias + relative
+        if bias is not None:
+            bias = bias[None].astype(qkv.dtype)
+        out = attention(
+            qkv[:, :, 0],
+            qkv[:, :, 1],
+            qkv[:, :, 2],
+            bias=bias,
+            implementation=self.attention_impl,
+        )
+        return self.proj(out.reshape(batch, tokens, dim))
