@@ -1,4 +1,4 @@
-"""RandAugment (mae_jax.data.randaugment) against PIL and timm 0.3.2's RandAugment.
+"""RandAugment (mae_jax.data.randaugment and its ops) against PIL and timm 0.3.2's RandAugment.
 
 timm's ops are thin wrappers around PIL, so every op is compared with the PIL call timm makes, on
 generated uint8 images. Tolerances: pixel ops must match exactly (PIL's integer LUTs and float32
@@ -15,6 +15,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
+from mae_jax.data import augment_affine as geometry
+from mae_jax.data import augment_levels as levels
+from mae_jax.data import augment_ops as ops
 from mae_jax.data import randaugment as ra
 
 FILL = (124, 116, 104)
@@ -83,9 +86,9 @@ def assert_geometric_close(ours, ref):
 @pytest.mark.parametrize("index", range(len(IMAGES)))
 def test_autocontrast_equalize_and_invert_equal_pil_imageops_exactly(index):
     img = IMAGES[index]
-    assert_exact(ra.autocontrast(img), ImageOps.autocontrast(_pil(img)))
-    assert_exact(ra.equalize(img), ImageOps.equalize(_pil(img)))
-    assert_exact(ra.invert(img), ImageOps.invert(_pil(img)))
+    assert_exact(ops.autocontrast(img), ImageOps.autocontrast(_pil(img)))
+    assert_exact(ops.equalize(img), ImageOps.equalize(_pil(img)))
+    assert_exact(ops.invert(img), ImageOps.invert(_pil(img)))
 
 
 def test_posterize_equals_pil_for_1_to_8_bits_and_keeps_no_bits_at_0():
@@ -93,29 +96,29 @@ def test_posterize_equals_pil_for_1_to_8_bits_and_keeps_no_bits_at_0():
     for bits in range(0, 9):
         # The LUT of ImageOps.posterize; Pillow >= 10 refuses bits=0, older Pillow (timm 0.3.2's
         # era) applied this same LUT, i.e. a black image. timm reaches 0 bits at magnitude 10.
-        assert_exact(ra.posterize(img, bits), posterize_lut(bits)[img])
+        assert_exact(ops.posterize(img, bits), posterize_lut(bits)[img])
         if bits >= 1:
-            assert_exact(ra.posterize(img, bits), ImageOps.posterize(_pil(img), bits))
+            assert_exact(ops.posterize(img, bits), ImageOps.posterize(_pil(img), bits))
 
 
 def test_solarize_equals_pil_and_solarize_add_equals_timms_lut():
     img = IMAGES[0]
     for threshold in (0, 1, 77, 128, 200, 256):
-        assert_exact(ra.solarize(img, threshold), ImageOps.solarize(_pil(img), threshold))
+        assert_exact(ops.solarize(img, threshold), ImageOps.solarize(_pil(img), threshold))
     for add in (0, 33, 110):
         # timm solarize_add: lut[i] = min(255, i + add) if i < 128 else i, via img.point.
         lut = [min(255, i + add) if i < 128 else i for i in range(256)]
-        assert_exact(ra.solarize_add(img, add), _pil(img).point(lut * 3))
+        assert_exact(ops.solarize_add(img, add), _pil(img).point(lut * 3))
 
 
 @pytest.mark.parametrize("factor", [0.1, 0.37, 1.0, 1.55, 1.9])
 def test_color_contrast_brightness_and_sharpness_equal_pil_imageenhance_exactly(factor):
     for img in IMAGES:
         pil = _pil(img)
-        assert_exact(ra.color(img, factor), ImageEnhance.Color(pil).enhance(factor))
-        assert_exact(ra.contrast(img, factor), ImageEnhance.Contrast(pil).enhance(factor))
-        assert_exact(ra.brightness(img, factor), ImageEnhance.Brightness(pil).enhance(factor))
-        assert_exact(ra.sharpness(img, factor), ImageEnhance.Sharpness(pil).enhance(factor))
+        assert_exact(ops.color(img, factor), ImageEnhance.Color(pil).enhance(factor))
+        assert_exact(ops.contrast(img, factor), ImageEnhance.Contrast(pil).enhance(factor))
+        assert_exact(ops.brightness(img, factor), ImageEnhance.Brightness(pil).enhance(factor))
+        assert_exact(ops.sharpness(img, factor), ImageEnhance.Sharpness(pil).enhance(factor))
 
 
 # ----------------------------------------------------------------------------- geometric ops
@@ -131,30 +134,30 @@ def _pil_affine(img, matrix):
 def test_rotate_matches_pil_bicubic_rotate_with_fill(degrees):
     for img in SMALL:
         ref = _pil(img).rotate(degrees, resample=Image.BICUBIC, fillcolor=FILL)
-        assert_geometric_close(ra.rotate(img, degrees, FILL), ref)
+        assert_geometric_close(geometry.rotate(img, degrees, FILL), ref)
 
 
 @pytest.mark.parametrize("factor", [-0.3, -0.117, 0.05, 0.3])
 def test_shear_x_and_shear_y_match_pil_bicubic_affine_with_fill(factor):
     for img in SMALL:
         ref_x = _pil_affine(img, (1, factor, 0, 0, 1, 0))
-        assert_geometric_close(ra.shear_x(img, factor, FILL), ref_x)
+        assert_geometric_close(geometry.shear_x(img, factor, FILL), ref_x)
         ref_y = _pil_affine(img, (1, 0, 0, factor, 1, 0))
-        assert_geometric_close(ra.shear_y(img, factor, FILL), ref_y)
+        assert_geometric_close(geometry.shear_y(img, factor, FILL), ref_y)
 
 
 @pytest.mark.parametrize("pixels", [-23.85, -4.0, 0.5, 11.34, 52.0])
 def test_translate_x_and_translate_y_match_pil_bicubic_affine_with_fill(pixels):
     for img in SMALL:
-        ours_x = ra.translate_x(img, pixels, FILL)
+        ours_x = geometry.translate_x(img, pixels, FILL)
         assert_geometric_close(ours_x, _pil_affine(img, (1, 0, pixels, 0, 1, 0)))
-        ours_y = ra.translate_y(img, pixels, FILL)
+        ours_y = geometry.translate_y(img, pixels, FILL)
         assert_geometric_close(ours_y, _pil_affine(img, (1, 0, 0, 0, 1, pixels)))
 
 
 def test_geometric_fill_is_timms_imagenet_mean_colour():
-    assert ra.fill_from_mean() == FILL == ra.DEFAULT_FILL
-    out = np.asarray(ra.translate_x(IMAGES[0], 100.0))  # everything shifted out
+    assert geometry.fill_from_mean() == FILL == geometry.DEFAULT_FILL
+    out = np.asarray(geometry.translate_x(IMAGES[0], 100.0))  # everything shifted out
     assert (out == np.array(FILL, np.uint8)).all()
 
 
@@ -226,17 +229,17 @@ def timm_op(img, name, args):
 
 
 LEVEL_FUNCTIONS = {
-    "Rotate": lambda lv, ng: ra.rotate_level_to_arg(lv, ng),
-    "ShearX": lambda lv, ng: ra.shear_level_to_arg(lv, ng),
-    "TranslateXRel": lambda lv, ng: ra.translate_rel_level_to_arg(lv, ng),
-    "TranslateX": lambda lv, ng: ra.translate_abs_level_to_arg(lv, ng, 100),
-    "Posterize": lambda lv, ng: ra.posterize_level_to_arg(lv),
-    "PosterizeIncreasing": lambda lv, ng: ra.posterize_increasing_level_to_arg(lv),
-    "Solarize": lambda lv, ng: ra.solarize_level_to_arg(lv),
-    "SolarizeIncreasing": lambda lv, ng: ra.solarize_increasing_level_to_arg(lv),
-    "SolarizeAdd": lambda lv, ng: ra.solarize_add_level_to_arg(lv),
-    "Color": lambda lv, ng: ra.enhance_level_to_arg(lv),
-    "ColorIncreasing": lambda lv, ng: ra.enhance_increasing_level_to_arg(lv, ng),
+    "Rotate": lambda lv, ng: levels.rotate_level_to_arg(lv, ng),
+    "ShearX": lambda lv, ng: levels.shear_level_to_arg(lv, ng),
+    "TranslateXRel": lambda lv, ng: levels.translate_rel_level_to_arg(lv, ng),
+    "TranslateX": lambda lv, ng: levels.translate_abs_level_to_arg(lv, ng, 100),
+    "Posterize": lambda lv, ng: levels.posterize_level_to_arg(lv),
+    "PosterizeIncreasing": lambda lv, ng: levels.posterize_increasing_level_to_arg(lv),
+    "Solarize": lambda lv, ng: levels.solarize_level_to_arg(lv),
+    "SolarizeIncreasing": lambda lv, ng: levels.solarize_increasing_level_to_arg(lv),
+    "SolarizeAdd": lambda lv, ng: levels.solarize_add_level_to_arg(lv),
+    "Color": lambda lv, ng: levels.enhance_level_to_arg(lv),
+    "ColorIncreasing": lambda lv, ng: levels.enhance_increasing_level_to_arg(lv, ng),
 }
 
 

@@ -28,7 +28,7 @@ from mae_jax.core.checkpointing import Checkpointer, read_pytree, save_pytree
 from mae_jax.models.factory import MODEL_JSON, ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.vit import ViTEncoder
-from mae_jax.weights import hf, official
+from mae_jax.weights import hf, hf_keys, official
 
 EXPORT_WEIGHTS = "weights"
 RUN_CHECKPOINTS = "checkpoints"
@@ -105,8 +105,8 @@ def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
         state_dict, known = hf.read_hf(source)
         return official.load_official(state_dict, known=known, **kwargs)
     state_dict = official.read_state_dict(source)
-    if hf.is_hf_state_dict(state_dict):  # e.g. a lone HF pytorch_model.bin
-        state_dict = hf.hf_to_official(state_dict)
+    if hf_keys.is_hf_state_dict(state_dict):  # e.g. a lone HF pytorch_model.bin
+        state_dict = hf_keys.hf_to_official(state_dict)
     return official.load_official(state_dict, **kwargs)
 
 

@@ -36,24 +36,29 @@ def _import_torch():
     return torch
 
 
+def safe_torch_load(path: str | os.PathLike):
+    """torch.load(weights_only=True): a pickle that would run code is refused, by name."""
+    torch = _import_torch()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"Refusing to load {path}: it is not a plain tensor checkpoint that "
+            "torch.load(weights_only=True) accepts (it may contain code that would run when "
+            f"unpickled, or be corrupt). Details: {error}"
+        ) from error
+
+
 def read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
     """An official checkpoint (path or dict) -> {official key: float32 numpy array}.
 
     Accepts the raw state dict or the official `{"model": state_dict, ...}` wrapper.
     """
     if isinstance(path_or_state_dict, str | os.PathLike):
-        torch = _import_torch()
-        path = os.fspath(path_or_state_dict)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(
-                f"Refusing to load {path}: it is not a plain tensor checkpoint that "
-                "torch.load(weights_only=True) accepts (it may contain code that would run when "
-                f"unpickled, or be corrupt). Details: {error}"
-            ) from error
+        checkpoint = safe_torch_load(path_or_state_dict)
     else:
         checkpoint = path_or_state_dict
     if not isinstance(checkpoint, Mapping):
