@@ -154,7 +154,7 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
 
     shape = (args.batch_size, args.image_size, args.image_size, 3)
     make_images = jax.jit(
-        lambda key: jax.random.normal(key, shape, jnp.float32),
+        lambda key: jax.random.randint(key, shape, 0, 256).astype(jnp.uint8),  # as the input gives
         out_shardings=sharding_lib.batch_sharding(mesh),
     )
     batch = {"image": make_images(jax.random.PRNGKey(1))}

@@ -10,6 +10,7 @@ from PIL import Image
 
 from mae_jax.data import ade20k, seg_input, synthetic_scenes
 from mae_jax.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE, colorize
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 
 SIZES = {"training": [(24, 40), (40, 24), (30, 30), (36, 52)], "validation": [(28, 44), (20, 36)]}
 PREFIX = {"training": "ADE_train", "validation": "ADE_val"}
@@ -114,12 +115,14 @@ def test_ade20k_train_batches_are_reduced_padded_and_typed(prepared):
         ratio_range=(0.5, 1.0),
     )
     batch = next(batches)
-    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (4, 64, 64) and batch["label"].dtype == np.int32
     labels = batch["label"]
     assert np.all((labels == 255) | ((labels >= 0) & (labels < 150)))
-    # Images are at most 32 pixels on the short side, so the crop's far corner is padding.
-    assert np.all(labels[:, -1, -1] == 255) and np.all(batch["image"][:, -1, -1] == 0)
+    # Images are at most 32 pixels on the short side, so the crop's far corner is padding: the
+    # mean colour, which normalises to 0 as mmseg's padding of the normalised image.
+    assert np.all(labels[:, -1, -1] == 255)
+    assert np.all(batch["image"][:, -1, -1] == IMAGENET_MEAN_UINT8)
 
 
 def test_ade20k_eval_examples_keep_the_original_label(prepared, release):
@@ -130,9 +133,20 @@ def test_ade20k_eval_examples_keep_the_original_label(prepared, release):
         np.testing.assert_array_equal(
             example["label"], np.where(raw == 0, 255, raw.astype(int) - 1)
         )
-        assert example["label"].dtype == np.int32 and example["image"].dtype == np.float32
+        assert example["label"].dtype == np.int32 and example["image"].dtype == np.uint8
         assert min(example["image"].shape[:2]) == 32 or max(example["image"].shape[:2]) == 64
     assert len(list(seg_input.seg_eval_examples(source="ade20k", data_dir=prepared, limit=1))) == 1
+
+
+def test_ade20k_images_decode_with_the_accurate_dct_as_pil_and_opencv_do(prepared, release):
+    from mae_jax.data import seg_transforms
+
+    folder = release["folder"] / "ADEChallengeData2016" / "images" / "validation"
+    for example in seg_input.seg_eval_examples(source="ade20k", data_dir=prepared,
+                                               scale=(64, 32)):
+        decoded = np.asarray(Image.open(folder / f"{example['name']}.jpg").convert("RGB"))
+        expected = seg_transforms.resize_image(decoded, example["image"].shape[:2]).numpy()
+        np.testing.assert_array_equal(example["image"], expected)
 
 
 def _synthetic_iterator(**overrides):

@@ -1,4 +1,4 @@
-"""Tests for the MAE pretraining input pipeline: mock or locally generated data, no downloads."""
+"""Image pipelines (mae_jax.data.images / sources): mock or locally written data, no downloads."""
 
 import logging
 import os
@@ -9,21 +9,23 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax.data import images
-from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from mae_jax.data import image_ops, images, sources
+from mae_jax.data.constants import IMAGENET_STD, denormalize, normalize, normalize_uint8
+from mae_jax.data.stream import shuffled_stream
 
 SIZE = 32
-LOW = min((0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
-HIGH = max((1.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
 
 
 class MaeJaxTinyGray(tfds.core.GeneratorBasedBuilder):
-    """20 train / 4 test grayscale images; image i is constant with value 10 * i + 5."""
+    """20 train / 4 test grayscale images; image i is constant 10 * i + 5 and has label i % 4."""
 
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 1))})
+        features = tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 1)),
+            "label": tfds.features.ClassLabel(names=["a", "b", "c", "d"]),
+        })
         return tfds.core.DatasetInfo(builder=self, features=features)
 
     def _split_generators(self, dl_manager):
@@ -31,7 +33,7 @@ class MaeJaxTinyGray(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, count):
         for i in range(count):
-            yield i, {"image": np.full((8 + i % 3, 10, 1), 10 * i + 5, np.uint8)}
+            yield i, {"image": np.full((8 + i % 3, 10, 1), 10 * i + 5, np.uint8), "label": i % 4}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def tiny_tfds_dir(tmp_path_factory):
 
 
 def _write_folder(root, count=9):
-    """Nested JPEG/PNG files of different sizes and modes, constant grey value 20 * i + 10."""
+    """Nested JPEG/PNG files of different sizes and modes, constant grey value 20 * i + 10,
+    plus one undecodable .jpg and a text file."""
     modes = [("RGB", ".jpg"), ("L", ".JPEG"), ("RGBA", ".png"), ("L", ".png"), ("RGB", ".PNG")]
     for i in range(count):
         mode, ext = modes[i % len(modes)]
@@ -57,14 +60,35 @@ def _write_folder(root, count=9):
     return f"folder:{root}"
 
 
+def _write_classes(root, split_sizes, colours=((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+    """PATH/<split>/<class>/*.jpg, class c painted colours[c]; split_sizes: {split: per class}."""
+    for split, per_class in split_sizes.items():
+        for label, colour in enumerate(colours):
+            folder = root / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                size = (40 + 7 * i, 30 + 5 * label)
+                Image.new("RGB", size, colour).save(folder / f"{i:03d}.jpg", quality=95)
+    return f"folder:{root}"
+
+
+def _labels_from_colour(batch_images, colours=((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+    means = batch_images.reshape(len(batch_images), -1, 3).mean(axis=1)
+    return np.argmin(np.abs(means[:, None] - np.asarray(colours)[None]).sum(-1), axis=1)
+
+
 def _take(iterator, count):
     return [next(iterator)["image"] for _ in range(count)]
 
 
-def _grey_ids(images, spacing, offset):
+def _grey_ids(batch, spacing, offset):
     """Recovers which constant-grey source image each (un-augmented) output came from."""
-    values = denormalize(images).mean(axis=(1, 2, 3)) * 255
+    values = batch.reshape(len(batch), -1).mean(axis=1)
     return sorted(int(round((v - offset) / spacing)) for v in values)
+
+
+def _one_process(**options):
+    return {"process_index": 0, "process_count": 1, **options}
 
 
 def test_parse_source_accepts_both_forms_and_rejects_others():
@@ -75,34 +99,41 @@ def test_parse_source_accepts_both_forms_and_rejects_others():
             images.parse_source(bad)
 
 
-def test_normalize_and_denormalize_are_inverse():
-    images = np.random.default_rng(0).uniform(size=(2, 4, 4, 3)).astype(np.float32)
-    np.testing.assert_allclose(denormalize(normalize(images)), images, atol=1e-6)
+def test_normalize_uint8_matches_float_normalisation_in_numpy_and_jit():
+    import jax
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+    expected = normalize(pixels / 255.0)
+    np.testing.assert_allclose(normalize_uint8(pixels), expected, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(normalize_uint8)(pixels), expected, atol=1e-6)
+    np.testing.assert_allclose(denormalize(normalize(pixels / 255.0)), pixels / 255.0, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_uint8(pixels.astype(np.float32))
     with pytest.raises(ValueError, match="channels-last"):
         normalize(np.zeros((2, 3, 4, 4)))
 
 
-def test_tfds_batches_are_normalised_deterministic_and_seed_dependent():
-    common = dict(source="tfds:cifar100", image_size=SIZE, global_batch_size=4, process_count=1,
-                  process_index=0)  # fmt: skip
+def test_tfds_batches_are_uint8_deterministic_and_seed_dependent():
+    common = _one_process(source="tfds:cifar100", image_size=SIZE, global_batch_size=4)
     with tfds.testing.mock_data(num_examples=10):
         first = _take(images.create_pretrain_iterator(seed=0, **common), 3)
-        again = _take(images.create_pretrain_iterator(seed=0, **common), 3)
         other = _take(images.create_pretrain_iterator(seed=1, **common), 3)
+        labelled = images.create_train_iterator(seed=0, with_labels=True, **common)
+        again = [next(labelled) for _ in range(3)]
         fixed = images.load_fixed_images(source="tfds:cifar100", image_size=SIZE, count=3)
-    assert first[0].shape == (4, SIZE, SIZE, 3) and first[0].dtype == np.float32
-    assert all(LOW - 1e-4 <= b.min() and b.max() <= HIGH + 1e-4 for b in first)
-    assert first[0].std() > 0.5  # real image content, not a constant
-    for a, b in zip(first, again, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert not np.allclose(first[0], other[0])
-    assert fixed.shape == (3, SIZE, SIZE, 3) and fixed.dtype == np.float32
+    assert first[0].shape == (4, SIZE, SIZE, 3) and first[0].dtype == np.uint8
+    assert first[0].std() > 20  # real image content, not a constant
+    for a, b in zip(first, again, strict=True):  # same seed, same batches
+        np.testing.assert_array_equal(a, b["image"])
+    assert not np.array_equal(first[0], other[0])
+    labelled = again[0]
+    assert labelled["label"].dtype == np.int32 and labelled["label"].shape == (4,)
+    assert fixed.shape == (3, SIZE, SIZE, 3) and fixed.dtype == np.uint8
 
 
 def test_resume_from_step_matches_fresh_iterator_across_epoch_boundary(tmp_path):
-    source = _write_folder(tmp_path)  # 9 readable images, batch 4 -> 2 steps per epoch
-    common = dict(source=source, image_size=SIZE, global_batch_size=4, seed=3, process_count=1,
-                  process_index=0)  # fmt: skip
+    source = _write_folder(tmp_path)  # 10 listed files, batch 4 -> 2 steps per epoch
+    common = _one_process(source=source, image_size=SIZE, global_batch_size=4, seed=3)
     fresh = _take(images.create_pretrain_iterator(**common), 6)
     resumed = _take(images.create_pretrain_iterator(start_step=3, **common), 3)
     for a, b in zip(fresh[3:], resumed, strict=True):
@@ -111,24 +142,46 @@ def test_resume_from_step_matches_fresh_iterator_across_epoch_boundary(tmp_path)
     assert not np.array_equal(fresh[0], fresh[2])
 
 
-def test_folder_skips_and_counts_corrupt_files_and_converts_modes_to_rgb(tmp_path, caplog):
+def test_folder_lists_every_file_decodes_modes_to_rgb_and_names_the_broken_one(tmp_path, caplog):
     source = _write_folder(tmp_path)
-    with caplog.at_level(logging.WARNING, logger=images.__name__):
-        assert images.num_examples(source=source) == 9
-    assert "Skipping 1 unreadable" in caplog.text and "broken.jpg" in caplog.text
+    # The broken file is listed (no start-up reading): the dataset size is the listing's.
+    assert images.num_examples(source=source) == 10
     iterator = images.create_pretrain_iterator(
-        source=source, image_size=SIZE, global_batch_size=8, seed=0, process_count=1,
-        process_index=0, augment=False,
-    )  # fmt: skip
-    (batch,) = _take(iterator, 1)
-    pixels = denormalize(batch) * 255
+        source=source, augment=False, image_size=SIZE, global_batch_size=10, seed=0,
+        **_one_process())
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data"):
+        (batch,) = _take(iterator, 1)  # one epoch: every listed file once
+    assert batch.shape == (10, SIZE, SIZE, 3)
     # Grey sources (L, RGB, RGBA alike) come out as equal R, G, B at the source value.
-    np.testing.assert_allclose(pixels, pixels[..., :1].repeat(3, -1), atol=1.5)
-    assert len(set(_grey_ids(batch, spacing=20, offset=10))) == 8
+    pixels = batch.astype(int)
+    np.testing.assert_allclose(pixels, pixels[..., :1].repeat(3, -1), atol=1)
+    assert set(_grey_ids(batch, spacing=20, offset=10)) == set(range(9))  # broken one replaced
+    assert "broken.jpg" in caplog.text and iterator.undecodable == {
+        str(tmp_path / "class0" / "broken.jpg")}
 
 
-def test_folder_shards_are_disjoint_and_equal_sized(tmp_path):
+def test_start_up_only_lists_files_and_opens_none(tmp_path, monkeypatch):
+    for i in range(6):  # contents that no decoder accepts: listing must not care
+        (tmp_path / f"{i}.jpg").write_bytes(b"x" * i)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image file was opened at start-up")
+
+    # The old start-up pass opened every file with PIL (and rejected all of these).
+    monkeypatch.setattr(Image, "open", no_reading)
+    assert images.num_examples(source=f"folder:{tmp_path}") == 6
+    images.create_train_iterator(source=f"folder:{tmp_path}", image_size=SIZE,
+                                 global_batch_size=2, seed=0, **_one_process())
+
+
+def test_folder_shards_are_disjoint_equal_sized_and_count_globally(tmp_path):
     source = _write_folder(tmp_path)
+    directory = sources.split_folder(str(tmp_path), "train")
+    listings = [sources.list_folder(directory, with_labels=False, shard_index=i, shard_count=2)
+                for i in range(2)]
+    assert listings[0].total == listings[1].total == 10
+    assert not set(listings[0].paths) & set(listings[1].paths)
+    assert len(listings[0].paths) + len(listings[1].paths) == 10
     ids = []
     for index in range(2):
         iterator = images.create_pretrain_iterator(
@@ -138,6 +191,104 @@ def test_folder_shards_are_disjoint_and_equal_sized(tmp_path):
         ids.append(_grey_ids(_take(iterator, 1)[0], spacing=20, offset=10))
     assert len(ids[0]) == len(ids[1]) == 4
     assert not set(ids[0]) & set(ids[1])
+
+
+def test_labelled_folder_classes_splits_and_labels_follow_class_folders(tmp_path):
+    source = _write_classes(tmp_path, {"train": 4, "val": 2})
+    assert images.class_names(source=source) == ["c0", "c1", "c2"]
+    assert images.num_classes(source=source, split="validation") == 3
+    assert images.num_examples(source=source, split="train") == 12
+    assert images.num_examples(source=source, split="val", with_labels=True) == 6
+    iterator = images.create_train_iterator(
+        source=source, image_size=SIZE, global_batch_size=6, seed=0, with_labels=True,
+        crop_scale=(0.08, 1.0), **_one_process())
+    for _ in range(3):
+        batch = next(iterator)
+        assert batch["label"].dtype == np.int32
+        np.testing.assert_array_equal(batch["label"], _labels_from_colour(batch["image"]))
+    with pytest.raises(FileNotFoundError, match="no test/ sub-folder"):
+        images.num_examples(source=source, split="test")
+    flat = _write_folder(tmp_path / "flat")
+    with pytest.raises(ValueError, match="one split"):
+        images.num_examples(source=flat, split="validation")
+
+
+def test_eval_pass_covers_each_example_once_with_padding_masked_in_every_process(tmp_path):
+    source = _write_classes(tmp_path, {"train": 1, "val": 5})  # 15 validation images
+    seen, lengths = [], []
+    for index in range(2):  # 8 + 7 examples, local batch 3: both run ceil(8 / 3) = 3 batches
+        iterator = images.create_eval_iterator(
+            source=source, image_size=SIZE, global_batch_size=6, split="validation",
+            process_index=index, process_count=2)
+        batches = list(iterator)
+        lengths.append((len(iterator), len(batches)))
+        for batch in batches:
+            assert batch["image"].shape == (3, SIZE, SIZE, 3) and batch["mask"].dtype == bool
+            keep = batch["mask"]
+            np.testing.assert_array_equal(batch["label"][keep],
+                                          _labels_from_colour(batch["image"][keep]))
+            assert np.all(batch["image"][~keep] == 0)
+            seen.extend(batch["label"][keep].tolist())
+    assert lengths == [(3, 3), (3, 3)]
+    assert sorted(seen) == sorted([0, 1, 2] * 5)
+
+
+def test_pipeline_equals_the_float32_transform_to_rounding(tmp_path):
+    source, decoded = _single_image_folder(tmp_path)  # PIL decodes with the accurate DCT
+    iterator = images.create_train_iterator(source=source, image_size=SIZE, global_batch_size=1,
+                                            seed=5, **_one_process())
+    got = normalize_uint8(np.concatenate(_take(iterator, 4)))
+    # Seeds split as the pipeline does: (crop seed, RandAugment seed), then the crop seed into
+    # (box seed, flip seed).
+    for image, seed in zip(got, _example_seeds(5, 4), strict=True):
+        crop_seed = tf.random.experimental.stateless_split(seed, 2)[0]
+        box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(crop_seed, 2))
+        top, left, height, width = (int(v) for v in image_ops.crop_box(box_seed, 60, 80))
+        crop = decoded[top:top + height, left:left + width]
+        if tf.random.stateless_uniform([], flip_seed) < 0.5:
+            crop = crop[:, ::-1]
+        # The old pipeline's float path: TF's antialiased bicubic resize (PIL's filter), clipped.
+        resized = tf.clip_by_value(tf.image.resize(crop, [SIZE, SIZE], "bicubic", antialias=True),
+                                   0.0, 255.0).numpy()
+        expected = normalize(resized / 255.0)
+        # Half a grey level of rounding, plus float differences between the two resizes.
+        tolerance = (0.5 + 0.01) / (255 * np.asarray(IMAGENET_STD))
+        assert np.all(np.abs(image - expected) <= tolerance)
+
+
+def _single_image_folder(tmp_path):
+    """One smooth photo-like JPEG (60 x 80); returns (source, its pixels as PIL decodes them)."""
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(rng.normal(0, 6, (60, 80, 3)), axis=1)
+    smooth += np.linspace(0, 90, 60)[:, None, None]
+    pixels = np.clip(smooth - smooth.min() + 20, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "only.jpg", quality=95)
+    return f"folder:{tmp_path}", np.asarray(Image.open(tmp_path / "only.jpg").convert("RGB"))
+
+
+def _example_seeds(seed, steps):
+    """The shared stream's example seeds for a one-record dataset (one example per step)."""
+    stream = shuffled_stream(tf.data.Dataset.range(1), num_records=1, batch_size=1, seed=seed,
+                             process_index=0)
+    return [example_seed for example_seed, _ in stream.take(steps)]
+
+
+def test_randaugment_runs_on_the_uint8_crop_after_crop_and_flip(tmp_path):
+    from mae_jax.data import randaugment
+
+    source, _ = _single_image_folder(tmp_path)
+    common = _one_process(source=source, image_size=SIZE, global_batch_size=1, seed=2)
+    plain = _take(images.create_train_iterator(**common), 3)
+    augmented = _take(images.create_train_iterator(randaugment="rand-m9-mstd0.5-inc1", **common),
+                      3)
+    layers = randaugment.parse_rand_augment("rand-m9-mstd0.5-inc1")
+    for crop, got, seed in zip(plain, augmented, _example_seeds(2, 3), strict=True):
+        augment_seed = tf.random.experimental.stateless_split(seed, 2)[1]
+        expected = randaugment.rand_augment(tf.constant(crop[0]), augment_seed, **layers)
+        np.testing.assert_array_equal(got[0], expected.numpy())
+    assert any(not np.array_equal(a, b) for a, b in zip(plain, augmented, strict=True))
+    with pytest.raises(ValueError, match="RandAugment config"):
+        images.create_train_iterator(randaugment="rand-q9", **common)
 
 
 def test_tfds_process_shards_are_disjoint_and_grayscale_becomes_rgb(tiny_tfds_dir):
@@ -151,51 +302,64 @@ def test_tfds_process_shards_are_disjoint_and_grayscale_becomes_rgb(tiny_tfds_di
         batches = np.concatenate(_take(iterator, 5))  # one epoch: 10 examples per process
         shards.append(_grey_ids(batches, spacing=10, offset=5))
     assert sorted(shards[0] + shards[1]) == list(range(20))
-    fixed = images.load_fixed_images(
-        source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir, image_size=SIZE, count=4
-    )
-    assert fixed.shape == (4, SIZE, SIZE, 3)
+
+
+def test_tfds_fixed_images_spread_and_labelled_eval_pass(tiny_tfds_dir):
+    common = {"source": "tfds:mae_jax_tiny_gray", "data_dir": tiny_tfds_dir, "image_size": SIZE}
+    fixed = images.load_fixed_images(count=4, **common)
+    assert fixed.shape == (4, SIZE, SIZE, 3) and fixed.dtype == np.uint8
     assert _grey_ids(fixed, spacing=10, offset=5) == [0, 1, 2, 3]  # the 4-image "test" split
-    # Exact ImageNet normalisation of a constant grey image.
-    value = (denormalize(fixed[:1]) * 255).mean()
-    expected = (np.round(value) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    np.testing.assert_allclose(fixed[0, 5, 5], expected, atol=1e-3)
-    count = images.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir)
-    assert count == 20
+    # Spread over the split (records 0, 5, 10, 15 of its stored order), not its first examples.
+    stored = tfds.builder("mae_jax_tiny_gray", data_dir=tiny_tfds_dir).as_dataset(
+        split="train", shuffle_files=False)
+    order = [int(round((e["image"].mean() - 5) / 10)) for e in stored.as_numpy_iterator()]
+    spread = images.load_fixed_images(count=4, split="train", **common)
+    assert _grey_ids(spread, spacing=10, offset=5) == sorted(order[i] for i in (0, 5, 10, 15))
+    assert images.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir) == 20
+    assert images.class_names(source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir) == list(
+        "abcd")
+    evaluated = list(images.create_eval_iterator(split="train", global_batch_size=8,
+                                                 **common, **_one_process()))
+    labels = np.concatenate([b["label"][b["mask"]] for b in evaluated])
+    shown = np.concatenate([b["image"][b["mask"]] for b in evaluated])
+    ids = np.round((shown.reshape(20, -1).mean(axis=1) - 5) / 10).astype(int)
+    np.testing.assert_array_equal(ids, order)  # one pass, in stored order
+    np.testing.assert_array_equal(labels, ids % 4)
 
 
-def test_random_resized_crop_boxes_stay_in_range_and_fall_back_to_center():
-    for i in range(20):
-        seed = tf.constant([i, 7], tf.int64)
-        top, left, height, width = (int(v) for v in images._crop_box(seed, 48, 64))
-        assert 0 <= top and top + height <= 48 and 0 <= left and left + width <= 64
-        assert 0.18 <= height * width / (48 * 64) <= 1.0
-        assert 0.7 <= width / height <= 1.4
-    # No try fits a 4 x 100 strip: torchvision's center crop with the ratio clamped to 4/3.
-    box = images._crop_box(tf.constant([0, 0], tf.int64), 4, 100)
-    assert [int(v) for v in box] == [0, 47, 4, 5]
+def test_fixed_images_are_spread_over_a_class_sorted_folder(tmp_path):
+    source = _write_classes(tmp_path, {"train": 5, "val": 4})
+    fixed = images.load_fixed_images(source=source, image_size=SIZE, count=3)  # from val/
+    np.testing.assert_array_equal(_labels_from_colour(fixed), [0, 1, 2])
+    again = images.load_fixed_images(source=source, image_size=SIZE, count=3)
+    np.testing.assert_array_equal(fixed, again)
 
 
 def test_clear_errors_for_bad_inputs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="no readable"):
+    with pytest.raises(ValueError, match="no .jpg/.jpeg/.png images"):
         images.num_examples(source=f"folder:{empty}")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        images.num_classes(source=f"folder:{empty}")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         images.num_examples(source=f"folder:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="tfds:NAME"):
         images.create_pretrain_iterator(source="imagenet", image_size=SIZE, global_batch_size=4,
-                                          seed=0, process_index=0, process_count=1)  # fmt: skip
+                                        seed=0, **_one_process())
     with pytest.raises(FileNotFoundError, match="not prepared.*tfds build cifar100"):
         images.create_pretrain_iterator(
             source="tfds:cifar100", data_dir=str(tmp_path / "tfds"), image_size=SIZE,
-            global_batch_size=4, seed=0, process_index=0, process_count=1, download=False,
-        )  # fmt: skip
+            global_batch_size=4, seed=0, download=False, **_one_process())
     with pytest.raises(ValueError, match="multiple of the 2 processes"):
         images.create_pretrain_iterator(source=_write_folder(tmp_path / "f"), image_size=SIZE,
-                                          global_batch_size=5, seed=0, process_index=0,
-                                          process_count=2)  # fmt: skip
+                                        global_batch_size=5, seed=0, process_index=0,
+                                        process_count=2)
+    with pytest.raises(ValueError, match="crop_scale"):
+        images.create_train_iterator(source=f"folder:{tmp_path / 'f'}", image_size=SIZE,
+                                     global_batch_size=2, seed=0, crop_scale=(0.5, 0.2),
+                                     **_one_process())
 
 
 def test_failed_download_says_how_to_build_offline(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from mae_jax.data import seg_transforms as st
+from mae_jax.data.constants import IMAGENET_STD, normalize_uint8
 
 # Cube corners: no colour is a blend of the others, so a bilinear blend never looks "pure".
 CORNERS = np.array(
@@ -123,27 +124,39 @@ def test_category_ratio_crop_falls_back_to_a_random_window_when_none_qualifies()
     assert crop_image.shape == (16, 24, 3) and crop_label.shape == (16, 24)
 
 
-def _denormalize(image):
-    return image * np.array(st.STD_RGB) + np.array(st.MEAN_RGB)
+def _pixels(image):
+    """The transforms' uint8 output as ints (they no longer normalise: that runs on device)."""
+    assert image.dtype == tf.uint8
+    return image.numpy().astype(int)
 
 
 def test_train_transform_keeps_image_and_label_aligned():
+    """Pure-colour pixels inside a block carry the block's label. Near a block edge the label's
+    nearest pick (cv2 INTER_NEAREST, as mmcv: source = floor(dst * scale)) may be one source
+    pixel away from what the bilinear image resize blends, as in mmseg, so only pixels whose
+    3x3 label neighbourhood is uniform are checked."""
     for i in range(10):
         image, raw = _block_scene(i)
         out_image, out_label = st.train_transform(
             image, raw, seed=_seed(i), crop_size=32, scale=(96, 48), photometric=False
         )
-        out_image, out_label = _denormalize(out_image.numpy()), out_label.numpy()
+        out_image, out_label = _pixels(out_image), out_label.numpy()
+        padded = np.pad(out_label, 1, mode="edge")
+        uniform = np.ones(out_label.shape, bool)
+        for dy in range(3):
+            for dx in range(3):
+                window = padded[dy:dy + out_label.shape[0], dx:dx + out_label.shape[1]]
+                uniform &= window == out_label
         pure = np.zeros(out_label.shape, bool)
         for reduced, colour in enumerate(CORNERS):
-            is_colour = np.all(np.abs(out_image - colour) <= 1.0, axis=-1)
+            is_colour = np.all(np.abs(out_image - colour) <= 1.0, axis=-1) & uniform
             np.testing.assert_array_equal(out_label[is_colour], reduced)
             pure |= is_colour
-        is_black = np.all(np.abs(out_image) <= 1.0, axis=-1)
+        is_black = np.all(np.abs(out_image) <= 1.0, axis=-1) & uniform
         np.testing.assert_array_equal(out_label[is_black], 255)
         pure |= is_black
-        # Most pixels are block interiors, so the check above covers them.
-        assert pure[out_label != 255].mean() > 0.6
+        # Most pixels are block interiors, so the check above covers many of them.
+        assert pure[out_label != 255].mean() > 0.3
 
 
 def test_train_transform_flips_image_and_label_together():
@@ -163,7 +176,7 @@ def test_train_transform_flips_image_and_label_together():
             photometric=False,
         )
         out_label = out_label.numpy()
-        colours = np.round(_denormalize(out_image.numpy())).astype(int)
+        colours = _pixels(out_image)
         np.testing.assert_array_equal(colours, CORNERS[out_label])
         steps = np.diff(out_label[0])
         assert np.all(steps >= 0) or np.all(steps <= 0)
@@ -171,17 +184,21 @@ def test_train_transform_flips_image_and_label_together():
     assert directions == {True, False}
 
 
-def test_train_transform_pads_small_images_with_zero_and_ignore():
+def test_train_transform_pads_small_images_with_the_mean_colour_and_ignore():
     image, raw = _block_scene(3, height=32, width=32)
     # Scale (32, 16) at ratio 1 shrinks the 32x32 scene to 16x16, inside the 32x32 crop.
     out_image, out_label = st.train_transform(
         image, raw, seed=_seed(0), crop_size=32, scale=(32, 16), ratio_range=(1.0, 1.0)
     )
-    assert out_image.shape == (32, 32, 3) and out_image.dtype == tf.float32
+    assert out_image.shape == (32, 32, 3) and out_image.dtype == tf.uint8
     assert out_label.shape == (32, 32) and out_label.dtype == tf.int32
     out_image, out_label = out_image.numpy(), out_label.numpy()
     assert np.all(out_label[16:] == 255) and np.all(out_label[:, 16:] == 255)
-    assert np.all(out_image[16:] == 0) and np.all(out_image[:, 16:] == 0)
+    # mmseg pads the normalised image with 0: after normalize_uint8 the uint8 padding is 0 to
+    # within rounding (half a grey level over the channel's std).
+    padding = [out_image[16:].reshape(-1, 3), out_image[:16, 16:].reshape(-1, 3)]
+    padded = normalize_uint8(np.concatenate(padding)[:, None, :])
+    assert np.all(np.abs(padded) <= 0.5 / (255 * np.array(IMAGENET_STD)))
     assert np.any(out_label[:16, :16] != 255)
 
 
@@ -209,5 +226,5 @@ def test_photometric_distortion_changes_colours_not_geometry():
 def test_eval_transform_resizes_image_and_keeps_label_at_original_size():
     image, raw = _block_scene(2, height=40, width=64)
     out_image, out_label = st.eval_transform(image, raw, scale=(64, 32))
-    assert out_image.shape == (32, 51, 3) and out_image.dtype == tf.float32  # 64 * 32 / 40 = 51.2
+    assert out_image.shape == (32, 51, 3) and out_image.dtype == tf.uint8  # 64 * 32 / 40 = 51.2
     np.testing.assert_array_equal(out_label.numpy(), np.where(raw == 0, 255, raw.astype(int) - 1))

@@ -114,11 +114,22 @@ def global_batch_from_host(
 
     local_batch[k]: [B_local, ...] on each process -> global [B_local * processes, ...], split
     by `sharding` (normally `batch_sharding(mesh)`). B_local must divide evenly over the
-    process's local devices.
+    process's local devices. Entries that already are global jax.Arrays sharded by `sharding`
+    (batches made on the devices, `mae_jax.data.on_device`) pass through unchanged; a jax.Array
+    sharded otherwise is an error, not a silent copy through the host.
     """
     local_devices = len(sharding.addressable_devices)
     batch = {}
     for name, value in local_batch.items():
+        if isinstance(value, jax.Array):
+            if not value.sharding.is_equivalent_to(sharding, value.ndim):
+                raise ValueError(
+                    f"Batch entry {name!r} is a jax.Array sharded as {value.sharding}, not as "
+                    f"the batch sharding {sharding}; make it with that sharding (e.g. "
+                    "out_shardings=batch_sharding(mesh)) or pass a numpy array."
+                )
+            batch[name] = value
+            continue
         value = np.asarray(value)
         if value.ndim == 0 or value.shape[0] % local_devices:
             raise ValueError(

@@ -30,6 +30,14 @@ manual directory. Note: TFDS's `scene_parse150` builder is NOT this data (it fet
 instance annotations), so it cannot reproduce the ADE20K numbers."""
 
 
+def _damaged_zip(archive, problem: str) -> str:
+    return (
+        f"{archive} is damaged or incomplete ({problem}). Delete it and download it again "
+        f"({RELEASE_URL}, about 923 MB), or put the extracted `{RELEASE_NAME}/` folder next "
+        "to it."
+    )
+
+
 def find_ade20k_release(manual_dir) -> pathlib.Path:
     """Locates the release in `manual_dir`: the extracted folder (or manual_dir itself being that
     folder) or the zip. Raises FileNotFoundError saying where to get it otherwise."""
@@ -41,6 +49,8 @@ def find_ade20k_release(manual_dir) -> pathlib.Path:
             return folder
     archive = root / f"{RELEASE_NAME}.zip"
     if archive.is_file():
+        if not zipfile.is_zipfile(archive):
+            raise ValueError(_damaged_zip(archive, "it is not a zip archive"))
         return archive
     raise FileNotFoundError(
         f"ADE20K release not found in {root} (looked for {RELEASE_NAME}/ and "
@@ -130,8 +140,11 @@ class Ade20kSemantic(tfds.core.GeneratorBasedBuilder):
                 )
 
         if release.suffix == ".zip":
-            with zipfile.ZipFile(release) as archive:
-                yield from examples(_pairs_in_zip(archive, folder))
+            try:
+                with zipfile.ZipFile(release) as archive:
+                    yield from examples(_pairs_in_zip(archive, folder))
+            except zipfile.BadZipFile as error:  # e.g. a member whose CRC does not match
+                raise ValueError(_damaged_zip(release, str(error))) from error
         else:
             yield from examples(_pairs_in_folder(release, folder))
 

@@ -1,34 +1,31 @@
-"""Image datasets for pretraining (tf.data): deterministic, resumable, sharded per process.
+"""Image pipelines for pretraining, linear probing and fine-tuning (tf.data -> uint8 numpy).
 
-Sources are strings:
-  * ``"tfds:NAME"``: any TFDS image dataset; NAME is passed to ``tfds.builder`` as is, so it may
-    carry a config and version (``"tfds:cifar100"``, ``"tfds:imagenet2012:5.1.0"``). The split is
-    the separate ``split`` argument (TFDS split syntax, e.g. ``"train[:90%]"``), not part of the
-    string, because ``:`` already means "version" in TFDS names.
-  * ``"folder:/path/to/images"``: every .jpg/.jpeg/.png below the folder (recursive, any case);
-    ``split`` is ignored (the folder is the split).
+Sources (``folder:PATH``, ``tfds:NAME``) and splits: `mae_jax.data.sources`. Per-image ops
+(decode, RandomResizedCrop, bicubic resize, center crop): `mae_jax.data.image_ops`.
 
-Determinism and resumption: the shared stream of `mae_jax.data.stream` (batch ``k`` depends only
-on (seed, process, k)); each example's crop and flip come from stateless ops seeded by it.
+Batches hold uint8 pixels; the task libraries normalise them on device inside their jitted
+steps with `mae_jax.data.constants.normalize_uint8` (4x fewer bytes than float32 to move).
 
-Corrupt folder images: a validation pass at start-up opens every file with PIL (header + ``verify``,
-no pixel decoding), skips the unreadable ones and logs their count with examples. Files that pass
-it but still fail TF decoding are dropped by ``ignore_errors`` (logged by tf.data) so that a run
-never crashes mid-way.
+Training streams are infinite and resumable: batch k depends only on (seed, process, k) (the
+shared stream of `mae_jax.data.stream`), and each example's crop, flip and RandAugment come
+from stateless ops seeded by it.
+
+Undecodable files never stop a run nor shift the stream (`mae_jax.data.decodable`): training
+fills the slot from another file drawn with the example's seed, evaluation masks it out, the
+fixed pictures take the next file; each such file is named in the log.
 """
 
-import functools
 import logging
 import math
-import os
-from concurrent import futures
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.data import image_ops, sources
+from mae_jax.data import randaugment as randaugment_lib
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8
+from mae_jax.data.decodable import REPLACEMENTS, Batches, decoded, fill_image, no_autograph
+from mae_jax.data.sources import class_names, num_classes, num_examples, parse_source
 from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
 try:  # Keep TensorFlow off accelerators: JAX owns them.
@@ -36,341 +33,214 @@ try:  # Keep TensorFlow off accelerators: JAX owns them.
 except RuntimeError:  # TF already initialised its devices elsewhere; nothing to do.
     pass
 
+__all__ = ["Batches", "class_names", "create_eval_iterator", "create_pretrain_iterator",
+           "create_train_iterator", "load_fixed_images", "num_classes", "num_examples",
+           "parse_source"]
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-CROP_SCALE = (0.2, 1.0)  # official MAE RandomResizedCrop scale
-CROP_RATIO = (3 / 4, 4 / 3)
-CROP_TRIES = 10  # torchvision's number of attempts before the center-crop fallback
-_SOURCE_FORMS = '"tfds:NAME" (e.g. "tfds:cifar100") or "folder:/path/to/images"'
+CROP_SCALE = (0.2, 1.0)  # official MAE pretraining RandomResizedCrop scale
 
 
-class Source(NamedTuple):
-    kind: str  # "tfds" or "folder"
-    name: str  # TFDS name (with optional /config:version) or folder path
-
-
-def parse_source(source: str) -> Source:
-    """Parses "tfds:NAME" or "folder:PATH"; anything else raises ValueError."""
-    kind, sep, name = source.partition(":") if isinstance(source, str) else ("", "", "")
-    if not sep or kind not in ("tfds", "folder") or not name.strip():
-        raise ValueError(f"bad data source {source!r}: expected {_SOURCE_FORMS}")
-    return Source(kind, name.strip())
-
-
-# ---------------------------------------------------------------- Folder source
-
-
-@functools.lru_cache(maxsize=8)
-def _readable_folder_images(path: str) -> tuple[str, ...]:
-    """Sorted readable image files below `path`; unreadable ones are skipped, counted, logged."""
-    from PIL import Image  # PIL ships with TFDS/matplotlib; only the folder source needs it.
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"image folder {path!r} does not exist (source 'folder:{path}')")
-    files = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(path, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
-
-    def readable(file: str) -> bool:
-        try:
-            with Image.open(file) as image:
-                image.verify()  # parses the whole file (chunk CRCs for PNG) without decoding
-            return True
-        except Exception:  # noqa: BLE001 - any failure means "skip this file"
-            return False
-
-    with futures.ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
-        ok = list(pool.map(readable, files, chunksize=256))
-    bad = [f for f, good in zip(files, ok, strict=True) if not good]
-    if bad:
-        logger.warning(
-            "Skipping %d unreadable image file(s) of %d in %s, e.g. %s",
-            len(bad), len(files), path, bad[:5],
-        )
-    good = tuple(f for f, good in zip(files, ok, strict=True) if good)
-    if not good:
-        raise ValueError(
-            f"no readable {'/'.join(IMAGE_EXTENSIONS)} images in folder {path!r} "
-            f"({len(files)} candidate file(s), {len(bad)} unreadable); point the source at a "
-            "folder of images"
-        )
-    return good
-
-
-# ------------------------------------------------------------------ TFDS source
-
-
-def _tfds_builder(name: str, data_dir: str | None, download: bool):
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-        return builder
-    where = builder.data_dir
-    how_to = (
-        f"On a machine with internet run `tfds build {name.split(':')[0]} --data_dir DIR`, copy "
-        "DIR to this machine and pass --config.data.data_dir=DIR."
-    )
-    if not download:
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in {where} and download=False. {how_to}"
-        )
-    try:
-        builder.download_and_prepare()
-    except Exception as error:
-        raise RuntimeError(
-            f"could not download/prepare TFDS dataset {name!r} into {where}: {error}. {how_to}"
-        ) from error
-    return builder
-
-
-def _image_key(builder) -> str:
-    features = builder.info.features
-    if "image" in features:
-        return "image"
-    for key, feature in features.items():
-        if isinstance(feature, tfds.features.Image):
-            return key
-    raise ValueError(f"TFDS dataset {builder.name!r} has no image feature: {list(features)}")
-
-
-def _tfds_encoded(builder, split) -> tf.data.Dataset:
-    """Encoded image bytes of `split`, in a fixed order; decoding happens later, in parallel."""
-    key = _image_key(builder)
-    ds = builder.as_dataset(
-        split=split, shuffle_files=False, decoders={key: tfds.decode.SkipDecoding()}
-    )
-    return ds.map(lambda example: example[key])
-
-
-def _count(ds: tf.data.Dataset, builder, split) -> int:
-    cardinality = int(ds.cardinality())
-    # TFDS records the split size as the cardinality; fall back to the metadata otherwise.
-    return cardinality if cardinality >= 0 else builder.info.splits[split].num_examples
-
-
-# ------------------------------------------------------------- Local records
-
-
-class _Records(NamedTuple):
-    records: tf.data.Dataset  # file paths (folder) or encoded image bytes (TFDS), fixed order
-    count: int  # number of records
-    from_folder: bool  # records are paths that still need reading
-
-
-def _local_records(source, data_dir, split, process_index, process_count, download) -> _Records:
-    """This process's shard; shards are equal in size so every process runs the same steps."""
-    kind, name = parse_source(source)
-    if kind == "folder":
-        files = _readable_folder_images(os.path.abspath(os.path.expanduser(name)))
-        per_process = len(files) // process_count
-        local = list(files[process_index::process_count][:per_process])
-        paths = tf.data.Dataset.from_tensor_slices(tf.constant(local, tf.string))
-        return _Records(paths, per_process, True)
-    builder = _tfds_builder(name, data_dir, download)
-    local_split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
-    records = _tfds_encoded(builder, local_split)
-    return _Records(records, _count(records, builder, local_split), False)
-
-
-def num_examples(
-    *, source: str, data_dir: str | None = None, split: str = "train", download: bool = True
-) -> int:
-    """Examples in the whole split (all processes); folders count only readable images.
-
-    Prepares (downloads) a TFDS dataset first if needed and `download` is true.
-    """
-    kind, name = parse_source(source)
-    if kind == "folder":
-        return len(_readable_folder_images(os.path.abspath(os.path.expanduser(name))))
-    builder = _tfds_builder(name, data_dir, download)
-    return _count(_tfds_encoded(builder, split), builder, split)
-
-
-# ------------------------------------------------------------------ Transforms
-
-
-def _decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
-    """encoded: JPEG/PNG bytes -> [H, W, 3] uint8; grayscale is replicated, alpha dropped."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor):
-    """torchvision RandomResizedCrop.get_params, with all tries drawn at once (stateless).
-
-    Returns (top, left, crop_height, crop_width) as int32 scalars.
-    """
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    seeds = tf.random.experimental.stateless_split(seed, 4)
-    area = h * w * tf.random.stateless_uniform([CROP_TRIES], seeds[0], *CROP_SCALE)
-    log_ratio = tf.random.stateless_uniform(
-        [CROP_TRIES], seeds[1], math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    )
-    aspect = tf.exp(log_ratio)
-    # tf.round and Python's round both round half to even.
-    crop_w = tf.round(tf.sqrt(area * aspect))
-    crop_h = tf.round(tf.sqrt(area / aspect))
-    valid = (crop_w > 0) & (crop_w <= w) & (crop_h > 0) & (crop_h <= h)
-    # torch.randint(0, h - crop_h + 1) as a floor of a uniform draw.
-    top = tf.floor(tf.random.stateless_uniform([CROP_TRIES], seeds[2]) * (h - crop_h + 1))
-    left = tf.floor(tf.random.stateless_uniform([CROP_TRIES], seeds[3]) * (w - crop_w + 1))
-    first = tf.argmax(tf.cast(valid, tf.int32), output_type=tf.int32)
-
-    # Fallback when no try fits: central crop with the aspect ratio clamped to CROP_RATIO.
-    in_ratio = w / h
-    fallback_w = tf.where(in_ratio > CROP_RATIO[1], tf.round(h * CROP_RATIO[1]), w)
-    fallback_h = tf.where(in_ratio < CROP_RATIO[0], tf.round(w / CROP_RATIO[0]), h)
-    fallback = tf.stack([(h - fallback_h) // 2, (w - fallback_w) // 2, fallback_h, fallback_w])
-    chosen = tf.stack([top[first], left[first], crop_h[first], crop_w[first]])
-    box = tf.where(tf.reduce_any(valid), chosen, fallback)
-    return tuple(tf.unstack(tf.cast(box, tf.int32)))
-
-
-def _resize(image: tf.Tensor, size) -> tf.Tensor:
-    """Bicubic resize as PIL does it (torchvision applies it to PIL images), clipped to [0, 255].
-
-    Upsampling uses TF's plain bicubic kernel (Keys a=-0.5, half-pixel centers: PIL's filter when
-    enlarging, 8x faster than the antialiased op); antialiasing only when a side shrinks.
-    """
-    shrinks = tf.reduce_any(tf.shape(image)[:2] > tf.convert_to_tensor(size))
-    resized = tf.cond(
-        shrinks,
-        lambda: tf.image.resize(image, size, method="bicubic", antialias=True),
-        lambda: tf.image.resize(image, size, method="bicubic", antialias=False),
-    )
-    return tf.clip_by_value(resized, 0.0, 255.0)  # bicubic overshoots; PIL saturates
-
-
-_SCALE = tuple(1 / (255 * s) for s in IMAGENET_STD)
-_OFFSET = tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
-
-
-def _normalize(image: tf.Tensor) -> tf.Tensor:
-    """[0, 255] -> (x / 255 - mean) / std as one multiply-add: this runs at full resolution."""
-    return image * tf.constant(_SCALE) + tf.constant(_OFFSET)
-
-
-def _augment(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> tf.Tensor:
-    """RandomResizedCrop(scale (0.2, 1), ratio (3/4, 4/3), bicubic) + flip p=0.5 + normalise.
-
-    image: [H, W, 3] uint8 -> [image_size, image_size, 3] float32.
-    """
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    shape = tf.shape(image)
-    top, left, crop_h, crop_w = _crop_box(crop_seed, shape[0], shape[1])
-    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, 3]))
-    # Flipping the small crop before resizing is cheaper, and equal: the resize is symmetric.
-    flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-    crop = tf.cond(flip, lambda: tf.image.flip_left_right(crop), lambda: crop)
-    return _normalize(_resize(crop, [image_size, image_size]))
-
-
-def _center(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resize the shorter side to image_size (torchvision Resize), center crop, normalise.
-
-    image: [H, W, 3] uint8 -> [image_size, image_size, 3] float32.
-    """
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    # torchvision: shorter side = size, longer side = int(size * long / short) (truncated).
-    new_hw = tf.cast(tf.floor(shape * image_size / tf.reduce_min(shape)), tf.int32)
-    new_hw = tf.maximum(new_hw, image_size)
-    resized = _resize(image, new_hw)
-    top = tf.cast(tf.round(tf.cast(new_hw[0] - image_size, tf.float32) / 2), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_hw[1] - image_size, tf.float32) / 2), tf.int32)
-    crop = tf.image.crop_to_bounding_box(resized, top, left, image_size, image_size)
-    return _normalize(crop)
-
-
-def _preprocess_fn(records: _Records, image_size: int, augment: bool):
-    def preprocess(seed, record):
-        encoded = tf.io.read_file(record) if records.from_folder else record
-        image = _decode_rgb(encoded)
-        if augment:
-            return _augment(image, seed, image_size)
-        return _center(image, image_size)
-
-    return preprocess
-
-
-def _finish(ds: tf.data.Dataset, records: _Records, batch_size: int) -> tf.data.Dataset:
-    if records.from_folder:
-        # Safety net for files that passed the PIL check but fail TF decoding: drop, don't crash.
-        ds = ds.ignore_errors(log_warning=True)
-    ds = ds.batch(batch_size, drop_remainder=True).map(lambda images: {"image": images})
+def _finish(ds: tf.data.Dataset, batch_size: int, keys, threads=None) -> tf.data.Dataset:
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda b: {key: b[key] for key in (*keys, "attempts", "failed")})
     options = tf.data.Options()
     options.deterministic = True
+    if threads:
+        options.threading.private_threadpool_size = threads
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _check_size(image_size: int) -> None:
+    if image_size <= 0:
+        raise ValueError(f"image_size must be > 0, got {image_size}.")
 
 
 # -------------------------------------------------------------------- Iterators
 
 
-def create_pretrain_iterator(
-    *,
-    source: str,
-    image_size: int,
-    global_batch_size: int,
-    seed: int,
-    data_dir: str | None = None,
-    split: str = "train",
-    start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    download: bool = True,
-    augment: bool = True,
-    shuffle_buffer_size: int = 50_000,
-):
-    """Infinite iterator of {"image": float32 [global_batch_size // process_count, S, S, 3]}.
+def create_train_iterator(
+    *, source: str, image_size: int, global_batch_size: int, seed: int, split: str = "train",
+    start_step: int = 0, data_dir: str | None = None, download: bool = True,
+    shuffle_buffer_size: int = 50_000, crop_scale=CROP_SCALE, with_labels: bool = False,
+    randaugment: str | None = None, process_index: int | None = None,
+    process_count: int | None = None, center_crop: bool = False, threads: int | None = None,
+) -> Batches:
+    """Infinite, resumable iterator of {"image": uint8 [B, S, S, 3], "label": int32 [B] (only
+    with_labels)}, B = global_batch_size // process_count, S = image_size.
 
-    ImageNet-normalised; batches are identical for identical (seed, step); see the module
-    docstring for how resumption from `start_step` works. `shuffle_buffer_size` bounds the
-    per-epoch shuffle (a full shuffle when the shard is smaller); it holds encoded records.
-    Defaults for the process arguments come from jax.process_index() / jax.process_count().
+    Per example: RandomResizedCrop(S, scale=crop_scale, ratio (3/4, 4/3), bicubic) + horizontal
+    flip, then RandAugment on the uint8 crop when `randaugment` is a timm string such as
+    "rand-m9-mstd0.5-inc1" (the official fine-tuning order; normalising and random erasing
+    happen on device). center_crop=True replaces crop and flip by resize + center crop (no
+    randomness). `start_step=k` yields what a fresh iterator yields from its k-th batch on.
+    threads: size of a private tf.data thread pool (None: TF's shared one, all cores).
+    `shuffle_buffer_size` bounds the per-epoch shuffle (records are indices or encoded bytes).
+    Process arguments default to jax.process_index() / jax.process_count().
     """
     process_index, process_count = check_process(process_index, process_count)
     batch = local_batch_size(global_batch_size, process_count)
-    if image_size <= 0:
-        raise ValueError(f"image_size must be > 0, got {image_size}.")
-    records = _local_records(source, data_dir, split, process_index, process_count, download)
-    ds = shuffled_stream(
-        records.records, num_records=records.count, batch_size=batch, seed=seed,
+    _check_size(image_size)
+    low, high = crop_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1.")
+    augment_layers = None
+    if randaugment:
+        augment_layers = randaugment_lib.parse_rand_augment(randaugment)
+    shard = sources.local_shard(source, split, data_dir=data_dir, download=download,
+                                process_index=process_index, process_count=process_count,
+                                with_labels=with_labels, equal=True)
+
+    def transform(encoded, seed):
+        if center_crop:
+            return image_ops.resize_center_crop(encoded, image_size, resize_ratio=1.0)
+        crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = image_ops.random_resized_crop(encoded, crop_seed, image_size, (low, high))
+        if augment_layers is not None:
+            image = randaugment_lib.rand_augment(image, augment_seed, **augment_layers)
+        return image
+
+    stream = shuffled_stream(
+        shard.records, num_records=shard.count, batch_size=batch, seed=seed,
         process_index=process_index, start_step=start_step,
-        shuffle_buffer_size=shuffle_buffer_size, what=f"{source} split {split!r}",
+        shuffle_buffer_size=shuffle_buffer_size, what=shard.what,
     )
-    preprocess = _preprocess_fn(records, image_size, augment)
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _finish(ds, records, batch).as_numpy_iterator()
+    ds = decoded(stream, shard, transform, replacements=REPLACEMENTS,
+                 fill=fill_image(image_size, IMAGENET_MEAN_UINT8))
+    keys = ("image", "label") if with_labels else ("image",)
+    return Batches(_finish(ds, batch, keys, threads), what=shard.what)
 
 
-def load_fixed_images(
-    *,
-    source: str,
-    image_size: int,
-    count: int,
-    data_dir: str | None = None,
-    split: str | None = None,
-    download: bool = True,
-) -> np.ndarray:
-    """The first `count` examples, un-augmented and normalised: float32 [count, S, S, 3].
+def create_pretrain_iterator(
+    *, source: str, image_size: int, global_batch_size: int, seed: int,
+    data_dir: str | None = None, split: str = "train", start_step: int = 0,
+    process_index: int | None = None, process_count: int | None = None, download: bool = True,
+    augment: bool = True, shuffle_buffer_size: int = 50_000,
+) -> Batches:
+    """Unlabelled `create_train_iterator` with MAE's pretraining crop scale (0.2, 1);
+    augment=False: resize + center crop instead of the random crop and flip."""
+    return create_train_iterator(
+        source=source, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
+        split=split, start_step=start_step, data_dir=data_dir, download=download,
+        shuffle_buffer_size=shuffle_buffer_size, process_index=process_index,
+        process_count=process_count, center_crop=not augment,
+    )
 
-    Same on every process. For TFDS, `split=None` picks "test", else "validation", else "train".
+
+def create_eval_iterator(
+    *, source: str, image_size: int, global_batch_size: int, split: str,
+    data_dir: str | None = None, download: bool = True, resize_ratio: float = 224 / 256,
+    process_index: int | None = None, process_count: int | None = None,
+) -> Batches:
+    """ONE pass over this process's shard of `split`: {"image": uint8 [B, S, S, 3], "label":
+    int32 [B], "mask": bool [B]}, B = global_batch_size // process_count.
+
+    The official eval transform: resize the shorter side to int(S / resize_ratio) (256 for 224),
+    bicubic, center crop S. Shards differ in size by at most one; every process pads its last
+    batches (mask False, label 0, black image) up to ceil(ceil(total / processes) / B) batches,
+    a number each process computes from the global count alone, so all run the same number of
+    steps without talking to each other. A file that does not decode is masked out (and named).
     """
+    process_index, process_count = check_process(process_index, process_count)
+    batch = local_batch_size(global_batch_size, process_count)
+    _check_size(image_size)
+    if not 0 < resize_ratio <= 1:
+        raise ValueError(f"resize_ratio must be in (0, 1], got {resize_ratio}.")
+    shard = sources.local_shard(source, split, data_dir=data_dir, download=download,
+                                process_index=process_index, process_count=process_count,
+                                with_labels=True, equal=False)
+    num_batches = math.ceil(math.ceil(shard.total / process_count) / batch)
+
+    def transform(encoded, seed):
+        del seed  # no randomness at evaluation
+        return image_ops.resize_center_crop(encoded, image_size, resize_ratio)
+
+    examples = tf.data.Dataset.zip(tf.data.Dataset.from_tensors(tf.zeros([2], tf.int64)).repeat(),
+                                   shard.records)
+    ds = decoded(examples, shard, transform, replacements=0, fill=fill_image(image_size, (0, 0, 0)))
+    padding = {"image": fill_image(image_size, (0, 0, 0)), "label": tf.constant(0),
+               "attempts": tf.constant(0), "valid": tf.constant(False),
+               "failed": tf.constant([""])}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
+    ds = ds.map(lambda example: {**example, "mask": example["valid"]})
+    return Batches(_finish(ds, batch, ("image", "label", "mask")), what=shard.what,
+                   num_batches=num_batches)
+
+
+def load_fixed_images(*, source: str, image_size: int, count: int, data_dir: str | None = None,
+                      split: str | None = None, download: bool = True) -> np.ndarray:
+    """`count` images spread evenly over a split, resized + center cropped: uint8 [count, S, S,
+    3]. The same on every process (picture i is example i * total // count of the whole split,
+    so a class-sorted dataset shows many classes). An undecodable pick is named in the log and
+    replaced by the next example that decodes. split=None: TFDS "test", else "validation",
+    else "train"; folders val/, else train/ (or the folder itself).
+    """
+    _check_size(image_size)
     kind, name = parse_source(source)
-    if kind == "tfds" and split is None:
-        splits = _tfds_builder(name, data_dir, download).info.splits
-        split = next((s for s in ("test", "validation", "train") if s in splits), "train")
-    records = _local_records(source, data_dir, split or "train", 0, 1, download)
-    if records.count < count:
-        raise ValueError(f"{source} has {records.count} example(s), fewer than count={count}")
-    ds = records.records.take(count).map(lambda record: (tf.constant([0, 0], tf.int64), record))
-    ds = ds.map(_preprocess_fn(records, image_size, augment=False), tf.data.AUTOTUNE)
-    if records.from_folder:
-        ds = ds.ignore_errors(log_warning=True)
-    images = list(ds.as_numpy_iterator())
-    if len(images) != count:  # a file failed TF decoding after passing the PIL check
-        raise ValueError(f"could only decode {len(images)} of {count} images from {source}")
-    return np.stack(images).astype(np.float32)
+    if kind == "tfds":
+        builder = sources.tfds_builder(name, data_dir, download)
+        if split is None:
+            split = next((s for s in ("test", "validation", "train") if s in builder.info.splits),
+                         "train")
+        total = sources.tfds_count(builder, split)
+    else:
+        directory = sources.split_folder(name, split)
+        total = sources.list_folder(directory, with_labels=False).total
+    if total < count:
+        raise ValueError(f"{source} has {total} example(s), fewer than count={count}")
+    tries = min(REPLACEMENTS + 1, total)
+    picks = [i * total // count for i in range(count)]
+    # Each pick's candidates: itself, then the examples after it (wrapping around).
+    if kind == "folder":
+        wanted = [(pick + j) % total for pick in picks for j in range(tries)]
+        paths = sources.folder_paths_at(directory, wanted, with_labels=False)
+        candidates = tf.data.Dataset.from_tensor_slices(
+            {"name": tf.constant(paths)}).batch(tries)
+    else:
+        candidates = _tfds_runs(builder, split, picks, tries, total).batch(tries)
+
+    @no_autograph
+    def first(group):
+        @no_autograph
+        def attempt(t):
+            encoded = (tf.io.read_file(group["name"][t]) if kind == "folder"
+                       else group["encoded"][t])
+            return t, image_ops.resize_center_crop(encoded, image_size, resize_ratio=1.0)
+
+        decoded = tf.data.Dataset.range(tries).map(attempt).ignore_errors()
+        fallback = (tf.constant(tries, tf.int64), fill_image(image_size, (0, 0, 0)))
+        found = decoded.concatenate(tf.data.Dataset.from_tensors(fallback)).take(1)
+        return found.map(lambda t, image: (t, image, group["name"]))
+
+    results = list(candidates.interleave(first, num_parallel_calls=tf.data.AUTOTUNE,
+                                         deterministic=True).as_numpy_iterator())
+    for tried, _, names in results:
+        names = [n.decode() for n in names]
+        if tried == tries:
+            raise ValueError(f"none of {names} decodes; check the data of {source}")
+        for bad in names[:tried]:
+            logger.warning("Undecodable image %s: the fixed pictures use %s instead.", bad,
+                           names[tried])
+    return np.stack([image for _, image, _ in results])
+
+
+def _tfds_runs(builder, split: str, starts, length: int, total: int) -> tf.data.Dataset:
+    """Records start .. start+length-1 (mod total) of a TFDS split for each start, in order."""
+    records = None
+    runs = []
+    for start in starts:
+        end = start + length
+        if "[" in split:  # already sliced: no slice arithmetic on top, read through
+            if records is None:
+                records = sources.tfds_records(builder, split).repeat(2)
+            runs.append(records.skip(start).take(length))
+            continue
+        parts = [f"{split}[{start}:{min(end, total)}]"]
+        if end > total:
+            parts.append(f"{split}[0:{end - total}]")
+        runs.append(sources.tfds_records(builder, "+".join(parts)).take(length))
+    dataset = runs[0]
+    for run in runs[1:]:
+        dataset = dataset.concatenate(run)
+    return dataset

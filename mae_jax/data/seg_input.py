@@ -1,13 +1,16 @@
-"""Segmentation input pipelines: ADE20K or synthetic scenes -> normalised numpy batches.
+"""Segmentation input pipelines: ADE20K or synthetic scenes -> uint8 image, int32 label batches.
 
 Train batches come from the shared resumable stream of `mae_jax.data.stream` (batch k depends
 only on (seed, process, k)); each example's augmentation is seeded by it through stateless ops.
+Images stay uint8 up to the batch; the task normalises them on device
+(`mae_jax.data.constants.normalize_uint8`). JPEGs decode with the accurate DCT, as OpenCV (mmseg's
+decoder) and PIL do.
 """
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mae_jax.data import ade20k, seg_transforms, synthetic_scenes
+from mae_jax.data import ade20k, image_ops, seg_transforms, synthetic_scenes
 from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
 ADE20K_NUM_CLASSES = 150
@@ -72,7 +75,8 @@ def _split_records(
 
         def decode(record):
             return {
-                "image": features["image"].decode_example(record["image"]),
+                # TFDS's own decoder uses TF's default (fast, inexact) JPEG DCT.
+                "image": image_ops.decode_rgb(record["image"]),
                 "label": features["label"].decode_example(record["label"])[..., 0],
                 "name": record["file_name"],
             }
@@ -135,9 +139,9 @@ def create_seg_train_iterator(
 
     source: "ade20k" (data_dir = prepared TFDS dir; manual_dir prepares it if needed) or
     "synthetic" (num_classes, image_size, num_examples, scene_seed configure the scenes).
-    Yields {"image": float32 [B, crop, crop, 3] normalised, "label": int32 [B, crop, crop]
-    (255 = ignore)} with B = global_batch_size / process_count. start_step=k yields what a fresh
-    iterator yields from its k-th batch on.
+    Yields {"image": uint8 [B, crop, crop, 3] (padding: the mean colour), "label": int32
+    [B, crop, crop] (255 = ignore)} with B = global_batch_size / process_count. start_step=k
+    yields what a fresh iterator yields from its k-th batch on.
     """
     process_index, process_count = check_process(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count)
@@ -199,7 +203,7 @@ def seg_eval_examples(
 ):
     """Validation examples one at a time, mmseg's test pipeline.
 
-    Yields {"image": float32 [h, w, 3] resized to fit `scale` and normalised, "label": int32
+    Yields {"image": uint8 [h, w, 3] resized to fit `scale`, "label": int32
     [H, W] at the ORIGINAL size (reduced, 255 = ignore), "name": str}. limit keeps the first
     `limit` examples; process_index / process_count split them without overlap (default: all).
     """

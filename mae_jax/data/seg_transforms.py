@@ -5,19 +5,22 @@ ratio_range (0.5, 2.0), keep_ratio) -> RandomCrop(512, cat_max_ratio 0.75) -> Ra
 PhotoMetricDistortion -> Normalize -> Pad(512, image 0, label 255).
 Test: Resize(scale (2048, 512), keep_ratio) -> Normalize; the label keeps its original size.
 
+Normalize runs on device (`mae_jax.data.constants.normalize_uint8`), so images leave these ops as
+uint8 (4x fewer bytes to ship). mmseg pads the NORMALISED image with 0, i.e. with the mean colour:
+here the padding is the mean rounded to uint8 (124, 116, 104), 0 after normalising to within
+rounding (|error| <= 0.5 / 255 / std).
+
 Every random draw comes from a `seed` ([2] int tensor) through stateless ops, so an example's
 augmentation depends only on its seed: that is what makes the input pipeline resumable.
-The image stays uint8 until Normalize, as in mmseg, where OpenCV rounds after every step.
+The image stays uint8 throughout, as in mmseg, where OpenCV rounds after every step.
 """
 
+import numpy as np
 import tensorflow as tf
 
-from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 
 IGNORE_INDEX = 255
-# mmseg's Normalize on 0-255 pixels: the ImageNet statistics times 255.
-MEAN_RGB = tuple(255.0 * m for m in IMAGENET_MEAN)
-STD_RGB = tuple(255.0 * s for s in IMAGENET_STD)
 
 
 def reduce_zero_label(label: tf.Tensor) -> tf.Tensor:
@@ -68,13 +71,25 @@ def resize_image(image: tf.Tensor, size) -> tf.Tensor:
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
 
-def resize_label(label: tf.Tensor, size) -> tf.Tensor:
-    """Nearest-neighbour resize of a [H, W] label map to [h, w] (dtype kept).
+def _nearest_sources(in_size, out_size) -> tf.Tensor:
+    """cv2 INTER_NEAREST's source index of each output index: min(floor(dst * (1 / (out / in))),
+    in - 1), in float64 as OpenCV computes it (its `resizeNN`). [out_size] int32."""
+    in_f = tf.cast(in_size, tf.float64)
+    inverse = 1.0 / (tf.cast(out_size, tf.float64) / in_f)
+    source = tf.floor(tf.cast(tf.range(out_size), tf.float64) * inverse)
+    return tf.cast(tf.minimum(source, in_f - 1.0), tf.int32)
 
-    TF's nearest uses half-pixel centres, so it always picks one of the pixels that the bilinear
-    image resize blends: image and label stay aligned (cv2's nearest is off by half a pixel).
+
+def resize_label(label: tf.Tensor, size) -> tf.Tensor:
+    """mmcv.imresize(label, size, interpolation="nearest") (cv2.INTER_NEAREST), exactly.
+
+    label: [H, W] -> [h, w], dtype kept. cv2 picks source floor(dst * H / h) (no half-pixel
+    centre), half a pixel off the bilinear image resize; mmseg trains with that, so we do too.
     """
-    return tf.image.resize(label[..., None], size, method="nearest")[..., 0]
+    label = tf.convert_to_tensor(label)
+    shape = tf.shape(label)
+    rows = tf.gather(label, _nearest_sources(shape[0], size[0]), axis=0)
+    return tf.gather(rows, _nearest_sources(shape[1], size[1]), axis=1)
 
 
 def random_rescale(image, label, *, seed, scale=(2048, 512), ratio_range=(0.5, 2.0)):
@@ -158,6 +173,72 @@ def _to_uint8(values: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(values, 0.0, 255.0), tf.uint8)
 
 
+# OpenCV's uint8 RGB -> HSV (color_hsv: RGB2HSV_b): 12-bit fixed point with rounded tables.
+_HSV_SHIFT = 12
+_DIVISORS = np.arange(1, 256, dtype=np.float64)
+_SDIV = np.concatenate([[0], np.rint((255 << _HSV_SHIFT) / _DIVISORS)]).astype(np.int32)
+_HDIV = np.concatenate([[0], np.rint((180 << _HSV_SHIFT) / (6.0 * _DIVISORS))]).astype(np.int32)
+# HSV2RGB_native's sector table, reordered to (r, g, b) picks from (v, p, q, t).
+_SECTORS = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]], np.int32)
+
+
+def rgb_to_hsv_uint8(image: tf.Tensor) -> tf.Tensor:
+    """cv2.cvtColor(image, COLOR_RGB2HSV) on uint8: H in 0..179 (degrees / 2), S and V 0..255.
+
+    image: [H, W, 3] uint8 -> [H, W, 3] uint8, bit-exact with OpenCV (integer arithmetic)."""
+    r, g, b = tf.unstack(tf.cast(image, tf.int32), axis=-1)
+    v = tf.maximum(tf.maximum(r, g), b)
+    diff = v - tf.minimum(tf.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * tf.gather(_SDIV, v) + half) // (1 << _HSV_SHIFT)
+    h = tf.where(v == r, g - b, tf.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * tf.gather(_HDIV, diff) + half) // (1 << _HSV_SHIFT)  # floor = C's >> on negatives
+    h = tf.where(h < 0, h + 180, h)
+    return tf.cast(tf.stack([h, s, v], axis=-1), tf.uint8)
+
+
+def hsv_to_rgb_uint8(hsv: tf.Tensor) -> tf.Tensor:
+    """cv2.cvtColor(hsv, COLOR_HSV2RGB) on uint8, as OpenCV's vector code computes it (every
+    pixel of an image but a tail of < 64): float32 HSV2RGB on S / 255 and V / 255 with
+    `1 - s * h` fused (one rounding), times 255, TRUNCATED. (Its scalar tail rounds instead.)
+    Bit-exact with opencv-python-headless 4.10 and 5.0 on all 180 x 256 x 256 inputs.
+
+    hsv: [H, W, 3] uint8 with H in 0..179 -> [H, W, 3] uint8 RGB."""
+    h, s, v = tf.unstack(tf.cast(hsv, tf.float32), axis=-1)
+    h = h * tf.constant(6.0 / 180.0, tf.float32)
+    s = s * tf.constant(1.0 / 255.0, tf.float32)
+    v = v * tf.constant(1.0 / 255.0, tf.float32)
+    sector = tf.floor(h)
+    h -= sector
+
+    def one_minus_s_times(x):  # the fused multiply-subtract: exact product, one rounding
+        return tf.cast(1.0 - tf.cast(s, tf.float64) * tf.cast(x, tf.float64), tf.float32)
+
+    table = tf.stack([v, v * (1.0 - s), v * one_minus_s_times(h), v * one_minus_s_times(1.0 - h)],
+                     axis=-1)
+    picks = tf.gather(_SECTORS, tf.cast(sector, tf.int32))
+    rgb = tf.gather(table, picks, batch_dims=2) * 255.0
+    return tf.cast(tf.clip_by_value(rgb, 0.0, 255.0), tf.uint8)  # the cast truncates
+
+
+def adjust_saturation(image: tf.Tensor, alpha) -> tf.Tensor:
+    """mmseg's saturation step: S of OpenCV's uint8 HSV times alpha (float32, clipped, truncated).
+
+    image: [H, W, 3] uint8 RGB -> the same."""
+    h, s, v = tf.unstack(rgb_to_hsv_uint8(image), axis=-1)
+    s = _to_uint8(tf.cast(s, tf.float32) * alpha)
+    return hsv_to_rgb_uint8(tf.stack([h, s, v], axis=-1))
+
+
+def adjust_hue(image: tf.Tensor, steps) -> tf.Tensor:
+    """mmseg's hue step: (H + steps) mod 180 on OpenCV's uint8 HSV (steps in 2-degree units).
+
+    image: [H, W, 3] uint8 RGB -> the same."""
+    h, s, v = tf.unstack(rgb_to_hsv_uint8(image), axis=-1)
+    h = tf.math.floormod(tf.cast(h, tf.int32) + tf.cast(steps, tf.int32), 180)
+    return hsv_to_rgb_uint8(tf.stack([tf.cast(h, tf.uint8), s, v], axis=-1))
+
+
 def photometric_distortion(
     image,
     *,
@@ -184,15 +265,11 @@ def photometric_distortion(
 
     image = tf.cond(apply[0], lambda: _to_uint8(tf.cast(image, tf.float32) + beta), lambda: image)
     image = tf.cond(apply[4] & apply[1], lambda: contrast(image), lambda: image)
-    image = tf.cond(apply[2], lambda: tf.image.adjust_saturation(image, saturation), lambda: image)
-    image = tf.cond(apply[3], lambda: tf.image.adjust_hue(image, hue_steps / 180.0), lambda: image)
+    # mmseg goes through OpenCV's uint8 HSV (BGR there; the same H, S, V for our RGB).
+    image = tf.cond(apply[2], lambda: adjust_saturation(image, saturation), lambda: image)
+    image = tf.cond(apply[3], lambda: adjust_hue(image, hue_steps), lambda: image)
     image = tf.cond(~apply[4] & apply[1], lambda: contrast(image), lambda: image)
     return image
-
-
-def normalize(image: tf.Tensor) -> tf.Tensor:
-    """[H, W, 3] uint8 RGB -> float32 (x - mean) / std with ImageNet RGB statistics."""
-    return (tf.cast(image, tf.float32) - MEAN_RGB) / STD_RGB
 
 
 def train_transform(
@@ -210,8 +287,8 @@ def train_transform(
     """The full mmseg ADE20K train pipeline on one example.
 
     image: [H, W, 3] uint8 RGB; label: [H, W] or [H, W, 1] uint8 RAW annotation (0 = other).
-    seed: [2] int. Returns image float32 [crop, crop, 3] (normalised, padded with 0) and
-    label int32 [crop, crop] (reduced, padded with 255).
+    seed: [2] int. Returns image uint8 [crop, crop, 3] (padded with the mean colour; normalise
+    on device) and label int32 [crop, crop] (reduced, padded with 255).
     """
     crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
     image, label = _as_example(image, label)
@@ -227,23 +304,25 @@ def train_transform(
         label = tf.cond(flipped, lambda: label[:, ::-1], lambda: label)
     if photometric:
         image = photometric_distortion(image, seed=seeds[3])
-    image = normalize(image)
-    # Pad at the bottom / right, as mmcv.impad does.
+    # Pad at the bottom / right, as mmcv.impad does; one channel at a time (per-channel value).
     pad_h = crop_h - tf.shape(label)[0]
     pad_w = crop_w - tf.shape(label)[1]
-    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]], constant_values=0.0)
+    image = tf.stack([
+        tf.pad(image[..., c], [[0, pad_h], [0, pad_w]], constant_values=value)
+        for c, value in enumerate(IMAGENET_MEAN_UINT8)
+    ], axis=-1)
     label = tf.pad(tf.cast(label, tf.int32), [[0, pad_h], [0, pad_w]], constant_values=IGNORE_INDEX)
     return tf.ensure_shape(image, [crop_h, crop_w, 3]), tf.ensure_shape(label, [crop_h, crop_w])
 
 
 def eval_transform(image, label, *, scale=(2048, 512)):
-    """mmseg's test pipeline: resize to fit `scale` keeping ratio, normalise.
+    """mmseg's test pipeline: resize to fit `scale` keeping ratio (normalise on device).
 
     image: [H, W, 3] uint8; label: [H, W] or [H, W, 1] uint8 raw.
-    Returns image float32 [h, w, 3] and label int32 [H, W] (reduced, ORIGINAL size).
+    Returns image uint8 [h, w, 3] and label int32 [H, W] (reduced, ORIGINAL size).
     """
     image, label = _as_example(image, label)
     shape = tf.shape(image)
     size = rescale_size(shape[0], shape[1], scale)
-    image = normalize(resize_image(image, size))
+    image = resize_image(image, size)
     return image, tf.cast(reduce_zero_label(label), tf.int32)

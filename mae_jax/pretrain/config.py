@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from mae_jax.core import config as core_config
+from mae_jax.data.on_device import MODES as ON_DEVICE_MODES
 from mae_jax.models.mae import check_mask_ratio
 from mae_jax.models.registry import DEFAULT_DECODER
 
@@ -31,11 +32,14 @@ def defaults() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.source = "tfds:imagenet2012"  # tfds:NAME | folder:/path | generated:N (offline).
     config.data.data_dir = ""  # TFDS data_dir ("" = TFDS default).
-    config.data.split = "train"  # TFDS split (split syntax allowed, e.g. train[:90%]).
+    config.data.split = "train"  # TFDS split (split syntax allowed) | folder: train/val sub-folder.
     config.data.download = True  # Let TFDS download and prepare if missing.
-    config.data.shuffle_buffer_size = 50_000  # Encoded records held for shuffling.
+    config.data.shuffle_buffer_size = 50_000  # Records held for shuffling (indices or bytes).
     config.data.generated_size = 64  # Image side for generated:N sources.
     config.data.augment = True  # Random resized crop + flip; False: resize + centre crop.
+    # Decode the whole split once and augment on the devices (same crop distribution):
+    # auto = when the images share one size and take < 25% of device memory (CIFAR), on GPUs.
+    config.data.on_device = "auto"  # auto | always | never
 
     config.batch_size = 4096  # Global images per optimizer step (the effective batch).
     config.grad_accum_steps = 1  # Micro-batches per step: batch_size / this fit in memory.
@@ -105,6 +109,11 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     core_config.check_batch(config, problems, num_devices=num_devices,
                             num_processes=num_processes)
     core_config.check_run(config, problems)
+    if config.data.on_device not in ON_DEVICE_MODES:
+        problems.append(
+            f"data.on_device must be one of {', '.join(ON_DEVICE_MODES)}, "
+            f"got {config.data.on_device!r}"
+        )
     if config.num_epochs <= 0 and config.total_steps <= 0:
         problems.append("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 and config.lr <= 0:

@@ -20,6 +20,8 @@ from mae_jax.core import loop, optim
 from mae_jax.core.run import Run
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.step import make_train_step
+from mae_jax.data.constants import normalize_uint8
+from mae_jax.data.on_device import OnDeviceIterator
 from mae_jax.models.factory import ModelSpec
 from mae_jax.pretrain.config import check_config
 from mae_jax.visualize import figure_rows, reconstruct
@@ -63,7 +65,7 @@ def make_loss_fn(mask_ratio: float):
     """loss_fn(model, batch, rng): MSE on the removed patches; masks drawn from `rng`."""
 
     def loss_fn(model, batch, rng):
-        loss, _, _ = model(batch["image"], rng=rng, mask_ratio=mask_ratio)
+        loss, _, _ = model(normalize_uint8(batch["image"]), rng=rng, mask_ratio=mask_ratio)
         return loss, {}
 
     return loss_fn
@@ -77,6 +79,7 @@ def train_and_evaluate(
     devices: the devices of the mesh (default: all devices of all processes).
     """
     from mae_jax.data import images as data  # TensorFlow: input pipeline only
+    from mae_jax.data import in_memory
     from mae_jax.data.generated import resolve_source
 
     devices = list(devices or jax.devices())
@@ -85,10 +88,15 @@ def train_and_evaluate(
         # ------------------------------------------------------------- Data and schedule
         source = resolve_source(config.data, run.workdir, seed=config.seed)
         data_dir = config.data.data_dir or None
-        num_examples = data.num_examples(
-            source=source, data_dir=data_dir, split=config.data.split,
-            download=config.data.download,
-        )
+        where = {"source": source, "data_dir": data_dir, "split": config.data.split,
+                 "download": config.data.download}
+        # Datasets that fit in device memory are decoded once and augmented on the devices.
+        in_device_memory = None
+        if in_memory.use_on_device(config.data.on_device, devices=devices, **where):
+            in_device_memory = in_memory.load_image_array(**where)
+            num_examples = len(in_device_memory)
+        else:
+            num_examples = data.num_examples(**where)
         lengths = core_config.schedule_lengths(config, num_examples)
         total_steps, warmup_steps = lengths["total_steps"], lengths["warmup_steps"]
         peak_lr = peak_learning_rate(config)
@@ -107,18 +115,24 @@ def train_and_evaluate(
         tx = create_tx(config, schedule)
         graphdef, state, start_step = run.init_state(spec, tx)
         logger = run.start_logging(total_steps=total_steps, start_step=start_step)
-        batches = data.create_pretrain_iterator(
-            source=source,
-            image_size=config.model.image_size,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            data_dir=data_dir,
-            split=config.data.split,
-            start_step=start_step,
-            download=config.data.download,
-            shuffle_buffer_size=config.data.shuffle_buffer_size,
-            augment=config.data.augment,
-        )
+        if in_device_memory is not None:
+            batches = OnDeviceIterator(
+                in_device_memory, mesh=run.mesh, image_size=config.model.image_size,
+                global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+                augment=config.data.augment,
+            )
+            print(f"Input on device: {len(in_device_memory)} images, "
+                  f"{in_device_memory.nbytes / 1e6:.0f} MB per device.")
+        else:
+            batches = data.create_pretrain_iterator(
+                **where,
+                image_size=config.model.image_size,
+                global_batch_size=config.batch_size,
+                seed=config.seed,
+                start_step=start_step,
+                shuffle_buffer_size=config.data.shuffle_buffer_size,
+                augment=config.data.augment,
+            )
         hooks = []
         if config.visualize_every_steps > 0 and config.num_visualize_images > 0:
             hooks.append(loop.Hook(
@@ -177,11 +191,11 @@ def reconstruction_hook(config, graphdef, source, data_dir, logger: RunLogger):
     """Every N steps: masked | reconstruction | pasted | original for fixed images."""
     from mae_jax.data import images as data
 
-    images = jnp.asarray(data.load_fixed_images(
+    images = normalize_uint8(jnp.asarray(data.load_fixed_images(
         source=source, image_size=config.model.image_size,
         count=config.num_visualize_images, data_dir=data_dir,
         download=config.data.download,
-    ))
+    )))
     patch = core_config.encoder_dims(config.model)["patch_size"]
     num_patches = (config.model.image_size // patch) ** 2
     # The same masks at every call, so figures over training are comparable.

@@ -1,0 +1,261 @@
+"""Input pipeline throughput per CPU core: ours (tf.data) vs the official PyTorch transform.
+
+    python benchmarks/bench_input.py                 # 3 rounds x 8 s each, prints a table
+    python benchmarks/bench_input.py --seconds 20 --images 512
+
+Both pipelines read the SAME JPEG files: generated photo-like images of ImageNet's typical
+size (500 x 375), quality 90 (smooth colour gradients, soft blobs, hard-edged rectangles,
+sinusoidal textures at three scales and Gaussian noise: about 90-100 KB a file, like ImageNet's
+~110 KB average; real photographs cannot be downloaded here), written to a temporary folder.
+
+* ours: `mae_jax.data.images.create_train_iterator` (MAE pretraining: RandomResizedCrop
+  scale (0.2, 1) to 224, flip; JPEG window decoded alone; one resize) -> uint8 batches of 64.
+  Normalisation happens on the accelerator inside the train step, so it is not counted here.
+* official: what `torchvision.transforms` does on PIL images in main_pretrain.py, written with
+  PIL + torch since torchvision is not installable here (its PIL paths are short):
+  `Image.open(f).convert("RGB")`, RandomResizedCrop.get_params with Python's random,
+  `img.crop(box).resize((224, 224), BICUBIC)`, flip p=0.5, ToTensor (uint8 HWC -> float CHW
+  / 255), Normalize (sub_ mean, div_ std), then a batch of 64 stacked as default_collate does.
+  torch is used for ToTensor / Normalize / stack when installed (numpy otherwise).
+
+Each measurement runs in its own process pinned to the given core(s) with
+`os.sched_setaffinity`, TF inter/intra-op threads = cores and a private tf.data pool of that
+size, torch.set_num_threads(1). Rounds alternate ours / official so that both see the same
+machine load. Reported: images per second of wall time and images per CPU-second of the
+process (the latter is less sensitive to other jobs on a shared machine). "2 cores": ours is
+one process with 2 threads; official is 2 worker processes (DataLoader num_workers=2), summed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BATCH = 64
+SIZE = 224
+
+
+def photo(rng: np.random.Generator, height: int = 375, width: int = 500) -> np.ndarray:
+    """A photo-like uint8 [height, width, 3] image (see the module docstring)."""
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.empty((height, width, 3), np.float32)
+    base = rng.uniform(40, 200, 3)
+    for channel in range(3):
+        angle = rng.uniform(0, 2 * np.pi)
+        image[..., channel] = (base[channel] + 60 * np.cos(angle) * (cols / width - 0.5)
+                               + 60 * np.sin(angle) * (rows / height - 0.5))
+    for _ in range(8):  # soft blobs: objects and lighting
+        cy, cx, radius = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(15, 120)
+        blob = np.exp(-((rows - cy) ** 2 + (cols - cx) ** 2) / (2 * radius ** 2))
+        image += blob[..., None] * rng.uniform(-70, 70, 3)
+    for _ in range(6):  # hard-edged shapes
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        h, w = rng.integers(10, 150, 2)
+        image[top:top + h, left:left + w] = (image[top:top + h, left:left + w] * 0.5
+                                             + rng.uniform(0, 255, 3) * 0.5)
+    for scale in (2.0, 5.0, 13.0):  # textures at three scales
+        fx, fy = rng.normal(0, 1 / scale, (2, 4))
+        for i in range(4):
+            wave = np.sin(6 * fx[i] * cols + 6 * fy[i] * rows + rng.uniform(0, 6.3))
+            image += (rng.uniform(4, 14) * wave)[..., None]
+    image += rng.normal(0, 8, image.shape)  # sensor noise
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_images(folder: str, count: int) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        path = os.path.join(folder, f"{index:05d}.jpg")
+        Image.fromarray(photo(rng)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- Workers
+
+
+def _pin(cores: list[int]) -> None:
+    os.sched_setaffinity(0, set(cores))
+
+
+def _measure(next_batch, seconds: float) -> dict:
+    for _ in range(3):  # warm-up: tracing, thread pools, page cache
+        next_batch()
+    images, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        images += len(next_batch())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"images": images, "wall_s": wall, "cpu_s": cpu}
+
+
+def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
+    _pin(cores)
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(len(cores))
+    tf.config.threading.set_intra_op_parallelism_threads(len(cores))
+    from mae_jax.data import images
+
+    batches = images.create_train_iterator(
+        source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
+        process_index=0, process_count=1, threads=len(cores))
+    return _measure(lambda: next(batches)["image"], seconds)
+
+
+def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
+    _pin(cores)
+    import math
+    import random
+
+    from PIL import Image
+
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        torch = None
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    rng = random.Random(cores[0])
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def get_params(width, height):  # torchvision RandomResizedCrop.get_params
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(0.2, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        return 0, 0, height, width
+
+    def transform(path):
+        with open(path, "rb") as handle:  # torchvision's pil_loader
+            image = Image.open(handle).convert("RGB")
+        top, left, h, w = get_params(*image.size)
+        image = image.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = np.array(image, np.uint8, copy=True)
+        if torch is None:
+            tensor = np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32) / 255
+            return (tensor - np.array(mean, np.float32)[:, None, None]) / np.array(
+                std, np.float32)[:, None, None]
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div(255)
+        return tensor.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None,
+                                                                                     None])
+
+    position = [0]
+
+    def next_batch():
+        batch = []
+        for _ in range(BATCH):
+            batch.append(transform(paths[position[0] % len(paths)]))
+            position[0] += 1
+        return torch.stack(batch) if torch is not None else np.stack(batch)
+
+    return _measure(next_batch, seconds)
+
+
+# -------------------------------------------------------------- Orchestration
+
+
+def _run(kind: str, folder: str, cores: list[int], seconds: float) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--folder", folder,
+               "--cores", ",".join(map(str, cores)), "--seconds", str(seconds)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _official_on(cores, folder, seconds) -> dict:
+    """One worker process per core, run concurrently (DataLoader workers); summed."""
+    results = []
+    with tempfile.TemporaryDirectory():
+        processes = [subprocess.Popen(
+            [sys.executable, __file__, "--worker", "official", "--folder", folder, "--cores",
+             str(core), "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+            for core in cores]
+        for process in processes:
+            results.append(json.loads(process.communicate()[0].strip().splitlines()[-1]))
+    return {"images": sum(r["images"] for r in results),
+            "wall_s": max(r["wall_s"] for r in results),
+            "cpu_s": sum(r["cpu_s"] for r in results)}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--cores", default="0", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        cores = [int(c) for c in args.cores.split(",")]
+        worker = worker_ours if args.worker == "ours" else worker_official
+        print(json.dumps(worker(args.folder, cores, args.seconds)))
+        return
+
+    available = sorted(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as folder:
+        paths = write_images(folder, args.images)
+        kilobytes = np.mean([os.path.getsize(p) for p in paths]) / 1000
+        load_before = os.getloadavg()
+        rows = {}
+        for _ in range(args.rounds):
+            for label, cores in (("1 core", available[:1]), ("2 cores", available[:2])):
+                if len(cores) < int(label[0]):
+                    continue
+                ours = _run("ours", folder, cores, args.seconds)
+                official = (_run("official", folder, cores, args.seconds) if len(cores) == 1
+                            else _official_on(cores, folder, args.seconds))
+                rows.setdefault(label, []).append((ours, official))
+        load_after = os.getloadavg()
+
+    print(f"\nMachine: {_cpu_model()}, {os.cpu_count()} CPUs visible; Python "
+          f"{platform.python_version()}. {args.images} JPEGs 500x375 q90, mean "
+          f"{kilobytes:.0f} KB. Load average before {load_before[0]:.2f} / after "
+          f"{load_after[0]:.2f} (1 min). Median of {args.rounds} alternating rounds of "
+          f"{args.seconds:g} s.\n")
+    print("| cores | ours img/s | official img/s | ratio (wall) | ours img/CPU-s | "
+          "official img/CPU-s | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, pairs in rows.items():
+        wall = [(o["images"] / o["wall_s"], f["images"] / f["wall_s"]) for o, f in pairs]
+        cpu = [(o["images"] / o["cpu_s"], f["images"] / f["cpu_s"]) for o, f in pairs]
+        ours_w, off_w = (statistics.median(v) for v in zip(*wall, strict=True))
+        ours_c, off_c = (statistics.median(v) for v in zip(*cpu, strict=True))
+        print(f"| {label} | {ours_w:.0f} | {off_w:.0f} | {ours_w / off_w:.2f}x | {ours_c:.0f} | "
+              f"{off_c:.0f} | {ours_c / off_c:.2f}x |")
+    print("\nAll rounds (img/s wall, ours / official): " + "; ".join(
+        f"{label}: " + ", ".join(f"{o['images'] / o['wall_s']:.0f}/{f['images'] / f['wall_s']:.0f}"
+                                 for o, f in pairs) for label, pairs in rows.items()))
+
+
+if __name__ == "__main__":
+    main()

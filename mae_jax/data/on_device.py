@@ -1,0 +1,313 @@
+"""Input on the accelerators, for datasets that fit in device memory (CIFAR-size data).
+
+The decoded dataset, uint8 [N, H, W, 3] (one image size), is copied once to every device
+(replicated: N*H*W*3 bytes per device, 153.6 MB for CIFAR-100's 50,000 32x32 images). Each step
+the host computes only which examples the batch holds, int32 [B_local, 4] rows of
+(dataset index, process, epoch, position); one jitted function, run per device under shard_map
+(no communication), gathers the images and applies torchvision's pretraining augmentation:
+
+  RandomResizedCrop(S, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + RandomHorizontalFlip(0.5),
+
+reproducing the PIL path the official MAE uses (crop, then PIL's two-pass bicubic resize: Keys
+a=-0.5, kernel widened when shrinking, taps outside the crop dropped and the rest renormalised,
+horizontal pass rounded to uint8 before the vertical one; Pillow 13 runs the vertical pass
+first in some downscales, python-pillow/Pillow#9549, which moves values by rounding only; when
+enlarging, the CIFAR case, every Pillow agrees). The crop box is data-dependent, so the resize
+is two small matmuls with per-example weight matrices: static shapes throughout.
+
+Order and seeds follow `mae_jax.data.stream`'s scheme: process p holds examples p, p + P, ...;
+epoch e visits them in a permutation drawn from (seed, p, e); the example at position i of epoch
+e draws its crop and flip from fold_in(fold_in(fold_in(key(seed), p), e), i). Batch k depends
+only on (seed, p, k), so `start_step=k` resumes exactly. The examples differ from the tf.data
+pipeline's for the same seed (other shuffle), but every example is seen once per epoch.
+No TensorFlow here: this runs on machines without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from mae_jax.core import sharding as sharding_lib
+from mae_jax.data.constants import normalize_uint8
+
+CROP_SCALE = (0.2, 1.0)  # official MAE RandomResizedCrop scale
+CROP_RATIO = (3 / 4, 4 / 3)
+CROP_TRIES = 10  # torchvision's attempts before its center-crop fallback
+OUTPUT_DTYPES = ("uint8", "float32")
+MODES = ("auto", "always", "never")  # config.data.on_device (see in_memory.use_on_device)
+
+
+# ------------------------------------------------------------------ Host: which examples
+
+
+class ExampleSchedule:
+    """Which examples step k holds on one process, as int32 [B_local, 4] rows of
+    (dataset index, process, epoch, position in epoch). numpy only: no device work."""
+
+    def __init__(self, num_examples: int, *, global_batch_size: int, seed: int,
+                 process_index: int, process_count: int):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+        if global_batch_size < 1 or global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} must be a positive multiple of the "
+                f"{process_count} processes; change the batch size."
+            )
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 for the on-device input, got {seed}.")
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
+        self.local_batch = global_batch_size // process_count
+        self.num_local = num_examples // process_count  # equal shards: same steps everywhere
+        self.steps_per_epoch = self.num_local // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the in-memory dataset gives {self.num_local} example(s) per process, fewer "
+                f"than one local batch of {self.local_batch}; lower the batch size or use more "
+                "data."
+            )
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - two epochs alive at most (a boundary)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices of this process in the order epoch `epoch` visits them: [num_local]."""
+        rng = np.random.default_rng([self.seed, self.process_index, epoch])
+        local = rng.permutation(self.num_local)
+        return (self.process_index + self.process_count * local).astype(np.int32)
+
+    def ids(self, step: int) -> np.ndarray:
+        """int32 [B_local, 4]: (dataset index, process, epoch, position) of step `step`."""
+        epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+        start = batch_in_epoch * self.local_batch
+        positions = np.arange(start, start + self.local_batch, dtype=np.int32)
+        ids = np.empty((self.local_batch, 4), np.int32)
+        ids[:, 0] = self.epoch_order(epoch)[positions]
+        ids[:, 1] = self.process_index
+        ids[:, 2] = epoch
+        ids[:, 3] = positions
+        return ids
+
+
+# ------------------------------------------------------------------ Device: augmentation
+
+
+def crop_box(key: jax.Array, height: int, width: int) -> jax.Array:
+    """torchvision RandomResizedCrop.get_params with all tries drawn at once.
+
+    Returns int32 [4]: (top, left, crop_height, crop_width).
+    """
+    area_key, ratio_key, top_key, left_key = jax.random.split(key, 4)
+    area = height * width * jax.random.uniform(area_key, (CROP_TRIES,), minval=CROP_SCALE[0],
+                                               maxval=CROP_SCALE[1])
+    aspect = jnp.exp(jax.random.uniform(ratio_key, (CROP_TRIES,), minval=math.log(CROP_RATIO[0]),
+                                        maxval=math.log(CROP_RATIO[1])))
+    # jnp.round and Python's round (torchvision) both round half to even.
+    crop_w = jnp.round(jnp.sqrt(area * aspect))
+    crop_h = jnp.round(jnp.sqrt(area / aspect))
+    valid = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    # torch.randint(0, n + 1) as floor(u * (n + 1)); the clamp guards float32 rounding of u ~ 1.
+    top_u, left_u = (jax.random.uniform(k, (CROP_TRIES,)) for k in (top_key, left_key))
+    top = jnp.minimum(jnp.floor(top_u * (height - crop_h + 1)), height - crop_h)
+    left = jnp.minimum(jnp.floor(left_u * (width - crop_w + 1)), width - crop_w)
+    first = jnp.argmax(valid)
+    chosen = jnp.stack([top[first], left[first], crop_h[first], crop_w[first]])
+    # No try fits: the central crop with the aspect ratio clamped to CROP_RATIO (static).
+    fallback_w, fallback_h = width, height
+    if width / height < CROP_RATIO[0]:
+        fallback_h = int(round(width / CROP_RATIO[0]))
+    elif width / height > CROP_RATIO[1]:
+        fallback_w = int(round(height * CROP_RATIO[1]))
+    fallback = jnp.array([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h,
+                          fallback_w], jnp.float32)
+    return jnp.where(jnp.any(valid), chosen, fallback).astype(jnp.int32)
+
+
+def _pil_bicubic(x: jax.Array) -> jax.Array:
+    """PIL's bicubic_filter: Keys' cubic convolution with a = -0.5, support 2."""
+    a = -0.5
+    x = jnp.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return jnp.where(x < 1.0, near, jnp.where(x < 2.0, far, 0.0))
+
+
+def axis_weights(in_size: int, out_size: int, start, length, scaled_size, offset=0) -> jax.Array:
+    """Resampling weights of one axis as PIL computes them (ImagingPrecompute): [in_size, out].
+
+    The window [start, start + length) of the input is resized to `scaled_size` samples and
+    samples offset .. offset + out_size - 1 are kept (a crop then resize: offset 0 and
+    scaled_size = out_size; a resize then center crop: the whole axis as window). Input taps
+    outside the window get no weight and each output's weights are renormalised, as PIL does at
+    image borders. The kernel is widened by the scale when shrinking (PIL's antialiasing).
+    (jax.image.scale_and_translate would weigh pixels outside the crop: it sees the whole axis.)
+    """
+    start, length = jnp.asarray(start, jnp.float32), jnp.asarray(length, jnp.float32)
+    scale = length / scaled_size
+    support_scale = jnp.maximum(scale, 1.0)
+    centers = start + (jnp.arange(out_size, dtype=jnp.float32) + offset + 0.5) * scale
+    positions = jnp.arange(in_size, dtype=jnp.float32)
+    weights = _pil_bicubic((positions[:, None] + 0.5 - centers[None, :]) / support_scale)
+    inside = (positions >= start) & (positions < start + length)
+    weights = jnp.where(inside[:, None], weights, 0.0)
+    total = weights.sum(axis=0, keepdims=True)
+    return weights / jnp.where(total == 0, 1.0, total)
+
+
+def _round_to_uint8_values(x: jax.Array) -> jax.Array:
+    """PIL's clip8: round half up, saturate to [0, 255] (kept as float)."""
+    return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
+
+
+def resample(images: jax.Array, row_weights: jax.Array, col_weights: jax.Array) -> jax.Array:
+    """PIL's two-pass resize: horizontal pass, rounded to uint8 values, then vertical pass.
+
+    images: uint8 [B, H, W, 3]; row_weights: [B, H, S_h]; col_weights: [B, W, S_w]
+    -> uint8 [B, S_h, S_w, 3].
+    """
+    # HIGHEST: TF32 matmuls (GPU default for float32) would move values by ~0.3 levels.
+    highest = jax.lax.Precision.HIGHEST
+    x = images.astype(jnp.float32)
+    rows = jnp.einsum("bhwc,bwo->bhoc", x, col_weights, precision=highest)
+    rows = _round_to_uint8_values(rows)
+    out = jnp.einsum("bhoc,bhp->bpoc", rows, row_weights, precision=highest)
+    return _round_to_uint8_values(out).astype(jnp.uint8)
+
+
+def center_geometry(height: int, width: int, size: int) -> tuple[tuple[int, int], ...]:
+    """torchvision Resize(size) (shorter side to `size`, longer truncated) + CenterCrop(size):
+    ((scaled_height, top), (scaled_width, left)) in the resized image."""
+    short, long = min(height, width), max(height, width)
+    new_long = int(size * long / short)
+    scaled_h, scaled_w = (size, new_long) if height <= width else (new_long, size)
+    return ((scaled_h, int(round((scaled_h - size) / 2.0))),
+            (scaled_w, int(round((scaled_w - size) / 2.0))))
+
+
+def example_key(seed: int, ids: jax.Array) -> jax.Array:
+    """ids: int32 [4] (index, process, epoch, position) -> the example's key."""
+    key = jax.random.fold_in(jax.random.key(seed), ids[1])
+    return jax.random.fold_in(jax.random.fold_in(key, ids[2]), ids[3])
+
+
+def random_params(keys: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """keys: [B] -> (crop boxes int32 [B, 4] (top, left, height, width), flips bool [B])."""
+    crop_keys, flip_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    boxes = jax.vmap(lambda key: crop_box(key, height, width))(crop_keys)
+    return boxes, jax.vmap(jax.random.uniform)(flip_keys) < 0.5  # RandomHorizontalFlip(0.5)
+
+
+def resized_crop(images: jax.Array, boxes: jax.Array, flips: jax.Array, size: int) -> jax.Array:
+    """torchvision's resized_crop + hflip on PIL images: uint8 [B, H, W, 3], boxes int32 [B, 4]
+    (top, left, height, width), flips bool [B] -> uint8 [B, size, size, 3]."""
+    _, height, width, _ = images.shape
+    rows = jax.vmap(lambda top, h: axis_weights(height, size, top, h, size))(boxes[:, 0],
+                                                                             boxes[:, 2])
+    cols = jax.vmap(lambda left, w: axis_weights(width, size, left, w, size))(boxes[:, 1],
+                                                                              boxes[:, 3])
+    # Flipping the output = reversing the output axis of the column weights.
+    cols = jnp.where(flips[:, None, None], cols[:, :, ::-1], cols)
+    return resample(images, rows, cols)
+
+
+def center_resize(images: jax.Array, size: int) -> jax.Array:
+    """torchvision Resize(size) + CenterCrop(size): uint8 [B, H, W, 3] -> [B, size, size, 3]."""
+    batch, height, width, _ = images.shape
+    (scaled_h, top), (scaled_w, left) = center_geometry(height, width, size)
+    rows = axis_weights(height, size, 0, height, scaled_h, top)
+    cols = axis_weights(width, size, 0, width, scaled_w, left)
+    return resample(images, jnp.broadcast_to(rows, (batch, *rows.shape)),
+                    jnp.broadcast_to(cols, (batch, *cols.shape)))
+
+
+@functools.lru_cache(maxsize=16)  # a resumed or repeated iterator reuses the compiled function
+def make_batch_fn(mesh: Mesh, *, seed: int, image_size: int, augment: bool = True,
+                  dtype: str = "uint8"):
+    """jitted (dataset [N, H, W, 3] replicated, ids int32 [B, 4] batch-sharded) -> images
+    [B, S, S, 3] batch-sharded: uint8, or ImageNet-normalised float32 of the same uint8 values.
+    Each device works on its own rows (shard_map): no communication."""
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}.")
+
+    def local(dataset, ids):
+        images = jnp.take(dataset, ids[:, 0], axis=0)
+        if augment:
+            keys = jax.vmap(lambda row: example_key(seed, row))(ids)
+            boxes, flips = random_params(keys, *dataset.shape[1:3])
+            images = resized_crop(images, boxes, flips, image_size)
+        else:
+            images = center_resize(images, image_size)
+        return images if dtype == "uint8" else normalize_uint8(images)
+
+    batch_spec = PartitionSpec(sharding_lib.BATCH_AXES)
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), batch_spec),
+                           out_specs=batch_spec)
+    # Explicit out_shardings: shard_map alone reports P('data') when fsdp == 1, an equivalent
+    # sharding the train step's jit cache would see as new (one more compile).
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    return jax.jit(mapped, in_shardings=(sharding_lib.replicated(mesh), batch_sharding),
+                   out_shardings=batch_sharding)
+
+
+# ------------------------------------------------------------------ The iterator
+
+
+def check_images(images: np.ndarray) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 \
+            or images.shape[-1] != 3:
+        shape = getattr(images, "shape", None)
+        raise ValueError(
+            f"on-device input needs a uint8 numpy array [N, H, W, 3] of decoded images, got "
+            f"{type(images).__name__} {shape} {getattr(images, 'dtype', '')}; load it with "
+            "mae_jax.data.in_memory.load_image_array."
+        )
+
+
+class OnDeviceIterator:
+    """Infinite iterator of {"image": global jax.Array [global_batch_size, S, S, 3]} sharded by
+    `batch_sharding(mesh)`; the training loop takes these batches unchanged.
+
+    images: the whole dataset, uint8 [N, H, W, 3], the same on every process (each process
+    uses its shard p, p + P, ...). dtype "uint8" (normalise in the step) or "float32"
+    (ImageNet-normalised here, what a step without normalisation expects).
+    """
+
+    def __init__(self, images: np.ndarray, *, mesh: Mesh, image_size: int,
+                 global_batch_size: int, seed: int, start_step: int = 0, augment: bool = True,
+                 dtype: str = "uint8"):
+        check_images(images)
+        if image_size <= 0:
+            raise ValueError(f"image_size must be > 0, got {image_size}.")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}.")
+        self.schedule = ExampleSchedule(
+            len(images), global_batch_size=global_batch_size, seed=seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        self.ids_sharding = sharding_lib.batch_sharding(mesh)
+        local_devices = len(self.ids_sharding.addressable_devices)
+        if self.schedule.local_batch % local_devices:
+            raise ValueError(
+                f"the per-process batch {self.schedule.local_batch} must be a multiple of the "
+                f"{local_devices} local devices; change the batch size."
+            )
+        # make_array_from_callback: each process fills its own devices (works multi-host).
+        self.dataset = jax.make_array_from_callback(
+            images.shape, sharding_lib.replicated(mesh), lambda index: images[index]
+        )
+        self.dataset_bytes_per_device = images.nbytes
+        self.batch_fn = make_batch_fn(mesh, seed=seed, image_size=image_size, augment=augment,
+                                      dtype=dtype)
+        self.step = start_step
+
+    def __iter__(self) -> OnDeviceIterator:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        ids = jax.make_array_from_process_local_data(self.ids_sharding,
+                                                     self.schedule.ids(self.step))
+        self.step += 1
+        return {"image": self.batch_fn(self.dataset, ids)}  # dispatched, not waited for

@@ -1,0 +1,350 @@
+"""Where images come from: `folder:` and `tfds:` sources, listed at start-up, never read then.
+
+Sources are strings:
+  * ``"tfds:NAME"``: any TFDS image dataset; NAME goes to ``tfds.builder`` as is, so it may carry
+    a config and version (``"tfds:cifar100"``, ``"tfds:imagenet2012:5.1.0"``). ``split`` uses
+    TFDS split syntax (``"train[:90%]"``). Labels come from its ``label`` ClassLabel feature.
+  * ``"folder:PATH"``: torchvision's ImageFolder layout, ``PATH/<class>/**/<image>``: classes are
+    the sub-folder names, sorted; files are sorted, at any depth. Images lying directly in PATH
+    have no class and are used by pretraining only, so a flat folder of images is a valid
+    pretraining source. When PATH has ``train/`` or ``val/`` sub-folders (the ImageNet layout
+    ``PATH/train/<class>/*.JPEG``, ``PATH/val/<class>/*.JPEG``), ``split`` picks one: "train"
+    -> PATH/train, "validation" or "val" -> PATH/val (or PATH/validation), "test" -> PATH/test.
+    Otherwise PATH is the one split, "train".
+
+Start-up cost is one directory listing, O(files) (``os.walk`` over ``os.scandir``, no ``stat``
+of files, no file opened): an undecodable file is only found when the pipeline decodes it.
+Every process lists the same sorted tree, so the global count agrees across processes without
+communication; each process keeps only the paths of its own shard.
+"""
+
+import contextlib
+import functools
+import os
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import NamedTuple
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"),
+                 "val": ("val", "validation"), "test": ("test",)}
+_SOURCE_FORMS = '"tfds:NAME" (e.g. "tfds:cifar100") or "folder:/path/to/images"'
+_PROBE_HOSTS = ("storage.googleapis.com",)  # TFDS's bucket, besides each dataset's homepage
+_PROBE_TIMEOUT_S = 3.0
+
+
+class Source(NamedTuple):
+    kind: str  # "tfds" or "folder"
+    name: str  # TFDS name (with optional /config:version) or folder path
+
+
+def parse_source(source: str) -> Source:
+    """Parses "tfds:NAME" or "folder:PATH"; anything else raises ValueError."""
+    kind, sep, name = source.partition(":") if isinstance(source, str) else ("", "", "")
+    if not sep or kind not in ("tfds", "folder") or not name.strip():
+        raise ValueError(f"bad data source {source!r}: expected {_SOURCE_FORMS}")
+    return Source(kind, name.strip())
+
+
+# ---------------------------------------------------------------- Folder source
+
+
+def split_folder(path: str, split: str | None) -> str:
+    """The folder holding `split` of folder source `path` (see the module docstring)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"image folder {path!r} does not exist (source 'folder:{path}')")
+    has_splits = any(os.path.isdir(os.path.join(path, d)) for d in ("train", "val", "validation"))
+    if not has_splits:
+        if split in (None, "train"):
+            return path
+        raise ValueError(f"folder {path!r} has no train/ or val/ sub-folders, so it is one split "
+                         f"('train'), not {split!r}; add PATH/val/<class>/ for evaluation data")
+    folders = SPLIT_FOLDERS.get(split or "validation")
+    if folders is None:
+        raise ValueError(f"folder split {split!r} unknown: use one of {sorted(SPLIT_FOLDERS)}")
+    for folder in folders:
+        if os.path.isdir(os.path.join(path, folder)):
+            return os.path.join(path, folder)
+    if split is None:  # pictures: no validation folder, take the training one
+        return os.path.join(path, "train")
+    raise FileNotFoundError(f"folder {path!r} has no {folders[0]}/ sub-folder for split {split!r}")
+
+
+def _class_folders(directory: str) -> list[str]:
+    """torchvision's `find_classes`: sub-folder names, sorted."""
+    with os.scandir(directory) as entries:
+        return sorted(entry.name for entry in entries if entry.is_dir())
+
+
+def _loose_images(directory: str) -> list[str]:
+    with os.scandir(directory) as entries:
+        return sorted(entry.name for entry in entries
+                      if not entry.is_dir() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _walk(directory: str, with_loose: bool):
+    """(path, label) in a fixed order: loose images (label -1) first, then each class folder as
+    torchvision's `make_dataset` orders it (sorted(os.walk(...)), sorted names)."""
+    if with_loose:
+        for name in _loose_images(directory):
+            yield os.path.join(directory, name), -1
+    for label, name in enumerate(_class_folders(directory)):
+        for root, _, names in sorted(os.walk(os.path.join(directory, name), followlinks=True)):
+            for file in sorted(names):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    yield os.path.join(root, file), label
+
+
+class FolderListing(NamedTuple):
+    total: int  # images in the whole split (all processes)
+    paths: tuple[str, ...]  # this shard's images: every shard_count-th from shard_index on
+    labels: tuple[int, ...]  # their class indices (-1: not in a class folder)
+    classes: tuple[str, ...]  # class folder names, sorted; label i is classes[i]
+    per_class: tuple[int, ...]  # images of each class in the whole split
+
+
+def list_folder(directory: str, *, with_labels: bool, shard_index: int = 0,
+                shard_count: int = 1) -> FolderListing:
+    """Lists `directory` (a split folder); labelled listings leave out the loose images, and
+    a folder without loose images gives one listing for both (one walk)."""
+    with_loose = not with_labels and bool(_loose_images(directory))
+    # Keyed on the folder's mtime so that a changed folder is listed again.
+    listing = _list_folder(directory, with_loose, shard_index, shard_count,
+                           os.stat(directory).st_mtime_ns)
+    if listing.total == 0:
+        raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in folder {directory!r}"
+                         f"{' class sub-folders' if with_labels else ''}; point the source at a "
+                         "folder of images (labelled data: one sub-folder per class)")
+    empty = [name for name, count in zip(listing.classes, listing.per_class, strict=True)
+             if not count]
+    if with_labels and empty:
+        raise FileNotFoundError(f"class folder(s) {empty[:5]} of {directory!r} hold no images "
+                                "(torchvision refuses these too)")
+    return listing
+
+
+@functools.lru_cache(maxsize=16)
+def _list_folder(directory, with_loose, shard_index, shard_count, _mtime) -> FolderListing:
+    classes = tuple(_class_folders(directory))
+    total, paths, labels, per_class = 0, [], [], [0] * len(classes)
+    for path, label in _walk(directory, with_loose):
+        if total % shard_count == shard_index:
+            paths.append(path)
+            labels.append(label)
+        if label >= 0:
+            per_class[label] += 1
+        total += 1
+    return FolderListing(total, tuple(paths), tuple(labels), classes, tuple(per_class))
+
+
+def folder_paths_at(directory: str, indices, *, with_labels: bool) -> list[str]:
+    """The paths at global `indices` of the listing (one walk; no full list kept)."""
+    wanted = set(indices)
+    with_loose = not with_labels and bool(_loose_images(directory))
+    found = {i: path for i, (path, _) in enumerate(_walk(directory, with_loose)) if i in wanted}
+    return [found[i] for i in indices]
+
+
+# ------------------------------------------------------------------ TFDS source
+
+
+def _how_to(name: str) -> str:
+    return (f"On a machine with internet run `tfds build {name.split(':')[0]} --data_dir DIR`, "
+            "copy DIR to this machine and pass --config.data.data_dir=DIR.")
+
+
+def _reachable(hosts, timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to any host (or to the HTTPS proxy) opens within timeout_s."""
+    proxy = urllib.request.getproxies().get("https")
+    if proxy:
+        parsed = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        targets = [(parsed.hostname, parsed.port or 80)]
+    else:
+        targets = [(host, 443) for host in hosts if host]
+    opened = []
+
+    def probe(target):
+        with contextlib.suppress(OSError):
+            socket.create_connection(target, timeout=timeout_s).close()
+            opened.append(target)
+
+    # In parallel, as daemons: a DNS lookup that hangs (no timeout applies to it) is abandoned.
+    threads = [threading.Thread(target=probe, args=(t,), daemon=True) for t in targets]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return bool(opened)
+
+
+@contextlib.contextmanager
+def _download_retries(retries: int | None):
+    """TFDS retries each URL 10 times with exponential backoff (~200 s per URL offline);
+    `retries` replaces that count while a dataset prepares (None: TFDS's own)."""
+    from tensorflow_datasets.core.download import downloader
+
+    if retries is None or not hasattr(downloader, "MAX_RETRIES"):
+        yield
+        return
+    saved, downloader.MAX_RETRIES = downloader.MAX_RETRIES, retries
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = saved
+
+
+def tfds_builder(name: str, data_dir: str | None, download: bool):
+    """A prepared TFDS builder; prepares it (downloads) when allowed.
+
+    Without network, preparing still runs (datasets built from manual_dir files need none) but
+    with no download retries, so a dataset that must be downloaded fails in seconds, not after
+    TFDS's ~200 s of retries.
+    """
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    where = builder.data_dir
+    if not download:
+        raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {where} and "
+                                f"download=False. {_how_to(name)}")
+    hosts = (urllib.parse.urlparse(builder.info.homepage or "").hostname, *_PROBE_HOSTS)
+    offline = not _reachable(hosts)
+    try:
+        with _download_retries(0 if offline else None):
+            builder.download_and_prepare()
+    except Exception as error:
+        why = (f"no network ({', '.join(h for h in hosts if h)} unreachable within "
+               f"{_PROBE_TIMEOUT_S:g} s); " if offline else "")
+        raise RuntimeError(f"could not download/prepare TFDS dataset {name!r} into {where}: "
+                           f"{why}{error}. {_how_to(name)}") from error
+    return builder
+
+
+def image_key(builder) -> str:
+    features = builder.info.features
+    if "image" in features:
+        return "image"
+    for key, feature in features.items():
+        if isinstance(feature, tfds.features.Image):
+            return key
+    raise ValueError(f"TFDS dataset {builder.name!r} has no image feature: {list(features)}")
+
+
+def _label_or_none(builder):
+    features = builder.info.features
+    feature = features["label"] if "label" in features else None
+    return feature if isinstance(feature, tfds.features.ClassLabel) else None
+
+
+def label_feature(builder):
+    feature = _label_or_none(builder)
+    if feature is None:
+        raise ValueError(f"TFDS dataset {builder.name!r} has no 'label' ClassLabel feature "
+                         f"({list(builder.info.features)}): it cannot serve labelled training")
+    return feature
+
+
+def tfds_records(builder, split) -> tf.data.Dataset:
+    """{"encoded": image bytes, "label": int32 (-1 if none), "name": record id} of `split`, in
+    a fixed order; decoding happens later, in parallel."""
+    key = image_key(builder)
+    labelled = _label_or_none(builder) is not None
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={key: tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(add_tfds_id=True))
+    what = f"tfds:{builder.name} {split}"
+    return ds.map(lambda example: {
+        "encoded": example[key],
+        "label": tf.cast(example["label"], tf.int32) if labelled else tf.constant(-1),
+        "name": example.get("tfds_id", tf.constant(what)),
+    })
+
+
+def tfds_count(builder, split) -> int:
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError):  # e.g. tfds.testing.mock_data: no split metadata
+        return int(builder.as_dataset(split=split).cardinality())
+
+
+# ------------------------------------------------------------ Per-process shards
+
+
+class Shard(NamedTuple):
+    """This process's part of a split, in a fixed order, cheap to shuffle and skip."""
+
+    records: tf.data.Dataset  # folder: int64 indices into `paths`; TFDS: tfds_records dicts
+    count: int  # records in this shard
+    total: int  # records in the whole split (all processes)
+    paths: tf.Tensor | None  # folder: [count] string paths (random access for replacements)
+    labels: tf.Tensor | None  # folder: [count] int32 labels (-1: none)
+    what: str  # names the data in messages
+
+
+def local_shard(source: str, split: str, *, data_dir, download, process_index: int,
+                process_count: int, with_labels: bool, equal: bool) -> Shard:
+    """Records of `split` for one process. equal=True (training): every shard has
+    total // process_count records (the rest is dropped), so all processes run the same steps;
+    equal=False (evaluation): shards of sizes differing by at most one cover the whole split."""
+    kind, name = parse_source(source)
+    what = f"{source} split {split!r}"
+    if kind == "folder":
+        listing = list_folder(split_folder(name, split), with_labels=with_labels,
+                              shard_index=process_index, shard_count=process_count)
+        count = listing.total // process_count if equal else len(listing.paths)
+        paths = tf.constant(list(listing.paths[:count]), tf.string)
+        labels = tf.constant(list(listing.labels[:count]), tf.int32)
+        records = tf.data.Dataset.range(count)
+        return Shard(records, count, listing.total, paths, labels, what)
+    builder = tfds_builder(name, data_dir, download)
+    if with_labels:
+        label_feature(builder)
+    local_split = tfds.even_splits(split, n=process_count, drop_remainder=equal)[process_index]
+    records = tfds_records(builder, local_split)
+    return Shard(records, tfds_count(builder, local_split), tfds_count(builder, split), None,
+                 None, what)
+
+
+def _default_process() -> tuple[int, int]:
+    import jax  # lazily: only the defaults need it
+
+    return jax.process_index(), jax.process_count()
+
+
+def num_examples(*, source: str, data_dir: str | None = None, split: str = "train",
+                 download: bool = True, with_labels: bool = False) -> int:
+    """Examples in the whole split (all processes): listed files for folders (with_labels:
+    only those in class folders), the split size for TFDS (prepared first when allowed)."""
+    kind, name = parse_source(source)
+    if kind == "folder":
+        index, count = _default_process()  # lists this process's shard: what its pipeline uses
+        return list_folder(split_folder(name, split), with_labels=with_labels,
+                           shard_index=index, shard_count=count).total
+    return tfds_count(tfds_builder(name, data_dir, download), split)
+
+
+def class_names(*, source: str, data_dir: str | None = None, split: str = "train",
+                download: bool = True) -> list[str]:
+    """Class names in label order: sorted class folders, or the TFDS `label` feature's names."""
+    kind, name = parse_source(source)
+    if kind == "folder":
+        directory = split_folder(name, split)
+        classes = _class_folders(directory)
+        if not classes:
+            raise ValueError(f"folder {directory!r} has no class sub-folders: labelled data "
+                             "needs PATH/<class>/<image> (torchvision's ImageFolder layout)")
+        return classes
+    return list(label_feature(tfds_builder(name, data_dir, download)).names)
+
+
+def num_classes(*, source: str, data_dir: str | None = None, split: str = "train",
+                download: bool = True) -> int:
+    return len(class_names(source=source, data_dir=data_dir, split=split, download=download))
