@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from mae_jax.core import checkpointing, sharding
+from mae_jax.core import checkpointing, preemption, sharding
 
 
 class Wide(nnx.Module):
@@ -93,7 +93,7 @@ def test_unfinished_save_is_ignored_on_restore(tmp_path, sharded_state):
 
 def test_restore_without_checkpoint_names_the_directory(tmp_path):
     checkpointer = checkpointing.Checkpointer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="No finished checkpoint"):
+    with pytest.raises(FileNotFoundError, match="No finished, intact checkpoint"):
         checkpointer.restore()
     checkpointer.close()
 
@@ -111,7 +111,7 @@ def test_pytree_export_reads_back_without_a_target(tmp_path, sharded_state):
 
 def test_preemption_guard_turns_sigterm_into_a_flag():
     previous = signal.getsignal(signal.SIGTERM)
-    with checkpointing.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
         assert not guard.requested
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested and guard.signal_received == signal.SIGTERM

@@ -1,9 +1,24 @@
-"""The shared command line of train.py and segment.py."""
+"""The shared command line of train.py and segment.py: workdirs, --multiprocess, exit status."""
 
+import errno
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import pytest
+
+from mae_jax.core import entry
+from mae_jax.core.checkpoint_integrity import CheckpointWriteError
+from mae_jax.core.checkpointing import DamagedCheckpointsError
 from mae_jax.core.entry import default_workdir
+from mae_jax.core.loop import NonFiniteLossError
+from mae_jax.core.run_record import ConfigChangedError
+from mae_jax.core.workdir import WorkdirLockedError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_config_arguments_get_their_own_default_workdir():
@@ -16,7 +31,105 @@ def test_config_arguments_get_their_own_default_workdir():
 
 def test_train_py_requires_a_config():
     result = subprocess.run(
-        [sys.executable, "train.py"], capture_output=True, text=True, timeout=120
+        [sys.executable, "train.py"], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
-    assert result.returncode != 0
+    assert result.returncode == entry.EXIT_BAD_INPUT
     assert "--config" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "error,status",
+    [
+        (NonFiniteLossError("nan"), 3),
+        (CheckpointWriteError(errno.ENOSPC, "disk full"), 74),
+        (ValueError("RESOURCE_EXHAUSTED: Error writing local file"), 74),  # orbax's full disk
+        (OSError(errno.ENOSPC, "No space left on device"), 74),
+        (ValueError("Invalid config:\n  - batch_size must be >= 1"), 2),
+        (FileNotFoundError("no such data"), 2),
+        (ConfigChangedError("lr changed"), 2),
+        (WorkdirLockedError("in use"), 2),
+        (DamagedCheckpointsError("all damaged"), 2),
+        (RuntimeError("a bug"), 1),
+        (KeyboardInterrupt(), 130),
+    ],
+)
+def test_each_kind_of_failure_has_its_exit_status(error, status):
+    assert entry.exit_status(error) == status
+    assert status in entry.EXIT_MEANINGS
+
+
+def test_multiprocess_reads_the_coordinator_from_the_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    before = jax.config.jax_cpu_collectives_implementation
+    try:
+        entry.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                                      "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})
+        assert jax.config.jax_cpu_collectives_implementation == "gloo"
+        entry.initialize_distributed({})  # SLURM / Open MPI / ...: jax detects them
+        with pytest.raises(ValueError, match="set JAX_PROCESS_ID too"):
+            entry.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                                          "JAX_NUM_PROCESSES": "2"})
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
+    assert calls == [
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}, {}
+    ]
+
+
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_pretrain_config
+
+
+def get_config(arg=None):
+    return tiny_pretrain_config(total_steps=100_000, warmup_steps=1, log_every_steps=1,
+                                checkpoint_every_steps=100_000, visualize_every_steps=0)
+"""
+
+
+def test_sigterm_saves_and_exits_75_and_a_changed_resume_exits_2(tmp_path):
+    config = tmp_path / "long.py"
+    config.write_text(CONFIG_FILE.format(tests=os.path.join(ROOT, "tests")))
+    workdir = tmp_path / "run"
+    command = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (workdir / "metrics.jsonl").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no training step within 300 s"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)  # e.g. a pre-empted job
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == entry.EXIT_PREEMPTED, output[-3000:]
+    assert "re-run the same command to resume" in output
+    steps = [name for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+    assert len(steps) == 1 and int(steps[0]) < 100_000
+
+    changed = subprocess.run(command + ["--config.lr=0.5"], cwd=ROOT, env=env, text=True,
+                             capture_output=True, timeout=300)
+    assert changed.returncode == entry.EXIT_BAD_INPUT
+    assert "lr: 0.001 -> 0.5" in changed.stderr and "--config_change_ok" in changed.stderr
+    assert "Traceback" not in changed.stderr  # the message is the whole story
+
+
+def test_segment_py_bad_input_exits_2(tmp_path):
+    for override in ("--config.keep_checkpoints=0", "--config.no_such_field=1"):
+        result = subprocess.run(
+            [sys.executable, "segment.py", "--config=configs/seg_demo.py",
+             f"--workdir={tmp_path}", override],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )
+        assert result.returncode == entry.EXIT_BAD_INPUT, result.stderr[-2000:]
+    assert "no_such_field" in result.stderr
+
+
+def test_config_change_ok_reaches_the_config():
+    try:
+        entry.FLAGS(["train.py", "--config=configs/demo.py", "--config_change_ok"])
+        config = entry.config_from_flags()  # the config is locked: the flag unlocks it once
+        assert config.config_change_ok is True and config.is_locked
+    finally:
+        entry.FLAGS.unparse_flags()

@@ -109,3 +109,23 @@ def test_format_duration():
     assert run_logging.format_duration(3725) == "1h02m"
     assert run_logging.format_duration(65) == "1m05s"
     assert run_logging.format_duration(float("nan")) == "--"
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning_and_the_next_run_starts_a_new_line(
+    tmp_path, capsys
+):
+    # What a crash (or a full disk) in the middle of a write leaves behind.
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 10, "kind": "train", "loss": 1.0}\n{"step": 20, "kind": "tra'
+    )
+    with pytest.warns(UserWarning, match="unreadable line 2 of .*metrics.jsonl"):
+        assert [r["step"] for r in run_logging.read_metrics(tmp_path)] == [10]
+    resumed = run_logging.RunLogger(tmp_path, total_steps=40, tensorboard=False, start_step=10)
+    resumed.log_train(20, {"loss": 0.5})
+    with pytest.warns(UserWarning, match="line 2"):
+        assert [(r["step"], r["loss"]) for r in run_logging.read_metrics(tmp_path)] == [
+            (10, 1.0), (20, 0.5)
+        ]
+        path = resumed.save_loss_curve()  # the end of a run reads the file too
+    assert Image.open(path).format == "PNG"
+    assert f"line 2 of {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().out

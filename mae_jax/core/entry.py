@@ -1,8 +1,20 @@
-"""The command line shared by train.py and segment.py (absl flags + ml_collections configs)."""
+"""The command line shared by train.py and segment.py (absl flags + ml_collections configs).
+
+Exit status (for schedulers and scripts):
+    0   completed
+    1   unexpected error (a bug?): the traceback says where
+    2   bad input: config, command line, data, a workdir in use, checkpoints that do not fit
+        the config or are all damaged; fix it and re-run
+    3   diverged: NaN/inf loss, gradients or parameters; no bad state was saved
+    74  a checkpoint could not be written (e.g. disk full); free space, re-run to resume
+    75  pre-empted (SIGTERM / Ctrl-C): a checkpoint was saved; re-run the same command to resume
+    130 interrupted by a second Ctrl-C before anything was saved
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -12,10 +24,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_WRITE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 74, 75, 130
+EXIT_MEANINGS = {
+    EXIT_FAILED: "unexpected error",
+    EXIT_BAD_INPUT: "bad input; fix it and re-run",
+    EXIT_DIVERGED: "diverged; checkpoints hold only states that passed the finiteness check",
+    EXIT_WRITE_FAILED: "a checkpoint could not be written; fix the cause and re-run to resume",
+    EXIT_PREEMPTED: "pre-empted after saving; re-run the same command to resume",
+    EXIT_INTERRUPTED: "interrupted",
+}
+COORDINATOR_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
-flags.DEFINE_bool("multiprocess", False, "Initialise JAX's multi-process runtime (multi-host).")
+flags.DEFINE_bool("multiprocess", False, "Initialise JAX's multi-process runtime (multi-host): "
+                  "from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID when set, "
+                  "else detected (SLURM, Open MPI, TPU pods).")
+flags.DEFINE_bool("config_change_ok", False, "Resume even though hyperparameters changed; the "
+                  "changes are recorded in <workdir>/config_history.jsonl with the step.")
 
 
 def default_workdir(config_flag: str) -> str:
@@ -28,30 +56,139 @@ def default_workdir(config_flag: str) -> str:
     return os.path.join("runs", name)
 
 
+def initialize_distributed(environ=os.environ) -> dict:
+    """jax.distributed.initialize for --multiprocess; returns the arguments it was given.
+
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    when set (jax's own initialize() reads only the first); otherwise JAX detects SLURM,
+    Open MPI, TPU pods or Kubernetes. On the CPU backend collectives go through gloo.
+    """
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = {name: environ[name] for name in COORDINATOR_VARIABLES if environ.get(name)}
+    kwargs = {}
+    if given:
+        missing = [name for name in COORDINATOR_VARIABLES if name not in given]
+        if missing:
+            raise ValueError(f"--multiprocess: set {', '.join(missing)} too (got "
+                             f"{', '.join(given)}), or none of them to auto-detect.")
+        try:
+            kwargs = {"coordinator_address": given["JAX_COORDINATOR_ADDRESS"],
+                      "num_processes": int(given["JAX_NUM_PROCESSES"]),
+                      "process_id": int(given["JAX_PROCESS_ID"])}
+        except ValueError:
+            raise ValueError("--multiprocess: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                             f"integers, got {given}.") from None
+    jax.distributed.initialize(**kwargs)
+    return kwargs
+
+
+def exit_status(error: BaseException) -> int:
+    from mae_jax.core import checkpoint_integrity as integrity
+    from mae_jax.core import loop, run_record, workdir
+
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, loop.NonFiniteLossError):
+        return EXIT_DIVERGED
+    if isinstance(error, integrity.CheckpointWriteError) or integrity.is_out_of_space(
+            error):
+        return EXIT_WRITE_FAILED
+    bad_input = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, workdir.WorkdirLockedError, run_record.ConfigChangedError)
+    return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED
+
+
+def _explained(error: BaseException) -> bool:
+    """Errors whose message is the whole story: no traceback."""
+    from mae_jax.core import checkpoint_integrity as integrity
+    from mae_jax.core import checkpointing, loop, run_record, workdir
+
+    return isinstance(error, (loop.NonFiniteLossError, integrity.CheckpointWriteError,
+                              checkpointing.DamagedCheckpointsError, workdir.WorkdirLockedError,
+                              run_record.ConfigChangedError, KeyboardInterrupt))
+
+
+class _FirstOrbaxErrorOnly(std_logging.Filter):
+    """A failed background write (e.g. a full disk) is logged by several of orbax's threads,
+    each with a full traceback, before the run reports it: keep the first, as one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno < std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def config_from_flags():
+    """--config with --config_change_ok folded in (as `config.config_change_ok`, which
+    `mae_jax.core.run_record` reads and never compares)."""
+    config = FLAGS.config
+    if FLAGS.config_change_ok:
+        with config.unlocked():
+            config.config_change_ok = True
+    return config
+
+
+def _parse_flags(argv):
+    """absl's parser, but a bad flag, config file or config override (an unknown field raises
+    AttributeError while parsing) is exit status 2 (bad input)."""
+    try:
+        return FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - everything here comes from the command line
+        sys.stderr.write(f"Bad command line: {type(error).__name__}: {error}\nPass --helpshort "
+                         "to see the flags.\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def run(library: str) -> None:
-    """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`."""
-    flags.mark_flags_as_required(["config"])
+    """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`; exits with one
+    of the statuses in this module's docstring."""
 
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-        if FLAGS.multiprocess:
-            # One process per host; the coordinator comes from the environment (SLURM,
-            # Open MPI, TPU pods).
-            import jax
+        std_logging.getLogger("absl").addFilter(_FirstOrbaxErrorOnly())
+        if FLAGS.config is None:
+            sys.stderr.write("Bad command line: --config is required, e.g. "
+                             "--config=configs/demo.py.\n")
+            return EXIT_BAD_INPUT
+        from mae_jax.core import preemption
 
-            jax.distributed.initialize()
+        config = config_from_flags()
         workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
         try:
-            result = importlib.import_module(library).train_and_evaluate(FLAGS.config, workdir)
-        except Exception:
+            if FLAGS.multiprocess:
+                initialize_distributed()
+            result = importlib.import_module(library).train_and_evaluate(config, workdir)
+        except SystemExit:
+            raise
+        except BaseException as error:  # noqa: BLE001 - every failure gets its exit status
+            status = exit_status(error)
+            if _explained(error):
+                print(f"\nERROR: {error}", file=sys.stderr)
+            else:
+                traceback.print_exc()
+            print(f"Exit status {status}: {EXIT_MEANINGS[status]}.", file=sys.stderr)
             # After an error, tf.data's worker threads can deadlock interpreter shutdown (their
-            # destructors wait on Python): report and leave now. Checkpoints are already closed.
-            traceback.print_exc()
+            # destructors wait on Python): leave now. Checkpoints are already closed.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(1)
+            os._exit(status)
+        if preemption.stopped_on_request() is not None:
+            print(f"Stopped early: {result}\nExit status {EXIT_PREEMPTED}: "
+                  f"{EXIT_MEANINGS[EXIT_PREEMPTED]}.")
+            return EXIT_PREEMPTED
         print(f"Done: {result}")
+        return EXIT_COMPLETED
 
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from mae_jax.core import preemption
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.checkpointing import Checkpointer, PreemptionGuard
+from mae_jax.core.checkpointing import Checkpointer
+from mae_jax.core.preemption import PreemptionGuard
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.state import TrainState
 
@@ -59,26 +61,35 @@ def run_loop(
     metadata_fn: Callable[[int], dict] = lambda step: {},
     hooks: tuple[Hook, ...] = (),
 ) -> LoopResult:
-    """Trains from `start_step` to `total_steps` (or until a stop signal)."""
+    """Trains from `start_step` to `total_steps` (or until a stop signal).
+
+    start_step: the step of the checkpoint the state was restored from (0: a new state).
+    """
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step = start_step
-    last_saved = start_step if checkpointer.latest_step() is not None else None
+    last_saved = start_step if start_step > 0 else None  # never cite a checkpoint not written
     last_metrics: dict[str, float] = {}
     preempted = False
+    preemption.record_stop(None)
 
     def check_finite(step: int) -> None:
-        # Read only at log and checkpoint steps: no per-step host sync.
+        # Read only at log, hook and checkpoint steps: no per-step host sync.
         bad = int(jax.device_get(state.nonfinite_steps))
         if bad:
-            kept = (
-                f"the last good checkpoint (step {last_saved}) is intact"
-                if last_saved is not None
-                else "no checkpoint had been saved yet"
-            )
+            if last_saved is None:
+                kept = "no checkpoint was saved, so a re-run starts from scratch"
+            else:
+                kept = (
+                    f"the last good checkpoint (step {last_saved}, which passed this check) is "
+                    "intact and a re-run resumes from it (if it diverges again soon after, its "
+                    f"parameters may already be too large: move {checkpointer.directory}/"
+                    f"{last_saved} aside to fall back to an older one)"
+                )
             raise NonFiniteLossError(
                 f"The loss, gradients or parameters became NaN/inf (first seen by step {step}; "
-                f"{bad} bad step(s)). Stopped without saving; {kept}. Lower the learning rate, "
-                "enable clip_grad_norm, or use float32."
+                f"{bad} bad step(s)). Stopped without saving; {kept}. Lower the learning rate "
+                "(--config_change_ok to change it on resume), enable clip_grad_norm, or use "
+                "float32."
             )
 
     with PreemptionGuard() as guard:
@@ -91,9 +102,11 @@ def run_loop(
                 check_finite(step)
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 logger.log_train(step, last_metrics)
-            for hook in hooks:
-                if hook.due(step, total_steps):
-                    hook.fn(step, state)
+            due = [hook for hook in hooks if hook.due(step, total_steps)]
+            if due and not log_now:
+                check_finite(step)  # no pictures or evaluation of a diverged state
+            for hook in due:
+                hook.fn(step, state)
             # Several processes must agree on the stop step: they compare flags at log steps.
             stop = guard.requested_anywhere() if log_now else (
                 guard.requested and jax.process_count() == 1
@@ -104,6 +117,7 @@ def run_loop(
                 last_saved = step
             if stop:
                 preempted = True
+                preemption.record_stop(step)
                 print(f"Stopped at step {step} on request; re-run the same command to resume.")
                 break
     checkpointer.wait()

@@ -1,5 +1,6 @@
-"""What every task's run shares: the workdir, the mesh, the state (initialised or restored),
-checkpoints, logging and the loop. A task library plugs in its model, loss, data and hooks:
+"""What every task's run shares: the workdir (locked, its config recorded), the mesh, the state
+(initialised or restored from the newest intact checkpoint), checkpoints, logging and the
+loop. A task library plugs in its model, loss, data and hooks:
 
     with Run(config, workdir, devices=devices) as run:
         graphdef, state, start_step = run.init_state(spec, tx)
@@ -9,7 +10,6 @@ checkpoints, logging and the loop. A task library plugs in its model, loss, data
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,56 +18,61 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mae_jax.core import loop
+from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
+from mae_jax.core.workdir import ensure_workdir, lock_workdir
 from mae_jax.models.factory import ModelSpec
 
 
-def ensure_workdir(workdir: str) -> str:
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    try:
-        with open(probe, "w") as handle:
-            handle.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise PermissionError(f"Cannot write to workdir {workdir}: {error}") from error
-    return workdir
-
-
 class Run:
-    """One run in `workdir` over `devices` (default: all devices of all processes)."""
+    """One run in `workdir` over `devices` (default: all devices of all processes).
+
+    Before any data or model work: locks the workdir (a second run on it fails at once),
+    finds the newest intact checkpoint (damaged newer ones are moved aside) and checks the
+    config against the run's record (`run_record`: changed hyperparameters are refused unless
+    `config.config_change_ok`). `resume_step` is that checkpoint's step, None for a new run.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None):
         self.config = config
         self.workdir = ensure_workdir(workdir)
         self.devices = list(devices or jax.devices())
         self.is_main = jax.process_index() == 0
-        self.mesh = sharding_lib.create_mesh(
-            data=config.mesh.data, fsdp=config.mesh.fsdp, devices=self.devices
-        )
-        print(f"Mesh: {dict(self.mesh.shape)} over {len(self.devices)} "
-              f"{self.devices[0].platform} device(s), {jax.process_count()} process(es).")
-        self.checkpointer = Checkpointer(
-            self.workdir, save_every_steps=config.checkpoint_every_steps,
-            keep=config.keep_checkpoints,
-        )
         self.logger: RunLogger | None = None
         self.state_shardings: Any = None
+        self.checkpointer: Checkpointer | None = None
+        self._lock = lock_workdir(self.workdir)
+        try:
+            self.mesh = sharding_lib.create_mesh(
+                data=config.mesh.data, fsdp=config.mesh.fsdp, devices=self.devices
+            )
+            print(f"Mesh: {dict(self.mesh.shape)} over {len(self.devices)} "
+                  f"{self.devices[0].platform} device(s), {jax.process_count()} process(es).")
+            self.checkpointer = Checkpointer(
+                self.workdir, save_every_steps=config.checkpoint_every_steps,
+                keep=config.keep_checkpoints,
+            )
+            self.resume_step = self.checkpointer.newest_intact_step(move_damaged=True)
+            if not config.get("eval_only", False):  # evaluating changes nothing to record
+                run_record.record_config(self.workdir, config, resume_step=self.resume_step,
+                                         write=self.is_main)
+        except BaseException:
+            self.close(quiet=True)
+            raise
 
     # ------------------------------------------------------------------------- state
     def init_state(
         self, spec: ModelSpec, tx: optax.GradientTransformation, *, trainable: Any = nnx.Param
     ) -> tuple[nnx.GraphDef, TrainState, int]:
-        """(graphdef, state born sharded, start step): the newest checkpoint, else a new state.
+        """(graphdef, state born sharded, start step): the newest intact checkpoint, else a new
+        state.
 
         Parameters come from `config.seed`, step randomness from `config.seed + 1`. Writes
-        `config.json` and `model.json` (what `mae_jax.weights.load` reads back).
+        `model.json` (what `mae_jax.weights.load` reads back).
         """
         seed = self.config.seed
 
@@ -76,13 +81,12 @@ class Run:
             return TrainState.create(model, tx, rng_seed=seed + 1, trainable=trainable)
 
         graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(seed))), trainable, ...)[0]
-        state, self.state_shardings, start_step = init_or_restore(init, self.mesh,
-                                                                  self.checkpointer)
+        state, self.state_shardings, start_step = init_or_restore(
+            init, self.mesh, self.checkpointer, self.resume_step
+        )
         print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
               f"{tree_size(state.params) / 1e6:.2f}M trainable parameters.")
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as handle:
-                handle.write(self.config.to_json_best_effort(indent=2))
             spec.save(self.workdir)
         return graphdef, state, start_step
 
@@ -115,13 +119,28 @@ class Run:
         )
 
     # ------------------------------------------------------------------------- end
-    def close(self) -> None:
-        self.checkpointer.close()
-        if self.logger is not None:
-            self.logger.close()
+    def close(self, *, quiet: bool = False) -> None:
+        """Finishes pending checkpoint writes, closes the logs, unlocks the workdir.
+
+        quiet: another error is already on its way up; a failed write is then printed in one
+        line instead of replacing that error.
+        """
+        try:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+        except Exception as error:
+            if not quiet:
+                raise
+            print(f"Also: {str(error).splitlines()[0]}", flush=True)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(quiet=error is not None)

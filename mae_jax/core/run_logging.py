@@ -90,17 +90,38 @@ def create_tensorboard_writer(logdir: str) -> Any | None:
 
 
 def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dict[str, Any]]:
-    """Lines of `workdir/metrics.jsonl` of one kind, sorted by step, last line per step wins."""
+    """Lines of `workdir/metrics.jsonl` of one kind, sorted by step, last line per step wins.
+
+    A line that is not a JSON record with a step (e.g. torn by a crash or a full disk) is
+    skipped with a warning naming the file and line.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     by_step: dict[int, dict[str, Any]] = {}
     if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
+        with open(path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
                     record = json.loads(line)
-                    if record.get("kind", "train") == kind:
-                        by_step[record["step"]] = record
+                    step = int(record["step"])
+                except (ValueError, KeyError, TypeError):
+                    message = f"Skipping unreadable line {number} of {path}: {line[:80]!r}"
+                    print(f"WARNING: {message}", flush=True)
+                    warnings.warn(message, stacklevel=2)
+                    continue
+                if record.get("kind", "train") == kind:
+                    by_step[step] = record
     return [by_step[step] for step in sorted(by_step)]
+
+
+def _end_with_newline(path: str) -> None:
+    """A line torn by a crash gets its newline, so the next record starts a line of its own."""
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def tile_images(images: np.ndarray) -> np.ndarray:
@@ -147,6 +168,7 @@ class RunLogger:
         self._writer = None
         if is_main:
             os.makedirs(self.workdir, exist_ok=True)
+            _end_with_newline(self.metrics_path)
             if tensorboard:
                 self._writer = create_tensorboard_writer(os.path.join(self.workdir, "tensorboard"))
 

@@ -9,17 +9,18 @@ sees the same masks, drop-path and dropout draws as an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.checkpointing import Checkpointer
+from mae_jax.core.checkpointing import Checkpointer, leaf_shapes
 
 
 @flax.struct.dataclass
@@ -76,30 +77,63 @@ class TrainState:
 
 
 def init_or_restore(
-    init_fn: Callable[[], TrainState], mesh, checkpointer: Checkpointer
+    init_fn: Callable[[], TrainState], mesh, checkpointer: Checkpointer, step: int | None
 ) -> tuple[TrainState, Any, int]:
     """Returns (state, shardings, start_step), the state born sharded.
 
-    When `checkpointer` holds a finished checkpoint, the state is read straight into its
-    shardings (the initialiser only runs abstractly); otherwise `init_fn` runs under jit.
+    step: the checkpoint to restore (normally `checkpointer.newest_intact_step()`), read
+    straight into the state's shardings (the initialiser only runs abstractly); None: a new
+    state from `init_fn`, run under jit.
     """
     abstract = jax.eval_shape(init_fn)
     shardings = sharding_lib.state_shardings(abstract, mesh)
-    latest = checkpointer.latest_step()
-    if latest is None:
+    if step is None:
         return jax.jit(init_fn, out_shardings=shardings)(), shardings, 0
     target = sharding_lib.abstract_with_shardings(abstract, shardings)
+    # Compared from metadata first: a restore that fails half-way leaves orbax's pending reads
+    # calling back into a closed event loop ("Event loop is closed" tracebacks).
+    saved, wanted = checkpointer.saved_shapes(step), leaf_shapes(target)
+    paths = sorted(set(saved) | set(wanted), key=lambda path: (path.startswith("opt_state"), path))
+    differences = [f"{path}: saved {saved.get(path, 'absent')}, config "
+                   f"{wanted.get(path, 'absent')}" for path in paths
+                   if saved.get(path) != wanted.get(path)]
+    if differences:
+        raise ValueError(
+            f"The checkpoint at step {step} in {checkpointer.directory} does not fit this "
+            f"config (another model size or optimizer?): {len(differences)} array(s) differ, "
+            f"e.g. {'; '.join(differences[:3])}. Resume with the config that wrote it, or start "
+            "a new run in another --workdir."
+        )
     try:
-        state, _ = checkpointer.restore(latest, abstract_state=target)
+        state, _ = checkpointer.restore(step, abstract_state=target)
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"The checkpoint at step {latest} in {checkpointer.directory} does not fit this "
+            f"The checkpoint at step {step} in {checkpointer.directory} does not fit this "
             "config (another model size or optimizer?). Resume with the config that wrote it, "
-            f"or start a new run in another --workdir. Details: {error}"
+            f"or start a new run in another --workdir. Details: {str(error)[:1000]}"
         ) from error
-    return state, shardings, int(latest)
+    return state, shardings, int(step)
 
 
 def tree_size(tree: Any) -> int:
     """Number of scalars in a pytree of arrays."""
     return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def place_values(state: TrainState, shardings: Any, values: Mapping[tuple, Any]) -> TrainState:
+    """Replaces the leaves of the sharded state's `params` and `rest` found in `values`
+    ({model path: host array}, e.g. weights from `init_from`), each placed with the sharding of
+    the leaf it replaces and cast to its dtype. Paths `values` lacks keep their value."""
+
+    def replace(tree, tree_shardings):
+        placement = dict(nnx.to_flat_state(tree_shardings))
+        leaves = []
+        for path, variable in nnx.to_flat_state(tree):
+            if path in values:
+                value = np.asarray(values[path], dtype=variable.get_value().dtype)
+                variable = variable.replace(jax.device_put(value, placement[path].get_value()))
+            leaves.append((path, variable))
+        return nnx.from_flat_state(leaves)
+
+    return state.replace(params=replace(state.params, shardings.params),
+                         rest=replace(state.rest, shardings.rest))

@@ -1,0 +1,152 @@
+"""What a run ran with: `config.json` (the original config, never overwritten) and
+`config_history.jsonl` (every change made on a resume, with the step it took effect at).
+
+A resume compares the config it was given with the run's effective config (the original plus
+the recorded changes). Changes that can alter the trained parameters or the reported metrics
+are refused, listed one per line, unless the user says they are intended (`--config_change_ok`
+on the command line, i.e. `config.config_change_ok = True`); changes that cannot (how often to
+log, checkpoint or draw pictures, where the data lives) are accepted. Both kinds are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"
+CHANGE_OK_FIELD = "config_change_ok"  # set by --config_change_ok; never compared
+# Fields whose value cannot change the trained parameters or the evaluation numbers: cadences
+# and retention (checks and saves happen between steps), pictures, TensorBoard, data locations,
+# the starting weights (read only at step 0), the mesh and attention kernel (same maths; only
+# the rounding of reductions differs, as between 1 and 4 devices).
+HARMLESS_FIELDS = frozenset({
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "tensorboard",
+    "visualize_every_steps", "num_visualize_images", "export_encoder", "eval_every_steps",
+    "num_pictures", "eval_only", "init_from", "data.data_dir", "data.manual_dir",
+    "data.download", "mesh.data", "mesh.fsdp", "model.attention_impl",
+})
+
+
+class ConfigChangedError(ValueError):
+    """A resume with changed hyperparameters, without --config_change_ok."""
+
+
+def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """{"model.depth": 12, ...}: JSON values (tuples become lists), the change flag dropped."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = json.loads(config.to_json_best_effort())
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(config, "")
+    flat.pop(CHANGE_OK_FIELD, None)
+    return flat
+
+
+def effective_config(workdir: str) -> dict[str, Any] | None:
+    """The recorded config with every recorded change applied, flat; None before a first run."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        flat = flat_config(json.load(handle))
+    history = os.path.join(workdir, HISTORY_FILE)
+    if os.path.exists(history):
+        with open(history) as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    changes = json.loads(line)["changes"] if line.strip() else {}
+                except (ValueError, KeyError, TypeError):
+                    print(f"WARNING: skipping unreadable line {number} of {history}.")
+                    continue
+                for key, (_, new) in changes.items():
+                    flat[key] = new
+    return flat
+
+
+_MISSING = "<absent>"
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
+    """{field: [old value, new value]} for every field whose value differs."""
+    return {
+        key: [old.get(key, _MISSING), new.get(key, _MISSING)]
+        for key in sorted(set(old) | set(new))
+        if old.get(key, _MISSING) != new.get(key, _MISSING)
+    }
+
+
+def record_config(
+    workdir: str, config: ml_collections.ConfigDict, *, resume_step: int | None,
+    write: bool = True,
+) -> dict[str, list]:
+    """Records the config of a run starting (resume_step None) or resuming at `resume_step`.
+
+    Returns the changes recorded. Raises ConfigChangedError for changes that can alter the
+    result unless `config.config_change_ok`. write: False on processes other than 0 (they
+    check, process 0 writes).
+    """
+    current = flat_config(config)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if resume_step is None:
+        if write:
+            _start_record(workdir, config, current)
+        return {}
+    recorded = effective_config(workdir)
+    if recorded is None:  # checkpoints from a version that kept no record: start one now
+        if write:
+            _start_record(workdir, config, current)
+        return {}
+    changes = differences(recorded, current)
+    significant = {k: v for k, v in changes.items() if k not in HARMLESS_FIELDS}
+    if significant and not config.get(CHANGE_OK_FIELD, False):
+        listed = "\n  - ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in
+                               significant.items())
+        raise ConfigChangedError(
+            f"This resume (from step {resume_step} in {workdir}) changes the run's "
+            f"config:\n  - {listed}\nRe-run with the recorded values ({path}, then "
+            f"{HISTORY_FILE}) to resume the same run, add --config_change_ok to continue "
+            "with the changes (recorded in "
+            f"{HISTORY_FILE} with the step), or give a new --workdir to start a new run."
+        )
+    if changes and write:
+        entry = {"step": int(resume_step), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "changes": changes, "accepted": "config_change_ok" if significant else
+                 "harmless fields only"}
+        with open(os.path.join(workdir, HISTORY_FILE), "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        print(f"Config changed at step {resume_step}: "
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+              + f" (recorded in {HISTORY_FILE}).", flush=True)
+    return changes
+
+
+def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict) -> None:
+    """Writes config.json for a run starting from scratch. A config.json left by an earlier
+    start that saved no checkpoint is kept as config.replaced-<time>.json if it differs."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as handle:
+            try:
+                same = flat_config(json.load(handle)) == current
+            except ValueError:
+                same = False
+        if same:
+            return
+        kept = os.path.join(workdir, f"config.replaced-{time.strftime('%Y%m%dT%H%M%S')}.json")
+        os.replace(path, kept)
+        print(f"Starting from scratch with another config; the previous {CONFIG_FILE} is "
+              f"kept as {kept}.", flush=True)
+    with open(path, "w") as handle:
+        handle.write(config.to_json_best_effort(indent=2))

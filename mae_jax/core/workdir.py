@@ -1,0 +1,161 @@
+"""The run directory: made writable once, and owned by one run at a time.
+
+`lock_workdir` holds an exclusive `flock` on `workdir/run.lock` for the life of the run and
+writes the holder's host and pid into it. A second run on the same workdir fails at once,
+naming the holder. The kernel drops the lock when its process dies, so a lock file that still
+names a process but is not locked was left by a run that died: on the same host it is taken
+over with a message; from another host (a shared filesystem, where locks may not reach across
+machines) the user is asked to check and delete it. With several processes, process 0 holds
+the lock and all processes get its answer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+
+LOCK_FILE = "run.lock"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another run holds the workdir."""
+
+
+def ensure_workdir(workdir: str) -> str:
+    """The absolute workdir, created if needed; a clear error when it is not writable."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    # A name per process: several processes of one run probe the same shared directory.
+    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
+    try:
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise PermissionError(f"Cannot write to workdir {workdir}: {error}") from error
+    return workdir
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    return (f"pid {holder.get('pid')} on host {holder.get('host')}, started "
+            f"{holder.get('started', '?')}")
+
+
+class WorkdirLock:
+    """An exclusive lock on `workdir/run.lock`; `release()` (or process exit) frees it."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._handle = None
+
+    def acquire(self) -> WorkdirLock:
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the run
+        try:
+            holder = self._read(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                raise WorkdirLockedError(
+                    f"{os.path.dirname(self.path)} is in use by another run "
+                    f"({_describe(holder) if holder else 'holder unknown'}). Wait for it to "
+                    "finish or stop it, or give this run another --workdir."
+                ) from None
+            except OSError:  # a filesystem without flock: judge by the pid alone
+                locked = False
+            if holder:
+                self._take_over(holder, verified_dead=locked)
+            handle.seek(0)
+            handle.truncate()
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
+            handle.flush()
+        except BaseException:
+            handle.close()
+            raise
+        self._handle = handle
+        return self
+
+    def _take_over(self, holder: dict, *, verified_dead: bool) -> None:
+        same_host = holder.get("host") == socket.gethostname()
+        pid = holder.get("pid")
+        alive = isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
+        if not same_host:
+            raise WorkdirLockedError(
+                f"{self.path} names a run on another host ({_describe(holder)}) that this "
+                "host cannot check. If that run is no longer running, delete the file and "
+                "re-run; otherwise give this run another --workdir."
+            )
+        if alive and not verified_dead:
+            raise WorkdirLockedError(
+                f"{os.path.dirname(self.path)} is in use by another run ({_describe(holder)}). "
+                "Wait for it to finish or stop it, or give this run another --workdir."
+            )
+        print(f"Taking over {self.path}: its holder ({_describe(holder)}) is no longer "
+              "running.", flush=True)
+
+    @staticmethod
+    def _read(handle) -> dict:
+        handle.seek(0)
+        text = handle.read().strip()
+        if not text:
+            return {}
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            return {"pid": None, "host": socket.gethostname(), "started": "? (unreadable)"}
+        return holder if isinstance(holder, dict) else {}
+
+    def release(self) -> None:
+        """Empties the lock file (an empty file is a free workdir) and unlocks it."""
+        if self._handle is None:
+            return
+        try:
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.flush()
+        except OSError:
+            pass  # the kernel still drops the lock below
+        finally:
+            self._handle.close()
+            self._handle = None
+
+
+def lock_workdir(workdir: str) -> WorkdirLock | None:
+    """Process 0 locks `workdir`; every process raises WorkdirLockedError if it could not.
+
+    Returns the lock on process 0, None on the others.
+    """
+    import jax
+
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirLockedError as caught:
+            error = caught
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            error = WorkdirLockedError(
+                f"Process 0 could not lock {workdir}: another run holds it (see its log)."
+            )
+    if error is not None:
+        raise error
+    return lock

@@ -1,0 +1,176 @@
+"""Two real processes (CPU backend, a local coordinator, gloo collectives, 2 simulated devices
+each) running train.py the way README launches them, against one process over
+the same 4 devices and the same global batches; checkpoints written by the two processes are
+resumed by the two processes (past a damaged newest one).
+
+Each process reads its own shard of the data with its own shuffle (mae_jax.data.stream), so
+"the same global batch" for the one-process reference is process 0's batch followed by
+process 1's: the reference run gets exactly that stream. (segment.py's two-process
+evaluation is pinned in test_seg_evaluation.py; its training shares this runtime and loop.)
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import losses_of, params_of, tiny_pretrain_config
+
+from mae_jax.data.generated import write_generated_images
+from mae_jax.pretrain import lib as pretrain_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+TIMEOUT_S = 420
+
+# tf.data input (each process its own shard); data.on_device="auto" would pick it on CPU too,
+# after asking every device, other processes' included, for its memory (not allowed).
+PRETRAIN = {"visualize_every_steps": 0, "total_steps": 4, "warmup_steps": 1,
+            "checkpoint_every_steps": 2, "log_every_steps": 1, "data.on_device": "never"}
+
+CONFIG_FILE = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import {factory}
+
+
+def get_config(arg=None):
+    return {factory}(**{changes!r})
+"""
+
+
+def write_config(path, factory, changes):
+    path.write_text(CONFIG_FILE.format(tests=TESTS, factory=factory, changes=changes))
+    return str(path)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two(script, config_file, workdir, logs):
+    """Both processes of README's launch; returns their output (both must exit 0).
+
+    The launches of one module share a compilation cache (`logs`/xla_cache): a resume reuses
+    the programs its first run compiled."""
+    port = free_port()
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(index),
+               "JAX_COMPILATION_CACHE_DIR": str(logs / "xla_cache"),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        log = open(logs / f"{script}_{os.path.basename(workdir)}_{index}.log", "w")  # noqa: SIM115
+        command = [sys.executable, script, f"--config={config_file}", f"--workdir={workdir}",
+                   "--multiprocess"]
+        processes.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
+                                           stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + TIMEOUT_S
+    statuses = []
+    for process, log in processes:
+        try:
+            statuses.append(process.wait(timeout=max(1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for other, _ in processes:
+                other.send_signal(signal.SIGKILL)
+            statuses.append("timeout")
+        log.close()
+    outputs = [open(log.name).read() for _, log in processes]
+    assert statuses == [0, 0], "\n\n".join(output[-4000:] for output in outputs)
+    return outputs
+
+
+def two_process_stream(original):
+    """The global batches of a 2-process run, in one process: process 0's then process 1's."""
+
+    def create(**kwargs):
+        streams = [original(**kwargs, process_index=i, process_count=2) for i in range(2)]
+        while True:
+            parts = [next(stream) for stream in streams]
+            yield {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    return create
+
+
+def assert_same_parameters(a, b, rtol=1e-4, atol=1e-6):
+    jax.tree_util.tree_map_with_path(
+        lambda path, x, y: np.testing.assert_allclose(
+            without_zero_gradients(path, x), without_zero_gradients(path, y), rtol=rtol,
+            atol=atol),
+        a, b)
+
+
+def without_zero_gradients(path, array):
+    """Drops the parameters whose gradient is exactly zero in exact arithmetic: Adam turns
+    their rounding noise, which depends on the reduction order, into +-lr steps (as in
+    test_pretrain's device-count test). The attention key bias (softmax ignores a shift shared
+    by all keys) and the neck's deconvolution biases (each feeds a BatchNorm, which removes
+    any constant shift)."""
+    names = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
+    if names[-2:] == ["qkv", "bias"]:
+        width = array.shape[0] // 3
+        return np.concatenate([array[:width], array[2 * width:]])
+    if "neck" in names and names[-1] == "bias" and "deconv" in names[-2]:
+        return array[:0]
+    return array
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # Written once before any process starts (several processes writing one folder race).
+    return write_generated_images(str(tmp_path_factory.mktemp("images")), count=32, size=16)
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory, images, shared_compilations):
+    """(2-process workdir, 1-process workdir, log folder): train.py, 4 steps, checkpoints 2, 4."""
+    root = tmp_path_factory.mktemp("pretrain")
+    changes = {**PRETRAIN, "data.source": f"folder:{images}"}
+    config_file = write_config(root / "config.py", "tiny_pretrain_config", changes)
+    launch_two("train.py", config_file, root / "two", root)
+    monkeypatch = pytest.MonkeyPatch()
+    from mae_jax.data import images as image_data
+
+    monkeypatch.setattr(image_data, "create_pretrain_iterator",
+                        two_process_stream(image_data.create_pretrain_iterator))
+    try:
+        pretrain_lib.train_and_evaluate(tiny_pretrain_config(**changes), str(root / "one"),
+                                        devices=jax.devices()[:4])
+    finally:
+        monkeypatch.undo()
+    return root / "two", root / "one", root, config_file
+
+
+def test_two_processes_train_like_one_process_over_the_same_global_batches(pretrain_runs):
+    two, one, _, _ = pretrain_runs
+    assert sorted(losses_of(two)) == [1, 2, 3, 4]
+    assert losses_of(two) == pytest.approx(losses_of(one), rel=1e-5)
+    assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
+    assert_same_parameters(params_of(two), params_of(one))
+
+
+def test_two_processes_resume_their_checkpoints_past_a_damaged_one(pretrain_runs, tmp_path):
+    two, _, logs, config_file = pretrain_runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    data_file = max((os.path.join(r, n) for r, _, ns in os.walk(resumed / "checkpoints" / "4")
+                     for n in ns), key=os.path.getsize)
+    with open(data_file, "r+b") as handle:  # flipped bytes in the newest checkpoint
+        handle.seek(100)
+        handle.write(b"\xff\x00\xff")
+    outputs = launch_two("train.py", config_file, resumed, logs)
+    assert "is damaged" in outputs[0] and "Resuming from step 2." in outputs[1]
+    assert any(name.startswith("4.damaged-") for name in os.listdir(resumed / "checkpoints"))
+    assert losses_of(resumed) == losses_of(two)  # steps 3 and 4 again, the same values
+    # The same processes run the same programs: bit for bit.
+    jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(two))

@@ -1,0 +1,408 @@
+"""Nothing lost when a run goes wrong: damaged checkpoints, retention, divergence, a full disk,
+changed hyperparameters on resume, two runs on one workdir, a damaged ADE20K download.
+
+One tiny pretraining run (checkpoints at steps 2, 4, 6) is shared; tests damage copies of it.
+"""
+
+import errno
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import losses_of, params_of, tiny_pretrain_config
+from flax import nnx
+
+from mae_jax.core import checkpoint_integrity as integrity
+from mae_jax.core import checkpointing, optim, sharding
+from mae_jax.core.checkpointing import (
+    Checkpointer,
+    CheckpointWriteError,
+    DamagedCheckpointsError,
+)
+from mae_jax.core.loop import Hook, NonFiniteLossError, run_loop
+from mae_jax.core.run import Run
+from mae_jax.core.run_logging import RunLogger
+from mae_jax.core.run_record import HISTORY_FILE, ConfigChangedError
+from mae_jax.core.state import TrainState
+from mae_jax.core.workdir import LOCK_FILE, WorkdirLockedError
+from mae_jax.pretrain import lib as pretrain_lib
+from mae_jax.pretrain.config import check_config
+
+
+def run_config(**changes):
+    return tiny_pretrain_config(**{"visualize_every_steps": 0, "checkpoint_every_steps": 2,
+                                   "keep_checkpoints": 3, **changes})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shared_compilations):
+    """6 steps, checkpoints 2, 4 and 6. Shared: tests work on copies."""
+    workdir = tmp_path_factory.mktemp("finished")
+    pretrain_lib.train_and_evaluate(run_config(), str(workdir))
+    return workdir
+
+
+def copy_of(workdir, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(workdir, target)
+    return target
+
+
+# --------------------------------------------------------------------------- Damage
+def largest_data_file(step_dir):
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / "state")
+             for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def truncate(step_dir):
+    path = largest_data_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def flip_bytes(step_dir):
+    path = largest_data_file(step_dir)
+    with open(path, "r+b") as handle:  # same size: only a content check can tell
+        handle.seek(os.path.getsize(path) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def empty(relative):
+    return lambda step_dir: open(step_dir / relative, "w").close()
+
+
+def garble(relative):
+    def damage(step_dir):
+        size = os.path.getsize(step_dir / relative)
+        (step_dir / relative).write_bytes(b"\x00#garbled" * (size // 9 + 1))
+
+    return damage
+
+
+DAMAGE = {
+    "truncated data file": truncate,
+    "flipped bytes in a data file": flip_bytes,
+    "empty state/_METADATA": empty("state/_METADATA"),
+    "garbled state/_METADATA": garble("state/_METADATA"),
+    "garbled metadata item": garble("metadata/metadata"),
+    "empty _CHECKPOINT_METADATA": empty("_CHECKPOINT_METADATA"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_reported_moved_aside_and_skipped(
+    finished_run, tmp_path, capsys, kind
+):
+    workdir = copy_of(finished_run, tmp_path)
+    DAMAGE[kind](workdir / "checkpoints" / "6")
+    checkpointer = Checkpointer(workdir)
+    assert checkpointer.newest_intact_step() == 4  # a reader skips it, moves nothing
+    assert (workdir / "checkpoints" / "6").is_dir()
+    assert checkpointer.newest_intact_step(move_damaged=True) == 4
+    checkpointer.close()
+    names = os.listdir(workdir / "checkpoints")
+    assert "6" not in names and sum(n.startswith("6.damaged-") for n in names) == 1
+    assert {"2", "4"} <= set(names)
+    out = capsys.readouterr().out
+    assert f"checkpoint {workdir / 'checkpoints' / '6'} is damaged" in out
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_to_the_same_parameters(
+    finished_run, tmp_path
+):
+    workdir = copy_of(finished_run, tmp_path)
+    flip_bytes(workdir / "checkpoints" / "6")  # orbax alone would restore these bytes
+    result = pretrain_lib.train_and_evaluate(run_config(), str(workdir))
+    assert result["step"] == 6
+    assert losses_of(workdir) == losses_of(finished_run)
+    jax.tree.map(np.testing.assert_array_equal, params_of(finished_run), params_of(workdir))
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_and_keeps_them(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    for step in (2, 4, 6):
+        flip_bytes(workdir / "checkpoints" / str(step))
+    with pytest.raises(DamagedCheckpointsError, match="Re-run the same command to start"):
+        Run(run_config(), str(workdir))
+    assert len([n for n in os.listdir(workdir / "checkpoints") if ".damaged-" in n]) == 3
+    with Run(run_config(), str(workdir)) as run:  # the re-run starts from scratch
+        assert run.resume_step is None
+
+
+def test_a_checkpoint_without_checksums_is_used_unverified(finished_run, tmp_path, capsys):
+    workdir = copy_of(finished_run, tmp_path)
+    os.remove(workdir / "checkpoints" / "6" / integrity.CHECKSUM_FILE)  # as older versions
+    with Checkpointer(workdir) as checkpointer:
+        assert checkpointer.newest_intact_step(move_damaged=True) == 6
+    assert "has no checksums" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- Saving
+def small_tree(value=0.0):
+    return {"w": jnp.full((64, 64), value, jnp.float32), "b": jnp.arange(8.0)}
+
+
+@pytest.mark.parametrize("async_save,orbax_callback", [(True, True), (True, False),
+                                                      (False, False)])
+def test_every_committed_checkpoint_carries_checksums_that_match(
+    tmp_path, monkeypatch, async_save, orbax_callback
+):
+    def old_async_options(**kwargs):
+        raise TypeError("unexpected keyword argument 'post_finalization_callback'")
+
+    if not orbax_callback:  # an older orbax: checksums are written right after the commit
+        monkeypatch.setattr(checkpointing.ocp, "AsyncOptions", old_async_options)
+    with Checkpointer(tmp_path, save_every_steps=1, async_save=async_save) as checkpointer:
+        for step in (1, 2):
+            checkpointer.save(step, small_tree(step), metadata={"step": step})
+        checkpointer.wait()
+        for step in (1, 2):
+            step_dir = os.path.join(checkpointer.directory, str(step))
+            assert integrity.has_checksums(step_dir)
+            assert integrity.find_damage(step_dir) is None
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+
+
+def test_retention_keeps_the_newest_and_refuses_keep_0(tmp_path):
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        Checkpointer(tmp_path, keep=0)
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+        check_config(run_config(keep_checkpoints=0), num_devices=4, num_processes=1)
+    with Checkpointer(tmp_path, save_every_steps=1, keep=1) as checkpointer:
+        for step in (1, 2, 3):
+            checkpointer.save(step, small_tree(step))
+            checkpointer.wait()
+            assert checkpointer.all_steps() == [step]
+            assert checkpointer.newest_intact_step() == step
+
+
+def test_a_full_disk_is_reported_once_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
+    # The write that fails runs in orbax's background thread, where a real ENOSPC would.
+    def disk_full(step_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", step_dir)
+
+    with Checkpointer(tmp_path, save_every_steps=1, keep=1) as checkpointer:
+        checkpointer.save(1, small_tree(1.0))
+        checkpointer.wait()
+        monkeypatch.setattr(integrity, "write_checksums", disk_full)
+        checkpointer.save(2, small_tree(2.0))
+        with pytest.raises(CheckpointWriteError) as error:
+            checkpointer.wait()
+        checkpointer.wait()  # reported once: the next wait is clean
+        monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC
+    message = str(error.value)
+    assert "Could not write checkpoint 2" in message and "No space left on device" in message
+    assert "free space" in message and "checkpoint 1 is intact" in message
+    reopened = Checkpointer(tmp_path, keep=1)
+    assert reopened.all_steps() == [1] and reopened.newest_intact_step() == 1
+    restored, _ = reopened.restore(1)
+    np.testing.assert_array_equal(restored["w"], np.ones((64, 64), np.float32))
+    reopened.close()
+
+
+def test_reads_abandoned_by_a_failed_restore_print_no_closed_event_loop_errors(
+    finished_run, monkeypatch
+):
+    # TensorStore finishes the reads orbax stopped awaiting into orbax's closed event loop:
+    # "Event loop is closed" tracebacks (hundreds for a full disk, whose writes fail the same
+    # way). They reach this hook unless the checkpointer's filter, installed on top, drops them.
+    # (A resume checks shapes from metadata first, so it never starts such a restore.)
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    config = run_config(**{"model.embed_dim": 64})  # same tree, other shapes: fails mid-read
+    spec = pretrain_lib.model_spec(config.model)
+    tx = pretrain_lib.create_tx(config, optim.warmup_cosine_schedule(
+        peak_lr=1e-3, warmup_steps=1, total_steps=6, min_lr=0.0))
+    abstract = jax.eval_shape(lambda: TrainState.create(spec.build(nnx.Rngs(0)), tx, rng_seed=1))
+    mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    target = sharding.abstract_with_shardings(abstract,
+                                              sharding.state_shardings(abstract, mesh))
+    with Checkpointer(finished_run) as checkpointer:
+        for _ in range(10):
+            with pytest.raises(ValueError, match="not compatible with the stored shape"):
+                checkpointer.restore(6, abstract_state=target)
+        time.sleep(2)  # the abandoned reads finish
+        gc.collect()  # and their coroutines are finalised while `reported` listens
+    assert "Event loop is closed" not in [str(u.exc_value) for u in reported]
+
+
+# --------------------------------------------------------------------------- Divergence
+def tiny_state():
+    return TrainState.create(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), optax.sgd(0.1), rng_seed=1)
+
+
+def fake_step(first_bad_step):
+    """A step whose finiteness counter goes up from `first_bad_step` on."""
+
+    def train_step(state, batch):
+        bad = (state.step + 1 >= first_bad_step).astype(jnp.int32)
+        return (state.replace(step=state.step + 1, nonfinite_steps=state.nonfinite_steps + bad),
+                {"loss": jnp.float32(1.0)})
+
+    return train_step
+
+
+def run_fake_loop(workdir, first_bad_step, hooks=()):
+    checkpointer = Checkpointer(workdir, save_every_steps=2)
+    logger = RunLogger(workdir, total_steps=8, tensorboard=False, log_every=4)
+    batches = iter(lambda: {"x": np.zeros((1, 2), np.float32)}, None)
+    try:
+        run_loop(state=tiny_state(), train_step=fake_step(first_bad_step), batches=batches,
+                 mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=0,
+                 total_steps=8, checkpointer=checkpointer, logger=logger, hooks=hooks)
+    finally:
+        checkpointer.close()
+    return checkpointer
+
+
+def test_a_nonfinite_state_is_never_saved_and_the_error_cites_the_last_saved_one(tmp_path):
+    cited = r"the last good checkpoint \(step 2, which"
+    with pytest.raises(NonFiniteLossError, match=cited) as error:
+        run_fake_loop(tmp_path, first_bad_step=3)  # checked at step 4 (log + checkpoint)
+    assert "(first seen by step 4; 2 bad step(s))" in str(error.value)
+    assert Checkpointer(tmp_path).all_steps() == [2]
+
+
+def test_a_run_that_diverges_before_any_checkpoint_cites_none(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was saved") as error:
+        run_fake_loop(tmp_path, first_bad_step=1)
+    assert "step 0" not in str(error.value)
+    assert Checkpointer(tmp_path).all_steps() == []
+
+
+def test_pictures_and_evaluation_never_run_on_a_diverged_state(tmp_path):
+    calls = []
+    hook = Hook(3, lambda step, state: calls.append(step))
+    with pytest.raises(NonFiniteLossError, match="first seen by step 3"):
+        run_fake_loop(tmp_path, first_bad_step=3, hooks=(hook,))
+    assert calls == []
+
+
+def test_parameters_that_explode_but_stay_finite_count_as_a_nonfinite_step():
+    state = tiny_state()
+    state = state.replace(params=jax.tree.map(lambda p: jnp.full_like(p, 1e20), state.params))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    new, metrics = state.apply_gradients(zeros, tx=optax.sgd(0.0), loss=jnp.float32(1.0))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(new.params))
+    assert np.isinf(metrics["param_norm"]) and int(new.nonfinite_steps) == 1
+
+
+# --------------------------------------------------------------------------- Resume records
+def test_resume_with_changed_hyperparameters_is_refused_with_the_differences(
+    finished_run, tmp_path
+):
+    workdir = copy_of(finished_run, tmp_path)
+    original = (workdir / "config.json").read_text()
+    with pytest.raises(ConfigChangedError) as error:
+        Run(run_config(lr=0.5, batch_size=16), str(workdir))
+    message = str(error.value)
+    assert "from step 6" in message and "--config_change_ok" in message
+    assert "lr: 0.001 -> 0.5" in message and "batch_size: 8 -> 16" in message
+    assert (workdir / "config.json").read_text() == original
+    assert not (workdir / HISTORY_FILE).exists()
+
+
+def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    original = (workdir / "config.json").read_text()
+    changed = run_config(lr=0.5)
+    changed.config_change_ok = True
+    with Run(changed, str(workdir)) as run:
+        assert run.resume_step == 6
+    (entry,) = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
+    assert entry["step"] == 6 and entry["changes"] == {"lr": [0.001, 0.5]}
+    assert entry["accepted"] == "config_change_ok"
+    assert (workdir / "config.json").read_text() == original  # the original stays
+    with Run(run_config(lr=0.5), str(workdir)):  # 0.5 is now the run's value
+        pass
+    with pytest.raises(ConfigChangedError, match="lr: 0.5 -> 0.001"):
+        Run(run_config(), str(workdir))
+
+
+def test_an_accepted_change_of_model_size_is_refused_from_metadata_naming_the_leaves(
+    finished_run, tmp_path
+):
+    workdir = copy_of(finished_run, tmp_path)
+    bigger = run_config(**{"model.embed_dim": 64})
+    bigger.config_change_ok = True
+    schedule = optim.warmup_cosine_schedule(peak_lr=1e-3, warmup_steps=2, total_steps=6)
+    with Run(bigger, str(workdir)) as run, pytest.raises(ValueError) as error:
+        run.init_state(pretrain_lib.model_spec(bigger.model),
+                       pretrain_lib.create_tx(bigger, schedule))
+    message = str(error.value)
+    assert "does not fit this config" in message
+    assert "array(s) differ, e.g. params/decoder/embed/kernel/value: saved (32, 32), config " \
+        "(64, 32)" in message
+
+
+def test_changes_that_cannot_alter_the_result_are_accepted_and_recorded(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    harmless = run_config(log_every_steps=1, keep_checkpoints=5, tensorboard=True)
+    harmless.mesh.data = 2
+    with Run(harmless, str(workdir), devices=jax.devices()[:2]):
+        pass
+    (entry,) = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
+    assert set(entry["changes"]) == {"log_every_steps", "keep_checkpoints", "tensorboard",
+                                     "mesh.data"}
+    assert entry["accepted"] == "harmless fields only"
+
+
+# --------------------------------------------------------------------------- Workdir lock
+HOLDER = """
+import sys, time
+from mae_jax.core.workdir import WorkdirLock
+lock = WorkdirLock(sys.argv[1]).acquire()  # held while referenced
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_workdir_fails_at_once_and_a_dead_holder_is_taken_over(
+    tmp_path, capsys
+):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkdirLockedError, match=f"in use by another run \\(pid {holder.pid}"):
+            Run(run_config(), str(tmp_path))
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies without cleaning up: a stale lock file
+        holder.wait()
+    assert str(holder.pid) in (tmp_path / LOCK_FILE).read_text()
+    with Run(run_config(), str(tmp_path)) as run:
+        assert run.resume_step is None
+    assert f"its holder (pid {holder.pid} on host" in capsys.readouterr().out
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # released
+
+
+def test_a_lock_left_by_another_host_is_not_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(WorkdirLockedError, match="another host .* delete the file"):
+        Run(run_config(), str(tmp_path))
+
+
+# --------------------------------------------------------------------------- Data
+def test_a_random_bytes_ade20k_zip_names_the_file_and_the_fix(tmp_path):
+    from mae_jax.data import ade20k
+
+    archive = tmp_path / "ADEChallengeData2016.zip"
+    archive.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="download it again") as error:
+        ade20k.prepare_ade20k(data_dir=tmp_path / "tfds", manual_dir=tmp_path)
+    assert str(archive) in str(error.value)
+    assert not zipfile.is_zipfile(archive)
