@@ -101,7 +101,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_loss():
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
     loss16, pred16, _ = model16(images, noise=noise)
     assert pred16.dtype == jnp.bfloat16 and loss16.dtype == jnp.float32
-    assert float(loss16) == pytest.approx(float(loss32), rel=0.05)
+    assert float(loss16) == pytest.approx(float(loss32), rel=0.01)
 
 
 def test_unpatchify_inverts_patchify_on_a_non_square_image():
@@ -220,7 +220,12 @@ def test_initialisation_follows_the_official_recipe():
         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
     for name, value in flat.items():
-        if name.endswith("bias"):
+        if name == "encoder/patch_embed/proj/bias":
+            # The official code leaves the conv bias at PyTorch's default U(+-1/sqrt(fan_in)),
+            # fan_in = 3 * P * P = 192 here (tests/test_init_statistics.py compares with torch).
+            bound = 1.0 / np.sqrt(3 * 8 * 8)
+            assert np.abs(value).max() <= bound and np.std(value) > bound / 4, name
+        elif name.endswith("bias"):
             assert np.all(value == 0), name
         elif name.endswith("scale"):
             assert np.all(value == 1), name

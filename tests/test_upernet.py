@@ -122,20 +122,58 @@ def test_train_mode_batch_norm_matches_torch_reference():
     torch_model = randomized_torch_heads(dropout=0.0).train()
     heads = flax_heads_from(torch_model, dropout=0.0)
     features = random_features(batch=3)
-    old_var = torch_model.decode_head.fpn_bottleneck.bn.running_var.clone().numpy()
     want, want_aux = torch_model([nchw(f) for f in features])
     got, got_aux = run(heads, [jnp.asarray(f) for f in features], train=True)
     np.testing.assert_allclose(got, nhwc(want.detach()), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(got_aux, nhwc(want_aux.detach()), atol=1e-4, rtol=1e-4)
-    # Running means move as PyTorch's (momentum 0.1); running variances differ only by PyTorch's
-    # unbiased batch variance, checked on the fuse conv's BN (n = 3 * 32 * 32 pixels).
-    bn_torch = torch_model.decode_head.fpn_bottleneck.bn
-    bn_flax = heads.decode_head.fpn_bottleneck.bn
-    np.testing.assert_allclose(bn_flax.mean[...], bn_torch.running_mean, atol=1e-5)
-    n = 3 * 32 * 32
-    torch_batch_var = (bn_torch.running_var.numpy() - 0.9 * old_var) / 0.1
-    expected = 0.9 * old_var + 0.1 * torch_batch_var * (n - 1) / n
-    np.testing.assert_allclose(bn_flax.var[...], expected, rtol=1e-4, atol=1e-5)
+    # Running statistics move as PyTorch's (momentum 0.1, unbiased variance), in every BN
+    # (the PPM's pool-scale-1 branch normalises n = 3 pixels, where n / (n - 1) is 1.5).
+    torch_stats = ref.torch_to_flax_upernet(torch_model.state_dict())
+    flax_stats = nnx.to_pure_dict(nnx.state(heads, nnx.BatchStat))
+    flat_torch = dict(nnx.traversals.flatten_mapping(torch_stats))
+    for path, value in nnx.traversals.flatten_mapping(flax_stats).items():
+        np.testing.assert_allclose(value, flat_torch[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def test_batch_norm_running_statistics_follow_torch_batchnorm2d_over_several_steps():
+    # Pins PyTorch's BatchNorm2d semantics (momentum 0.1, eps 1e-5): batch statistics in
+    # training, running variance updated with the UNBIASED batch variance (n / (n - 1)), and the
+    # running statistics used in evaluation. Batches of 18, 4 and 2 values per channel make the
+    # n / (n - 1) factor large (up to 2); the inputs are off-centre so the means matter too.
+    rng = np.random.default_rng(5)
+    torch_bn = torch.nn.BatchNorm2d(5)
+    flax_bn = upernet.batch_norm(5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    with torch.no_grad():
+        torch_bn.weight.uniform_(0.5, 1.5)
+        torch_bn.bias.normal_(0.0, 0.3)
+    flax_bn.scale[...] = jnp.asarray(torch_bn.weight.detach().numpy())
+    flax_bn.bias[...] = jnp.asarray(torch_bn.bias.detach().numpy())
+    for shape in [(2, 3, 3, 5), (4, 1, 1, 5), (1, 2, 1, 5)]:
+        x = (3.0 + 2.0 * rng.normal(size=shape)).astype(np.float32)
+        want = torch_bn.train()(nchw(x))
+        got = flax_bn(jnp.asarray(x), use_running_average=False)
+        np.testing.assert_allclose(got, nhwc(want.detach()), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(flax_bn.mean[...], torch_bn.running_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flax_bn.var[...], torch_bn.running_var, rtol=1e-5, atol=1e-6)
+    x = rng.normal(size=(2, 3, 3, 5)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_bn.eval()(nchw(x))
+    got = flax_bn(jnp.asarray(x), use_running_average=True)
+    np.testing.assert_allclose(got, nhwc(want), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_computes_in_float32_and_returns_the_compute_dtype():
+    # Pins the mixed-precision policy of BatchNorm: bfloat16 in and out, but the statistics and
+    # running buffers stay float32 (a bfloat16 running variance would round to 3 digits).
+    bn = upernet.batch_norm(4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 5, 5, 4)), jnp.bfloat16)
+    y = bn(x, use_running_average=False)
+    assert y.dtype == jnp.bfloat16
+    assert bn.mean[...].dtype == jnp.float32 and bn.var[...].dtype == jnp.float32
+    x32 = np.asarray(x, np.float32).reshape(-1, 4)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * x32.var(0, ddof=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="use_running_average"):
+        bn(x)
 
 
 def test_dropout_is_channelwise_in_train_and_off_in_eval():
@@ -239,3 +277,15 @@ def test_heads_run_under_data_sharded_jit():
         return nnx.merge(graphdef, state)(feats)[0]
 
     np.testing.assert_allclose(forward(state, sharded), forward(state, features), atol=1e-5)
+
+    # Training mode: the running statistics (unbiased variance) are those of the global batch,
+    # whether the batch is sharded or not (SyncBN).
+    @jax.jit
+    def train_stats(state, feats):
+        model = nnx.merge(graphdef, state)
+        model(feats, train=True)
+        return nnx.state(model, nnx.BatchStat)
+
+    sharded_stats, local_stats = train_stats(state, sharded), train_stats(state, features)
+    for a, b in zip(jax.tree.leaves(sharded_stats), jax.tree.leaves(local_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

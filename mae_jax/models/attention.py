@@ -15,23 +15,34 @@ from mae_jax.models.layers import dense
 def attention(
     query: jax.Array, key: jax.Array, value: jax.Array, *, bias=None, implementation=None
 ) -> jax.Array:
-    """query/key/value: [N, T, H, Dh] -> [N, T, H, Dh] via `jax.nn.dot_product_attention`.
+    """query/key/value: [N, T, H, Dh] -> [N, T, H, Dh] via `jax.nn.dot_product_attention`;
+    bias: optional [1 or N, H, T, T], any float dtype.
 
     implementation: None/"xla", "cudnn" (fused flash attention), or "auto" (cudnn on GPU with
     16-bit inputs when the shape is supported, XLA otherwise).
+
+    With 16-bit inputs the XLA path computes the logits as float32 (`preferred_element_type`),
+    adds a float32 bias in float32, takes the softmax in float32 and casts the probabilities
+    to the value dtype for the second matmul; so the bias is left as given. cuDNN's kernel
+    takes the bias in the input dtype and keeps its own float32 softmax statistics.
     """
     if implementation == "auto":
         implementation = None
         if jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16):
             try:
-                return jax.nn.dot_product_attention(
-                    query, key, value, bias=bias, implementation="cudnn"
-                )
+                return _cudnn(query, key, value, bias)
             except (NotImplementedError, ValueError, RuntimeError):
                 pass  # shape or dtype cuDNN does not support: fall back to XLA below
+    elif implementation == "cudnn":
+        return _cudnn(query, key, value, bias)
     return jax.nn.dot_product_attention(
         query, key, value, bias=bias, implementation=implementation
     )
+
+
+def _cudnn(query, key, value, bias):
+    bias = None if bias is None else bias.astype(query.dtype)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, implementation="cudnn")
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,8 +110,8 @@ class Attention(nnx.Module):
                 )
             relative = self.relative_position_bias_table[...][index].transpose(2, 0, 1)
             bias = relative if bias is None else bias + relative
-        if bias is not None:
-            bias = bias[None].astype(qkv.dtype)
+        if bias is not None:  # float32 (a float32 table), added to float32 logits
+            bias = bias[None]
         out = attention(
             qkv[:, :, 0],
             qkv[:, :, 1],

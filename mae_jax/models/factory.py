@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from mae_jax.models.classifier import ViTClassifier
 from mae_jax.models.mae import MAE
 from mae_jax.models.segmenter import MAESegmenter
 from mae_jax.models.vit import ViTEncoder
@@ -24,6 +25,7 @@ MODEL_CLASSES: dict[str, type[nnx.Module]] = {
     "MAE": MAE,
     "ViTEncoder": ViTEncoder,
     "MAESegmenter": MAESegmenter,
+    "ViTClassifier": ViTClassifier,
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

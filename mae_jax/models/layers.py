@@ -1,7 +1,16 @@
-"""Layers shared by the ViT, MAE decoder and heads: the official initialisation and LayerNorm."""
+"""Layers shared by the ViT, MAE decoder and heads: the official initialisation, the
+mixed-precision policy and its normalisation layers.
+
+Mixed precision follows what the official fp16-autocast runs compute: parameters and the
+residual stream stay float32; matmuls, convolutions and attention run in the compute `dtype`
+(bfloat16); LayerNorm / BatchNorm statistics, softmax and losses are float32. torch's type
+promotion gives the float32 residual stream there (`x + attn(x)` with a float32 `x`); here the
+same promotion does, because position tables, tokens and layer scales are float32 parameters.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -14,6 +23,27 @@ patch_embed_init = nnx.initializers.variance_scaling(
     1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
 )
 token_init = nnx.initializers.normal(stddev=0.02)
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch's default conv / linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    The official MAE re-initialises only Linear biases (to 0); the patch-embed conv bias and
+    mmseg's ConvTranspose biases keep this default. torch takes fan_in from the weight:
+    in_channels * kh * kw for a conv, weight.size(1) * kh * kw = out_channels * kh * kw for a
+    ConvTranspose2d.
+    """
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def residual_dtype(dtype) -> jnp.dtype:
+    """The residual stream's dtype for a compute dtype: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 class FixedEmbedding(nnx.Variable):
@@ -32,7 +62,88 @@ def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.
     )
 
 
-def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        features, epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
-    )
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm computed in float32 (input, statistics, affine) whose output is cast to
+    `output_dtype`, the compute dtype of the matmul that follows (torch autocast runs
+    layer_norm in float32 too). Parameters `scale` / `bias` as nnx.LayerNorm's.
+
+    The variance is two-pass (mean of (x - mean)^2), as torch's: the one-pass E[x^2] - E[x]^2
+    loses the spread of a row whose mean is large next to it (1000 + U(0, 1): std 0.67, not 1).
+    """
+
+    def __init__(self, features: int, *, output_dtype, rngs: nnx.Rngs):
+        super().__init__(
+            features,
+            epsilon=LAYER_NORM_EPS,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            use_fast_variance=False,
+            rngs=rngs,
+        )
+        self.output_dtype = output_dtype
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """x: [..., D] (any float dtype) -> [..., D] in `output_dtype`."""
+        return super().__call__(x, mask=mask).astype(self.output_dtype)
+
+
+def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> LayerNorm:
+    """LayerNorm (eps 1e-6, as the official) in float32, output in the compute `dtype`."""
+    return LayerNorm(features, output_dtype=dtype, rngs=rngs)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """BatchNorm with PyTorch's running statistics, computed in float32, output in `dtype`.
+
+    Training mode normalises with the biased batch variance (as torch) but, unlike
+    nnx.BatchNorm, updates the running variance with the UNBIASED one (n / (n - 1)), as
+    torch's BatchNorm / SyncBatchNorm do. Inside a jitted step over a batch sharded on the data
+    axis the statistics are plain reductions over the global array (GSPMD adds the cross-device
+    sums) and n is the global count, which is SyncBN's. Variables keep nnx.BatchNorm's names
+    (`scale`, `bias`, `mean`, `var`) so checkpoints and weight maps stay valid.
+    `momentum` is Flax's (torch momentum 0.1 == 0.9 here).
+    """
+
+    def __init__(self, num_features: int, *, dtype=jnp.float32, **kwargs):
+        if kwargs.get("axis", -1) != -1 or kwargs.get("axis_name") is not None:
+            raise ValueError(
+                "BatchNorm normalises the last (channel) axis over all others, across devices "
+                "by GSPMD: axis and axis_name are not supported."
+            )
+        kwargs.setdefault("param_dtype", jnp.float32)
+        # No default mode: every call says train or eval (a forgotten flag is an error).
+        kwargs.setdefault("use_running_average", None)
+        kwargs["use_fast_variance"] = False  # always two-pass statistics (see __call__)
+        super().__init__(num_features, dtype=dtype, **kwargs)
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """x: [..., C] -> [..., C] in `dtype`; statistics over every axis but the last."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError("Pass use_running_average=True (evaluation) or False (training).")
+        x = x.astype(residual_dtype(x.dtype))
+        axes = tuple(range(x.ndim - 1))
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            # Two-pass statistics in float32 (nnx's use_fast_variance=False order).
+            mean = x.mean(axes)
+            var = jnp.square(x - mean).mean(axes)
+            count = x.size // x.shape[-1]
+            unbiased = var * (count / max(count - 1, 1))
+            self.mean[...] = jax.lax.stop_gradient(
+                self.momentum * self.mean[...] + (1 - self.momentum) * mean
+            )
+            self.var[...] = jax.lax.stop_gradient(
+                self.momentum * self.var[...] + (1 - self.momentum) * unbiased
+            )
+        # nnx's `_normalize` order, so float32 results match nnx.BatchNorm's bit for bit.
+        y = x - mean
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            mul = mul * self.scale[...]
+        y = y * mul
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype or x.dtype)

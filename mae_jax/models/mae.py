@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mae_jax.models.layers import FixedEmbedding, dense, layer_norm, token_init
+from mae_jax.models.layers import FixedEmbedding, dense, layer_norm, residual_dtype, token_init
 from mae_jax.models.pos_embed import sincos_2d
 from mae_jax.models.vit import Block, ViTEncoder
 
@@ -126,8 +126,13 @@ class MAEDecoder(nnx.Module):
         self.pred = dense(embed_dim, patch_size * patch_size * in_chans, dtype=dtype, rngs=rngs)
 
     def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
-        """latent: [N, 1 + K, D_enc]; ids_restore: [N, L] -> pred [N, L, P*P*C]."""
+        """latent: [N, 1 + K, D_enc]; ids_restore: [N, L] -> pred [N, L, P*P*C].
+
+        The decoder's residual stream is float32 under mixed precision, as in torch where the
+        float32 mask token and position table promote the fp16 embedding.
+        """
         x = self.embed(latent)
+        x = x.astype(residual_dtype(x.dtype))
         n, visible_plus_cls, dim = x.shape
         length = ids_restore.shape[1]
         mask_tokens = jnp.broadcast_to(
@@ -136,7 +141,7 @@ class MAEDecoder(nnx.Module):
         patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
         patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)
         x = jnp.concatenate([x[:, :1], patches], axis=1)
-        x = x + self.pos_embed[...].astype(x.dtype)
+        x = x + self.pos_embed[...]
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))[:, 1:]

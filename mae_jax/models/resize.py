@@ -15,11 +15,14 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax
     not a multiple of `out`, and `out > in` repeats pixels. Shapes are static, so this jits.
     """
     out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
-    rows = jnp.asarray(_pool_matrix(x.shape[1], out_h), x.dtype)
-    cols = jnp.asarray(_pool_matrix(x.shape[2], out_w), x.dtype)
+    # Averages in (at least) float32, as torch's kernel accumulates; 16-bit weights such as
+    # 1/3 would be off by 0.1%. The pooled map is small, so this costs nothing.
+    in_dtype, dtype = x.dtype, jnp.promote_types(x.dtype, jnp.float32)
+    rows = jnp.asarray(_pool_matrix(x.shape[1], out_h), dtype)
+    cols = jnp.asarray(_pool_matrix(x.shape[2], out_w), dtype)
     hp = jax.lax.Precision.HIGHEST  # exact averages even where f32 matmuls default to TF32
-    x = jnp.einsum("oh,bhwc->bowc", rows, x, precision=hp)
-    return jnp.einsum("pw,bowc->bopc", cols, x, precision=hp)
+    x = jnp.einsum("oh,bhwc->bowc", rows, x.astype(dtype), precision=hp)
+    return jnp.einsum("pw,bowc->bopc", cols, x, precision=hp).astype(in_dtype)
 
 
 def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -30,7 +33,7 @@ def _pool_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] weights of PyTorch's bilinear resampling along one axis (align_corners False):
     source coordinate (dst + 0.5) * in / out - 0.5, clamped at 0, two nearest pixels."""
     scale = in_size / out_size
@@ -56,9 +59,9 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         raise ValueError(f"resize_bilinear expects [..., H, W, C], got shape {x.shape}")
     height, width = x.shape[-3], x.shape[-2]
     if height != size[0]:  # PyTorch's scale is exactly 1 otherwise: an identity
-        rows = jnp.asarray(_bilinear_matrix(height, size[0]), x.dtype)
+        rows = jnp.asarray(bilinear_matrix(height, size[0]), x.dtype)
         x = jnp.einsum("oh,...hwc->...owc", rows, x)
     if width != size[1]:
-        cols = jnp.asarray(_bilinear_matrix(width, size[1]), x.dtype)
+        cols = jnp.asarray(bilinear_matrix(width, size[1]), x.dtype)
         x = jnp.einsum("ow,...hwc->...hoc", cols, x)
     return x

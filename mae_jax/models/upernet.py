@@ -10,7 +10,11 @@ to the same call (a "dropout" stream); `train=False` uses running statistics and
 
 Batch norm is global across devices without an `axis_name`: inside a jitted step over a batch
 sharded on the data axis, the batch mean is an ordinary reduction over the whole (global) array
-and GSPMD inserts the cross-device sum, which is what mmseg's SyncBN computes.
+and GSPMD inserts the cross-device sum, which is what mmseg's SyncBN computes. Its running
+variance takes the unbiased batch variance, as PyTorch's (`layers.BatchNorm`).
+
+Mixed precision: convolutions run in the compute `dtype`; BatchNorm statistics and the loss are
+float32 (torch autocast + mmseg's `force_fp32` loss).
 """
 
 from __future__ import annotations
@@ -23,28 +27,24 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mae_jax.models.layers import BatchNorm, torch_bias_init
 from mae_jax.models.resize import adaptive_avg_pool2d, resize_bilinear
 
 # mmcv's ConvModule initialises convs with kaiming normal (fan_out, relu).
 kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-# PyTorch's default ConvTranspose2d init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
-torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# PyTorch's default ConvTranspose2d weight init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in))
+# with torch's fan_in of a transposed conv, weight.size(1) * kh * kw = out_channels * kh * kw
+# (Flax's ConvTranspose kernel is [kh, kw, in, out], so the "in" axis for the fan is the last).
+torch_deconv_init = nnx.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2
+)
 # mmseg's decode heads initialise the classifier (`conv_seg`) with N(0, 0.01), bias 0.
 classifier_init = nnx.initializers.normal(stddev=0.01)
 
 
-def batch_norm(features: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    # PyTorch momentum 0.1 == Flax momentum 0.9. Flax updates the running variance with the
-    # biased batch variance where PyTorch uses the unbiased one (a factor n / (n - 1)).
-    return nnx.BatchNorm(
-        features,
-        momentum=0.9,
-        epsilon=1e-5,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        rngs=rngs,
-    )
+def batch_norm(features: int, *, dtype, rngs: nnx.Rngs) -> BatchNorm:
+    """mmcv's BN / SyncBN: eps 1e-5, torch momentum 0.1 (== Flax momentum 0.9)."""
+    return BatchNorm(features, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
 class ConvBNReLU(nnx.Module):
@@ -84,7 +84,8 @@ def _deconv2x(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.ConvTranspose:
         (2, 2),
         strides=(2, 2),
         padding="VALID",
-        kernel_init=torch_default_init,
+        kernel_init=torch_deconv_init,
+        bias_init=torch_bias_init(dim * 2 * 2),  # torch's default: fan_in = out_channels*kh*kw
         dtype=dtype,
         param_dtype=jnp.float32,
         rngs=rngs,

@@ -14,7 +14,9 @@ from mae_jax.models.layers import (
     dense,
     layer_norm,
     patch_embed_init,
+    residual_dtype,
     token_init,
+    torch_bias_init,
 )
 from mae_jax.models.pos_embed import sincos_2d
 
@@ -84,15 +86,21 @@ class Block(nnx.Module):
         attention_bias: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """x: [N, T, D] -> [N, T, D]; `rngs` (a "dropout" stream) turns drop path on."""
+        """x: [N, T, D] -> [N, T, D]; `rngs` (a "dropout" stream) turns drop path on.
+
+        The residual stream keeps x's dtype (float32 under mixed precision): the branch
+        outputs (compute dtype) are promoted before layer scale, drop path and the add.
+        """
         h = self.attn(self.norm1(x), bias=attention_bias)
-        if self.gamma_1 is not None:
-            h = h * self.gamma_1[...].astype(h.dtype)
-        x = x + self.drop_path(h, rngs=rngs)
+        x = x + self.drop_path(_scaled(h, self.gamma_1, x.dtype), rngs=rngs)
         h = self.mlp(self.norm2(x))
-        if self.gamma_2 is not None:
-            h = h * self.gamma_2[...].astype(h.dtype)
-        return x + self.drop_path(h, rngs=rngs)
+        return x + self.drop_path(_scaled(h, self.gamma_2, x.dtype), rngs=rngs)
+
+
+def _scaled(h: jax.Array, gamma: nnx.Param | None, dtype) -> jax.Array:
+    """A branch output in the residual dtype, times the float32 layer scale if any."""
+    h = h.astype(dtype)
+    return h if gamma is None else h * gamma[...].astype(dtype)
 
 
 class PatchEmbed(nnx.Module):
@@ -106,7 +114,8 @@ class PatchEmbed(nnx.Module):
             strides=(patch_size, patch_size),
             padding="VALID",
             kernel_init=patch_embed_init,
-            bias_init=nnx.initializers.zeros_init(),
+            # The official code leaves the conv bias at PyTorch's default init.
+            bias_init=torch_bias_init(in_chans * patch_size * patch_size),
             dtype=dtype,
             param_dtype=jnp.float32,
             rngs=rngs,
@@ -199,10 +208,14 @@ class ViTEncoder(nnx.Module):
             )
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """images: [N, H, W, C] -> patch tokens with position embedding [N, L, D]."""
+        """images: [N, H, W, C] -> patch tokens with position embedding [N, L, D].
+
+        The conv runs in the compute dtype; adding the float32 table gives the float32
+        residual stream (torch's promotion of fp16 + fp32 under autocast).
+        """
         self.check_images(images)
         x = self.patch_embed(images)
-        return x + self.pos_embed[...][:, 1:].astype(x.dtype)
+        return x.astype(residual_dtype(x.dtype)) + self.pos_embed[...][:, 1:]
 
     def encode(
         self,
@@ -219,6 +232,7 @@ class ViTEncoder(nnx.Module):
         `return_blocks` lists block indices whose outputs ([N, 1 + K, D], before any final
         norm) are returned, in that order. `rngs` (a "dropout" stream) turns drop path on.
         """
+        tokens = tokens.astype(residual_dtype(tokens.dtype))
         cls = self.cls_token[...] + self.pos_embed[...][:, :1]
         cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
         x = jnp.concatenate([cls, tokens], axis=1)
