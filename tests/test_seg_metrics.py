@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,3 +107,27 @@ def test_format_table_lists_every_class_and_the_summary():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="resize the logits"):
         seg_metrics.intersect_and_union_numpy(np.zeros((4, 4)), np.zeros((8, 8)), 3)
+
+
+def test_device_areas_start_a_new_array_before_int32_could_overflow():
+    # Each call may add up to 2**30 pixels per class: only one call fits an int32 array.
+    zeros = jax.jit(lambda: jnp.zeros((2, 4, NUM_CLASSES), jnp.int32))  # 2 devices' rows
+    device_areas = seg_metrics.DeviceAreas(zeros, num_classes=NUM_CLASSES,
+                                           max_pixels_per_call=2**30)
+    assert device_areas.calls_per_array == 1
+    want = np.zeros((4, NUM_CLASSES), np.int64)
+    for seed in range(3):
+        pred, label = random_maps(seed, shape=(2, 9, 7))  # one image per device
+        areas = np.stack([np.stack(seg_metrics.intersect_and_union(one_pred, one_label, 6))
+                          for one_pred, one_label in zip(pred, label, strict=True)])
+        start = device_areas.current()
+        assert not np.asarray(start).any()  # a fresh array each call here
+        device_areas.update(start + areas)
+        want += brute_force_areas(pred, label)
+    np.testing.assert_array_equal(device_areas.host_total(), want)
+    assert device_areas.host_total().dtype == np.int64
+    # Small calls keep adding into the same array.
+    device_areas = seg_metrics.DeviceAreas(zeros, num_classes=NUM_CLASSES, max_pixels_per_call=1)
+    first = device_areas.current()
+    device_areas.update(first + 1)
+    assert np.asarray(device_areas.current()).min() == 1

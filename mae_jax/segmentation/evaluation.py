@@ -1,10 +1,16 @@
 """Sliding-window evaluation of a segmenter over a validation set (all processes together):
-aAcc / mIoU / mAcc, per-class table, eval_results.json and prediction pictures."""
+aAcc / mIoU / mAcc, per-class table, eval_results.json and prediction pictures.
+
+Two compiled programs serve every image size (`canvas.py` lays the inputs out): "stitch" runs
+the windows of several images through the model and averages them on fixed canvases, "score"
+resizes the averaged logits to each label's original size tile by tile, takes the argmax and
+adds the per-class areas into a device array. The host only lays out the next call while the
+device works; nothing is read back until the end (except the few pictures).
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -12,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.run_logging import RunLogger
-from mae_jax.segmentation.metrics import SegMetrics
-from mae_jax.segmentation.sliding_window import num_windows, slide_inference
+from mae_jax.segmentation import canvas
+from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
+from mae_jax.segmentation.sliding_window import resize_tile, stitch_windows
 
 
 def data_options(config) -> dict[str, Any]:
@@ -54,7 +62,11 @@ def palette(config, num_classes: int) -> np.ndarray:
 
 
 class Evaluator:
-    """Sliding-window evaluation over the validation set; metrics summed over all processes."""
+    """Sliding-window evaluation over the validation set; metrics summed over all processes.
+
+    images_per_call, windows_per_call, tile, tiles_per_call: per device and call (see
+    `canvas.CanvasLayout.for_scale`); they set memory and speed, never the result.
+    """
 
     def __init__(
         self,
@@ -64,6 +76,11 @@ class Evaluator:
         num_classes: int,
         workdir: str,
         logger: RunLogger,
+        *,
+        images_per_call: int = 8,
+        windows_per_call: int | None = None,
+        tile: int | None = None,
+        tiles_per_call: int | None = None,
     ):
         self.config = config
         self.mesh = mesh
@@ -72,39 +89,16 @@ class Evaluator:
         self.logger = logger
         self.names = class_names(config, num_classes)
         self.palette = palette(config, num_classes)
-        long_side, short_side = max(config.data.scale), min(config.data.scale)
-        most = max(
-            num_windows(
-                short_side, long_side, window=config.eval_window, stride=config.eval_stride
-            ),
-            num_windows(
-                long_side, short_side, window=config.eval_window, stride=config.eval_stride
-            ),
+        self.layout = canvas.CanvasLayout.for_scale(
+            config.data.scale, window=config.eval_window, stride=config.eval_stride,
+            images_per_call=images_per_call, windows_per_call=windows_per_call, tile=tile,
+            tiles_per_call=tiles_per_call,
         )
-        local_devices = len(jax.local_devices())
-        # A fixed, device-divisible window count: one compilation for every image size.
-        self.windows_per_image = math.ceil(most / local_devices) * local_devices
+        self.local_devices = len(mesh.local_devices)
         self.batch_sharding = sharding_lib.batch_sharding(mesh)
-
-        @jax.jit
-        def forward(params, rest, windows):
-            model = nnx.merge(graphdef, params, rest)
-            logits, _ = model(windows, train=False)
-            return logits.astype(jnp.float32)
-
-        self.forward = forward
-
-    def _logits_fn(self, state):
-        def logits_fn(windows):
-            local = np.asarray(windows)
-            global_windows = sharding_lib.global_batch_from_host(
-                {"image": local}, self.batch_sharding
-            )["image"]
-            out = self.forward(state.params, state.rest, global_windows)
-            shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
-            return jnp.concatenate([jnp.asarray(s.data) for s in shards])
-
-        return logits_fn
+        self._stitch, self._score, self._zeros = _programs(
+            graphdef, mesh, self.layout, num_classes
+        )
 
     def __call__(self, step: int, state) -> dict[str, Any]:
         from mae_jax.data import seg_input
@@ -116,41 +110,7 @@ class Evaluator:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        metrics = SegMetrics(self.num_classes)
-        pictures = []
-        logits_fn = self._logits_fn(state)
-        examples = list(examples)
-        count = len(examples)
-        if jax.process_count() > 1:  # every process must run the same number of forwards
-            from jax.experimental import multihost_utils
-
-            count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
-        for index in range(count):
-            dummy = index >= len(examples)
-            example = examples[min(index, len(examples) - 1)]
-            logits = slide_inference(
-                logits_fn,
-                jnp.asarray(example["image"]),
-                num_classes=self.num_classes,
-                window=config.eval_window,
-                stride=config.eval_stride,
-                output_size=example["label"].shape,
-                pad_windows_to=self.windows_per_image,
-            )
-            if dummy:
-                continue
-            prediction = np.asarray(jnp.argmax(logits, axis=-1))
-            metrics.update(prediction, example["label"])
-            if len(pictures) < config.num_pictures:
-                pictures.append(self._picture(example, prediction))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            metrics.areas = (
-                np.asarray(multihost_utils.process_allgather(metrics.areas))
-                .reshape(-1, *metrics.areas.shape)
-                .sum(axis=0)
-            )
+        metrics, pictures = self.evaluate(state, examples, num_pictures=config.num_pictures)
         summary = metrics.compute()
         per_class = metrics.per_class()
         results = dict(summary)
@@ -170,6 +130,71 @@ class Evaluator:
                 self.logger.log_images(step, {"segmentation": _stack(pictures)})
         return results
 
+    def evaluate(self, state, examples, *, num_pictures: int = 0):
+        """This process's share of the validation set -> (SegMetrics summed over all
+        processes, pictures).
+
+        examples: any iterable (read lazily, one call at a time) of {"image": [h, w, 3] at test
+        scale, float32 normalised or uint8 (normalised on the device), "label": [H, W] int at
+        the original size, 255 ignored}. pictures: image | prediction | ground truth of the
+        first `num_pictures` examples, on process 0 (empty elsewhere).
+        """
+        layout = self.layout
+        areas = DeviceAreas(self._zeros, num_classes=self.num_classes,
+                            max_pixels_per_call=layout.tiles * layout.tile**2)
+        pictures: dict[int, np.ndarray] = {}
+        calls = canvas.pack(examples, layout, self.local_devices)
+        dtype = None
+        while True:
+            call = next(calls, None)
+            dtype = (canvas.image_dtype(call) if call else None) or dtype
+            score_calls = canvas.num_score_calls(call, layout) if call else 0
+            more = call is not None
+            if jax.process_count() > 1:  # every process runs the same programs, in step
+                more, score_calls, dtype = _agree(more, score_calls, dtype)
+                call = call or [[] for _ in range(self.local_devices)]
+            if not more:
+                break
+            inputs = canvas.stitch_inputs(call, layout, dtype)
+            canvases = self._stitch(state.params, state.rest, *self._global(inputs))
+            for chunk in range(score_calls):
+                inputs, owners = canvas.score_inputs(call, layout, chunk)
+                new_areas, predictions = self._score(
+                    canvases, areas.current(), *self._global(inputs)
+                )
+                areas.update(new_areas)
+                self._collect(predictions, owners, num_pictures, pictures)
+        metrics = SegMetrics(self.num_classes)
+        metrics.add_areas(areas.host_total())
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            metrics.areas = (
+                np.asarray(multihost_utils.process_allgather(metrics.areas))
+                .reshape(-1, *metrics.areas.shape)
+                .sum(axis=0)
+            )
+        return metrics, [pictures[index] for index in sorted(pictures)]
+
+    def _global(self, inputs: dict[str, np.ndarray]) -> list[jax.Array]:
+        """Local per-device arrays [L, ...] -> global arrays [devices, ...], in input order."""
+        return list(sharding_lib.global_batch_from_host(inputs, self.batch_sharding).values())
+
+    def _collect(self, predictions, owners, num_pictures, pictures) -> None:
+        """Pastes the predicted tiles of the first `num_pictures` examples (process 0 only)."""
+        wanted = [(device, k) for device, tiles in enumerate(owners)
+                  for k, (placed, _) in enumerate(tiles) if placed.index < num_pictures]
+        if not wanted or jax.process_index() != 0:
+            return
+        shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
+        local = [np.asarray(shard.data)[0] for shard in shards]
+        for device, k in wanted:
+            placed, corner = owners[device][k]
+            placed.predicted[corner] = local[device][k]
+            prediction = placed.prediction()
+            if prediction is not None:
+                pictures[placed.index] = self._picture(placed.example, prediction)
+
     def _picture(self, example, prediction) -> np.ndarray:
         """image | prediction | ground truth at the label's size, uint8."""
         from PIL import Image
@@ -178,12 +203,69 @@ class Evaluator:
         from mae_jax.data.constants import denormalize
 
         height, width = example["label"].shape
-        image = (np.asarray(denormalize(example["image"])) * 255).astype(np.uint8)
+        image = np.asarray(example["image"])
+        if image.dtype != np.uint8:
+            image = (np.asarray(denormalize(image)) * 255).astype(np.uint8)
         image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
         return np.concatenate(
             [image, colorize(prediction, self.palette), colorize(example["label"], self.palette)],
             axis=1,
         )
+
+
+def _programs(graphdef, mesh, layout: canvas.CanvasLayout, num_classes: int):
+    """The stitch and score programs (one device's work each, under shard_map) and the zero
+    areas; their shapes come from `layout` alone."""
+    per_device = PartitionSpec(sharding_lib.BATCH_AXES)
+    replicated = PartitionSpec()
+
+    def stitch(params, rest, images, sizes, transposed, window_slot, window_offset, valid):
+        model = nnx.merge(graphdef, params, rest)
+
+        def logits_fn(windows):
+            return model(windows, train=False)[0].astype(jnp.float32)
+
+        return stitch_windows(
+            logits_fn, images[0], sizes[0], transposed[0], window_slot[0], window_offset[0],
+            valid[0], window=layout.window, num_classes=num_classes,
+        )[None]
+
+    def score(canvases, areas, tile_slot, row_index, row_weight, col_index, col_weight, labels):
+        def predict(tile):  # one tile at a time: [t, t, C] logits never exist for all tiles
+            return jnp.argmax(resize_tile(canvases[0], *tile), axis=-1).astype(jnp.int32)
+
+        tiles = (tile_slot[0], row_index[0], row_weight[0], col_index[0], col_weight[0])
+        predictions = jax.lax.map(predict, tiles, batch_size=min(layout.tiles, 8))
+        new = jnp.stack(intersect_and_union(predictions, labels[0], num_classes))
+        return areas + new[None], predictions[None]
+
+    stitch = jax.jit(jax.shard_map(
+        stitch, mesh=mesh, in_specs=(replicated, replicated) + (per_device,) * 6,
+        out_specs=per_device, check_vma=False,
+    ))
+    score = jax.jit(jax.shard_map(
+        score, mesh=mesh, in_specs=(per_device,) * 8, out_specs=(per_device, per_device),
+        check_vma=False,
+    ), donate_argnums=1)
+    zeros = jax.jit(
+        lambda: jnp.zeros((mesh.size, 4, num_classes), jnp.int32),
+        out_shardings=NamedSharding(mesh, per_device),
+    )
+    return stitch, score, zeros
+
+
+def _agree(has_call: bool, score_calls: int, dtype) -> tuple[bool, int, Any]:
+    """Across processes: whether any has a call left, the most score calls, the image dtype."""
+    from jax.experimental import multihost_utils
+
+    code = {None: 0, np.uint8: 1, np.float32: 2}[dtype]
+    mine = np.asarray([has_call, score_calls, code], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+    codes = set(everyone[:, 2].tolist()) - {0}
+    if len(codes) > 1:
+        raise ValueError("processes disagree on the eval image dtype (uint8 vs float)")
+    agreed = {0: np.float32, 1: np.uint8, 2: np.float32}[max(codes, default=0)]
+    return bool(everyone[:, 0].max()), int(everyone[:, 1].max()), agreed
 
 
 def _finite(value: float) -> float | None:

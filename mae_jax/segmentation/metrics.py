@@ -8,7 +8,7 @@ class with zero union, or zero label area for Acc, is NaN and left out), in perc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +133,42 @@ def _nanmean(values: np.ndarray) -> float:
 
 def _fmt(value: float) -> str:
     return f"{value:6.2f}" if np.isfinite(value) else f"{'nan':>6}"
+
+
+class DeviceAreas:
+    """Per-class areas summed on the devices, with no host sync while evaluating.
+
+    A program adds each call's areas into an int32 array [devices, 4, num_classes] (one row per
+    device) that it gets from `current()` and hands back to `update`. Before the next call could
+    overflow int32 (each adds at most `max_pixels_per_call` per class and device), the array is
+    set aside and a zero one started; `host_total` sums them all in int64 on the host.
+    """
+
+    def __init__(
+        self, zeros: Callable[[], jax.Array], *, num_classes: int, max_pixels_per_call: int
+    ):
+        self._zeros = zeros
+        self.num_classes = num_classes
+        self.calls_per_array = max(1, (2**31 - 1) // max_pixels_per_call)
+        self._full: list[jax.Array] = []
+        self._current: jax.Array | None = None
+        self._calls = 0
+
+    def current(self) -> jax.Array:
+        if self._current is None or self._calls == self.calls_per_array:
+            if self._current is not None:
+                self._full.append(self._current)
+            self._current, self._calls = self._zeros(), 0
+        return self._current
+
+    def update(self, areas: jax.Array) -> None:
+        self._current = areas
+        self._calls += 1
+
+    def host_total(self) -> np.ndarray:
+        """int64 [4, num_classes]: the areas of this process's devices (blocks here)."""
+        total = np.zeros((4, self.num_classes), np.int64)
+        for array in [*self._full, *([self._current] if self._current is not None else [])]:
+            for shard in array.addressable_shards:
+                total += np.asarray(shard.data, np.int64).reshape(-1, 4, self.num_classes).sum(0)
+        return total

@@ -5,13 +5,17 @@ normalised) image; the last row / column of windows is shifted back to end at th
 windows overlap more there. Window logits are summed into the image and divided by how many
 windows covered each pixel, then resized (bilinear, align_corners False) to the original size.
 
-Fixed shapes: every window is fed at `window` x `window` (a crop smaller than the window, i.e. an
-image smaller than the window in some dimension, is zero-padded at the bottom / right and the
-logits of the padding are dropped). mmseg instead runs such a crop at its own size; the padding
-keeps the backbone's shape fixed. With `pad_windows_to`, the batch of windows is also padded
-with zero windows to a fixed count, so a jitted `logits_fn` compiles once for the whole dataset
-(6 covers the ADE20K test scale (2048, 512) with window 512 and stride 341; see
-`num_windows`). The stitching and the final resize run as eager jnp ops on the device.
+Fixed window shape: every window is fed at `window` x `window` (a crop smaller than the window,
+i.e. an image smaller than the window in some dimension, is zero-padded at the bottom / right
+and the logits of the padding are dropped). mmseg instead runs such a crop at its own size; the
+padding keeps the backbone's shape fixed.
+
+Two implementations of the same arithmetic:
+- `slide_inference`: one image, eager jnp ops whose shapes follow the image (readable; each
+  new image size compiles new programs). The reference the canvas path is tested against.
+- `stitch_windows` + `resize_tile`: the jit-able kernels of the evaluation (`evaluation.py`),
+  on fixed canvases laid out by `canvas.py`: window offsets and sizes are traced values, so one
+  compiled program serves every image size.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mae_jax.data.constants import normalize_uint8
 from mae_jax.models.resize import resize_bilinear
 
 
@@ -105,3 +110,103 @@ def _pad_to(crop: jax.Array, window: int) -> jax.Array:
     if pad_h == 0 and pad_w == 0:
         return crop
     return jnp.pad(crop, ((0, pad_h), (0, pad_w), (0, 0)))
+
+
+# --------------------------------------------------------------------------- Fixed canvases
+def stitch_windows(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    images: jax.Array,
+    sizes: jax.Array,
+    transposed: jax.Array,
+    window_slot: jax.Array,
+    window_offset: jax.Array,
+    window_valid: jax.Array,
+    *,
+    window: int,
+    num_classes: int,
+) -> jax.Array:
+    """The windows of several images, on fixed landscape canvases -> their averaged logits.
+
+    images: [B, Hc, Wc, 3] float32 (normalised) or uint8 (normalised here), each image at the
+    top left of its canvas in landscape orientation (`canvas.place`); sizes: [B, 2] int32 its
+    (h, w), pixels outside are zeroed after normalisation (the padding `slide_inference` adds);
+    transposed: [B] bool (portrait images, stored transposed); window_slot: [N] int32,
+    window_offset: [N, 2] int32 (canvas top, left), window_valid: [N] bool (False: unused slot,
+    adds nothing). logits_fn: [N, window, window, 3] -> [N, s, s, num_classes] (any s; resized
+    to the window as mmseg's `encode_decode`). Returns [B, Hc, Wc, num_classes] float32: summed
+    window logits / windows covering the pixel, meaningful inside each image only.
+    """
+    count, (slots, canvas_h, canvas_w) = window_slot.shape[0], images.shape[:3]
+    canvases = _model_input(images, sizes)
+    crops = jax.vmap(
+        lambda slot, offset: jax.lax.dynamic_slice(
+            canvases[slot], (offset[0], offset[1], 0), (window, window, 3)
+        )
+    )(window_slot, window_offset)
+    flip = transposed[window_slot]
+    # The model sees every window in its original orientation.
+    crops = jnp.where(flip[:, None, None, None], crops.transpose(0, 2, 1, 3), crops)
+    logits = logits_fn(crops)
+    if logits.ndim != 4 or logits.shape[0] != count or logits.shape[-1] != num_classes:
+        raise ValueError(
+            f"logits_fn returned {logits.shape}; expected [{count}, h, w, {num_classes}]"
+        )
+
+    def add_window(k, carry):
+        summed, coverage = carry
+        window_logits = logits[k]
+        if window_logits.shape[:2] != (window, window):  # static: UPerNet's 1/4 logits
+            window_logits = resize_bilinear(window_logits, (window, window))
+        window_logits = window_logits.astype(jnp.float32)
+        window_logits = jnp.where(flip[k], window_logits.transpose(1, 0, 2), window_logits)
+        start = (window_slot[k], window_offset[k, 0], window_offset[k, 1], 0)
+
+        def accumulate(target, value):  # target[slot, top:top + window, left:left + window] +=
+            block = jax.lax.dynamic_slice(target, start, (1, window, window, target.shape[-1]))
+            block = block + jnp.where(window_valid[k], value, 0.0)[None]
+            return jax.lax.dynamic_update_slice(target, block, start)
+
+        return accumulate(summed, window_logits), accumulate(coverage, jnp.ones((1, 1, 1)))
+
+    # Windows are added one after another in mmseg's order: deterministic sums, one window of
+    # resized logits alive at a time.
+    summed = jnp.zeros((slots, canvas_h, canvas_w, num_classes), jnp.float32)
+    coverage = jnp.zeros((slots, canvas_h, canvas_w, 1), jnp.float32)
+    summed, coverage = jax.lax.fori_loop(0, count, add_window, (summed, coverage))
+    return summed / jnp.maximum(coverage, 1.0)
+
+
+def resize_tile(
+    canvases: jax.Array,
+    slot: jax.Array,
+    row_index: jax.Array,
+    row_weight: jax.Array,
+    col_index: jax.Array,
+    col_weight: jax.Array,
+) -> jax.Array:
+    """One tile of the bilinear resize (align_corners False) of canvases[slot] to a label size.
+
+    canvases: [B, Hc, Wc, C]; slot: [] int32; row_index / col_index: [2, t] int32 low and high
+    source row / column of each output row / column, row_weight / col_weight: [2, t] float32
+    their weights (`canvas.resampling_table`). Returns [t, t, C]: rows are interpolated first,
+    then columns, as `resize_bilinear`'s two matrix products.
+    """
+
+    def corner(rows, cols):  # [t, t, C]: canvases[slot, rows[i], cols[j]]
+        return canvases[slot, rows[:, None], cols[None, :]]
+
+    (row_low, row_high), (col_low, col_high) = row_index, col_index
+    row_weights = row_weight[:, :, None, None]  # [2, t, 1, 1]
+    left = corner(row_low, col_low) * row_weights[0] + corner(row_high, col_low) * row_weights[1]
+    right = corner(row_low, col_high) * row_weights[0] + corner(row_high, col_high) * row_weights[1]
+    col_weights = col_weight[:, None, :, None]  # [2, 1, t, 1]
+    return left * col_weights[0] + right * col_weights[1]
+
+
+def _model_input(images: jax.Array, sizes: jax.Array) -> jax.Array:
+    """[B, H, W, 3] uint8 or float -> float32 normalised, 0 outside each image's [h, w]."""
+    if images.dtype == jnp.uint8:
+        images = normalize_uint8(images)
+    rows = jnp.arange(images.shape[1])[None, :, None] < sizes[:, 0, None, None]
+    cols = jnp.arange(images.shape[2])[None, None, :] < sizes[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], images.astype(jnp.float32), 0.0)
