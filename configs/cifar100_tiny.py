@@ -26,5 +26,8 @@ def get_config(arg=None):
     config.warmup_epochs = 40.0
     config.checkpoint_every_steps = 2000
     config.visualize_every_steps = 2000
+    # k-NN top-1 of the encoder (4096 train images as the bank, 1024 test queries) every 5000 steps.
+    config.knn.every_steps = 5000
+    config.knn.eval_split = "test"
     apply_arg(config, arg)
     return config

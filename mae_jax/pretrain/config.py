@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mae_jax.classification import knn
 from mae_jax.core import config as core_config
 from mae_jax.data.on_device import MODES as ON_DEVICE_MODES
 from mae_jax.models.mae import check_mask_ratio
@@ -66,6 +67,9 @@ def defaults() -> ml_collections.ConfigDict:
     config.num_visualize_images = 8  # Fixed validation images in the grid.
     config.export_encoder = True  # At the end: export/encoder.pth + export/encoder_flax.
     config.tensorboard = True  # Write TensorBoard event files.
+    # k-NN monitor of the encoder (weighted k-NN, k 20, T 0.07) on a labelled subset of
+    # knn.source (default: data.source); knn.every_steps = 0 turns it off.
+    config.knn = knn.default_config()
     return config
 
 
@@ -114,6 +118,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             f"data.on_device must be one of {', '.join(ON_DEVICE_MODES)}, "
             f"got {config.data.on_device!r}"
         )
+    knn.check_config(config.knn, problems, num_devices=num_devices)
     if config.num_epochs <= 0 and config.total_steps <= 0:
         problems.append("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 and config.lr <= 0:

@@ -139,6 +139,14 @@ def train_and_evaluate(
                 config.visualize_every_steps,
                 reconstruction_hook(config, graphdef, source, data_dir, logger),
             ))
+        if config.knn.every_steps > 0:
+            from mae_jax.classification.knn import make_knn_hook
+
+            hooks.append(loop.Hook(config.knn.every_steps, make_knn_hook(
+                config.knn, graphdef=graphdef, mesh=run.mesh, logger=logger, source=source,
+                image_size=config.model.image_size, data_dir=data_dir,
+                download=config.data.download,
+            )))
         step_fn = make_train_step(
             graphdef, make_loss_fn(config.mask_ratio), tx, schedule,
             grad_accum_steps=config.grad_accum_steps,

@@ -1,0 +1,25 @@
+r"""Fine-tuning the seed's CIFAR-100 ViT-Tiny MAE (configs/cifar100_tiny.py) on CIFAR-100.
+
+The official main_finetune.py recipe with its ViT-B values: base lr 5e-4 (peak 5e-4 * 1024 /
+256 = 2e-3), layer decay 0.65, drop path 0.1, 100 epochs with 5 warmup, AdamW (0.9, 0.999) wd
+0.05, label smoothing 0.1, Mixup 0.8 / CutMix 1.0, RandAugment rand-m9-mstd0.5-inc1, random
+erasing 0.25, at 224 (CIFAR's 32 px images upsampled); eval on the test split.
+
+    python finetune.py --config=configs/cifar100_finetune.py \
+        --config.init_from=runs/cifar100_tiny --workdir=runs/cifar100_finetune
+"""
+
+from mae_jax.classification.config import defaults
+
+
+def get_config(arg=None):
+    del arg
+    config = defaults("finetune")
+    config.model.variant = "vit_tiny_patch16"
+    config.data.source = "tfds:cifar100"
+    config.data.eval_split = "test"
+    config.batch_size = 1024
+    config.eval_batch_size = 1000
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 500
+    return config

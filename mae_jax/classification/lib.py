@@ -1,0 +1,184 @@
+"""What the linear probe and fine-tuning share: data, schedule, state, init_from, evaluation,
+the loop and the exports. Each recipe (`linprobe.py`, `finetune.py` in this package) supplies
+its head, trainable filter, optimiser and loss as a `Recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from mae_jax.classification import transfer
+from mae_jax.classification.config import check_config
+from mae_jax.classification.evaluation import Evaluator
+from mae_jax.classification.synthetic import resolve_labelled_source
+from mae_jax.core import config as core_config
+from mae_jax.core import loop, optim
+from mae_jax.core.run import Run
+from mae_jax.core.state import TrainState, place_values
+from mae_jax.core.step import LossFn, make_train_step
+from mae_jax.models.factory import ModelSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    task: str  # "linprobe" | "finetune"
+    global_pool: bool  # the head: True fc_norm(mean of patches), False BatchNorm(cls token)
+    trainable: Any  # nnx filter of the trained parameters
+    create_tx: Callable[[ml_collections.ConfigDict, Any, optax.Schedule],
+                        optax.GradientTransformation]  # (config, abstract params, schedule)
+    make_loss_fn: Callable[[ml_collections.ConfigDict, int], LossFn]  # (config, num_classes)
+
+
+def model_spec(config: ml_collections.ConfigDict, num_classes: int, global_pool: bool):
+    model = config.model
+    return ModelSpec("ViTClassifier", {
+        "variant": model.variant,
+        **core_config.encoder_dims(model),
+        "image_size": model.image_size,
+        "num_classes": num_classes,
+        "global_pool": global_pool,
+        "drop_path_rate": model.drop_path_rate,
+        "dtype": model.dtype,
+        "attention_impl": model.attention_impl or None,
+    })
+
+
+def peak_learning_rate(config) -> float:
+    if config.lr > 0:
+        return float(config.lr)
+    return optim.scale_learning_rate(config.base_lr, config.batch_size)
+
+
+def initialise(config, spec: ModelSpec, state: TrainState, shardings) -> TrainState:
+    """A new run's weights from `config.init_from`: for training the encoder (the heads start
+    at their official init, as main_linprobe.py / main_finetune.py re-initialise them); with
+    eval_only the whole classifier when init_from holds one."""
+    if not config.init_from:
+        print("Encoder initialised at random (set init_from for MAE weights).")
+        return state
+    if config.eval_only:
+        model = transfer.load_classifier(config.init_from, spec=spec)
+        if model is not None:
+            print(f"Classifier loaded from {config.init_from}.")
+            return place_values(state, shardings, transfer.model_values(model))
+        print(f"WARNING: {config.init_from} holds an encoder, not a classifier: the head is "
+              "untrained, so these metrics only check the pipeline.")
+    values = transfer.encoder_values(config.init_from, spec)
+    print(f"Encoder initialised from {config.init_from} ({len(values)} arrays).")
+    return place_values(state, shardings, values)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, recipe: Recipe, *, devices=None
+) -> dict[str, Any]:
+    """Trains (or resumes; with eval_only just evaluates) in `workdir`; returns the last
+    evaluation (top1, top5, loss, num_examples, step)."""
+    from mae_jax.data import images as data  # TensorFlow: input pipeline only
+
+    devices = list(devices or jax.devices())
+    check_config(config, task=recipe.task, num_devices=len(devices),
+                 num_processes=jax.process_count())
+    with Run(config, workdir, devices=devices) as run:
+        # ------------------------------------------------------------- Data and schedule
+        source = resolve_labelled_source(config.data, run.workdir, seed=config.seed)
+        options = {"source": source, "data_dir": config.data.data_dir or None,
+                   "download": config.data.download}
+        num_classes = data.num_classes(**options, split=config.data.train_split)
+        if config.eval_only:
+            schedule, total_steps, eval_every = optax.constant_schedule(0.0), 0, 0
+        else:
+            num_examples = data.num_examples(**options, split=config.data.train_split,
+                                             with_labels=True)
+            lengths = core_config.schedule_lengths(config, num_examples)
+            total_steps = lengths["total_steps"]
+            schedule = optim.warmup_cosine_schedule(
+                peak_lr=peak_learning_rate(config), warmup_steps=lengths["warmup_steps"],
+                total_steps=total_steps, min_lr=config.min_lr,
+            )
+            eval_every = config.eval_every_steps or int(
+                round(config.eval_every_epochs * lengths["steps_per_epoch"])) or total_steps
+            print(f"{num_examples} training images, {num_classes} classes, "
+                  f"{lengths['steps_per_epoch']} steps/epoch, {total_steps} steps "
+                  f"({lengths['warmup_steps']} warmup), peak lr {peak_learning_rate(config):.3g}, "
+                  f"effective batch {config.batch_size} = {config.grad_accum_steps} "
+                  f"micro-batch(es) of {config.batch_size // config.grad_accum_steps}.")
+
+        # ------------------------------------------------------------- Model and state
+        spec = model_spec(config, num_classes, recipe.global_pool)
+        abstract = nnx.state(nnx.eval_shape(spec.build), recipe.trainable)
+        tx = recipe.create_tx(config, abstract, schedule)
+        graphdef, state, start_step = run.init_state(spec, tx, trainable=recipe.trainable)
+        if not start_step:
+            state = initialise(config, spec, state, run.state_shardings)
+        logger = run.start_logging(total_steps=max(total_steps, 1), start_step=start_step)
+        evaluator = Evaluator(config, graphdef, run.mesh, source, run.workdir, logger)
+        if config.eval_only:
+            if not start_step and not config.init_from:
+                print(f"WARNING: eval_only found no checkpoint in {run.workdir} and no init_from: "
+                      "evaluating random weights.")
+            return evaluator(start_step, state)
+
+        # ------------------------------------------------------------- Train loop
+        batches = data.create_train_iterator(
+            **options,
+            split=config.data.train_split,
+            image_size=config.model.image_size,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            shuffle_buffer_size=config.data.shuffle_buffer_size,
+            crop_scale=tuple(config.data.crop_scale),
+            with_labels=True,
+            randaugment=config.data.randaugment or None,
+        )
+        step_fn = make_train_step(
+            graphdef, recipe.make_loss_fn(config, num_classes), tx, schedule,
+            grad_accum_steps=config.grad_accum_steps, trainable=recipe.trainable,
+        )
+        results: dict[str, Any] = {}
+
+        def evaluate(step, state):
+            results.update(evaluator(step, state))
+
+        result = run.train(
+            state, step_fn, batches, start_step=start_step, total_steps=total_steps,
+            hooks=(loop.Hook(eval_every, evaluate),),
+            metadata_fn=lambda step: {"step": step, "images_seen": step * config.batch_size},
+        )
+        if result.step >= total_steps:
+            if not results:  # the run had already finished: report its final evaluation
+                results.update(evaluator(result.step, result.state))
+            logger.save_loss_curve()
+            if config.get("export_official"):
+                results["export"] = export(run.workdir, spec, graphdef, result.state)
+    return results | {"step": result.step}
+
+
+def export(workdir: str, spec: ModelSpec, graphdef, state: TrainState) -> dict[str, str]:
+    """export/mae_finetuned.pth (official models_vit keys, when torch is installed) and
+    export/classifier_flax/ (a Flax export that `mae_jax.weights.load.load_model` reads)."""
+    from mae_jax.weights.load import save_export
+
+    params, rest = state.params, state.rest
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
+    model = nnx.merge(graphdef, params, rest)
+    export_dir = os.path.join(workdir, "export")
+    paths = {"flax": save_export(model, spec, os.path.join(export_dir, "classifier_flax"))}
+    if jax.process_index() == 0:
+        try:
+            paths["pth"] = transfer.save_official_classifier(
+                model, os.path.join(export_dir, "mae_finetuned.pth"))
+        except ImportError as error:
+            print(f"Skipping the .pth export: {error}")
+    return paths

@@ -1,0 +1,50 @@
+"""The decoder ablation command, tiny: two decoder depths, each pretrained, k-NN measured,
+probed and fine-tuned, and the markdown table written."""
+
+import math
+
+import jax
+import pytest
+from conftest import set_fields, tiny_pretrain_config
+
+from mae_jax.classification import ablation
+from mae_jax.classification.config import defaults
+
+ENCODER = {"variant": "vit_tiny_patch16", "image_size": 16, "patch_size": 4, "embed_dim": 32,
+           "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _persistent_compilation_cache(shared_compilations):
+    """Runs of one tiny model compile the same programs: the second compile is a file read."""
+    yield
+
+
+def tiny(task):
+    config = defaults(task)
+    config.model.update(**ENCODER)
+    config.data.update(source="generated:40", generated_classes=4, generated_size=16,
+                       eval_split="val", shuffle_buffer_size=64)
+    config.update(batch_size=8, grad_accum_steps=1, lr=1e-3, total_steps=2, warmup_steps=1,
+                  eval_batch_size=8,
+                  log_every_steps=1, checkpoint_every_steps=2, tensorboard=False)
+    return config
+
+
+def test_ablation_pretrains_probes_and_fine_tunes_each_decoder_and_writes_the_table(
+        tmp_path):
+    pretrain = set_fields(tiny_pretrain_config(total_steps=2, warmup_steps=1),
+                          {"visualize_every_steps": 0, "model.image_size": 16})
+    rows = ablation.run_ablation(pretrain, tiny("linprobe"), tiny("finetune"), depths=[1, 2],
+                                 widths=[32], workdir=str(tmp_path), devices=jax.devices()[:1])
+    assert [(r["decoder depth"], r["decoder width"]) for r in rows] == [(1, 32), (2, 32)]
+    for row in rows:
+        assert all(math.isfinite(row[c]) for c in ablation.COLUMNS[2:]), row
+        assert 0 <= row["k-NN top-1"] <= 100
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert table[0].startswith("| decoder depth | decoder width | pretrain loss | k-NN top-1")
+    assert len(table) == 4 and table[2].startswith("| 1 | 32 |")
+    # Each stage has its own run directory; the pretraining read the generated images.
+    for stage in ("pretrain", "linprobe", "finetune"):
+        assert (tmp_path / "d2_w32" / stage / "checkpoints").is_dir()
+    assert (tmp_path / "data" / "generated_classes" / "train").is_dir()
