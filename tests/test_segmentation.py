@@ -221,7 +221,8 @@ def test_train_py_workdir_initialises_the_backbone(tmp_path):
     state = TrainState.create(model, optax.identity(), rng_seed=0)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, state)
-    state = segment_lib.init_backbone(config.init_from, spec, state, shardings)
+    state, whole = segment_lib.initialise(config, spec, state, shardings)
+    assert not whole  # a pretraining run holds an encoder: the heads keep their init
     params = state.params
     loaded = flat_params(params["backbone"])
     pretrained = flat_params(nnx.state(encoder, nnx.Param))
@@ -231,6 +232,28 @@ def test_train_py_workdir_initialises_the_backbone(tmp_path):
         loaded["['pos_embed']"], np.asarray(encoder.pos_embed[...]), rtol=1e-6, atol=1e-7
     )
     assert all(leaf.sharding == device for leaf in jax.tree.leaves(params["backbone"]))
+
+
+@pytest.mark.parametrize("source", ["run", "mmseg"])
+def test_whole_segmenter_from_a_run_or_its_mmseg_export_evaluates_the_same(
+    finished_run, tmp_path, source
+):
+    """init_from a segment.py workdir, or the export/segmenter_mmseg.pth it wrote (mmseg's
+    layout, as the published MAE UPerNet checkpoint): the whole segmenter is loaded (BatchNorm
+    statistics included), so eval_only reproduces the run's own final evaluation."""
+    finished, result = finished_run
+    init_from = finished if source == "run" else finished / "export" / "segmenter_mmseg.pth"
+    assert os.path.isfile(finished / "export" / "segmenter_mmseg.pth")
+    results = run(tiny_config(init_from=str(init_from), eval_only=True), tmp_path / "eval")
+    assert results["mIoU"] == pytest.approx(result["mIoU"], abs=1e-4)
+    assert results["aAcc"] == pytest.approx(result["aAcc"], abs=1e-4)
+
+
+def test_segmenter_of_another_shape_is_refused_naming_what_differs(finished_run, tmp_path):
+    finished, _ = finished_run
+    with pytest.raises(ValueError, match="does not fit this config.*conv_seg"):
+        run(tiny_config(init_from=str(finished), eval_only=True, **{"data.num_classes": 5}),
+            tmp_path / "eval")
 
 
 # --------------------------------------------------------------------------- Learning, sharding

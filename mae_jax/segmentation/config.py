@@ -30,8 +30,8 @@ def defaults() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # Compute dtype: float32 | bfloat16.
     config.model.attention_impl = "auto"
 
-    # Initialisation: "" = random; an official MAE .pth or any run directory (its encoder);
-    # mmseg's published MAE UPerNet .pth (the whole segmenter).
+    # Initialisation: "" = random; an official MAE .pth, HF folder or train.py run (the encoder);
+    # mmseg's published MAE UPerNet .pth or a segment.py run (the whole segmenter).
     config.init_from = ""
 
     config.data = ml_collections.ConfigDict()
@@ -63,6 +63,8 @@ def defaults() -> ml_collections.ConfigDict:
     config.eval_stride = 341  # Sliding window stride.
     config.num_pictures = 4  # Validation images drawn as image | prediction | ground truth.
     config.eval_only = False  # Evaluate init_from / the newest checkpoint, no training.
+    # At the end of training also write export/segmenter_mmseg.pth (mmseg's layout; needs torch).
+    config.export_mmseg = True
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1

@@ -7,6 +7,7 @@ and the sliding-window evaluation hook.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -18,8 +19,9 @@ from flax import nnx
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
 from mae_jax.core.run import Run
-from mae_jax.core.state import TrainState
+from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import make_train_step
+from mae_jax.data.constants import normalize_uint8
 from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.models.upernet import segmentation_loss
 from mae_jax.segmentation.config import check_config
@@ -71,7 +73,8 @@ def make_loss_fn(aux_weight: float):
     """loss_fn(model, batch, rng): decode + aux_weight * auxiliary cross-entropy (mmseg)."""
 
     def loss_fn(model, batch, rng):
-        logits, aux_logits = model(batch["image"], train=True, rngs=nnx.Rngs(dropout=rng))
+        images = normalize_uint8(batch["image"])
+        logits, aux_logits = model(images, train=True, rngs=nnx.Rngs(dropout=rng))
         decode_loss = segmentation_loss(logits, batch["label"])
         aux_loss = segmentation_loss(aux_logits, batch["label"])
         loss = decode_loss + aux_weight * aux_loss
@@ -80,13 +83,13 @@ def make_loss_fn(aux_weight: float):
     return loss_fn
 
 
-def init_backbone(init_from: str, spec: ModelSpec, state: TrainState, shardings) -> TrainState:
-    """Replaces the backbone leaves of the sharded state by an encoder's weights.
+def init_backbone(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
+    """{state path: host array} of the backbone leaves an encoder checkpoint provides.
 
-    The source is any checkpoint `mae_jax.weights.load.load_encoder` reads (an official .pth or
-    a run directory); position embeddings are resized to the segmentation grid. Leaves MAE
-    checkpoints lack (layer-scale gammas, relative position tables) keep their initial values.
-    Each loaded leaf is placed with the sharding of the leaf it replaces.
+    The source is any checkpoint `mae_jax.weights.load.load_encoder` reads (an official .pth,
+    an HF folder, a run directory or export); position embeddings are resized to the
+    segmentation grid. Leaves MAE checkpoints lack (layer-scale gammas, relative position
+    tables) keep their initial values.
     """
     from mae_jax.weights.load import load_encoder, source_kind, transfer_encoder
 
@@ -95,15 +98,78 @@ def init_backbone(init_from: str, spec: ModelSpec, state: TrainState, shardings)
     overrides = {"num_heads": target.blocks[0].attn.num_heads}
     source = load_encoder(init_from, **(overrides if source_kind(init_from) == "official" else {}))
     copied = set(transfer_encoder(source, target, allow_missing=NOT_IN_MAE_CHECKPOINTS))
-    values = dict(nnx.to_flat_state(nnx.state(target)))
-    placement = dict(nnx.to_flat_state(shardings.params))
-    leaves = []
-    for path, variable in nnx.to_flat_state(state.params):
-        if path[0] == "backbone" and path[1:] in copied:
-            value = np.asarray(values[path[1:]].get_value())
-            variable = variable.replace(jax.device_put(value, placement[path].get_value()))
-        leaves.append((path, variable))
-    return state.replace(params=nnx.from_flat_state(leaves))
+    return {("backbone", *path): np.asarray(variable.get_value())
+            for path, variable in nnx.to_flat_state(nnx.state(target)) if path in copied}
+
+
+def load_segmenter(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray] | None:
+    """{state path: host array} of a whole segmenter at `init_from` (mmseg's MAE UPerNet .pth,
+    a segment.py run directory or export) fitted to `spec`, or None when it holds only an
+    encoder. A segmenter of another shape is an error naming the differences."""
+    from mae_jax.weights import mmseg
+    from mae_jax.weights.load import load_model, source_kind
+
+    target = nnx.eval_shape(spec.build)
+    if mmseg.is_mmseg_checkpoint(init_from):
+        mmseg.load_mmseg(target, init_from)  # one error naming every key that does not fit
+        return {path: np.asarray(variable.get_value())
+                for path, variable in nnx.to_flat_state(nnx.state(target))
+                if isinstance(variable.get_value(), np.ndarray | jax.Array)}
+    if source_kind(init_from) == "official":
+        return None
+    model = load_model(init_from)
+    if type(model).__name__ != type(target).__name__:
+        return None
+    mine = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(target))}
+    theirs = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+    differ = sorted("/".join(map(str, p)) for p in set(mine) ^ set(theirs)
+                    | {p for p in set(mine) & set(theirs) if mine[p] != theirs[p].shape})
+    if differ:
+        raise ValueError(
+            f"The segmenter in {init_from} does not fit this config (model size, classes, "
+            f"image size or head widths differ): {', '.join(differ[:6])}. Use its config, or "
+            "init from its encoder only by pointing init_from at the MAE pretraining run."
+        )
+    return theirs
+
+
+def initialise(config, spec: ModelSpec, state: TrainState, shardings) -> tuple[TrainState, bool]:
+    """A new run's weights from `config.init_from`: the whole segmenter when the source holds
+    one (returns True), else the backbone (the heads keep their mmseg initialisation)."""
+    if not config.init_from:
+        print("Backbone initialised at random (set init_from for MAE weights).")
+        return state, False
+    values = load_segmenter(config.init_from, spec)
+    whole = values is not None
+    if whole:
+        print(f"Segmenter (backbone, neck, heads, BatchNorm statistics) initialised from "
+              f"{config.init_from}.")
+    else:
+        values = init_backbone(config.init_from, spec)
+        print(f"Backbone initialised from {config.init_from} ({len(values)} arrays).")
+    return place_values(state, shardings, values), whole
+
+
+def export_mmseg(workdir: str, graphdef, state: TrainState) -> str | None:
+    """export/segmenter_mmseg.pth: the trained segmenter in mmsegmentation's layout (what
+    `init_from` and mmseg's `load_checkpoint` read); None without torch."""
+    from mae_jax.weights import mmseg
+
+    params, rest = state.params, state.rest
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(workdir, "export", "segmenter_mmseg.pth")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        mmseg.save_mmseg(nnx.merge(graphdef, params, rest), path)
+    except ImportError as error:
+        print(f"Skipping the mmseg export: {error}")
+        return None
+    return path
 
 
 def train_and_evaluate(
@@ -134,18 +200,17 @@ def train_and_evaluate(
         spec = model_spec(config, num_classes)
         tx = create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param), schedule)
         graphdef, state, start_step = run.init_state(spec, tx)
-        if not start_step and config.init_from:
-            state = init_backbone(config.init_from, spec, state, run.state_shardings)
-            print(f"Backbone initialised from {config.init_from}.")
-        elif not start_step:
-            print("Backbone initialised at random (set init_from for MAE weights).")
+        trained_heads = bool(start_step)
+        if not start_step:
+            state, trained_heads = initialise(config, spec, state, run.state_shardings)
         logger = run.start_logging(total_steps=config.total_steps, start_step=start_step)
         evaluator = Evaluator(config, graphdef, run.mesh, num_classes, run.workdir, logger)
         if config.eval_only:
-            if not start_step:
-                print(f"WARNING: eval_only found no checkpoint in {run.workdir}: the UPerNet "
-                      "heads are untrained, so these metrics only check the pipeline. Point "
-                      "--workdir at a segment.py run to evaluate it.")
+            if not trained_heads:
+                print(f"WARNING: eval_only found no checkpoint in {run.workdir} and init_from "
+                      "holds no segmenter: the UPerNet heads are untrained, so these metrics "
+                      "only check the pipeline. Point --workdir at a segment.py run, or "
+                      "init_from at one or at an mmseg MAE UPerNet checkpoint.")
             return evaluator(start_step, state)
 
         # ------------------------------------------------------------- Train loop
@@ -169,4 +234,6 @@ def train_and_evaluate(
         )
         if result.step >= config.total_steps:
             logger.save_loss_curve()
+            if config.export_mmseg:
+                results["export"] = export_mmseg(run.workdir, graphdef, result.state)
     return results | {"step": result.step}
