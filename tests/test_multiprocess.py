@@ -20,10 +20,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import losses_of, params_of, tiny_pretrain_config
+from conftest import losses_of, params_of, tiny_pretrain_config, tiny_segmentation_config
 
+from mae_jax.core.run_logging import read_metrics
 from mae_jax.data.generated import write_generated_images
 from mae_jax.pretrain import lib as pretrain_lib
+from mae_jax.segmentation import lib as segment_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -33,6 +35,8 @@ TIMEOUT_S = 420
 # after asking every device, other processes' included, for its memory (not allowed).
 PRETRAIN = {"visualize_every_steps": 0, "total_steps": 4, "warmup_steps": 1,
             "checkpoint_every_steps": 2, "log_every_steps": 1, "data.on_device": "never"}
+SEGMENT = {"total_steps": 2, "warmup_steps": 1, "checkpoint_every_steps": 2,
+           "log_every_steps": 1, "eval_every_steps": 2, "num_pictures": 0, "mesh.data": -1}
 
 CONFIG_FILE = """
 import sys
@@ -174,3 +178,26 @@ def test_two_processes_resume_their_checkpoints_past_a_damaged_one(pretrain_runs
     assert losses_of(resumed) == losses_of(two)  # steps 3 and 4 again, the same values
     # The same processes run the same programs: bit for bit.
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(two))
+
+
+def test_two_processes_run_segment_py_like_one_process(tmp_path, shared_compilations):
+    """segment.py under README's launch: the same losses, parameters (BatchNorm statistics
+    included) and evaluation as one process over the same 4 devices and global batches."""
+    config_file = write_config(tmp_path / "config.py", "tiny_segmentation_config", SEGMENT)
+    launch_two("segment.py", config_file, tmp_path / "two", tmp_path)
+    from mae_jax.data import seg_input
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(seg_input, "create_seg_train_iterator",
+                        two_process_stream(seg_input.create_seg_train_iterator))
+    try:
+        segment_lib.train_and_evaluate(
+            tiny_segmentation_config(**SEGMENT), str(tmp_path / "one"), devices=jax.devices()[:4]
+        )
+    finally:
+        monkeypatch.undo()
+    assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), rel=1e-5)
+    assert_same_parameters(params_of(tmp_path / "two"), params_of(tmp_path / "one"))
+    (evaluated,) = read_metrics(str(tmp_path / "two"), kind="eval")
+    (expected,) = read_metrics(str(tmp_path / "one"), kind="eval")
+    assert evaluated["mIoU"] == pytest.approx(expected["mIoU"], rel=1e-5)

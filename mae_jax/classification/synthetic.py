@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from mae_jax.data.generated import generated_count
+
 TEXTURES = ("vertical_stripes", "horizontal_stripes", "checkerboard", "diagonal_checkerboard",
             "dots", "rings", "grid", "crosshatch")
 TRAIN_SPLIT, VAL_SPLIT = "train", "val"
@@ -100,12 +102,9 @@ def write_labelled_dataset(
 def resolve_labelled_source(data_config, workdir: str, *, seed: int) -> str:
     """`generated:N` -> a folder of N labelled training (and N // 4 validation) images in
     `workdir`; any other source string as it is."""
-    source = data_config.source
-    if not source.startswith("generated:"):
-        return source
-    count = source.split(":", 1)[1]
-    if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"data.source {source!r}: use generated:N with N >= 1 images.")
+    count = generated_count(data_config.source)
+    if count is None:
+        return data_config.source
     for split in (data_config.train_split, data_config.eval_split):
         if split not in (TRAIN_SPLIT, VAL_SPLIT):
             raise ValueError(
@@ -114,7 +113,7 @@ def resolve_labelled_source(data_config, workdir: str, *, seed: int) -> str:
             )
     folder = os.path.join(workdir, "generated_classes")
     write_labelled_dataset(
-        folder, num_train=int(count), num_val=max(int(count) // 4, 1),
+        folder, num_train=count, num_val=max(count // 4, 1),
         num_classes=data_config.generated_classes, size=data_config.generated_size, seed=seed,
     )
     return f"folder:{folder}"

@@ -51,16 +51,23 @@ def write_generated_images(folder: str, *, count: int, size: int = 64, seed: int
     return folder
 
 
-def resolve_source(data_config, workdir: str, *, seed: int) -> str:
-    """`generated:N` (the demo's offline data) -> a folder of N generated images in workdir;
-    any other source string as it is."""
-    source = data_config.source
+def generated_count(source: str) -> int | None:
+    """N of a `generated:N` source (a clear error for a bad N); None for any other source."""
     if not source.startswith("generated:"):
-        return source
+        return None
     count = source.split(":", 1)[1]
     if not count.isdigit() or int(count) < 1:
         raise ValueError(f"data.source {source!r}: use generated:N with N >= 1 images.")
+    return int(count)
+
+
+def resolve_source(data_config, workdir: str, *, seed: int) -> str:
+    """`generated:N` (the demo's offline data) -> a folder of N generated images in workdir;
+    any other source string as it is."""
+    count = generated_count(data_config.source)
+    if count is None:
+        return data_config.source
     folder = os.path.join(workdir, "generated_images")
-    write_generated_images(folder, count=int(count), size=data_config.get("generated_size", 64),
+    write_generated_images(folder, count=count, size=data_config.get("generated_size", 64),
                            seed=seed)
     return f"folder:{folder}"

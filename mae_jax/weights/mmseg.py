@@ -130,19 +130,12 @@ def load_mmseg(segmenter: nnx.Module, path_or_state_dict) -> None:
     ]
     misshaped += _check_relative_indices(segmenter, indices)
     if missing or unexpected or misshaped:
-        lines = ["The mmseg checkpoint does not fit the segmenter:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
-        lines.append(
+        raise official.fit_error(
+            "The mmseg checkpoint does not fit the segmenter:", missing, unexpected, misshaped,
             "Build MAESegmenter like the checkpoint's model (mmseg's MAE UPerNet: "
             "variant='vit_base_patch16', image_size=512, num_classes=150, channels=768, "
-            "aux_channels=256, layer_scale_init and relative_position_bias on)."
+            "aux_channels=256, layer_scale_init and relative_position_bias on).",
         )
-        raise ValueError("\n".join(lines))
     if all(p in leaves for p in FINAL_NORM):
         warnings.warn(
             "The checkpoint has a final norm (backbone.ln1, mmseg final_norm=True); it was "

@@ -215,16 +215,9 @@ def load_into(
             continue
         updates[path] = value
     if missing or unexpected or misshaped:
-        lines = ["The checkpoint does not fit the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
-        lines.append("Check that the file is of the model variant you built (or let "
-                     "mae_jax.load_official infer it from the file).")
-        raise ValueError("\n".join(lines))
+        raise fit_error("The checkpoint does not fit the model:", missing, unexpected, misshaped,
+                        "Check that the file is of the model variant you built (or let "
+                        "mae_jax.load_official infer it from the file).")
     for path, variable in flat:
         if path in updates:
             variable[...] = jnp.asarray(updates[path], dtype=variable[...].dtype)
@@ -280,3 +273,14 @@ def load_official(
         built = MAE(**(DEFAULT_DECODER | config), rngs=rngs)
     load_into(built, state_dict, strict=model == "mae")
     return built
+
+
+def fit_error(title: str, missing, unexpected, misshaped, hint: str) -> ValueError:
+    """One error naming every missing, unexpected and mis-shaped key, then what to do."""
+    lines = [title]
+    for what, keys, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
+                            ("mis-shaped keys", misshaped, "; ")):
+        if keys:
+            lines.append(f"  {what} ({len(keys)}): {sep.join(keys)}")
+    lines.append(hint)
+    return ValueError("\n".join(lines))
