@@ -251,8 +251,10 @@ def test_pipeline_equals_the_float32_transform_to_rounding(tmp_path):
         resized = tf.clip_by_value(tf.image.resize(crop, [SIZE, SIZE], "bicubic", antialias=True),
                                    0.0, 255.0).numpy()
         expected = normalize(resized / 255.0)
-        # Half a grey level of rounding, plus float differences between the two resizes.
-        tolerance = (0.5 + 0.01) / (255 * np.asarray(IMAGENET_STD))
+        # Half a grey level of rounding at the end, half a level more from rounding between
+        # the horizontal and vertical passes (as PIL does, pinned in test_transform_parity.py),
+        # plus float differences between the two resizes.
+        tolerance = (1.0 + 0.01) / (255 * np.asarray(IMAGENET_STD))
         assert np.all(np.abs(image - expected) <= tolerance)
 
 
