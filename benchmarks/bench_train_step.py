@@ -10,6 +10,12 @@ bf16 autocast on CUDA when --dtype=bfloat16 (float32 on CPU, as the official cod
     python benchmarks/bench_train_step.py --image_size 64 --batch_size 8      # CPU, seconds
     python benchmarks/bench_train_step.py --dtype bfloat16 --batch_size 256 \
         --model vit_base_patch16 --out_json vitb.json                          # one GPU
+    python benchmarks/bench_train_step.py --model vit_base_patch16 --image_size 112 \
+        --batch_size 8 --encoder_all_tokens              # + the paper's masking speed-up
+
+`--encoder_all_tokens` adds a JAX row whose encoder runs on all L patches (the cost of the
+paper's "encoder w/ [M]": same decoder and loss, no token dropped) and prints its time over the
+masked step's next to the ratio of their forward matmul FLOPs.
 
 Timing: each of `--repeats` timed regions runs `--steps` steps and blocks only at its end
 (jax.block_until_ready / torch.cuda.synchronize); ms/step median and mean are over regions.
@@ -38,6 +44,8 @@ from mae_jax.core import optim  # noqa: E402
 from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
+from mae_jax.data.constants import normalize_uint8  # noqa: E402
+from mae_jax.models.mae import num_visible, random_masking  # noqa: E402
 from mae_jax.models.registry import VARIANTS  # noqa: E402
 from mae_jax.pretrain import config as pretrain_config  # noqa: E402
 from mae_jax.pretrain import lib as pretrain_lib  # noqa: E402
@@ -57,12 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frameworks", default="jax,torch", help="Comma list of jax, torch.")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     # Model overrides (0 = not overridden: the variant's / the paper's decoder); tests shrink.
-    parser.add_argument("--patch_size", type=int, default=0)
-    parser.add_argument("--embed_dim", type=int, default=0)
-    parser.add_argument("--depth", type=int, default=0)
-    parser.add_argument("--num_heads", type=int, default=0)
-    parser.add_argument("--decoder_depth", type=int, default=0)
-    parser.add_argument("--decoder_width", type=int, default=0, help="Heads: width / 32.")
+    for name in (*core_config.ENCODER_FIELDS, "decoder_depth", "decoder_width"):
+        parser.add_argument(f"--{name}", type=int, default=0)  # decoder heads: width / 32
+    parser.add_argument("--encoder_all_tokens", action="store_true",
+                        help="Also time JAX with the encoder on all patches (masking ablation).")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -120,6 +126,22 @@ class CompileCounter:
             cls.seconds += duration
 
 
+def time_regions(step, finish, args: argparse.Namespace) -> list[float]:
+    """`--warmup` untimed steps, then `--repeats` regions of `--steps` steps; step() launches
+    one step, finish() blocks until the device is done. Returns the regions' seconds."""
+    for _ in range(args.warmup):
+        step()
+    finish()
+    regions = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        finish()
+        regions.append(time.perf_counter() - start)
+    return regions
+
+
 def summarize(region_seconds: list[float], steps: int, batch: int) -> dict[str, float]:
     per_step = [1000 * s / steps for s in region_seconds]
     return {
@@ -129,8 +151,44 @@ def summarize(region_seconds: list[float], steps: int, batch: int) -> dict[str, 
     }
 
 
+# --------------------------------------------------------------------------- Masking ablation
+def all_tokens_loss_fn(mask_ratio: float):
+    """MAE's loss with the encoder on all L patches (the paper's "encoder w/ [M]" cost).
+
+    The same masks pick the patches the loss is taken on; the decoder gets all L encoded
+    tokens in place (ids_restore = identity, so no mask token is inserted).
+    """
+
+    def loss_fn(model, batch, rng):
+        images = normalize_uint8(batch["image"])
+        tokens = model.encoder.embed(images)
+        _, mask, _ = random_masking(tokens, model.make_noise(rng, len(images)), mask_ratio)
+        latent, _ = model.encoder.encode(tokens)
+        in_place = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), mask.shape)
+        return model.forward_loss(images, model.forward_decoder(latent, in_place), mask), {}
+
+    return loss_fn
+
+
+def forward_matmul_flops(dims: dict[str, int], image_size: int, encoder_tokens: int) -> int:
+    """Forward matmul FLOPs of the MAE (patch embed, blocks incl. attention, decoder embed and
+    head) with `encoder_tokens` patches in the encoder; norms and elementwise ops left out."""
+    patch, length = dims["patch_size"], (image_size // dims["patch_size"]) ** 2
+
+    def blocks(depth, tokens, width):  # qkv + proj + MLP (ratio 4), QK^T and PV
+        return depth * (12 * tokens * width**2 + 2 * tokens**2 * width)
+
+    width, decoder_width = dims["embed_dim"], dims["decoder_embed_dim"]
+    macs = (length * 3 * patch**2 * width
+            + blocks(dims["depth"], 1 + encoder_tokens, width)
+            + (1 + encoder_tokens) * width * decoder_width
+            + blocks(dims["decoder_depth"], 1 + length, decoder_width)
+            + (1 + length) * decoder_width * 3 * patch**2)
+    return 2 * macs
+
+
 # --------------------------------------------------------------------------- JAX
-def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
+def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> dict[str, Any]:
     config = build_config(args)
     devices = jax.devices()
     pretrain_config.check_config(config, num_devices=len(devices), num_processes=1)
@@ -147,9 +205,8 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         mesh,
     )
     graphdef = nnx.split(nnx.eval_shape(spec.build), nnx.Param, ...)[0]
-    step_fn = make_train_step(
-        graphdef, pretrain_lib.make_loss_fn(config.mask_ratio), tx, schedule
-    )
+    make_loss_fn = all_tokens_loss_fn if encoder_all_tokens else pretrain_lib.make_loss_fn
+    step_fn = make_train_step(graphdef, make_loss_fn(config.mask_ratio), tx, schedule)
     train_step = compile_step(step_fn, state_shardings, mesh)
 
     shape = (args.batch_size, args.image_size, args.image_size, 3)
@@ -168,16 +225,14 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     compiles = CompileCounter.count - compiles_before
     compile_s = CompileCounter.seconds - compile_seconds_before
 
-    for _ in range(args.warmup):
-        state, metrics = train_step(state, batch)
-    jax.block_until_ready((state, metrics))
-    regions = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = train_step(state, batch)
-        jax.block_until_ready((state, metrics))
-        regions.append(time.perf_counter() - start)
+    live = {"state": state, "metrics": metrics}  # the step donates the state it is given
+    del state
+
+    def step():
+        live["state"], live["metrics"] = train_step(live["state"], batch)
+
+    regions = time_regions(step, lambda: jax.block_until_ready(live), args)
+    state, metrics = live.pop("state"), live.pop("metrics")
     recompiles = CompileCounter.count - compiles_before - compiles
     cache_size = train_step._cache_size() if hasattr(train_step, "_cache_size") else None
     if recompiles or cache_size not in (None, 1):
@@ -186,7 +241,7 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     stats = [d.memory_stats() or {} for d in mesh.devices.flat]
     peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     row = {
-        "framework": "jax",
+        "framework": "jax, encoder on all tokens" if encoder_all_tokens else "jax",
         "device": f"{len(devices)} x {devices[0].device_kind}",
         "dtype": args.dtype,
         "batch": args.batch_size,
@@ -201,7 +256,6 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         "loss": float(metrics["loss"]),
         "region_seconds": regions,
     }
-    del state, batch
     return row
 
 
@@ -253,16 +307,9 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     loss = step()
     sync()
     first_step_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        loss = step()
-    sync()
-    regions = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
-        sync()
-        regions.append(time.perf_counter() - start)
+    last = {"loss": loss}
+    regions = time_regions(lambda: last.update(loss=step()), sync, args)
+    loss = last.pop("loss")
     row = {
         "framework": "torch",
         "device": torch.cuda.get_device_name(device) if on_gpu else
@@ -286,21 +333,14 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- Report
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
-    try:
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [d.device_kind for d in jax.devices()],
-    }
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+    info = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jax_backend": jax.default_backend(),
+            "jax_devices": [d.device_kind for d in jax.devices()]}
     try:
         import torch
 
@@ -312,49 +352,80 @@ def machine_info() -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table; `/ torch` is each row's median ms/step over the PyTorch row's."""
+    torch_ms = next((r["ms_per_step_median"] for r in rows if r["framework"] == "torch"), None)
+
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
     header = ("framework", "device", "dtype", "batch", "ms/step med", "ms/step mean",
-              "images/s", "compile s", "first step s", "peak GiB")
-    lines = [header]
+              "/ torch", "images/s", "compile s", "first step s", "peak GiB")
+    lines = [header, ("---",) * len(header)]
     for r in rows:
+        ratio = r["ms_per_step_median"] / torch_ms if torch_ms else None
         lines.append((r["framework"], r["device"], r["dtype"], str(r["batch"]),
                       cell(r["ms_per_step_median"], ".1f"), cell(r["ms_per_step_mean"], ".1f"),
-                      cell(r["images_per_s"], ".1f"), cell(r["compile_s"], ".2f"),
-                      cell(r["first_step_s"], ".2f"), cell(r["peak_memory_gib"], ".2f")))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = [" | ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in lines]
-    out.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(out)
+                      cell(ratio, ".2f"), cell(r["images_per_s"], ".1f"),
+                      cell(r["compile_s"], ".2f"), cell(r["first_step_s"], ".2f"),
+                      cell(r["peak_memory_gib"], ".2f")))
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def masking_ablation(rows: list[dict[str, Any]], args, dims) -> dict[str, float]:
+    """Time and forward-FLOP ratios of the all-tokens encoder over the masked one."""
+    by_name = {r["framework"]: r for r in rows}
+    length = (args.image_size // dims["patch_size"]) ** 2
+    visible = num_visible(length, args.mask_ratio)
+    flops = {k: forward_matmul_flops(dims, args.image_size, k) for k in (visible, length)}
+    return {
+        "time_ratio": by_name["jax, encoder on all tokens"]["ms_per_step_median"]
+        / by_name["jax"]["ms_per_step_median"],
+        "flop_ratio": flops[length] / flops[visible],
+        "forward_gflops_masked": flops[visible] / 1e9,
+        "forward_gflops_all_tokens": flops[length] / 1e9,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark; returns {"machine", "settings", "results": [row per framework]}."""
+    """Runs the benchmark; returns {"machine", "settings", "results": [row per framework],
+    "masking_ablation" (with --encoder_all_tokens)}."""
     args = parse_args(argv)
+    if args.encoder_all_tokens and "jax" not in args.frameworks:
+        raise SystemExit("--encoder_all_tokens compares two JAX steps: include jax in --frameworks")
     config = build_config(args)
-    settings = vars(args) | {"model_dims": model_dims(config)}
+    dims = model_dims(config)
+    settings = vars(args) | {"model_dims": dims}
     machine = machine_info()
     print("Machine:", ", ".join(f"{k}={v}" for k, v in machine.items()))
-    print("Model:", args.model, settings["model_dims"], f"image {args.image_size},",
+    print("Load average (1, 5, 15 min):", os.getloadavg())
+    print("Model:", args.model, dims, f"image {args.image_size},",
           f"mask ratio {args.mask_ratio}, {args.warmup} warmup + {args.repeats} x {args.steps} "
           "timed steps")
     benches = {"jax": bench_jax, "torch": bench_torch}
     # PyTorch first: its cached memory is released afterwards, JAX's is not.
     results = {name: benches[name](args) for name in sorted(args.frameworks, reverse=True)}
     rows = [results[name] for name in args.frameworks]
+    if args.encoder_all_tokens:
+        rows.append(bench_jax(args, encoder_all_tokens=True))
     for row in rows:
         if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
             raise RuntimeError(f"{row['framework']}: non-positive timing {row['region_seconds']}")
     print(format_table(rows))
-    if "jax" in results:
-        r = results["jax"]
-        print(f"JAX step compiled {r['compiles_first_call']} time(s) on the first call, "
-              f"{r['compiles_after_first_call']} time(s) after it (jit cache size "
-              f"{r['jit_cache_size']}): no recompilation.")
+    print("Load average after (1, 5, 15 min):", os.getloadavg())
+    for r in rows:
+        if r["framework"].startswith("jax"):
+            print(f"{r['framework']}: step compiled {r['compiles_first_call']} time(s) on the "
+                  f"first call, {r['compiles_after_first_call']} time(s) after it (jit cache "
+                  f"size {r['jit_cache_size']}): no recompilation.")
     print("Trainable parameters:", {r["framework"]: r["params"] for r in rows},
           "| final loss:", {r["framework"]: round(r["loss"], 4) for r in rows})
     report = {"machine": machine, "settings": settings, "results": rows}
+    if args.encoder_all_tokens:
+        report["masking_ablation"] = ablation = masking_ablation(rows, args, dims)
+        print(f"Encoder on all tokens / on visible tokens: {ablation['time_ratio']:.2f}x the "
+              f"time, {ablation['flop_ratio']:.2f}x the forward matmul FLOPs "
+              f"({ablation['forward_gflops_all_tokens']:.2f} / "
+              f"{ablation['forward_gflops_masked']:.2f} GFLOP per image).")
     if args.out_json:
         with open(args.out_json, "w") as handle:
             json.dump(report, handle, indent=2)

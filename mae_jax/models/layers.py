@@ -10,6 +10,8 @@ same promotion does, because position tables, tokens and layer scales are float3
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -69,6 +71,7 @@ class LayerNorm(nnx.LayerNorm):
 
     The variance is two-pass (mean of (x - mean)^2), as torch's: the one-pass E[x^2] - E[x]^2
     loses the spread of a row whose mean is large next to it (1000 + U(0, 1): std 0.67, not 1).
+    The forward is nnx's; the backward is written out (`_layer_norm`) to keep less memory.
     """
 
     def __init__(self, features: int, *, output_dtype, rngs: nnx.Rngs):
@@ -84,7 +87,45 @@ class LayerNorm(nnx.LayerNorm):
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """x: [..., D] (any float dtype) -> [..., D] in `output_dtype`."""
-        return super().__call__(x, mask=mask).astype(self.output_dtype)
+        if mask is not None or self.scale is None or self.bias is None:  # not used by our models
+            return super().__call__(x, mask=mask).astype(self.output_dtype)
+        y = _layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...], self.epsilon)
+        return y.astype(self.output_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """x: [..., D] float32, scale / bias: [D] -> [..., D]: nnx.LayerNorm's two-pass forward
+    (same operations in the same order, so the same float32 bits), torch's backward.
+
+    Autodiff of nnx.LayerNorm keeps x - mean, its square and three [..., D] products for the
+    backward pass; this VJP keeps the normalised input and 1/std only (as torch's
+    native_layer_norm), which made the CPU train step of ViT-Tiny MAE ~25% faster.
+    """
+    return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(x, scale, bias, epsilon):
+    centered = x - x.mean(-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + epsilon)
+    y = centered * (inv_std * scale) + bias  # nnx's `_normalize` order
+    return y, (centered * inv_std, inv_std, scale)
+
+
+def _layer_norm_backward(epsilon, residuals, grad):
+    normalized, inv_std, scale = residuals
+    grad_normalized = grad * scale
+    # d/dx of (x - mean) / std for a row: (g - mean(g) - x_hat * mean(g * x_hat)) / std.
+    grad_x = inv_std * (
+        grad_normalized
+        - grad_normalized.mean(-1, keepdims=True)
+        - normalized * (grad_normalized * normalized).mean(-1, keepdims=True)
+    )
+    batch_axes = tuple(range(grad.ndim - 1))
+    return grad_x, (grad * normalized).sum(batch_axes), grad.sum(batch_axes)
+
+
+_layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 def layer_norm(features: int, *, dtype, rngs: nnx.Rngs) -> LayerNorm:

@@ -21,13 +21,24 @@ from mae_jax.models.layers import (
 from mae_jax.models.pos_embed import sincos_2d
 
 
+@jax.checkpoint
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as torch's nn.GELU(), recomputed from its input in the backward pass.
+
+    Autodiff of `jax.nn.gelu` stores erfc / exp intermediates of the [N, T, 4D] hidden layer
+    for the backward pass; recomputing them (elementwise, fused) is cheaper than storing them.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
 class Mlp(nnx.Module):
     def __init__(self, *, dim: int, hidden_dim: int, dtype, rngs: nnx.Rngs):
         self.fc1 = dense(dim, hidden_dim, dtype=dtype, rngs=rngs)
         self.fc2 = dense(hidden_dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        """x: [N, T, D] -> [N, T, D]."""
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class DropPath(nnx.Module):

@@ -1,0 +1,202 @@
+"""The hand-written derivatives behind the fast train step: LayerNorm's custom VJP, the
+output-only softmax JVP, the einsum XLA attention and the recomputed GELU.
+
+Each is pinned against references we did not write: the forward against nnx.LayerNorm /
+jax.nn.softmax / jax.nn.dot_product_attention (same float32 bits where the operations are the
+same), the gradients against jax autodiff of the plain formulas and against torch autograd
+(torch.nn.functional.layer_norm / scaled_dot_product_attention / gelu).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mae_jax.models.attention import attention, softmax, xla_attention
+from mae_jax.models.layers import LAYER_NORM_EPS, LayerNorm
+from mae_jax.models.vit import gelu
+
+N, T, H, DH, D = 2, 7, 3, 8, 16
+
+
+def normal(seed, shape, dtype=jnp.float32, scale=1.0, shift=0.0):
+    return (shift + scale * jax.random.normal(jax.random.PRNGKey(seed), shape)).astype(dtype)
+
+
+def plain_layer_norm(x, scale, bias):
+    """The textbook formula, for jax autodiff."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + LAYER_NORM_EPS) * scale + bias
+
+
+def make_layer_norm(output_dtype=jnp.float32):
+    norm = LayerNorm(D, output_dtype=output_dtype, rngs=nnx.Rngs(0))
+    # Non-trivial affine parameters, so their gradients and the scale's role are exercised.
+    norm.scale[...] = normal(1, (D,), scale=0.5, shift=1.0)
+    norm.bias[...] = normal(2, (D,), scale=0.5)
+    return norm
+
+
+def layer_norm_grads(norm, x, cotangent, *, plain=False):
+    """Gradients of <norm(x), cotangent> w.r.t. (x, scale, bias); `plain`: of the formula."""
+    graphdef, params, rest = nnx.split(norm, nnx.Param, ...)
+
+    def loss(x, params):
+        if plain:
+            y = plain_layer_norm(x, params["scale"][...], params["bias"][...])
+            y = y.astype(norm.output_dtype)
+        else:
+            y = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(y.astype(jnp.float32) * cotangent)
+
+    grad_x, grad_params = jax.grad(loss, argnums=(0, 1))(x, params)
+    return grad_x, grad_params["scale"][...], grad_params["bias"][...]
+
+
+def test_layer_norm_forward_is_nnx_layer_norm_bit_for_bit():
+    norm = make_layer_norm()
+    reference = nnx.LayerNorm(D, epsilon=LAYER_NORM_EPS, use_fast_variance=False,
+                              rngs=nnx.Rngs(0))
+    reference.scale[...], reference.bias[...] = norm.scale[...], norm.bias[...]
+    # A large mean next to the spread: the two-pass variance matters here.
+    x = normal(3, (N, T, D), scale=2.0, shift=100.0)
+    np.testing.assert_array_equal(jax.jit(norm)(x), jax.jit(reference)(x))
+
+
+def test_layer_norm_gradients_match_autodiff_and_torch():
+    norm = make_layer_norm()
+    x = normal(3, (N, T, D), scale=2.0, shift=3.0)
+    cotangent = normal(4, (N, T, D))
+    ours = jax.jit(lambda x: layer_norm_grads(norm, x, cotangent))(x)
+    plain = layer_norm_grads(norm, x, cotangent, plain=True)
+    for got, want in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    scale = torch.tensor(np.asarray(norm.scale[...]), requires_grad=True)
+    bias = torch.tensor(np.asarray(norm.bias[...]), requires_grad=True)
+    y = torch.nn.functional.layer_norm(xt, (D,), scale, bias, eps=LAYER_NORM_EPS)
+    (y * torch.tensor(np.asarray(cotangent))).sum().backward()
+    for got, want in zip(ours, (xt.grad, scale.grad, bias.grad), strict=True):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_bf16_input_and_output_gradients_match_autodiff():
+    norm = make_layer_norm(output_dtype=jnp.bfloat16)
+    x = normal(3, (N, T, D), jnp.bfloat16, scale=2.0)
+    cotangent = normal(4, (N, T, D))
+    assert norm(x).dtype == jnp.bfloat16
+    ours = layer_norm_grads(norm, x, cotangent)
+    plain = layer_norm_grads(norm, x, cotangent, plain=True)
+    assert ours[0].dtype == jnp.bfloat16 and ours[1].dtype == jnp.float32
+    for got, want in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-2, atol=2e-2)
+
+
+def test_layer_norm_with_mask_keeps_nnx_behaviour():
+    norm = make_layer_norm()
+    x = normal(3, (N, T, D))
+    mask = jnp.arange(D) < D // 2
+    reference = nnx.LayerNorm(D, epsilon=LAYER_NORM_EPS, use_fast_variance=False,
+                              rngs=nnx.Rngs(0))
+    reference.scale[...], reference.bias[...] = norm.scale[...], norm.bias[...]
+    np.testing.assert_array_equal(norm(x, mask=mask), reference(x, mask=mask))
+
+
+def test_softmax_matches_jax_softmax_and_its_derivatives():
+    x = normal(5, (N, H, T, T), scale=3.0)
+    np.testing.assert_array_equal(jax.jit(softmax)(x), jax.jit(jax.nn.softmax)(x))
+    cotangent = normal(6, x.shape)
+    got = jax.grad(lambda x: jnp.sum(softmax(x) * cotangent))(x)
+    want = jax.grad(lambda x: jnp.sum(jax.nn.softmax(x) * cotangent))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Forward mode too (the rule is a JVP; the VJP is its transpose).
+    tangent = normal(7, x.shape)
+    _, got = jax.jvp(softmax, (x,), (tangent,))
+    _, want = jax.jvp(jax.nn.softmax, (x,), (tangent,))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def attention_inputs(dtype=jnp.float32):
+    return tuple(normal(seed, (N, T, H, DH), dtype) for seed in (10, 11, 12))
+
+
+def attention_grads(fn, q, k, v, bias, cotangent):
+    def loss(q, k, v, bias):
+        return jnp.sum(fn(q, k, v, bias=bias).astype(jnp.float32) * cotangent)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+
+@pytest.mark.parametrize("bias_batch", [1, N])
+def test_xla_attention_matches_jax_dot_product_attention(bias_batch):
+    q, k, v = attention_inputs()
+    bias = normal(13, (bias_batch, H, T, T))
+    cotangent = normal(14, (N, T, H, DH))
+
+    def reference(q, k, v, *, bias):
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+
+    np.testing.assert_allclose(jax.jit(xla_attention)(q, k, v, bias=bias),
+                               jax.jit(reference)(q, k, v, bias=bias), rtol=1e-6, atol=1e-6)
+    got = attention_grads(xla_attention, q, k, v, bias, cotangent)
+    want = attention_grads(reference, q, k, v, bias, cotangent)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+    # torch autograd of scaled_dot_product_attention ([N, H, T, Dh] layout, additive mask).
+    tq, tk, tv = (torch.tensor(np.asarray(a).transpose(0, 2, 1, 3), requires_grad=True)
+                  for a in (q, k, v))
+    tbias = torch.tensor(np.asarray(bias), requires_grad=True)
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tbias)
+    (out * torch.tensor(np.asarray(cotangent).transpose(0, 2, 1, 3))).sum().backward()
+    for g, t in zip(got[:3], (tq, tk, tv), strict=True):
+        np.testing.assert_allclose(g, t.grad.numpy().transpose(0, 2, 1, 3), rtol=1e-4,
+                                   atol=1e-5)
+    np.testing.assert_allclose(got[3], tbias.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_xla_attention_bf16_with_float32_bias_matches_float32_formula():
+    q, k, v = attention_inputs(jnp.bfloat16)
+    bias = normal(13, (1, H, T, T))
+    cotangent = normal(14, (N, T, H, DH))
+    out = xla_attention(q, k, v, bias=bias)
+    assert out.dtype == jnp.bfloat16
+
+    def plain(q, k, v, *, bias):
+        """The formula in float32 from the same bf16 values."""
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(DH) + bias
+        return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits), v)
+
+    np.testing.assert_allclose(np.float32(out), plain(q, k, v, bias=bias), rtol=2e-2, atol=2e-2)
+    got = attention_grads(xla_attention, q, k, v, bias, cotangent)
+    want = attention_grads(plain, q, k, v, bias, cotangent)
+    assert [g.dtype for g in got] == [jnp.bfloat16] * 3 + [jnp.float32]
+    for g, w in zip(got, want, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.float32(g), np.float32(w), atol=3e-2 * scale)
+    # And jax's own XLA attention on the same bf16 inputs agrees about as closely.
+    jax_out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+    np.testing.assert_allclose(np.float32(out), np.float32(jax_out), atol=1e-2)
+
+
+def test_attention_rejects_an_unknown_implementation():
+    q, k, v = attention_inputs()
+    with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
+        attention(q, k, v, implementation="flash")
+
+
+def test_recomputed_gelu_matches_torch_exact_gelu_and_its_gradient():
+    x = normal(20, (N, T, 4 * D), scale=3.0)
+    exact = jax.jit(lambda x: jax.nn.gelu(x, approximate=False))
+    np.testing.assert_array_equal(jax.jit(gelu)(x), exact(x))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(gelu(x) ** 2)))(x)
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    (torch.nn.functional.gelu(xt) ** 2).sum().backward()
+    np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
