@@ -31,6 +31,7 @@ def tiny(task):
     return config
 
 
+@pytest.mark.slow
 def test_ablation_pretrains_probes_and_fine_tunes_each_decoder_and_writes_the_table(
         tmp_path):
     pretrain = set_fields(tiny_pretrain_config(total_steps=2, warmup_steps=1),

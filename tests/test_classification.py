@@ -73,16 +73,17 @@ def pretrained(textures, tmp_path_factory):
     return workdir, config
 
 
+@pytest.mark.slow
 def test_probe_of_a_briefly_pretrained_encoder_beats_a_random_one(pretrained, textures,
                                                                    tmp_path):
-    probe = tiny_config("linprobe", textures, total_steps=200, warmup_steps=20,
-                        init_from=pretrained[0], log_every_steps=50, checkpoint_every_steps=200)
+    probe = tiny_config("linprobe", textures, total_steps=120, warmup_steps=12,
+                        init_from=pretrained[0], log_every_steps=40, checkpoint_every_steps=120)
     trained = linprobe.train_and_evaluate(probe, str(tmp_path / "pretrained"), devices=ONE)
     probe.init_from = ""
     random = linprobe.train_and_evaluate(probe, str(tmp_path / "random"), devices=ONE)
-    # Measured here: 77.8 vs 46.8 after 300 probe steps (4 classes, 248 validation images).
+    # Measured here: 66.1 vs 37.1 after 120 probe steps (4 classes, 248 validation images).
     assert trained["top1"] > random["top1"] + 15, (trained, random)
-    assert trained["num_examples"] == 248 and trained["step"] == 200
+    assert trained["num_examples"] == 248 and trained["step"] == 120
     # The encoder stayed frozen: the probe's last checkpoint holds the pretrained encoder.
     before = nnx.state(encoder_of(load_model(pretrained[0]))).to_pure_dict()
     after = nnx.state(encoder_of(load_model(str(tmp_path / "pretrained")))).to_pure_dict()
@@ -100,6 +101,7 @@ def knn_top1_of(model, source):
     return hook(0, types.SimpleNamespace(params=params, rest=rest))["knn_top1"]
 
 
+@pytest.mark.slow
 def test_knn_accuracy_rises_during_pretraining(pretrained, textures):
     workdir, config = pretrained
     at_init = ModelSpec.load(workdir).build(nnx.Rngs(config.seed))  # the run's step-0 weights
@@ -115,14 +117,16 @@ def test_knn_accuracy_rises_during_pretraining(pretrained, textures):
     assert logged == pytest.approx({PRETRAIN_STEPS // 2: middle, PRETRAIN_STEPS: end}, abs=0.5)
 
 
+@pytest.mark.slow
 def test_fine_tuning_learns_the_textures(pretrained, textures, tmp_path):
     # The full recipe (RandAugment, Mixup / CutMix, erasing, smoothing, drop path) for 30 epochs.
-    config = tiny_config("finetune", textures, total_steps=300, warmup_steps=30,
-                         init_from=pretrained[0], log_every_steps=50, checkpoint_every_steps=300,
+    config = tiny_config("finetune", textures, total_steps=150, warmup_steps=15,
+                         init_from=pretrained[0], log_every_steps=50, checkpoint_every_steps=150,
                          export_official=False)
     result = finetune.train_and_evaluate(config, str(tmp_path), devices=ONE)
     # Measured here: 81.0 (chance 25; the probe of the same encoder 77.8).
-    assert result["top1"] > 75, result
+    # Measured here: 75.0 after 150 steps (81.0 after 300; chance 25).
+    assert result["top1"] > 65, result
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from mae_jax.data.generated import write_generated_images
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.segmentation import lib as segment_lib
 
+pytestmark = pytest.mark.slow  # two processes each start JAX and compile: `pytest -m slow`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 TIMEOUT_S = 420

@@ -257,6 +257,7 @@ def test_segmenter_of_another_shape_is_refused_naming_what_differs(finished_run,
 
 
 # --------------------------------------------------------------------------- Learning, sharding
+@pytest.mark.slow
 def test_demo_config_learns_the_generated_scenes(tmp_path):
     config = set_fields(load_config_file("seg_demo"), {
         "total_steps": 80, "warmup_steps": 8, "batch_size": 8, "eval_every_steps": 80,
