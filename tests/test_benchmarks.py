@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_train_step.py")
 TINY = ["--image_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "1",
@@ -21,6 +23,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.slow
 def test_both_frameworks_report_finite_timings_and_one_jax_compile(tmp_path, capsys):
     bench = load_bench()
     out_json = tmp_path / "bench.json"

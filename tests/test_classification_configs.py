@@ -73,7 +73,8 @@ def shrink(config, **changes):
 
 
 @pytest.mark.parametrize("name,arg", [
-    ("cifar100_linprobe", None), ("cifar100_finetune", None),
+    pytest.param("cifar100_linprobe", None, marks=pytest.mark.slow),
+    pytest.param("cifar100_finetune", None, marks=pytest.mark.slow),
     ("imagenet_linprobe", "variant=base"), ("imagenet_finetune", "variant=large"),
     ("probe_demo", None), ("finetune_demo", None),
 ])

@@ -67,6 +67,7 @@ def test_corrupt_image_in_folder_is_skipped_not_fatal(tmp_path):
     assert result["step"] == 2
 
 
+@pytest.mark.slow
 def test_tiny_mae_overfits_a_few_images(tmp_path):
     config = tiny_config(
         **{"data.source": "generated:8", "data.augment": False, "batch_size": 8,
@@ -80,7 +81,9 @@ def test_tiny_mae_overfits_a_few_images(tmp_path):
     assert max(losses[390], losses[400]) < losses[10] / 5, losses
 
 
-@pytest.mark.parametrize("data,fsdp", [(2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("data,fsdp", [
+    (2, 2), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow),
+])
 def test_same_parameters_on_1_2_and_4_devices(tmp_path, data, fsdp):
     config = tiny_config(visualize_every_steps=0, total_steps=3, checkpoint_every_steps=3)
     config.mesh.update(data=1, fsdp=1)

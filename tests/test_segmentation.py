@@ -271,6 +271,7 @@ def test_demo_config_learns_the_generated_scenes(tmp_path):
     assert result["mIoU"] > 50, result
 
 
+@pytest.mark.slow
 def test_same_losses_on_1_and_4_devices(finished_run, tmp_path):
     one, _ = finished_run
     config = tiny_config(eval_every_steps=0)
