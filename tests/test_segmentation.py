@@ -78,9 +78,10 @@ def test_short_run_logs_losses_saves_checkpoints_and_evaluates(finished_run):
     assert [r["step"] for r in read_metrics(str(workdir), kind="eval")] == [6]
     pictures = os.listdir(workdir / "images")
     assert len(pictures) == 1 and pictures[0].startswith("segmentation")
-    # Two validation scenes of 24x24 drawn as image | prediction | ground truth.
+    # Two validation scenes of 24x24 drawn as image | prediction | ground truth, enlarged by
+    # an integer factor to at least 768 px wide (readable; 72 px -> x10).
     picture = np.asarray(Image.open(workdir / "images" / pictures[0]))
-    assert picture.shape[1] == 3 * 24 and picture.shape[0] >= 2 * 24
+    assert picture.shape[1] == 10 * 3 * 24 and picture.shape[0] >= 10 * 2 * 24
 
 
 def _write_fake_ade20k(manual_dir):

@@ -272,8 +272,11 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def _stack(pictures: list[np.ndarray]) -> np.ndarray:
-    """Pictures of different sizes stacked vertically on a black canvas."""
+def _stack(pictures: list[np.ndarray], *, min_width: int = 768) -> np.ndarray:
+    """Pictures of different sizes stacked vertically on a black canvas, small ones (the demo's
+    3 x 64 px) enlarged by an integer factor (nearest: labels stay crisp) to be readable."""
+    scale = max(1, min_width // max(p.shape[1] for p in pictures))
+    pictures = [p.repeat(scale, axis=0).repeat(scale, axis=1) for p in pictures]
     width = max(p.shape[1] for p in pictures)
     rows = [np.pad(p, ((0, 4), (0, width - p.shape[1]), (0, 0))) for p in pictures]
     return np.concatenate(rows, axis=0)
