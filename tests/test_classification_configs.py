@@ -75,7 +75,8 @@ def shrink(config, **changes):
 @pytest.mark.parametrize("name,arg", [
     pytest.param("cifar100_linprobe", None, marks=pytest.mark.slow),
     pytest.param("cifar100_finetune", None, marks=pytest.mark.slow),
-    ("imagenet_linprobe", "variant=base"), ("imagenet_finetune", "variant=large"),
+    pytest.param("imagenet_linprobe", "variant=base", marks=pytest.mark.slow),
+    pytest.param("imagenet_finetune", "variant=large", marks=pytest.mark.slow),
     ("probe_demo", None), ("finetune_demo", None),
 ])
 def test_every_config_runs_one_step_and_evaluates(name, arg, tmp_path):
