@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax.data import images, sources
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 
 SIZE = 16
 
@@ -48,6 +49,22 @@ def test_undecodable_files_keep_shapes_exact_resume_and_are_named_once(folder_wi
     resumed = images.create_train_iterator(start_step=5, **common)  # mid-way through epoch 3
     for expected in fresh[5:]:
         np.testing.assert_array_equal(next(resumed)["image"], expected)
+
+
+def test_a_block_where_nothing_decodes_gives_the_mean_colour_and_says_so(tmp_path, caplog):
+    """Every record of every decoding block fails (the path where a block has no image at all):
+    batches keep their shape, each slot is the mean colour, and the log says to check the data."""
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        (tmp_path / f"bad{i}.jpg").write_bytes(rng.bytes(500))
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data"):
+        batches = images.create_train_iterator(
+            source=f"folder:{tmp_path}", image_size=SIZE, global_batch_size=2, seed=0,
+            process_index=0, process_count=1)
+        batch = next(batches)["image"]
+    assert batch.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(batch, np.broadcast_to(IMAGENET_MEAN_UINT8, batch.shape))
+    assert "Check the data" in caplog.text and len(batches.undecodable) == 3
 
 
 def test_pictures_and_evaluation_skip_undecodable_files(folder_with_bad_files, caplog):

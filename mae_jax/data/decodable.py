@@ -7,6 +7,10 @@ run sees the same batches, batches keep their shape and the dataset keeps the si
 listing (`ignore_errors` on the stream, as before, dropped examples and shifted everything after
 them). Each such file is named in a warning once per iterator and counted. TFDS records
 (validated when TFDS prepared them) have no random access: a failure there gets `fill`.
+
+`decoded` does this in blocks of BLOCK examples: a block whose records all decode (the usual
+case) costs one small dataset, not one per example; the replacement search runs only for the
+examples that failed, so the output is the same either way.
 """
 
 import logging
@@ -68,32 +72,36 @@ class Batches:
                                "example is the mean colour. Check the data.", tries, self.what)
 
 
+def _tries(shard: sources.Shard, replacements: int) -> int:
+    return 1 + (replacements if shard.paths is not None else 0)  # TFDS: no random access
+
+
+def _candidates(shard: sources.Shard, replacements: int, seed, record):
+    """(names [tries], labels [tries], encoded(t)): the record, then `replacements` other
+    records of the shard drawn with the example's seed (folders only)."""
+    if shard.paths is None:
+        names, labels = tf.reshape(record["name"], [1]), tf.reshape(record["label"], [1])
+        return names, labels, lambda _: record["encoded"]
+    ids = tf.reshape(record, [1])
+    if replacements:
+        draw_seed = tf.random.experimental.stateless_fold_in(seed, _REPLACEMENT_STREAM)
+        drawn = tf.random.stateless_uniform([replacements], draw_seed, 0, shard.count,
+                                            dtype=tf.int64)
+        ids = tf.concat([ids, drawn], axis=0)
+    names = tf.gather(shard.paths, ids)
+    return names, tf.gather(shard.labels, ids), lambda t: tf.io.read_file(names[t])
+
+
 def first_decodable(shard: sources.Shard, transform, *, replacements: int, fill):
     """(seed, record) -> a dataset of ONE example: the first of the record and `replacements`
     other records (drawn with the seed) whose bytes `transform(encoded, seed)` turns into an
     image; else `fill` (valid False). Examples: {"image", "label", "attempts" (files that failed
     before), "failed" [1 + replacements] string (their names, "" elsewhere), "valid"}."""
-    if shard.paths is None:
-        replacements = 0  # TFDS records: no random access to others
+    tries = _tries(shard, replacements)
 
     @no_autograph
     def first(seed, record):
-        if shard.paths is not None:
-            draw_seed = tf.random.experimental.stateless_fold_in(seed, _REPLACEMENT_STREAM)
-            drawn = tf.random.stateless_uniform([replacements], draw_seed, 0, shard.count,
-                                                dtype=tf.int64)
-            ids = tf.concat([tf.reshape(record, [1]), drawn], axis=0)
-            names, labels = tf.gather(shard.paths, ids), tf.gather(shard.labels, ids)
-
-            def encoded(t):
-                return tf.io.read_file(names[t])
-        else:
-            names, labels = tf.reshape(record["name"], [1]), tf.reshape(record["label"], [1])
-
-            def encoded(_):
-                return record["encoded"]
-
-        tries = 1 + replacements
+        names, labels, encoded = _candidates(shard, tries - 1, seed, record)
 
         @no_autograph
         def attempt(t):
@@ -112,13 +120,66 @@ def first_decodable(shard: sources.Shard, transform, *, replacements: int, fill)
     return first
 
 
-def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill):
-    # One single-example dataset per input, in input order (deterministic interleave).
-    return stream.interleave(
-        first_decodable(shard, transform, replacements=replacements, fill=fill),
-        cycle_length=tf.data.AUTOTUNE, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+BLOCK = 32  # examples decoded by one instance of the map function (see `decoded`)
+
+
+def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
+            block: int = BLOCK):
+    """Each (seed, record) of `stream` -> its first decodable example (`first_decodable`), in
+    stream order.
+
+    Blocks of `block` consecutive inputs are decoded in parallel (one block per thread). A
+    block first decodes each record alone, errors dropped; only when some are missing does it
+    run `first_decodable` for those (replacements, fill). The common path thus instantiates the
+    transform once per block: once per example (a small dataset per example, as the slow path
+    does) cost ~0.5 ms an image, 15% of the pipeline (`benchmarks/bench_input.py`).
+    """
+    # Traced once, called from both paths (tracing RandAugment twice took seconds).
+    transform = tf.function(transform, input_signature=[
+        tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)], autograph=False)
+    slow = first_decodable(shard, transform, replacements=replacements, fill=fill)
+    tries = _tries(shard, replacements)
+
+    @no_autograph
+    def alone(position, seed, record):
+        names, labels, encoded = _candidates(shard, 0, seed, record)
+        return position, {"image": transform(encoded(0), seed), "label": labels[0],
+                          "attempts": tf.constant(0, tf.int32), "valid": tf.constant(True),
+                          "failed": tf.fill([tries], "")}
+
+    @no_autograph
+    def decode_block(positions, seeds, records):
+        size = tf.shape(positions)[0]
+        items = tf.data.Dataset.from_tensor_slices((positions, seeds, records))
+        decoded_alone = items.map(alone).ignore_errors()
+        # A sentinel at the end keeps the batch non-empty when every record fails.
+        sentinel = decoded_alone.element_spec
+        sentinel = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), sentinel)
+        got_positions, got = decoded_alone.concatenate(
+            tf.data.Dataset.from_tensors(sentinel)).batch(block + 1).get_single_element()
+        found = tf.shape(got_positions)[0] - 1
+        # slot[j]: where example j of the block is in `got`, -1 when it failed alone.
+        slot = tf.tensor_scatter_nd_update(tf.fill([size], -1),
+                                           (got_positions[:found] - positions[0])[:, None],
+                                           tf.range(found))
+
+        def repaired():
+            def example(j):
+                record = tf.nest.map_structure(lambda x: x[j], records)
+                return tf.cond(
+                    slot[j] >= 0,
+                    lambda: tf.nest.map_structure(lambda x: x[slot[j]], got),
+                    lambda: slow(seeds[j], record).get_single_element())
+
+            return tf.data.Dataset.range(tf.cast(size, tf.int64)).map(
+                lambda j: example(tf.cast(j, tf.int32))).batch(block).get_single_element()
+
+        return tf.cond(found == size, lambda: tf.nest.map_structure(lambda x: x[:size], got),
+                       repaired)
+
+    blocks = stream.enumerate().batch(block)
+    return blocks.map(lambda positions, example: decode_block(positions, *example),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 
 def fill_image(image_size: int, colour) -> tf.Tensor:

@@ -78,10 +78,12 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     )
 
 
-def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)) -> tf.Tensor:
-    """Image bytes -> a RandomResizedCrop window (before resizing), [h, w, 3] uint8.
+def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)):
+    """Image bytes -> (pixels, left, width): a RandomResizedCrop window (before resizing) is
+    columns left .. left+width-1 of pixels, [h, W, 3] uint8.
 
-    JPEG: the box comes from the header's size and only its window is decoded. Other formats
+    JPEG: the box comes from the header's size and only its window is decoded (with up to
+    _JPEG_EDGE more columns each side, which the resize skips without a copy). Other formats
     are decoded whole, then sliced.
     """
     def jpeg():
@@ -91,17 +93,17 @@ def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)) ->
         after = tf.minimum(shape[1] - left - width, _JPEG_EDGE)
         window = tf.stack([top, left - before, height, width + before + after])
         wide = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method=JPEG_DCT)
-        return wide[:, before:before + width]
+        return wide, before, width
 
     def other():
         image = _decode_other(encoded)
         shape = tf.shape(image)
         top, left, height, width = crop_box(seed, shape[0], shape[1], scale)
-        return image[top:top + height, left:left + width]
+        return image[top:top + height], left, width
 
-    crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-    crop.set_shape([None, None, 3])
-    return crop
+    pixels, left, width = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    pixels.set_shape([None, None, 3])
+    return pixels, left, width
 
 
 # ---------------------------------------------------------------------- Resize
@@ -115,16 +117,18 @@ def _cubic(x: tf.Tensor) -> tf.Tensor:
     return tf.where(x < 1.0, near, tf.where(x < 2.0, far, 0.0))
 
 
-def _resample_rows(rows: tf.Tensor, out_size, start, count) -> tf.Tensor:
-    """Rows start .. start+count-1 of the PIL-bicubic resize of `rows` to out_size rows.
+def _resample_rows(rows: tf.Tensor, out_size, start, count, first=0, in_size=None) -> tf.Tensor:
+    """Rows start .. start+count-1 of the PIL-bicubic resize of rows first .. first+in_size-1
+    of `rows` (default: all) to out_size rows.
 
-    rows: [in_size, C] uint8 or float -> [count, C] float32. PIL's coefficients (its
+    rows: [N, C] uint8 or float -> [count, C] float32. PIL's coefficients (its
     `precompute_coeffs`): when shrinking, the kernel widens by the scale (antialiasing); taps
     outside the image are dropped and the rest renormalised. Each block of _BLOCK output rows
     reads one window of input rows through one small matrix product, so the work is about
     taps x outputs, not in_size x outputs.
     """
-    in_size = tf.shape(rows)[0]
+    if in_size is None:
+        in_size = tf.shape(rows)[0]
     in_f = tf.cast(in_size, tf.float32)
     scale = in_f / tf.cast(out_size, tf.float32)
     kernel_scale = tf.maximum(scale, 1.0)
@@ -145,7 +149,7 @@ def _resample_rows(rows: tf.Tensor, out_size, start, count) -> tf.Tensor:
     weights = _cubic((positions - centers[:, None] + 0.5) / kernel_scale)
     weights = tf.where(positions < in_f, weights, 0.0)
     weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
-    inputs = tf.gather(rows, block_first[:, None] + tf.range(window)[None, :])
+    inputs = tf.gather(rows, first + block_first[:, None] + tf.range(window)[None, :])
     out = tf.linalg.matmul(tf.reshape(weights, [blocks, _BLOCK, window]),
                            tf.cast(inputs, tf.float32))
     return tf.reshape(out, [blocks * _BLOCK, -1])[:count]
@@ -156,20 +160,23 @@ def _pil_clip8(x: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
 
 
-def resize_bicubic(image: tf.Tensor, size, window=None) -> tf.Tensor:
+def resize_bicubic(image: tf.Tensor, size, window=None, columns=None) -> tf.Tensor:
     """PIL's bicubic `Image.resize(size)` (antialiased when shrinking), in float32.
 
     image: [H, W, 3] uint8 or float. size: (height, width) of the resized image. window:
     (top, left, height, width) of the resized image to compute (a center crop costs only its
-    own pixels); default all of it. Returns [height, width, 3] float32 holding uint8 values.
+    own pixels); default all of it. columns: (left, width), resize only these columns of
+    `image` (no copy); default all. Returns [height, width, 3] float32 holding uint8 values.
     As PIL does: the horizontal pass first, rounded and saturated to uint8 values (bicubic
     overshoot clipped there, which moves enlarged sharp edges by up to ~15 levels against a
     float path), then the vertical pass, rounded and saturated again.
     """
     top, left, height, width = window if window is not None else (0, 0, size[0], size[1])
     shape = tf.shape(image)
+    first, in_width = columns if columns is not None else (0, shape[1])
     x = tf.transpose(image, [1, 0, 2])
-    x = _pil_clip8(_resample_rows(tf.reshape(x, [shape[1], -1]), size[1], left, width))
+    x = _pil_clip8(_resample_rows(tf.reshape(x, [shape[1], -1]), size[1], left, width, first,
+                                  in_width))
     x = tf.transpose(tf.reshape(x, [width, shape[0], 3]), [1, 0, 2])
     x = _pil_clip8(_resample_rows(tf.reshape(x, [shape[0], -1]), size[0], top, height))
     return tf.reshape(x, [height, width, 3])
@@ -189,11 +196,12 @@ def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
     Returns [image_size, image_size, 3] uint8.
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    crop = decode_random_crop(encoded, crop_seed, scale)
-    image = to_uint8(resize_bicubic(crop, (image_size, image_size)))
-    # Flipping after the resize equals flipping before: the kernel is symmetric.
+    pixels, left, width = decode_random_crop(encoded, crop_seed, scale)
+    image = to_uint8(resize_bicubic(pixels, (image_size, image_size), columns=(left, width)))
+    # Flipping after the resize equals flipping before: the kernel is symmetric. (tf.reverse:
+    # a negative-stride slice copies byte by byte, ~1 ms a 224 px image.)
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
-    return tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+    return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def resize_center_crop(encoded: tf.Tensor, image_size: int, resize_ratio: float = 224 / 256):
