@@ -11,6 +11,10 @@ sinusoidal textures at three scales and Gaussian noise: about 90-100 KB a file, 
 * ours: `mae_jax.data.images.create_train_iterator` (MAE pretraining: RandomResizedCrop
   scale (0.2, 1) to 224, flip; JPEG window decoded alone; one resize) -> uint8 batches of 64.
   Normalisation happens on the accelerator inside the train step, so it is not counted here.
+* ours, resize on device: the same with `device_resize_canvas=512` (the host decodes the crop
+  window and pads it into a 512 x 512 canvas; the accelerator resizes and flips): the host's
+  part is measured as above, the device's part separately (ms per image on one core of this
+  CPU, and its FLOPs; on a GPU it is a pair of small batched matmuls).
 * official: what `torchvision.transforms` does on PIL images in main_pretrain.py, written with
   PIL + torch since torchvision is not installable here (its PIL paths are short):
   `Image.open(f).convert("RGB")`, RandomResizedCrop.get_params with Python's random,
@@ -40,6 +44,7 @@ import numpy as np
 
 BATCH = 64
 SIZE = 224
+CANVAS = 512  # device_resize_canvas: every window of a 500x375 image fits
 
 
 def photo(rng: np.random.Generator, height: int = 375, width: int = 500) -> np.ndarray:
@@ -98,7 +103,7 @@ def _measure(next_batch, seconds: float) -> dict:
     return {"images": images, "wall_s": wall, "cpu_s": cpu}
 
 
-def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
+def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0) -> dict:
     _pin(cores)
     import tensorflow as tf
 
@@ -108,8 +113,52 @@ def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
 
     batches = images.create_train_iterator(
         source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
-        process_index=0, process_count=1, threads=len(cores))
-    return _measure(lambda: next(batches)["image"], seconds)
+        process_index=0, process_count=1, threads=len(cores), device_resize_canvas=canvas)
+    return _measure(lambda: next(batches)["canvas" if canvas else "image"], seconds)
+
+
+def worker_device(folder: str, cores: list[int], seconds: float) -> dict:
+    """The host part of `device_resize_canvas=CANVAS`: decode the window, pad to the canvas."""
+    return worker_ours(folder, cores, seconds, canvas=CANVAS)
+
+
+def device_resize_cost(seconds: float) -> dict:
+    """The device part, on JAX's default device (one pinned core here; runs without
+    TensorFlow, so also on the GPU machine): ms per image of `make_canvas_fn` on batches of
+    BATCH canvases holding crop boxes of 500 x 375 images, and its matmul FLOPs per image."""
+    if jax_platform() == "cpu":
+        _pin(sorted(os.sched_getaffinity(0))[:1])
+    import jax
+
+    from mae_jax.core import sharding
+    from mae_jax.data import device_resize
+
+    rng = np.random.default_rng(0)
+    area = rng.uniform(0.2, 1.0, BATCH) * 500 * 375
+    ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), BATCH))
+    height = np.minimum(np.sqrt(area / ratio), 375).astype(np.int32)
+    width = np.minimum(np.sqrt(area * ratio), 500).astype(np.int32)
+    left = rng.integers(0, 16, BATCH).astype(np.int32)  # the window's MCU edge columns
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+    resize = device_resize.make_canvas_fn(mesh, image_size=SIZE)
+    parts = sharding.global_batch_from_host({
+        "canvas": rng.integers(0, 256, (BATCH, CANVAS, CANVAS, 3), dtype=np.uint8),
+        "box": np.stack([np.zeros_like(left), left, height, width], axis=1),
+        "flip": rng.random(BATCH) < 0.5}, sharding.batch_sharding(mesh))
+    args = [parts[key] for key in ("canvas", "box", "flip")]
+    resize(*args).block_until_ready()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        resize(*args).block_until_ready()
+        runs += 1
+    per_image = (time.perf_counter() - start) / runs / BATCH
+    flops = 2 * 3 * SIZE * CANVAS * (CANVAS + SIZE)  # horizontal pass + vertical pass
+    return {"ms_per_image": per_image * 1e3, "flops_per_image": flops,
+            "device": str(jax.devices()[0].device_kind)}
+
+
+def jax_platform() -> str:
+    return os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] or "cpu"
 
 
 def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
@@ -211,14 +260,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--worker", choices=["ours", "official"], help=argparse.SUPPRESS)
+    parser.add_argument("--device_part", action="store_true",
+                        help="only the device part of the resize (no TensorFlow needed), on "
+                             "JAX's default device: JAX_PLATFORMS=cuda for a GPU")
+    parser.add_argument("--worker", choices=[*WORKERS, "resize"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--cores", default="0", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device_part:
+        cost = device_resize_cost(args.seconds)
+        print(f"Device part of device_resize_canvas={CANVAS} on {cost['device']}: "
+              f"{cost['ms_per_image']:.4f} ms per image ({1e3 / cost['ms_per_image']:.0f} img/s), "
+              f"{cost['flops_per_image'] / 1e6:.0f} MFLOP per image.")
+        return
     if args.worker:
         cores = [int(c) for c in args.cores.split(",")]
-        worker = worker_ours if args.worker == "ours" else worker_official
-        print(json.dumps(worker(args.folder, cores, args.seconds)))
+        if args.worker == "resize":
+            print(json.dumps(device_resize_cost(args.seconds)))
+            return
+        print(json.dumps(WORKERS[args.worker](args.folder, cores, args.seconds)))
         return
 
     available = sorted(os.sched_getaffinity(0))
@@ -232,9 +292,11 @@ def main() -> None:
                 if len(cores) < int(label[0]):
                     continue
                 ours = _run("ours", folder, cores, args.seconds)
+                device = _run("device", folder, cores, args.seconds)
                 official = (_run("official", folder, cores, args.seconds) if len(cores) == 1
                             else _official_on(cores, folder, args.seconds))
-                rows.setdefault(label, []).append((ours, official))
+                rows.setdefault(label, []).append((ours, device, official))
+        resize_cost = _run("resize", folder, available[:1], args.seconds)
         load_after = os.getloadavg()
 
     print(f"\nMachine: {_cpu_model()}, {os.cpu_count()} CPUs visible; Python "
@@ -242,20 +304,30 @@ def main() -> None:
           f"{kilobytes:.0f} KB. Load average before {load_before[0]:.2f} / after "
           f"{load_after[0]:.2f} (1 min). Median of {args.rounds} alternating rounds of "
           f"{args.seconds:g} s.\n")
-    print("| cores | ours img/s | official img/s | ratio (wall) | ours img/CPU-s | "
-          "official img/CPU-s | ratio (CPU) |")
-    print("|---|---|---|---|---|---|---|")
-    for label, pairs in rows.items():
-        wall = [(o["images"] / o["wall_s"], f["images"] / f["wall_s"]) for o, f in pairs]
-        cpu = [(o["images"] / o["cpu_s"], f["images"] / f["cpu_s"]) for o, f in pairs]
-        ours_w, off_w = (statistics.median(v) for v in zip(*wall, strict=True))
-        ours_c, off_c = (statistics.median(v) for v in zip(*cpu, strict=True))
-        print(f"| {label} | {ours_w:.0f} | {off_w:.0f} | {ours_w / off_w:.2f}x | {ours_c:.0f} | "
-              f"{off_c:.0f} | {ours_c / off_c:.2f}x |")
-    print("\nAll rounds (img/s wall, ours / official): " + "; ".join(
-        f"{label}: " + ", ".join(f"{o['images'] / o['wall_s']:.0f}/{f['images'] / f['wall_s']:.0f}"
-                                 for o, f in pairs) for label, pairs in rows.items()))
+    print(f"img/s of wall time (img per CPU-second in brackets); ratio = / official. 'resize "
+          f"on device': the host part of device_resize_canvas={CANVAS} (decode the crop window, "
+          "pad it into the canvas).\n")
+    print("| cores | official transform | ours, resize on host | ratio | ours, resize on device "
+          "(host part) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for label, runs in rows.items():
+        ours, device, official = ([statistics.median(r["images"] / r[unit] for r in kind)
+                                   for unit in ("wall_s", "cpu_s")]
+                                  for kind in zip(*runs, strict=True))
+        print(f"| {label} | {official[0]:.0f} ({official[1]:.0f}) | {ours[0]:.0f} ({ours[1]:.0f}) "
+              f"| {ours[0] / official[0]:.2f}x ({ours[1] / official[1]:.2f}x) | {device[0]:.0f} "
+              f"({device[1]:.0f}) | {device[0] / official[0]:.2f}x "
+              f"({device[1] / official[1]:.2f}x) |")
+    print("\nAll rounds (img/s wall, official / ours / ours resize on device): " + "; ".join(
+        f"{label}: " + ", ".join("/".join(f"{r['images'] / r['wall_s']:.0f}" for r in (f, o, d))
+                                 for o, d, f in runs) for label, runs in rows.items()))
+    print(f"\nDevice part (resize {CANVAS} px canvas -> {SIZE} px + flip, `make_canvas_fn`): "
+          f"{resize_cost['ms_per_image']:.2f} ms per image on one core of this CPU "
+          f"(synthetic canvases); "
+          f"{resize_cost['flops_per_image'] / 1e6:.0f} MFLOP per image (float32 matmuls).")
 
+
+WORKERS = {"ours": worker_ours, "device": worker_device, "official": worker_official}
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a session that is lent a GPU machine (not yet run: no GPU so far).
-# Sized for one H200: every step has a timeout, ~8 minutes in all at worst.
+# Sized for one H200: every step has a timeout, ~9 minutes in all at worst.
 #
 # The GPU machine has jax, flax, optax, orbax, torch and pytest but not ml_collections, which
 # the configs use. Here, first (pure-Python wheel, kept out of git by .gitignore):
@@ -46,7 +46,12 @@ timeout 60 python3 benchmarks/bench_on_device.py --batch_size 256 --dtype bfloat
   --num_images 10000 --steps 5 --repeats 2 --out_json "$OUT/on_device.json" \
   2>&1 | tee "$OUT/on_device.txt"
 
-# 5. Segmentation evaluation (ViT-B UPerNet, ADE20K's sliding-window protocol), fixed-canvas
+# 5. The device part of the JPEG input with device_resize_canvas=512 (resize + flip of 64
+#    canvases; the host part needs TensorFlow: measured on CPU machines by bench_input.py).
+JAX_PLATFORMS=cuda timeout 40 python3 benchmarks/bench_input.py --device_part --seconds 5 \
+  2>&1 | tee "$OUT/input_device_part.txt"
+
+# 6. Segmentation evaluation (ViT-B UPerNet, ADE20K's sliding-window protocol), fixed-canvas
 #    path only (the per-image "before" path compiles per size: minutes).
 timeout 60 python3 benchmarks/bench_seg_eval.py --variant vit_base_patch16 --patch_size 16 \
   --embed_dim 768 --depth 12 --num_heads 12 --channels 768 --aux_channels 256 \

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.data import in_memory, on_device
+from mae_jax.data import device_resize, in_memory, on_device
 from mae_jax.data.generated import generate_image
 
 MESH_DEVICES = 4  # tests/conftest.py simulates 4 CPU devices
@@ -266,6 +266,51 @@ def test_bad_inputs_fail_with_the_fix_named(mesh):
         on_device.OnDeviceIterator(images, mesh=mesh, image_size=8, global_batch_size=6, seed=0)
     with pytest.raises(ValueError, match="fewer than one local batch"):
         on_device.OnDeviceIterator(images, mesh=mesh, image_size=8, global_batch_size=32, seed=0)
+
+
+# ------------------------------------------------ Host-decoded crops resized on the devices
+
+
+def test_resize_on_device_gives_the_host_pipelines_images_and_resumes(mesh, tmp_path, caplog):
+    """create_train_iterator(device_resize_canvas=C) + CanvasResizeIterator == the host-resize
+    pipeline, batch for batch, to rounding (the two sum the same products in other orders; a
+    sum at a .5 tie may round the other way): JPEG windows (MCU edge columns included) and
+    PNGs padded into the canvas, windows larger than it resized on the host, an undecodable
+    file replaced the same way; resumed at a step, the same batches."""
+    from mae_jax.data import images
+
+    rng = np.random.default_rng(5)
+    for index, (height, width) in enumerate([(30, 44), (52, 40), (70, 90), (25, 61), (44, 44)]):
+        ramp = np.linspace(0, 255, width)[None, :, None]
+        pixels = np.clip(ramp + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{index}.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (36, 50, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    common = dict(source=f"folder:{tmp_path}", image_size=16, global_batch_size=4, seed=2,
+                  process_index=0, process_count=1)
+    host = _take(images.create_train_iterator(**common), 6)
+    windows = images.create_train_iterator(device_resize_canvas=48, **common)
+    boxes = np.concatenate([next(windows)["box"] for _ in range(6)])
+    resized_on_host = (boxes == [0, 0, 16, 16]).all(axis=1)
+    assert 0 < resized_on_host.sum() < len(boxes)  # both paths taken
+    device = device_resize.CanvasResizeIterator(
+        images.create_train_iterator(device_resize_canvas=48, **common), mesh=mesh,
+        image_size=16)
+    batches = [next(device)["image"] for _ in range(6)]
+    assert batches[0].sharding.is_equivalent_to(sharding_lib.batch_sharding(mesh), 4)
+    batches = [np.asarray(batch) for batch in batches]
+    difference = np.abs(np.stack(host).astype(int) - np.stack(batches))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.005
+    assert {os.path.basename(name) for name in device.undecodable} == {"broken.jpg"}
+    resumed = device_resize.CanvasResizeIterator(
+        images.create_train_iterator(device_resize_canvas=48, start_step=4, **common),
+        mesh=mesh, image_size=16)
+    for a, b in zip(batches[4:], _take(resumed, 2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="device_resize_canvas 8 must be 0"):
+        images.create_train_iterator(device_resize_canvas=8, **common)
+    with pytest.raises(ValueError, match="RandAugment and center_crop run on the host"):
+        images.create_train_iterator(device_resize_canvas=48, center_crop=True, **common)
 
 
 # ----------------------------------------------------------------- The dataset as one array

@@ -53,7 +53,9 @@ def test_short_run_on_tfds_mock_cifar100(tmp_path):
     assert result["step"] == 6 and np.isfinite(result["loss"])
 
 
-def test_corrupt_image_in_folder_is_skipped_not_fatal(tmp_path):
+def test_corrupt_image_in_folder_is_skipped_not_fatal_with_the_resize_on_device(tmp_path):
+    """Also train.py's device_resize_canvas path: the crops (20-31 px windows, some larger than
+    the 24 px canvas) are resized on the devices; `tests/test_on_device.py` checks the images."""
     folder = tmp_path / "images"
     (folder / "nested").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -62,7 +64,7 @@ def test_corrupt_image_in_folder_is_skipped_not_fatal(tmp_path):
         Image.fromarray(pixels).save(folder / "nested" / f"{index}.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
     config = tiny_config(**{"data.source": f"folder:{folder}", "total_steps": 2,
-                             "warmup_steps": 1})
+                             "warmup_steps": 1, "data.device_resize_canvas": 24})
     result = pretrain_lib.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["step"] == 2
 
@@ -157,6 +159,8 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
         ({"model.variant": "vit_gigantic"}, "is not one of"),
         ({"model.dtype": "float64"}, "model.dtype"),
         ({"model.decoder_num_heads": 5}, "decoder_num_heads"),
+        ({"data.device_resize_canvas": 8}, "device_resize_canvas 8 must be 0"),
+        ({"data.device_resize_canvas": 32, "data.augment": False}, "needs data.augment=True"),
     ],
 )
 def test_bad_configs_get_one_clear_error_before_any_work(tmp_path, changes, message):

@@ -92,11 +92,18 @@ def _candidates(shard: sources.Shard, replacements: int, seed, record):
     return names, tf.gather(shard.labels, ids), lambda t: tf.io.read_file(names[t])
 
 
+def _fields(pixels) -> dict:
+    """A transform's output as example fields: an image tensor is "image"; a dict (e.g. the
+    canvas, box and flip of a resize left to the device) gives its own fields."""
+    return dict(pixels) if isinstance(pixels, dict) else {"image": pixels}
+
+
 def first_decodable(shard: sources.Shard, transform, *, replacements: int, fill):
     """(seed, record) -> a dataset of ONE example: the first of the record and `replacements`
     other records (drawn with the seed) whose bytes `transform(encoded, seed)` turns into an
-    image; else `fill` (valid False). Examples: {"image", "label", "attempts" (files that failed
-    before), "failed" [1 + replacements] string (their names, "" elsewhere), "valid"}."""
+    image (or a dict of fields, see `_fields`); else `fill` (valid False). Examples: {"image",
+    "label", "attempts" (files that failed before), "failed" [1 + replacements] string (their
+    names, "" elsewhere), "valid"}."""
     tries = _tries(shard, replacements)
 
     @no_autograph
@@ -105,10 +112,10 @@ def first_decodable(shard: sources.Shard, transform, *, replacements: int, fill)
 
         @no_autograph
         def attempt(t):
-            return {"image": transform(encoded(t), seed), "label": labels[t],
+            return {**_fields(transform(encoded(t), seed)), "label": labels[t],
                     "attempts": tf.cast(t, tf.int32), "valid": tf.constant(True)}
 
-        fallback = {"image": fill, "label": labels[0], "attempts": tf.constant(tries, tf.int32),
+        fallback = {**_fields(fill), "label": labels[0], "attempts": tf.constant(tries, tf.int32),
                     "valid": tf.constant(False)}
         # ignore_errors drops the attempts whose decoding raised; take(1) stops at a success.
         ds = tf.data.Dataset.range(tries).map(attempt).ignore_errors()
@@ -124,7 +131,7 @@ BLOCK = 32  # examples decoded by one instance of the map function (see `decoded
 
 
 def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
-            block: int = BLOCK):
+            block: int = BLOCK, pad=None, batches: bool = False):
     """Each (seed, record) of `stream` -> its first decodable example (`first_decodable`), in
     stream order.
 
@@ -133,7 +140,14 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
     run `first_decodable` for those (replacements, fill). The common path thus instantiates the
     transform once per block: once per example (a small dataset per example, as the slow path
     does) cost ~0.5 ms an image, 15% of the pipeline (`benchmarks/bench_input.py`).
+
+    pad: {field: shape}: fields of varying size (the transform's crop windows) are zero-padded
+    at their end to this shape as the block is assembled (one copy, no tf.pad first).
+
+    batches=True: yield the blocks themselves, as batches of `block` (the last partial one
+    dropped): a training stream batched by its block size skips an unbatch and a batch copy.
     """
+    pad = dict(pad or {})
     # Traced once, called from both paths (tracing RandAugment twice took seconds).
     transform = tf.function(transform, input_signature=[
         tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)], autograph=False)
@@ -143,7 +157,7 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
     @no_autograph
     def alone(position, seed, record):
         names, labels, encoded = _candidates(shard, 0, seed, record)
-        return position, {"image": transform(encoded(0), seed), "label": labels[0],
+        return position, {**_fields(transform(encoded(0), seed)), "label": labels[0],
                           "attempts": tf.constant(0, tf.int32), "valid": tf.constant(True),
                           "failed": tf.fill([tries], "")}
 
@@ -153,10 +167,14 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
         items = tf.data.Dataset.from_tensor_slices((positions, seeds, records))
         decoded_alone = items.map(alone).ignore_errors()
         # A sentinel at the end keeps the batch non-empty when every record fails.
-        sentinel = decoded_alone.element_spec
-        sentinel = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), sentinel)
+        position_spec, fields = decoded_alone.element_spec
+        sentinel = (tf.zeros([], position_spec.dtype),
+                    {key: tf.zeros([d or 0 for d in spec.shape], spec.dtype)
+                     for key, spec in fields.items()})
+        shapes = ([], {key: pad.get(key, spec.shape) for key, spec in fields.items()})
         got_positions, got = decoded_alone.concatenate(
-            tf.data.Dataset.from_tensors(sentinel)).batch(block + 1).get_single_element()
+            tf.data.Dataset.from_tensors(sentinel)).padded_batch(
+            block + 1, padded_shapes=shapes).get_single_element()
         found = tf.shape(got_positions)[0] - 1
         # slot[j]: where example j of the block is in `got`, -1 when it failed alone.
         slot = tf.tensor_scatter_nd_update(tf.fill([size], -1),
@@ -169,7 +187,7 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
                 return tf.cond(
                     slot[j] >= 0,
                     lambda: tf.nest.map_structure(lambda x: x[slot[j]], got),
-                    lambda: slow(seeds[j], record).get_single_element())
+                    lambda: _padded(slow(seeds[j], record).get_single_element(), pad))
 
             return tf.data.Dataset.range(tf.cast(size, tf.int64)).map(
                 lambda j: example(tf.cast(j, tf.int32))).batch(block).get_single_element()
@@ -177,9 +195,22 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
         return tf.cond(found == size, lambda: tf.nest.map_structure(lambda x: x[:size], got),
                        repaired)
 
-    blocks = stream.enumerate().batch(block)
-    return blocks.map(lambda positions, example: decode_block(positions, *example),
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    blocks = stream.enumerate().batch(block, drop_remainder=batches)
+    blocks = blocks.map(lambda positions, example: decode_block(positions, *example),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return blocks if batches else blocks.unbatch()
+
+
+def _padded(example: dict, pad: dict) -> dict:
+    """The fields named in `pad` zero-padded at their end to its shapes."""
+    def padded(key, value):
+        if key not in pad:
+            return value
+        missing = tf.constant(pad[key]) - tf.shape(value)
+        return tf.ensure_shape(tf.pad(value, tf.stack([tf.zeros_like(missing), missing], 1)),
+                               pad[key])
+
+    return {key: padded(key, value) for key, value in example.items()}
 
 
 def fill_image(image_size: int, colour) -> tf.Tensor:

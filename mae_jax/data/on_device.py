@@ -311,3 +311,4 @@ class OnDeviceIterator:
                                                      self.schedule.ids(self.step))
         self.step += 1
         return {"image": self.batch_fn(self.dataset, ids)}  # dispatched, not waited for
+

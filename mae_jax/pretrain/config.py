@@ -41,6 +41,11 @@ def defaults() -> ml_collections.ConfigDict:
     # Decode the whole split once and augment on the devices (same crop distribution):
     # auto = when the images share one size and take < 25% of device memory (CIFAR), on GPUs.
     config.data.on_device = "auto"  # auto | always | never
+    # Files (folder:/tfds:) not held on the devices: > 0 = the host decodes each crop window
+    # into a canvas of this side and the devices resize + flip it (same images to rounding;
+    # ~2x the host's images/s). Windows larger than the canvas are resized on the host.
+    # 0 = resize on the host. ImageNet (<= 500 px sides mostly): 512.
+    config.data.device_resize_canvas = 0
 
     config.batch_size = 4096  # Global images per optimizer step (the effective batch).
     config.grad_accum_steps = 1  # Micro-batches per step: batch_size / this fit in memory.
@@ -118,6 +123,13 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             f"data.on_device must be one of {', '.join(ON_DEVICE_MODES)}, "
             f"got {config.data.on_device!r}"
         )
+    canvas = config.data.device_resize_canvas
+    if not isinstance(canvas, int) or (canvas and canvas < model.image_size):
+        problems.append(f"data.device_resize_canvas {canvas!r} must be 0 (resize on the host) "
+                        f"or an int >= model.image_size {model.image_size}")
+    elif canvas and not config.data.augment:
+        problems.append("data.device_resize_canvas needs data.augment=True (the centre crop "
+                        "is resized on the host); set it to 0")
     knn.check_config(config.knn, problems, num_devices=num_devices)
     if config.num_epochs <= 0 and config.total_steps <= 0:
         problems.append("set num_epochs > 0 or total_steps > 0")

@@ -1,0 +1,58 @@
+"""Crops decoded on the host, resized and flipped on the accelerators.
+
+`mae_jax.data.images.create_train_iterator(device_resize_canvas=C)` leaves the host only the
+decoding: each example is its crop window (JPEG: only the window is decoded) padded into a
+C x C canvas, with the crop's box and the flip. Here one jitted function per batch runs PIL's
+bicubic resize + flip on the devices (`mae_jax.data.on_device.resized_crop`: per-example
+weight matrices, static shapes) and gives the images the host pipeline would have made.
+No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from mae_jax.core import sharding as sharding_lib
+from mae_jax.data.on_device import resized_crop
+
+
+@functools.lru_cache(maxsize=16)
+def make_canvas_fn(mesh: Mesh, *, image_size: int):
+    """jitted (canvas uint8 [B, C, C, 3], box int32 [B, 4], flip bool [B], all batch-sharded)
+    -> uint8 [B, S, S, 3] batch-sharded: the resize + flip the host left out
+    (`mae_jax.data.images.create_train_iterator(device_resize_canvas=C)`). Per device, no
+    communication."""
+    batch_spec = PartitionSpec(sharding_lib.BATCH_AXES)
+    mapped = jax.shard_map(
+        lambda canvas, box, flip: resized_crop(canvas, box, flip, image_size), mesh=mesh,
+        in_specs=(batch_spec,) * 3, out_specs=batch_spec)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    return jax.jit(mapped, in_shardings=(batch_sharding,) * 3, out_shardings=batch_sharding)
+
+
+class CanvasResizeIterator:
+    """Wraps a host iterator of {"canvas", "box", "flip"} batches (`device_resize_canvas`):
+    yields {"image": global jax.Array [B, S, S, 3]} sharded by `batch_sharding(mesh)`, resized
+    and flipped on the devices; other entries ("label") pass through as numpy.
+    `undecodable` is the host iterator's."""
+
+    def __init__(self, batches, *, mesh: Mesh, image_size: int):
+        self.batches = batches
+        self.sharding = sharding_lib.batch_sharding(mesh)
+        self.canvas_fn = make_canvas_fn(mesh, image_size=image_size)
+
+    @property
+    def undecodable(self) -> set[str]:
+        return self.batches.undecodable
+
+    def __iter__(self) -> CanvasResizeIterator:
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self.batches))
+        parts = sharding_lib.global_batch_from_host(
+            {key: batch.pop(key) for key in ("canvas", "box", "flip")}, self.sharding)
+        return {"image": self.canvas_fn(parts["canvas"], parts["box"], parts["flip"]), **batch}
