@@ -125,11 +125,15 @@ def test_segmenter_in_bfloat16_matches_float32_closely():
         variant="vit_micro_patch4", image_size=16, depth=2, out_indices=(0, 1, 0, 1),
         channels=16, aux_channels=16, num_classes=4,
     )
-    model16 = MAESegmenter(**kwargs, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    model32 = MAESegmenter(**kwargs, rngs=nnx.Rngs(0))
     images = jax.random.normal(jax.random.key(8), (2, 16, 16, 3))
-    assert {f.dtype for f in model16.features(images)} == {jnp.dtype(jnp.float32)}
-    logits16, _ = model16(images)
-    logits32, _ = model32(images)
+
+    @jax.jit  # one compilation instead of hundreds of eager ones (this test took 22 s eagerly)
+    def features_and_logits(images):
+        model16 = MAESegmenter(**kwargs, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        model32 = MAESegmenter(**kwargs, rngs=nnx.Rngs(0))
+        return model16.features(images), model16(images)[0], model32(images)[0]
+
+    features16, logits16, logits32 = features_and_logits(images)
+    assert {f.dtype for f in features16} == {jnp.dtype(jnp.float32)}
     assert logits16.dtype == jnp.bfloat16
     assert relative_error(logits16, logits32) < 0.03
