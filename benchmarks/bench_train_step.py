@@ -13,6 +13,10 @@ bf16 autocast on CUDA when --dtype=bfloat16 (float32 on CPU, as the official cod
     python benchmarks/bench_train_step.py --model vit_base_patch16 --image_size 112 \
         --batch_size 8 --encoder_all_tokens              # + the paper's masking speed-up
 
+Each row reports model TFLOP/s (3 x the forward matmul FLOPs, attention included, norms and
+elementwise ops not) and MFU over the device's peak: NVIDIA's dense bfloat16 peaks for known
+GPUs (`PEAK_TFLOPS`; H200: 989.4 TFLOP/s), or `--peak_tflops` per device.
+
 `--encoder_all_tokens` adds a JAX row whose encoder runs on all L patches (the cost of the
 paper's "encoder w/ [M]": same decoder and loss, no token dropped) and prints its time over the
 masked step's next to the ratio of their forward matmul FLOPs.
@@ -69,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=int, default=0)  # decoder heads: width / 32
     parser.add_argument("--encoder_all_tokens", action="store_true",
                         help="Also time JAX with the encoder on all patches (masking ablation).")
+    parser.add_argument("--peak_tflops", type=float, default=0.0,
+                        help="Peak dense TFLOP/s of one device in --dtype, for MFU (0: known "
+                             "GPUs in bfloat16, see PEAK_TFLOPS; else no MFU).")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -185,6 +192,29 @@ def forward_matmul_flops(dims: dict[str, int], image_size: int, encoder_tokens: 
             + blocks(dims["decoder_depth"], 1 + length, decoder_width)
             + (1 + length) * decoder_width * 3 * patch**2)
     return 2 * macs
+
+
+# Dense bfloat16 tensor-core peaks (TFLOP/s per device, no sparsity) from NVIDIA's data sheets,
+# matched against the device name. float32 and unlisted devices need --peak_tflops.
+PEAK_TFLOPS = {"bfloat16": {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.05}}
+
+
+def peak_tflops(device_name: str, dtype: str, override: float = 0.0) -> float | None:
+    """One device's peak TFLOP/s for MFU: `override` when given, else the table, else None."""
+    if override:
+        return override
+    return next((peak for key, peak in PEAK_TFLOPS.get(dtype, {}).items()
+                 if key in device_name), None)
+
+
+def add_utilisation(row: dict[str, Any], train_flops_per_image: float, devices: int,
+                    peak: float | None) -> dict[str, Any]:
+    """Adds model TFLOP/s (3 x the forward matmul FLOPs per image: forward + backward, the
+    usual MFU convention; norms and elementwise ops not counted) and MFU over `devices`."""
+    achieved = train_flops_per_image * row["images_per_s"] / 1e12
+    row.update(train_gflop_per_image=train_flops_per_image / 1e9, model_tflops=achieved,
+               peak_tflops_per_device=peak, mfu=achieved / (peak * devices) if peak else None)
+    return row
 
 
 # --------------------------------------------------------------------------- JAX
@@ -359,13 +389,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else format(value, fmt)
 
     header = ("framework", "device", "dtype", "batch", "ms/step med", "ms/step mean",
-              "/ torch", "images/s", "compile s", "first step s", "peak GiB")
+              "/ torch", "images/s", "TFLOP/s", "MFU", "compile s", "first step s", "peak GiB")
     lines = [header, ("---",) * len(header)]
     for r in rows:
         ratio = r["ms_per_step_median"] / torch_ms if torch_ms else None
         lines.append((r["framework"], r["device"], r["dtype"], str(r["batch"]),
                       cell(r["ms_per_step_median"], ".1f"), cell(r["ms_per_step_mean"], ".1f"),
                       cell(ratio, ".2f"), cell(r["images_per_s"], ".1f"),
+                      cell(r.get("model_tflops"), ".3g"), cell(r.get("mfu"), ".1%"),
                       cell(r["compile_s"], ".2f"), cell(r["first_step_s"], ".2f"),
                       cell(r["peak_memory_gib"], ".2f")))
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
@@ -407,10 +438,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [results[name] for name in args.frameworks]
     if args.encoder_all_tokens:
         rows.append(bench_jax(args, encoder_all_tokens=True))
+    length = (args.image_size // dims["patch_size"]) ** 2
     for row in rows:
         if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
             raise RuntimeError(f"{row['framework']}: non-positive timing {row['region_seconds']}")
+        encoder_tokens = (length if row["framework"] == "jax, encoder on all tokens"
+                          else num_visible(length, args.mask_ratio))
+        add_utilisation(
+            row, 3 * forward_matmul_flops(dims, args.image_size, encoder_tokens),
+            devices=len(jax.devices()) if row["framework"].startswith("jax") else 1,
+            peak=peak_tflops(row["device"], args.dtype, args.peak_tflops),
+        )
     print(format_table(rows))
+    print(f"TFLOP/s: 3 x the forward matmul FLOPs ({rows[0]['train_gflop_per_image']:.3g} GFLOP "
+          "per image for the masked step) x images/s. MFU: over the peak of "
+          + (f"{args.peak_tflops} TFLOP/s per device (--peak_tflops)" if args.peak_tflops else
+             f"the known {args.dtype} peaks {PEAK_TFLOPS.get(args.dtype, {})} (none: '-')"))
     print("Load average after (1, 5, 15 min):", os.getloadavg())
     for r in rows:
         if r["framework"].startswith("jax"):

@@ -7,7 +7,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
+
+import mae_jax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_train_step.py")
@@ -21,6 +26,27 @@ def load_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_mfu_counts_the_matmul_flops_xla_counts_and_the_known_peak():
+    """The MFU numerator (3 x forward matmul FLOPs, written out in the script) against XLA's own
+    FLOP count of our MAE ViT-B/16 forward at 224 px (lowered abstractly, nothing runs): XLA
+    also counts norms, softmax and elementwise ops, so ours is a little below it."""
+    bench = load_bench()
+    dims = bench.model_dims(bench.build_config(bench.parse_args(["--model", "vit_base_patch16"])))
+    ours = bench.forward_matmul_flops(dims, 224, encoder_tokens=49)  # 75% of 196 masked
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: mae_jax.create_mae("vit_base_patch16")))
+    forward = jax.jit(lambda state, images, noise: nnx.merge(graphdef, state)(images, noise=noise))
+    xla = forward.lower(state, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+                        jax.ShapeDtypeStruct((1, 196), jnp.float32)).cost_analysis()["flops"]
+    assert 0.95 * xla < ours <= xla, (ours, xla)  # measured: 19.56 vs 19.96 GFLOP
+    # Peaks: NVIDIA's dense bf16 numbers by device name; float32 needs --peak_tflops.
+    assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert bench.peak_tflops("NVIDIA H200", "float32") is None
+    assert bench.peak_tflops("cpu", "float32", override=2.0) == 2.0
+    row = bench.add_utilisation({"images_per_s": 8000.0}, 3 * ours, devices=1, peak=989.4)
+    assert row["mfu"] == pytest.approx(3 * ours * 8000 / 989.4e12)
+    assert 0.45 < row["mfu"] < 0.5  # 8,000 img/s of MAE ViT-B on one H200: ~47%
 
 
 @pytest.mark.slow
@@ -39,6 +65,7 @@ def test_both_frameworks_report_finite_timings_and_one_jax_compile(tmp_path, cap
         for key in ("ms_per_step_median", "ms_per_step_mean", "images_per_s", "first_step_s"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["framework"], key, row[key])
         assert math.isfinite(row["loss"])
+        assert row["model_tflops"] > 0 and row["mfu"] is None  # no peak known for a CPU
         assert row["framework"] in printed
     # The step train.py runs compiled exactly once and never again.
     assert rows["jax"]["compiles_first_call"] == 1
