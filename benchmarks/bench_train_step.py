@@ -417,6 +417,15 @@ def masking_ablation(rows: list[dict[str, Any]], args, dims) -> dict[str, float]
     }
 
 
+def write_json(report: dict[str, Any], path: str) -> dict[str, Any]:
+    """Writes `report` to `path` as JSON ('' writes nothing); returns it."""
+    if path:
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print("Wrote", path)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns {"machine", "settings", "results": [row per framework],
     "masking_ablation" (with --encoder_all_tokens)}."""
@@ -469,11 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"time, {ablation['flop_ratio']:.2f}x the forward matmul FLOPs "
               f"({ablation['forward_gflops_all_tokens']:.2f} / "
               f"{ablation['forward_gflops_masked']:.2f} GFLOP per image).")
-    if args.out_json:
-        with open(args.out_json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print("Wrote", args.out_json)
-    return report
+    return write_json(report, args.out_json)
 
 
 if __name__ == "__main__":

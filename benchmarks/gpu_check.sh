@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a session that is lent a GPU machine (not yet run: no GPU so far).
-# Sized for one H200: every step has a timeout, ~9 minutes in all at worst.
+# Sized for one H200: every step has a timeout; step 7 runs only while under 7 minutes, so
+# ~9 minutes in all at worst.
 #
 # The GPU machine has jax, flax, optax, orbax, torch and pytest but not ml_collections, which
 # the configs use. Here, first (pure-Python wheel, kept out of git by .gitignore):
@@ -58,3 +59,15 @@ timeout 60 python3 benchmarks/bench_seg_eval.py --variant vit_base_patch16 --pat
   --num_classes 150 --window 512 --stride 341 --scale 2048,512 --dtype bfloat16 --uint8 \
   --num_images 20 --repeats 1 --paths after --out_json "$OUT/seg_eval_vitb.json" \
   2>&1 | tee "$OUT/seg_eval.txt"
+
+# 7. Segmentation train step, ViT-B/16 UPerNet at 512 (configs/ade20k_base.py, bf16): device
+#    memory for 2 images (target <= 10 GB), then the recipe's batch 16 (images/s, MFU). Each run
+#    starts only while the script is under 7 minutes, so the whole check stays under ~9.
+for batch in 2 16; do
+  if (( SECONDS > 420 )); then
+    echo "step 7, batch $batch: skipped, $SECONDS s used" | tee -a "$OUT/skipped.txt"; continue
+  fi
+  timeout 70 python3 benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \
+    --batch_size $batch --steps 3 --repeats 2 --warmup 1 \
+    --out_json "$OUT/seg_train_b$batch.json" 2>&1 | tee "$OUT/seg_train_b$batch.txt"
+done

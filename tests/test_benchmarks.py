@@ -1,4 +1,5 @@
-"""benchmarks/bench_train_step.py: both frameworks run the same tiny MAE and report sane rows."""
+"""benchmarks/bench_train_step.py and bench_seg_train_step.py: the steps train.py and
+segment.py run, timed on tiny models; both frameworks report sane rows; FLOP counts and MFU."""
 
 import importlib.util
 import json
@@ -105,3 +106,40 @@ assert "mae_jax.reference.torch_mae" in sys.modules
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no recompilation" in result.stdout
     assert not marker.exists(), "something imported tensorflow"
+
+
+TINY_SEG_CONFIG = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_segmentation_config
+
+
+def get_config(arg=None):
+    return tiny_segmentation_config()
+"""
+
+
+def test_segmentation_step_benchmark_reports_one_compile_and_xla_flops(tmp_path, capsys):
+    """benchmarks/bench_seg_train_step.py on the tests' tiny segmenter (16 px, batch 4):
+    segment.py's step compiles once, XLA counts its FLOPs, TFLOP/s and MFU follow."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_seg_train_step", os.path.join(REPO, "benchmarks", "bench_seg_train_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config, out_json = tmp_path / "tiny_seg.py", tmp_path / "seg.json"
+    config.write_text(TINY_SEG_CONFIG.format(tests=os.path.join(REPO, "tests")))
+    report = bench.main(["--config", str(config), "--steps", "1", "--repeats", "2",
+                         "--warmup", "0", "--peak_tflops", "1", "--out_json", str(out_json)])
+    row = report["result"]
+    assert json.loads(out_json.read_text())["result"] == json.loads(json.dumps(row))
+    assert row["compiles"] == 1 and row["batch"] == 4 and row["image_size"] == 16
+    assert math.isfinite(row["loss"]) and len(row["region_seconds"]) == 2
+    # XLA's count of forward + backward + AdamW: 7.2 MFLOP an image for the tiny segmenter
+    # (16 px; its 3x3 convolutions over 16 to 64 channels dominate); ViT-B UPerNet at 512 px
+    # (configs/ade20k_base.py) counts 3.66 TFLOP an image.
+    assert 2.4e-6 < row["xla_tflop_per_step"] / 4 < 22e-6, row["xla_tflop_per_step"]
+    assert row["tflops"] == pytest.approx(row["xla_tflop_per_step"] * row["images_per_s"] / 4)
+    assert row["mfu"] == pytest.approx(row["tflops"] / (1.0 * len(jax.devices())))  # 4 here
+    assert "| vit_tiny_patch16 + UPerNet (16 ch)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config", "configs/no_such.py"])
