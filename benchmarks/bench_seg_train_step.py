@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=0, help="0: the config's.")
     parser.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
                         help="'': the config's model.dtype.")
+    parser.add_argument("--num_devices", type=int, default=0, help="0: every device.")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per region.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed regions.")
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps after compile.")
@@ -70,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(0: bench_train_step.PEAK_TFLOPS for known GPUs in bfloat16).")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
-    if min(args.steps, args.repeats) < 1 or args.warmup < 0 or args.batch_size < 0:
-        parser.error("--steps and --repeats must be >= 1, --warmup and --batch_size >= 0")
+    if min(args.steps, args.repeats) < 1 or min(args.warmup, args.batch_size, args.num_devices) < 0:
+        parser.error("--steps and --repeats must be >= 1; --warmup, --batch_size and "
+                     "--num_devices >= 0")
     if not os.path.exists(os.path.join(REPO, args.config)) and not os.path.exists(args.config):
         parser.error(f"--config {args.config}: no such file (e.g. configs/ade20k_base.py)")
     return args
@@ -97,7 +99,8 @@ def load_config(args: argparse.Namespace):
 
 
 def step_flops(compiled) -> float | None:
-    """FLOPs XLA counts for one run of a compiled program (None where the backend has none)."""
+    """FLOPs XLA counts for one run of a compiled program on ONE device (the partitioned
+    program each device runs); None where the backend has no count."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - optional: some backends do not implement it
@@ -110,7 +113,7 @@ def step_flops(compiled) -> float | None:
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args)
-    devices = jax.devices()
+    devices = jax.devices()[: args.num_devices or None]
     check_config(config, num_devices=len(devices), num_processes=1)
     num_classes = (ADE20K_CLASSES if config.data.source == "ade20k"
                    else config.data.num_classes or SYNTHETIC_CLASSES)
@@ -149,7 +152,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_wall_s = time.perf_counter() - start
-    flops = step_flops(compiled)
+    flops = step_flops(compiled)  # XLA counts one device's share of the SPMD program:
+    flops = flops * len(devices) if flops else None  # 4 devices: a quarter of the batch each
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(compiled(state, batch))
     first_step_s = time.perf_counter() - start

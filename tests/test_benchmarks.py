@@ -128,18 +128,19 @@ def test_segmentation_step_benchmark_reports_one_compile_and_xla_flops(tmp_path,
     spec.loader.exec_module(bench)
     config, out_json = tmp_path / "tiny_seg.py", tmp_path / "seg.json"
     config.write_text(TINY_SEG_CONFIG.format(tests=os.path.join(REPO, "tests")))
-    report = bench.main(["--config", str(config), "--steps", "1", "--repeats", "2",
-                         "--warmup", "0", "--peak_tflops", "1", "--out_json", str(out_json)])
+    report = bench.main(["--config", str(config), "--num_devices", "1", "--steps", "1",
+                         "--repeats", "2", "--warmup", "0", "--peak_tflops", "1",
+                         "--out_json", str(out_json)])
     row = report["result"]
     assert json.loads(out_json.read_text())["result"] == json.loads(json.dumps(row))
     assert row["compiles"] == 1 and row["batch"] == 4 and row["image_size"] == 16
     assert math.isfinite(row["loss"]) and len(row["region_seconds"]) == 2
-    # XLA's count of forward + backward + AdamW: 7.2 MFLOP an image for the tiny segmenter
+    # XLA's count of forward + backward + AdamW: 27 MFLOP an image for the tiny segmenter
     # (16 px; its 3x3 convolutions over 16 to 64 channels dominate); ViT-B UPerNet at 512 px
     # (configs/ade20k_base.py) counts 3.66 TFLOP an image.
-    assert 2.4e-6 < row["xla_tflop_per_step"] / 4 < 22e-6, row["xla_tflop_per_step"]
+    assert 9e-6 < row["xla_tflop_per_step"] / 4 < 80e-6, row["xla_tflop_per_step"]
     assert row["tflops"] == pytest.approx(row["xla_tflop_per_step"] * row["images_per_s"] / 4)
-    assert row["mfu"] == pytest.approx(row["tflops"] / (1.0 * len(jax.devices())))  # 4 here
+    assert row["mfu"] == pytest.approx(row["tflops"] / 1.0) and row["device"] == "1 x cpu"
     assert "| vit_tiny_patch16 + UPerNet (16 ch)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "configs/no_such.py"])
