@@ -96,6 +96,10 @@ sys.argv = ["bench", *{TINY!r}, "--steps", "1", "--repeats", "1", "--warmup", "0
 import runpy
 runpy.run_path({SCRIPT!r}, run_name="__main__")
 assert "mae_jax.reference.torch_mae" in sys.modules
+sys.path.insert(0, {os.path.join(REPO, "benchmarks")!r})
+import bench_seg_train_step  # segment.py's step and the segmentation library: no TF either
+seg = bench_seg_train_step
+seg.load_config(seg.parse_args(["--config", "configs/ade20k_base.py"]))
 """
     # Unoptimised XLA code compiles ~3x faster; this test checks imports, not speed.
     fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
