@@ -37,22 +37,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import (  # noqa: E402
     CompileCounter,
     machine_info,
+    peak_memory_gib,
     peak_tflops,
     summarize,
     time_regions,
     write_json,
 )
 
-from mae_jax.core import optim  # noqa: E402
 from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
+from mae_jax.data.seg_sources import num_seg_classes  # noqa: E402
 from mae_jax.segmentation import lib as segment_lib  # noqa: E402
 from mae_jax.segmentation.config import check_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ADE20K_CLASSES = 150
-SYNTHETIC_CLASSES = 8  # mae_jax.data.seg_input.SYNTHETIC_NUM_CLASSES (that module needs TF)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,13 +114,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args)
     devices = jax.devices()[: args.num_devices or None]
     check_config(config, num_devices=len(devices), num_processes=1)
-    num_classes = (ADE20K_CLASSES if config.data.source == "ade20k"
-                   else config.data.num_classes or SYNTHETIC_CLASSES)
+    num_classes = num_seg_classes(config.data.source, num_classes=config.data.num_classes)
     mesh = sharding_lib.create_mesh(data=-1, fsdp=1, devices=devices)
-    schedule = optim.warmup_poly_schedule(
-        peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
-        power=config.poly_power, min_lr=config.min_lr,
-    )
+    schedule = segment_lib.lr_schedule(config)
     spec = segment_lib.model_spec(config, num_classes)
     tx = segment_lib.create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param), schedule)
     state, state_shardings = sharding_lib.create_sharded(
@@ -165,8 +160,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     regions = time_regions(step, lambda: jax.block_until_ready(live), args)
     compiles = CompileCounter.count - compiles_before
-    stats = [d.memory_stats() or {} for d in mesh.devices.flat]
-    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     row = {
         "model": f"{config.model.variant} + UPerNet ({config.model.channels} ch)",
         "config": args.config,
@@ -180,7 +173,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "compile_wall_s": compile_wall_s,
         "compiles": compiles,
         "first_step_s": first_step_s,
-        "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
+        "peak_memory_gib": peak_memory_gib(mesh.devices.flat),
         "params": tree_size(live["state"].params),
         "loss": float(live["metrics"]["loss"]),
         "xla_tflop_per_step": flops / 1e12 if flops else None,

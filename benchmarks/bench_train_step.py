@@ -133,6 +133,14 @@ class CompileCounter:
             cls.seconds += duration
 
 
+def peak_memory_gib(devices) -> float | None:
+    """The largest peak of bytes in use over `devices` (GiB); None where the backend does not
+    report it (CPU)."""
+    stats = [device.memory_stats() or {} for device in devices]
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    return max(peaks) / 2**30 if peaks else None
+
+
 def time_regions(step, finish, args: argparse.Namespace) -> list[float]:
     """`--warmup` untimed steps, then `--repeats` regions of `--steps` steps; step() launches
     one step, finish() blocks until the device is done. Returns the regions' seconds."""
@@ -268,8 +276,6 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
     if recompiles or cache_size not in (None, 1):
         raise RuntimeError(f"The JAX step recompiled ({recompiles} compiles, cache {cache_size}).")
 
-    stats = [d.memory_stats() or {} for d in mesh.devices.flat]
-    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     row = {
         "framework": "jax, encoder on all tokens" if encoder_all_tokens else "jax",
         "device": f"{len(devices)} x {devices[0].device_kind}",
@@ -281,7 +287,7 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
         "compiles_first_call": compiles,
         "compiles_after_first_call": recompiles,
         "jit_cache_size": cache_size,
-        "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
+        "peak_memory_gib": peak_memory_gib(mesh.devices.flat),
         "params": tree_size(state.params),
         "loss": float(metrics["loss"]),
         "region_seconds": regions,

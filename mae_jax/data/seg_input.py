@@ -11,32 +11,16 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mae_jax.data import ade20k, image_ops, seg_transforms, synthetic_scenes
+from mae_jax.data.seg_sources import (  # noqa: F401 - num_seg_classes: part of this API
+    SYNTHETIC_NUM_CLASSES,
+    check_source,
+    num_seg_classes,
+)
 from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
-ADE20K_NUM_CLASSES = 150
-# Synthetic defaults: enough variety for a demo, fast to generate (about 10 ms a 64x64 scene).
-SYNTHETIC_NUM_CLASSES = 8
+# Synthetic scenes: fast to generate (about 10 ms a 64x64 scene).
 SYNTHETIC_IMAGE_SIZE = (64, 64)
 SYNTHETIC_NUM_EXAMPLES = {"train": 1024, "validation": 64}
-_SOURCES = ("ade20k", "synthetic")
-
-
-def num_seg_classes(source: str, *, num_classes: int | None = None) -> int:
-    """Classes the model predicts (after label reduction): 150 for ADE20K."""
-    _check_source(source, num_classes)
-    if source == "ade20k":
-        return ADE20K_NUM_CLASSES
-    return SYNTHETIC_NUM_CLASSES if num_classes is None else num_classes
-
-
-def _check_source(source, num_classes):
-    if source not in _SOURCES:
-        raise ValueError(f"Unknown segmentation source {source!r}; use one of {_SOURCES}.")
-    if source == "ade20k" and num_classes not in (None, ADE20K_NUM_CLASSES):
-        raise ValueError(
-            f"num_classes={num_classes} with source='ade20k': ADE20K has 150 classes; "
-            "num_classes only configures source='synthetic'."
-        )
 
 
 def _split_records(
@@ -58,7 +42,7 @@ def _split_records(
     Returns (records dataset, number of records, decode) where decode(record) gives
     {"image": uint8 [H, W, 3], "label": uint8 [H, W] raw, "name": string}.
     """
-    _check_source(source, num_classes)
+    check_source(source, num_classes)
     if source == "ade20k":
         builder = ade20k.load_ade20k_builder(data_dir=data_dir, manual_dir=manual_dir)
         split_name = tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[

@@ -6,8 +6,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mae_jax.core import config as core_config
-
-ADE20K_NUM_CLASSES = 150
+from mae_jax.data.seg_sources import ADE20K_NUM_CLASSES
 
 
 def defaults() -> ml_collections.ConfigDict:

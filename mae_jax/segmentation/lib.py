@@ -50,6 +50,16 @@ def model_spec(config: ml_collections.ConfigDict, num_classes: int) -> ModelSpec
     })
 
 
+def lr_schedule(config) -> optax.Schedule:
+    """mmseg's poly decay after a linear warmup; 0 throughout with eval_only."""
+    if config.eval_only:
+        return optax.constant_schedule(0.0)
+    return optim.warmup_poly_schedule(
+        peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+        power=config.poly_power, min_lr=config.min_lr,
+    )
+
+
 def create_tx(config, params, schedule) -> optax.GradientTransformation:
     """AdamW with mmseg's layer-wise lr decay over the backbone blocks."""
     scales = optim.layer_decay_scales(
@@ -193,10 +203,7 @@ def train_and_evaluate(
                                             num_classes=config.data.num_classes)
     with Run(config, workdir, devices=devices) as run:
         # ------------------------------------------------------------- Model and state
-        schedule = optim.warmup_poly_schedule(
-            peak_lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
-            power=config.poly_power, min_lr=config.min_lr,
-        ) if not config.eval_only else optax.constant_schedule(0.0)
+        schedule = lr_schedule(config)
         spec = model_spec(config, num_classes)
         tx = create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param), schedule)
         graphdef, state, start_step = run.init_state(spec, tx)
