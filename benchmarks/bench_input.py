@@ -204,16 +204,24 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
         return tensor.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None,
                                                                                      None])
 
-    position = [0]
+    examples = cycled(paths, transform, BATCH)
 
     def next_batch():
-        batch = []
-        for _ in range(BATCH):
-            batch.append(transform(paths[position[0] % len(paths)]))
-            position[0] += 1
-        return torch.stack(batch) if torch is not None else np.stack(batch)
+        return (torch.stack if torch is not None else np.stack)(examples())
 
     return _measure(next_batch, seconds)
+
+
+def cycled(items: list, transform, batch: int):
+    """A function returning the next `batch` transformed items, cycling through `items`."""
+    position = [0]
+
+    def examples() -> list:
+        out = [transform(items[(position[0] + i) % len(items)]) for i in range(batch)]
+        position[0] += batch
+        return out
+
+    return examples
 
 
 # -------------------------------------------------------------- Orchestration
@@ -239,9 +247,7 @@ def _official_on(cores, folder, seconds) -> dict:
             for core in cores]
         for process in processes:
             results.append(json.loads(process.communicate()[0].strip().splitlines()[-1]))
-    return {"images": sum(r["images"] for r in results),
-            "wall_s": max(r["wall_s"] for r in results),
-            "cpu_s": sum(r["cpu_s"] for r in results)}
+    return summed(results)
 
 
 def _cpu_model() -> str:
@@ -255,17 +261,52 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+def base_parser(description: str, device_help: str, workers, data_flag: str):
+    """The options both input benchmarks take (each adds its --images), plus the hidden ones
+    of their worker processes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device_part", action="store_true",
-                        help="only the device part of the resize (no TensorFlow needed), on "
+                        help=f"only the device part ({device_help}; no TensorFlow needed) on "
                              "JAX's default device: JAX_PLATFORMS=cuda for a GPU")
-    parser.add_argument("--worker", choices=[*WORKERS, "resize"], help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
+    parser.add_argument(data_flag, help=argparse.SUPPRESS)
     parser.add_argument("--cores", default="0", help=argparse.SUPPRESS)
+    return parser
+
+
+def summed(results: list[dict]) -> dict:
+    """Worker processes run side by side (DataLoader workers): images and CPU time add up."""
+    return {"images": sum(r["images"] for r in results),
+            "wall_s": max(r["wall_s"] for r in results),
+            "cpu_s": sum(r["cpu_s"] for r in results)}
+
+
+def print_table(rows: dict, names: tuple[str, str, str], digits: int) -> None:
+    """rows: {cores label: [(ours A, ours B, official) measurements, one per round]}; names:
+    those three columns. Medians of img/s (wall and CPU), ratios over official, every round."""
+    print(f"| cores | {names[2]} | {names[0]} | ratio | {names[1]} | ratio |")
+    print("|---|---|---|---|---|---|")
+    for label, runs in rows.items():
+        medians = [[statistics.median(r["images"] / r[unit] for r in kind)
+                    for unit in ("wall_s", "cpu_s")] for kind in zip(*runs, strict=True)]
+        official = medians[2]
+        cells = [f"{official[0]:.{digits}f} ({official[1]:.{digits}f})"]
+        for wall, cpu in medians[:2]:
+            cells += [f"{wall:.{digits}f} ({cpu:.{digits}f})",
+                      f"{wall / official[0]:.2f}x ({cpu / official[1]:.2f}x)"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"\nAll rounds (img/s wall, {names[2]} / {names[0]} / {names[1]}): " + "; ".join(
+        f"{label}: " + ", ".join("/".join(f"{r['images'] / r['wall_s']:.{digits}f}"
+                                          for r in (f, a, b)) for a, b, f in runs)
+        for label, runs in rows.items()))
+
+
+def main() -> None:
+    parser = base_parser(__doc__.split("\n")[0], "the resize and flip", [*WORKERS, "resize"],
+                         "--folder")
+    parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
     args = parser.parse_args()
     if args.device_part:
         cost = device_resize_cost(args.seconds)
@@ -307,20 +348,8 @@ def main() -> None:
     print(f"img/s of wall time (img per CPU-second in brackets); ratio = / official. 'resize "
           f"on device': the host part of device_resize_canvas={CANVAS} (decode the crop window, "
           "pad it into the canvas).\n")
-    print("| cores | official transform | ours, resize on host | ratio | ours, resize on device "
-          "(host part) | ratio |")
-    print("|---|---|---|---|---|---|")
-    for label, runs in rows.items():
-        ours, device, official = ([statistics.median(r["images"] / r[unit] for r in kind)
-                                   for unit in ("wall_s", "cpu_s")]
-                                  for kind in zip(*runs, strict=True))
-        print(f"| {label} | {official[0]:.0f} ({official[1]:.0f}) | {ours[0]:.0f} ({ours[1]:.0f}) "
-              f"| {ours[0] / official[0]:.2f}x ({ours[1] / official[1]:.2f}x) | {device[0]:.0f} "
-              f"({device[1]:.0f}) | {device[0] / official[0]:.2f}x "
-              f"({device[1] / official[1]:.2f}x) |")
-    print("\nAll rounds (img/s wall, official / ours / ours resize on device): " + "; ".join(
-        f"{label}: " + ", ".join("/".join(f"{r['images'] / r['wall_s']:.0f}" for r in (f, o, d))
-                                 for o, d, f in runs) for label, runs in rows.items()))
+    print_table(rows, ("ours, resize on host", "ours, resize on device (host part)",
+                       "official transform"), digits=0)
     print(f"\nDevice part (resize {CANVAS} px canvas -> {SIZE} px + flip, `make_canvas_fn`): "
           f"{resize_cost['ms_per_image']:.2f} ms per image on one core of this CPU "
           f"(synthetic canvases); "

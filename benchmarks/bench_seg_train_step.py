@@ -4,8 +4,9 @@ The step is the one `segment.py` runs: MAE ViT + UPerNet (`MAESegmenter` built b
 `mae_jax.segmentation.lib.model_spec`), decode + aux_weight x auxiliary cross-entropy
 (`make_loss_fn`), AdamW with mmseg's layer-wise lr decay (`create_tx`), jitted by `compile_step`
 over a data-parallel mesh of every device, with the state donated. The batch is synthetic and
-lives on the device (uint8 images, int32 labels with 10% ignored pixels), so the input pipeline
-is not measured here (`bench_input.py` is).
+lives on the device (uint8 images, uint8 labels with 10% ignored pixels and, as segment.py ships
+with `data.device_photometric`, the photometric distortion's parameters: the step applies it),
+so the input pipeline is not measured here (`bench_seg_input.py` is).
 
     python benchmarks/bench_seg_train_step.py                    # CPU: configs/seg_demo.py's model
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \\
@@ -131,12 +132,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     size, batch_size = config.model.image_size, config.batch_size
 
     def make_batch(key):
-        image_key, label_key, ignore_key = jax.random.split(key, 3)
+        image_key, label_key, ignore_key, photometric_key = jax.random.split(key, 4)
         shape = (batch_size, size, size)
         labels = jax.random.randint(label_key, shape, 0, num_classes)
         ignored = jax.random.uniform(ignore_key, shape) < 0.1
-        return {"image": jax.random.randint(image_key, (*shape, 3), 0, 256).astype(jnp.uint8),
-                "label": jnp.where(ignored, 255, labels).astype(jnp.int32)}
+        batch = {"image": jax.random.randint(image_key, (*shape, 3), 0, 256).astype(jnp.uint8),
+                 "label": jnp.where(ignored, 255, labels).astype(jnp.uint8)}
+        if config.data.device_photometric:  # every distortion on (PARAMS order), whole crops
+            batch["photometric"] = jnp.concatenate([
+                jax.random.uniform(photometric_key, (batch_size, 7), minval=0.5, maxval=1.5),
+                jnp.full((batch_size, 2), size, jnp.float32)], axis=1)
+        return batch
 
     batch = jax.jit(make_batch, out_shardings=sharding_lib.batch_sharding(mesh))(
         jax.random.PRNGKey(1))

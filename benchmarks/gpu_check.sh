@@ -51,6 +51,10 @@ timeout 60 python3 benchmarks/bench_on_device.py --batch_size 256 --dtype bfloat
 #    canvases; the host part needs TensorFlow: measured on CPU machines by bench_input.py).
 JAX_PLATFORMS=cuda timeout 40 python3 benchmarks/bench_input.py --device_part --seconds 5 \
   2>&1 | tee "$OUT/input_device_part.txt"
+#    And the segmentation input's device part: photometric distortion + normalisation of
+#    16 crops of 512 x 512 (the host part: bench_seg_input.py on CPU machines).
+JAX_PLATFORMS=cuda timeout 40 python3 benchmarks/bench_seg_input.py --device_part --seconds 5 \
+  2>&1 | tee -a "$OUT/input_device_part.txt"
 
 # 6. Segmentation evaluation (ViT-B UPerNet, ADE20K's sliding-window protocol), fixed-canvas
 #    path only (the per-image "before" path compiles per size: minutes).

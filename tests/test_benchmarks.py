@@ -100,6 +100,8 @@ sys.path.insert(0, {os.path.join(REPO, "benchmarks")!r})
 import bench_seg_train_step  # segment.py's step and the segmentation library: no TF either
 seg = bench_seg_train_step
 seg.load_config(seg.parse_args(["--config", "configs/ade20k_base.py"]))
+import bench_seg_input  # its --device_part runs on the GPU machine
+import mae_jax.data.photometric
 """
     # Unoptimised XLA code compiles ~3x faster; this test checks imports, not speed.
     fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -116,7 +116,7 @@ def test_ade20k_train_batches_are_reduced_padded_and_typed(prepared):
     )
     batch = next(batches)
     assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.uint8
-    assert batch["label"].shape == (4, 64, 64) and batch["label"].dtype == np.int32
+    assert batch["label"].shape == (4, 64, 64) and batch["label"].dtype == np.uint8
     labels = batch["label"]
     assert np.all((labels == 255) | ((labels >= 0) & (labels < 150)))
     # Images are at most 32 pixels on the short side, so the crop's far corner is padding: the

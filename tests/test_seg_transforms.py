@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mae_jax.data import photometric
 from mae_jax.data import seg_transforms as st
-from mae_jax.data.constants import IMAGENET_STD, normalize_uint8
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8, IMAGENET_STD, normalize_uint8
 
 # Cube corners: no colour is a blend of the others, so a bilinear blend never looks "pure".
 CORNERS = np.array(
@@ -178,7 +179,7 @@ def test_train_transform_flips_image_and_label_together():
         out_label = out_label.numpy()
         colours = _pixels(out_image)
         np.testing.assert_array_equal(colours, CORNERS[out_label])
-        steps = np.diff(out_label[0])
+        steps = np.diff(out_label[0].astype(int))
         assert np.all(steps >= 0) or np.all(steps <= 0)
         directions.add(bool(np.all(steps >= 0)))
     assert directions == {True, False}
@@ -191,7 +192,7 @@ def test_train_transform_pads_small_images_with_the_mean_colour_and_ignore():
         image, raw, seed=_seed(0), crop_size=32, scale=(32, 16), ratio_range=(1.0, 1.0)
     )
     assert out_image.shape == (32, 32, 3) and out_image.dtype == tf.uint8
-    assert out_label.shape == (32, 32) and out_label.dtype == tf.int32
+    assert out_label.shape == (32, 32) and out_label.dtype == tf.uint8
     out_image, out_label = out_image.numpy(), out_label.numpy()
     assert np.all(out_label[16:] == 255) and np.all(out_label[:, 16:] == 255)
     # mmseg pads the normalised image with 0: after normalize_uint8 the uint8 padding is 0 to
@@ -228,3 +229,67 @@ def test_eval_transform_resizes_image_and_keeps_label_at_original_size():
     out_image, out_label = st.eval_transform(image, raw, scale=(64, 32))
     assert out_image.shape == (32, 51, 3) and out_image.dtype == tf.uint8  # 64 * 32 / 40 = 51.2
     np.testing.assert_array_equal(out_label.numpy(), np.where(raw == 0, 255, raw.astype(int) - 1))
+
+
+def _stepwise_train_transform(image, raw, seed, crop, scale):
+    """mmseg's train pipeline as the separate steps run it (each pinned on its own: rescale and
+    label resize against OpenCV, the crop rule, photometric against mmseg + OpenCV): reduce,
+    rescale the whole image and label, crop, flip, distort, pad (numpy)."""
+    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    label = st.reduce_zero_label(tf.constant(raw))
+    image, label = st.random_rescale(image, label, seed=seeds[0], scale=scale)
+    image, label = st.random_crop_with_category_ratio(image, label, crop_size=crop, seed=seeds[1])
+    image, label = image.numpy(), label.numpy()
+    if tf.random.stateless_uniform([], seeds[2]) < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    image = st.photometric_distortion(np.ascontiguousarray(image), seed=seeds[3]).numpy()
+    out_image = np.empty((crop, crop, 3), np.uint8)
+    out_image[:] = IMAGENET_MEAN_UINT8
+    out_label = np.full((crop, crop), 255, np.uint8)
+    out_image[: image.shape[0], : image.shape[1]] = image
+    out_label[: label.shape[0], : label.shape[1]] = label
+    return out_image, out_label
+
+
+def test_train_transform_equals_the_steps_run_one_after_another():
+    """train_transform computes only what the crop keeps (label windows picked from the original
+    label, the image rounded only inside the crop): equal to the whole-image steps, exactly, with
+    the distortion on the host or (device_photometric) applied by the accelerator's
+    photometric.apply_photometric. Scenes from 40x56 to 96x72 at scale (96, 48) / (48, 24) and
+    ratios 0.5-2: crops cut from larger images and padded smaller ones, failed crop tries."""
+    transform = st.train_transform  # eagerly: tracing each shape would cost ~20x more
+    padded = 0
+    for i in range(16):
+        image, raw = _block_scene(i, height=(40, 96)[i % 2], width=(56, 72)[i % 3 % 2])
+        crop, scale = 32, ((96, 48), (48, 24))[i % 4 // 2]
+        expected = _stepwise_train_transform(image, raw, _seed(i), crop, scale)
+        out = transform(image, raw, seed=_seed(i), crop_size=crop, scale=scale)
+        np.testing.assert_array_equal(out[0].numpy(), expected[0], err_msg=f"example {i}")
+        np.testing.assert_array_equal(out[1].numpy(), expected[1], err_msg=f"example {i}")
+        undistorted, label, params = transform(image, raw, seed=_seed(i), crop_size=crop,
+                                               scale=scale, device_photometric=True)
+        np.testing.assert_array_equal(label.numpy(), expected[1])
+        on_device = photometric.apply_photometric(undistorted.numpy()[None], params.numpy()[None])
+        np.testing.assert_array_equal(np.asarray(on_device)[0], expected[0])
+        padded += bool(np.any(expected[1][-1] == 255) and params.numpy()[-2] < crop)
+    assert padded >= 2
+
+
+def test_resize_image_window_equals_the_window_of_the_whole_resize():
+    """resize_image_window (a window of TF's bilinear resize, computed alone when the resized
+    image is large) vs resize_image(...)[window]: exact, for shrinking and enlarging, windows
+    at the borders and inside, both code paths."""
+    rng = np.random.default_rng(0)
+    paths = set()
+    for _ in range(24):
+        height, width = rng.integers(20, 90, 2)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        scaled = np.array([height, width]) * rng.uniform(0.4, 2.5)
+        size = tuple(int(s) for s in np.maximum(scaled, 1))
+        crop_h, crop_w = min(size[0], int(rng.integers(8, 40))), min(size[1], 32)
+        top, left = rng.integers(0, size[0] - crop_h + 1), rng.integers(0, size[1] - crop_w + 1)
+        window = st.resize_image_window(tf.constant(image), size, top, left, crop_h, crop_w)
+        expected = st.resize_image(tf.constant(image), size)[top:top + crop_h, left:left + crop_w]
+        np.testing.assert_array_equal(window.numpy(), expected.numpy())
+        paths.add(size[0] * size[1] > st._WINDOW_ONLY_AREA * crop_h * crop_w)
+    assert paths == {True, False}

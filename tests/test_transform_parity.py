@@ -19,7 +19,7 @@ import tensorflow as tf
 import torch
 from PIL import Image
 
-from mae_jax.data import image_ops, on_device
+from mae_jax.data import image_ops, on_device, photometric
 from mae_jax.data import seg_transforms as st
 
 
@@ -283,33 +283,73 @@ def test_hue_equals_mmseg_opencv_round_trip(delta):
     np.testing.assert_array_equal(st.adjust_hue(tf.constant(image), delta).numpy(), expected)
 
 
+def _mmseg_photometric(image, seed):
+    """mmseg's PhotoMetricDistortion.__call__ written out (brightness; contrast first if mode 1;
+    saturation; hue; contrast last if mode 0) on uint8 RGB `image`, fed the parameters our
+    `seed` draws (read from the same stateless draws)."""
+    u = tf.random.stateless_uniform([10], seed).numpy()
+    apply = u[:5] < 0.5
+    beta = float(np.float32(32) * (np.float32(2) * u[5] - np.float32(1)))
+    alpha = float(np.float32(0.5) + np.float32(1.0) * u[6])
+    saturation = float(np.float32(0.5) + np.float32(1.0) * u[7])
+    delta = int(np.floor(u[8] * 36)) - 18
+    img = _rgb(image)  # mmseg works on BGR
+    if apply[0]:
+        img = _mmseg_convert(img, beta=beta)
+    if apply[4] and apply[1]:
+        img = _mmseg_convert(img, alpha=alpha)
+    if apply[2]:
+        img = _mmseg_saturation(img, saturation)
+    if apply[3]:
+        img = _mmseg_hue(img, delta)
+    if not apply[4] and apply[1]:
+        img = _mmseg_convert(img, alpha=alpha)
+    return _rgb(img)
+
+
 def test_photometric_distortion_equals_mmseg_given_the_same_draws():
-    """The whole seg_transforms.photometric_distortion vs mmseg's PhotoMetricDistortion.__call__
-    written out (brightness; contrast first if mode 1; saturation; hue; contrast last if mode
-    0), fed the parameters our seed draws (read from the same stateless draws): exact, for 24
+    """The whole seg_transforms.photometric_distortion vs `_mmseg_photometric`: exact, for 24
     seeds covering every on / off combination that occurs."""
     image = _test_image()
     for i in range(24):
         seed = tf.constant([i, 9], tf.int64)
-        u = tf.random.stateless_uniform([10], seed).numpy()
-        apply = u[:5] < 0.5
-        beta = float(np.float32(32) * (np.float32(2) * u[5] - np.float32(1)))
-        alpha = float(np.float32(0.5) + np.float32(1.0) * u[6])
-        saturation = float(np.float32(0.5) + np.float32(1.0) * u[7])
-        delta = int(np.floor(u[8] * 36)) - 18
-        img = _rgb(image)  # mmseg works on BGR
-        if apply[0]:
-            img = _mmseg_convert(img, beta=beta)
-        if apply[4] and apply[1]:
-            img = _mmseg_convert(img, alpha=alpha)
-        if apply[2]:
-            img = _mmseg_saturation(img, saturation)
-        if apply[3]:
-            img = _mmseg_hue(img, delta)
-        if not apply[4] and apply[1]:
-            img = _mmseg_convert(img, alpha=alpha)
         ours = st.photometric_distortion(tf.constant(image), seed=seed).numpy()
-        np.testing.assert_array_equal(ours, _rgb(img), err_msg=f"seed {i}")
+        np.testing.assert_array_equal(ours, _mmseg_photometric(image, seed), err_msg=f"seed {i}")
+
+
+def test_device_hsv_conversions_equal_opencv_on_every_value():
+    """photometric.rgb_to_hsv / hsv_to_rgb (JAX, run on the accelerator) vs cv2.cvtColor on
+    ALL 2^24 RGB colours and ALL 180 x 256 x 256 HSV triples (rows of 256 pixels: OpenCV's
+    vector path throughout): exact."""
+    values = np.arange(256, dtype=np.uint8)
+    rgb = np.stack(np.meshgrid(values, values, values, indexing="ij"), -1).reshape(-1, 256, 3)
+    h, s, v = jax.jit(photometric.rgb_to_hsv)(rgb)
+    np.testing.assert_array_equal(np.stack([h, s, v], -1).astype(np.uint8),
+                                  cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV))
+    hsv = rgb[: 180 * 256]  # every (H < 180, S, V)
+    ours = jax.jit(photometric.hsv_to_rgb)(*(hsv[..., i].astype(np.int32) for i in range(3)))
+    np.testing.assert_array_equal(np.asarray(ours), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+
+
+def test_device_photometric_distortion_equals_mmseg_and_keeps_the_padding():
+    """photometric.apply_photometric on a batch, with the parameters the host draws
+    (seg_transforms.photometric_params: the same seeds as above) vs `_mmseg_photometric` of
+    the whole image (OpenCV's vector path, pixel by pixel) inside each crop: exact; the padding
+    (outside each crop's height x width) is left as it was."""
+    image = _test_image()
+    seeds = [tf.constant([i, 9], tf.int64) for i in range(24)]
+    crops = [(64, 96), (40, 96), (64, 50), (17, 33)]
+    batch = np.repeat(image[None], len(seeds), axis=0)
+    params = np.stack([np.concatenate([st.photometric_params(seed).numpy(),
+                                       crops[i % len(crops)]]) for i, seed in enumerate(seeds)])
+    out = np.asarray(jax.jit(photometric.apply_photometric)(batch, params.astype(np.float32)))
+    for i, seed in enumerate(seeds):
+        height, width = crops[i % len(crops)]
+        expected = image.copy()
+        expected[:height, :width] = _mmseg_photometric(image, seed)[:height, :width]
+        np.testing.assert_array_equal(out[i], expected, err_msg=f"seed {i}")
+        np.testing.assert_array_equal(out[i][height:], image[height:])
+        np.testing.assert_array_equal(out[i][:, width:], image[:, width:])
 
 
 # ------------------------------------------------------------------ JPEG decoding

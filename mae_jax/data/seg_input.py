@@ -118,14 +118,20 @@ def create_seg_train_iterator(
     flip=True,
     photometric=True,
     shuffle_buffer=4096,
+    threads=None,
+    device_photometric=False,
 ):
     """Infinite iterator of this process's train batches, mmseg's ADE20K train pipeline.
 
     source: "ade20k" (data_dir = prepared TFDS dir; manual_dir prepares it if needed) or
     "synthetic" (num_classes, image_size, num_examples, scene_seed configure the scenes).
-    Yields {"image": uint8 [B, crop, crop, 3] (padding: the mean colour), "label": int32
-    [B, crop, crop] (255 = ignore)} with B = global_batch_size / process_count. start_step=k
-    yields what a fresh iterator yields from its k-th batch on.
+    Yields {"image": uint8 [B, crop, crop, 3] (padding: the mean colour), "label": uint8
+    [B, crop, crop] (255 = ignore; the loss casts it on device)} with B = global_batch_size /
+    process_count. start_step=k yields what a fresh iterator yields from its k-th batch on.
+    threads: size of a private tf.data thread pool (None: TF's shared one, all cores).
+    device_photometric=True (with photometric): the photometric distortion is left to the
+    accelerator; batches also hold "photometric": float32 [B, 9], its parameters, for
+    `mae_jax.data.photometric.apply_photometric` (which gives the host path's images exactly).
     """
     process_index, process_count = check_process(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count)
@@ -150,7 +156,7 @@ def create_seg_train_iterator(
 
     def transform(example_seed, record):
         example = decode(record)
-        image, label = seg_transforms.train_transform(
+        out = seg_transforms.train_transform(
             example["image"],
             example["label"],
             seed=example_seed,
@@ -160,15 +166,16 @@ def create_seg_train_iterator(
             cat_max_ratio=cat_max_ratio,
             flip=flip,
             photometric=photometric,
+            device_photometric=device_photometric,
         )
-        return {"image": image, "label": label}
+        return dict(zip(("image", "label", "photometric"), out, strict=False))
 
-    dataset = (
-        stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(local_batch, drop_remainder=True)
-        .prefetch(2)
-    )
-    return dataset.as_numpy_iterator()
+    dataset = stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    if threads:
+        options.threading.private_threadpool_size = threads
+    dataset = dataset.batch(local_batch, drop_remainder=True).with_options(options)
+    return dataset.prefetch(2).as_numpy_iterator()
 
 
 def seg_eval_examples(

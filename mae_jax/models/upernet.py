@@ -300,7 +300,8 @@ class UPerNetHeads(nnx.Module):
 def segmentation_loss(
     logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255, avg_non_ignore: bool = False
 ) -> jax.Array:
-    """logits: [B, h, w, K] (any resolution), labels: [B, H, W] int -> scalar cross-entropy.
+    """logits: [B, h, w, K] (any resolution), labels: [B, H, W] integer (uint8 from the input
+    pipeline) -> scalar cross-entropy.
 
     Logits are resized bilinearly (align_corners False) to the label size first. Pixels equal
     to `ignore_index` contribute 0. mmseg's CrossEntropyLoss (avg_non_ignore=False, the MAE
@@ -312,6 +313,7 @@ def segmentation_loss(
             f"expected logits [B, h, w, K] and labels [B, H, W]; got {logits.shape}, {labels.shape}"
         )
     logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+    labels = labels.astype(jnp.int32)  # the input pipeline ships uint8
     valid = labels != ignore_index
     per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
     total = jnp.sum(jnp.where(valid, per_pixel, 0.0))

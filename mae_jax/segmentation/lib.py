@@ -22,6 +22,7 @@ from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import make_train_step
 from mae_jax.data.constants import normalize_uint8
+from mae_jax.data.photometric import apply_photometric
 from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.models.upernet import segmentation_loss
 from mae_jax.segmentation.config import check_config
@@ -83,7 +84,10 @@ def make_loss_fn(aux_weight: float):
     """loss_fn(model, batch, rng): decode + aux_weight * auxiliary cross-entropy (mmseg)."""
 
     def loss_fn(model, batch, rng):
-        images = normalize_uint8(batch["image"])
+        images = batch["image"]
+        if "photometric" in batch:  # left to the device by the input pipeline
+            images = apply_photometric(images, batch["photometric"])
+        images = normalize_uint8(images)
         logits, aux_logits = model(images, train=True, rngs=nnx.Rngs(dropout=rng))
         decode_loss = segmentation_loss(logits, batch["label"])
         aux_loss = segmentation_loss(aux_logits, batch["label"])
@@ -228,6 +232,7 @@ def train_and_evaluate(
             seed=config.seed,
             start_step=start_step,
             ratio_range=tuple(config.data.ratio_range),
+            device_photometric=config.data.device_photometric,
         )
         step_fn = make_train_step(graphdef, make_loss_fn(config.aux_weight), tx, schedule)
         results: dict[str, Any] = {}
