@@ -198,6 +198,44 @@ def test_ade20k_train_iterator_resumes_exactly(prepared):
     np.testing.assert_array_equal(resumed["label"], batches[2]["label"])
 
 
+def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path, caplog):
+    """A truncated JPEG and a truncated PNG label in the release: TFDS prepares them (it keeps
+    the bytes), and decoding them raises. Each such example becomes the fill (the mean colour,
+    every label pixel ignored, so it adds nothing to the loss; photometric parameters that
+    change nothing), the run goes on, the file is named in a warning, and a resumed iterator
+    gives the same batches (the stream is unchanged)."""
+    release = tmp_path / "manual" / "ADEChallengeData2016"
+    for folder in SIZES:
+        for stem, jpeg, png, _ in _fake_pairs(folder):
+            if stem == "ADE_train_00000002":
+                jpeg = jpeg[: len(jpeg) // 3]
+            if stem == "ADE_train_00000004":
+                png = png[: len(png) // 2]
+            for kind, suffix, data in (("images", "jpg", jpeg), ("annotations", "png", png)):
+                path = release / kind / folder / f"{stem}.{suffix}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+    data_dir = tmp_path / "tfds"
+    ade20k.prepare_ade20k(data_dir=data_dir, manual_dir=tmp_path / "manual")
+    options = dict(source="ade20k", data_dir=data_dir, global_batch_size=2, crop_size=16,
+                   seed=1, process_index=0, process_count=1, scale=(64, 32),
+                   device_photometric=True)
+    iterator = seg_input.create_seg_train_iterator(**options)
+    with caplog.at_level("WARNING"):
+        batches = [next(iterator) for _ in range(4)]  # two epochs of the 4 training pairs
+    filled = [(batch["label"][i] == 255).all() for batch in batches for i in range(2)]
+    assert sum(filled) == 4  # 2 bad files x 2 epochs
+    for batch in batches:
+        for i in np.flatnonzero((batch["label"] == 255).all(axis=(1, 2))):
+            assert (batch["image"][i] == IMAGENET_MEAN_UINT8).all()
+            np.testing.assert_array_equal(batch["photometric"][i], [0, 1, 0, 1, 0, 0, 1, 16, 16])
+    assert iterator.undecodable == {"ADE_train_00000002", "ADE_train_00000004"}
+    assert "ADE_train_00000002" in caplog.text and "every pixel ignored" in caplog.text
+    resumed = next(seg_input.create_seg_train_iterator(**options, start_step=3))
+    for key in ("image", "label", "photometric"):
+        np.testing.assert_array_equal(resumed[key], batches[3][key])
+
+
 def test_train_iterator_gives_each_process_its_own_share():
     first = next(_synthetic_iterator(process_index=0, process_count=2))
     second = next(_synthetic_iterator(process_index=1, process_count=2))

@@ -11,6 +11,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mae_jax.data import ade20k, image_ops, seg_transforms, synthetic_scenes
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8
+from mae_jax.data.decodable import Batches, no_autograph
 from mae_jax.data.seg_sources import (  # noqa: F401 - num_seg_classes: part of this API
     SYNTHETIC_NUM_CLASSES,
     check_source,
@@ -39,8 +41,9 @@ def _split_records(
 ):
     """This process's records of a split, cheap to skip and shuffle, plus a decode function.
 
-    Returns (records dataset, number of records, decode) where decode(record) gives
-    {"image": uint8 [H, W, 3], "label": uint8 [H, W] raw, "name": string}.
+    Returns (records dataset, number of records, decode, name) where decode(record) gives
+    {"image": uint8 [H, W, 3], "label": uint8 [H, W] raw, "name": string} and name(record)
+    the name alone (without decoding).
     """
     check_source(source, num_classes)
     if source == "ade20k":
@@ -65,7 +68,7 @@ def _split_records(
                 "name": record["file_name"],
             }
 
-        return records, size, decode
+        return records, size, decode, lambda record: record["file_name"]
 
     num_classes = SYNTHETIC_NUM_CLASSES if num_classes is None else num_classes
     synthetic_scenes.check_num_classes(num_classes)  # now, not inside the tf.data graph
@@ -82,19 +85,22 @@ def _split_records(
             int(index), num_classes=num_classes, image_size=(height, width), seed=split_seed
         )
 
+    def name(index):
+        return tf.strings.join(
+            [f"synthetic_{split}_", tf.strings.as_string(index, width=5, fill="0")]
+        )
+
     def decode(index):
         # Scenes are generated on demand: scene i depends only on (seed, i).
         image, label = tf.numpy_function(generate, [index], (tf.uint8, tf.uint8), stateful=False)
-        name = tf.strings.join(
-            [f"synthetic_{split}_", tf.strings.as_string(index, width=5, fill="0")]
-        )
         return {
             "image": tf.ensure_shape(image, [height, width, 3]),
             "label": tf.ensure_shape(label, [height, width]),
-            "name": name,
+            "name": name(index),
         }
 
-    return tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64)), len(indices), decode
+    records = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
+    return records, len(indices), decode, name
 
 
 def create_seg_train_iterator(
@@ -132,10 +138,14 @@ def create_seg_train_iterator(
     device_photometric=True (with photometric): the photometric distortion is left to the
     accelerator; batches also hold "photometric": float32 [B, 9], its parameters, for
     `mae_jax.data.photometric.apply_photometric` (which gives the host path's images exactly).
+    An image or label that does not decode (a truncated file: TFDS keeps the bytes it was given)
+    costs only its slot, filled with the mean colour and every pixel ignored (nothing for the
+    loss); it is named in a warning (`Batches.undecodable`), and the stream, hence exact resume,
+    does not change.
     """
     process_index, process_count = check_process(process_index, process_count)
     local_batch = local_batch_size(global_batch_size, process_count)
-    records, size, decode = _split_records(
+    records, size, decode, name = _split_records(
         source,
         "train",
         data_dir=data_dir,
@@ -170,12 +180,43 @@ def create_seg_train_iterator(
         )
         return dict(zip(("image", "label", "photometric"), out, strict=False))
 
-    dataset = stream.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    mean = tf.constant(IMAGENET_MEAN_UINT8, tf.uint8)
+    fill = {"image": tf.broadcast_to(mean, [crop_h, crop_w, 3]),
+            "label": tf.fill([crop_h, crop_w], tf.constant(seg_transforms.IGNORE_INDEX, tf.uint8))}
+    if photometric and device_photometric:  # nothing to distort: every step off
+        fill["photometric"] = tf.constant([0, 1, 0, 1, 0, 0, 1, crop_h, crop_w], tf.float32)
+
+    @no_autograph
+    def decode_batch(seeds, records):
+        """One batch, each example on its own so that an undecodable file (raising inside the
+        transform) costs only its slot: the fill, every pixel ignored (the stream, hence exact
+        resume, is unchanged). One map instance per batch, not per example."""
+        size = tf.shape(seeds)[0]
+        examples = tf.data.Dataset.from_tensor_slices((tf.range(size), seeds, records))
+        done = examples.map(no_autograph(lambda j, seed, record: (j, transform(seed, record))))
+        done = done.ignore_errors()
+        # The fill closes the batch: failed slots point at it.
+        positions, got = done.concatenate(tf.data.Dataset.from_tensors(
+            (tf.constant(-1), fill))).batch(local_batch + 1).get_single_element()
+        found = tf.shape(positions)[0] - 1
+        slot = tf.tensor_scatter_nd_update(tf.fill([size], found), positions[:found, None],
+                                           tf.range(found))
+        batch = tf.cond(found == size, lambda: {k: v[:size] for k, v in got.items()},
+                        lambda: {k: tf.gather(v, slot) for k, v in got.items()})
+        failed = slot == found
+        batch["attempts"] = tf.cast(failed, tf.int32)
+        batch["failed"] = tf.where(failed, name(records), "")[:, None]  # names: elementwise
+        return batch
+
+    dataset = stream.batch(local_batch, drop_remainder=True).map(
+        decode_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
+    options.deterministic = True
     if threads:
         options.threading.private_threadpool_size = threads
-    dataset = dataset.batch(local_batch, drop_remainder=True).with_options(options)
-    return dataset.prefetch(2).as_numpy_iterator()
+    return Batches(dataset.with_options(options).prefetch(2), what=f"{source} training split",
+                   filled_by="the mean colour with every pixel ignored")
 
 
 def seg_eval_examples(
@@ -198,7 +239,7 @@ def seg_eval_examples(
     [H, W] at the ORIGINAL size (reduced, 255 = ignore), "name": str}. limit keeps the first
     `limit` examples; process_index / process_count split them without overlap (default: all).
     """
-    records, _, decode = _split_records(
+    records, _, decode, _ = _split_records(
         source,
         "validation",
         data_dir=data_dir,
