@@ -203,7 +203,8 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     the bytes), and decoding them raises. Each such example becomes the fill (the mean colour,
     every label pixel ignored, so it adds nothing to the loss; photometric parameters that
     change nothing), the run goes on, the file is named in a warning, and a resumed iterator
-    gives the same batches (the stream is unchanged)."""
+    gives the same batches (the stream is unchanged). A damaged validation image stops the
+    evaluation with an error naming it."""
     release = tmp_path / "manual" / "ADEChallengeData2016"
     for folder in SIZES:
         for stem, jpeg, png, _ in _fake_pairs(folder):
@@ -211,6 +212,8 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
                 jpeg = jpeg[: len(jpeg) // 3]
             if stem == "ADE_train_00000004":
                 png = png[: len(png) // 2]
+            if stem == "ADE_val_00000002":
+                jpeg = jpeg[: len(jpeg) // 2]
             for kind, suffix, data in (("images", "jpg", jpeg), ("annotations", "png", png)):
                 path = release / kind / folder / f"{stem}.{suffix}"
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +237,11 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     resumed = next(seg_input.create_seg_train_iterator(**options, start_step=3))
     for key in ("image", "label", "photometric"):
         np.testing.assert_array_equal(resumed[key], batches[3][key])
+    # Evaluation cannot leave an image out without changing the metrics: it stops, naming it.
+    examples = seg_input.seg_eval_examples(source="ade20k", data_dir=data_dir)
+    assert next(examples)["name"] == "ADE_val_00000001"
+    with pytest.raises(ValueError, match="ADE_val_00000002 of ade20k does not decode"):
+        next(examples)
 
 
 def test_train_iterator_gives_each_process_its_own_share():

@@ -238,8 +238,10 @@ def seg_eval_examples(
     Yields {"image": uint8 [h, w, 3] resized to fit `scale`, "label": int32
     [H, W] at the ORIGINAL size (reduced, 255 = ignore), "name": str}. limit keeps the first
     `limit` examples; process_index / process_count split them without overlap (default: all).
+    An example that does not decode raises ValueError naming it (training skips such files,
+    evaluation cannot without changing the metrics).
     """
-    records, _, decode, _ = _split_records(
+    records, _, decode, name = _split_records(
         source,
         "validation",
         data_dir=data_dir,
@@ -261,9 +263,24 @@ def seg_eval_examples(
         image, label = seg_transforms.eval_transform(
             example["image"], example["label"], scale=scale
         )
-        return {"image": image, "label": label, "name": example["name"]}
+        return {"image": image, "label": label, "name": example["name"], "valid": True}
 
-    dataset = records.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    failed = {"image": tf.zeros([0, 0, 3], tf.uint8), "label": tf.zeros([0, 0], tf.int32),
+              "valid": False}
+
+    @no_autograph
+    def checked(record):  # an undecodable file gives valid False, not an error without a name
+        done = tf.data.Dataset.from_tensors(record).map(no_autograph(transform)).ignore_errors()
+        fallback = tf.data.Dataset.from_tensors({**failed, "name": name(record)})
+        return done.concatenate(fallback).take(1).get_single_element()
+
+    dataset = records.map(checked, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     for example in dataset.prefetch(2).as_numpy_iterator():
         example["name"] = example["name"].decode()
+        if not example.pop("valid"):
+            raise ValueError(
+                f"Validation image {example['name']} of {source} does not decode (its image or "
+                "its label file is damaged). Evaluation needs every image (leaving one out "
+                "would change the metrics): replace the file in the release and prepare the "
+                "data again (delete the prepared ade20k_semantic folder in data_dir).")
         yield example
