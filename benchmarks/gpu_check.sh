@@ -24,9 +24,10 @@ export CUDA_VISIBLE_DEVICES=0
 
 # 1. Parity with the official model on the GPU (float32, full-precision matmuls), and the
 #    hand-written derivatives (LayerNorm VJP, softmax JVP, XLA attention incl. bf16) there.
-#    tests/conftest.py defaults to the CPU, so name the GPU explicitly.
+#    tests/conftest.py defaults to the CPU, so name the GPU explicitly; `-o addopts=...`: one
+#    process (pyproject's `-n 2` would start two on one GPU, and needs pytest-xdist).
 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
-  timeout 100 python3 -m pytest -q -x tests/test_mae_parity.py tests/test_vit_options.py \
+  timeout 100 python3 -m pytest -o "addopts=-m 'not slow'" -q -x tests/test_mae_parity.py tests/test_vit_options.py \
   tests/test_fast_ops.py 2>&1 | tee "$OUT/parity.txt"
 
 # 2. Train step, JAX vs PyTorch, bfloat16, batch 256 (JAX attention: cuDNN fused kernel);

@@ -1,10 +1,13 @@
 """mmsegmentation's ADE20K transforms: label reduction, rescale, category-ratio crop, alignment."""
 
+import io
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
-from mae_jax.data import photometric
+from mae_jax.data import image_ops, photometric, seg_resize
 from mae_jax.data import seg_transforms as st
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8, IMAGENET_STD, normalize_uint8
 
@@ -255,8 +258,9 @@ def test_train_transform_equals_the_steps_run_one_after_another():
     """train_transform computes only what the crop keeps (label windows picked from the original
     label, the image rounded only inside the crop): equal to the whole-image steps, exactly, with
     the distortion on the host or (device_photometric) applied by the accelerator's
-    photometric.apply_photometric. Scenes from 40x56 to 96x72 at scale (96, 48) / (48, 24) and
-    ratios 0.5-2: crops cut from larger images and padded smaller ones, failed crop tries."""
+    photometric.apply_photometric, and from JPEG bytes as from their pixels. Scenes from 40x56 to
+    96x72 at scale (96, 48) / (48, 24) and ratios 0.5-2: crops cut from larger images and padded
+    smaller ones, failed crop tries."""
     transform = st.train_transform  # eagerly: tracing each shape would cost ~20x more
     padded = 0
     for i in range(16):
@@ -272,6 +276,12 @@ def test_train_transform_equals_the_steps_run_one_after_another():
         on_device = photometric.apply_photometric(undistorted.numpy()[None], params.numpy()[None])
         np.testing.assert_array_equal(np.asarray(on_device)[0], expected[0])
         padded += bool(np.any(expected[1][-1] == 255) and params.numpy()[-2] < crop)
+        # From JPEG bytes (decoded only where the crop reads them): as from the decoded pixels.
+        encoded = _encoded(image, "JPEG", quality=85)
+        from_bytes = transform(encoded, raw, seed=_seed(i), crop_size=crop, scale=scale)
+        from_pixels = transform(image_ops.decode_rgb(encoded), raw, seed=_seed(i),
+                                crop_size=crop, scale=scale)
+        np.testing.assert_array_equal(from_bytes[0].numpy(), from_pixels[0].numpy())
     assert padded >= 2
 
 
@@ -291,5 +301,18 @@ def test_resize_image_window_equals_the_window_of_the_whole_resize():
         window = st.resize_image_window(tf.constant(image), size, top, left, crop_h, crop_w)
         expected = st.resize_image(tf.constant(image), size)[top:top + crop_h, left:left + crop_w]
         np.testing.assert_array_equal(window.numpy(), expected.numpy())
-        paths.add(size[0] * size[1] > st._WINDOW_ONLY_AREA * crop_h * crop_w)
+        paths.add(size[0] * size[1] > seg_resize.WINDOW_ONLY_AREA * crop_h * crop_w)
+        # From the encoded bytes (a JPEG, 4:2:0 chroma, decoded only where the window reads
+        # it; a PNG, decoded whole): the same as from the whole decode.
+        for encoded in (_encoded(image, "JPEG", quality=90), _encoded(image, "PNG")):
+            decoded = image_ops.decode_rgb(tf.constant(encoded))
+            expected = st.resize_image(decoded, size)[top:top + crop_h, left:left + crop_w]
+            window = st.resize_image_window(tf.constant(encoded), size, top, left, crop_h, crop_w)
+            np.testing.assert_array_equal(window.numpy(), expected.numpy())
     assert paths == {True, False}
+
+
+def _encoded(image, format, **options):
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format=format, **options)
+    return out.getvalue()

@@ -89,10 +89,7 @@ def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)):
     def jpeg():
         shape = tf.image.extract_jpeg_shape(encoded)
         top, left, height, width = crop_box(seed, shape[0], shape[1], scale)
-        before = tf.minimum(left, _JPEG_EDGE)
-        after = tf.minimum(shape[1] - left - width, _JPEG_EDGE)
-        window = tf.stack([top, left - before, height, width + before + after])
-        wide = tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method=JPEG_DCT)
+        wide, before = _decode_jpeg_window(encoded, shape, top, left, height, width)
         return wide, before, width
 
     def other():
@@ -104,6 +101,38 @@ def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)):
     pixels, left, width = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     pixels.set_shape([None, None, 3])
     return pixels, left, width
+
+
+def _decode_jpeg_window(encoded, shape, top, left, height, width):
+    """Rows top .. top+height-1 of JPEG bytes (header size `shape`), columns left-before ..
+    left+width-1+after with up to _JPEG_EDGE more columns each side, decoded alone; returns
+    (pixels, before): pixels[:, before:before+width] equals the whole decode's window."""
+    before = tf.minimum(left, _JPEG_EDGE)
+    after = tf.minimum(shape[1] - left - width, _JPEG_EDGE)
+    window = tf.stack([top, left - before, height, width + before + after])
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3, dct_method=JPEG_DCT), before
+
+
+def decode_window(encoded: tf.Tensor, top, left, height, width):
+    """Image bytes -> (pixels [height, w, 3] uint8, first): pixels[:, first:first+width] are
+    rows top.. and columns left.. of the whole image. JPEG: only that window is decoded
+    (`_decode_jpeg_window`); other formats are decoded whole and their rows sliced."""
+    def jpeg():
+        return _decode_jpeg_window(encoded, tf.image.extract_jpeg_shape(encoded), top, left,
+                                   height, width)
+
+    def other():
+        return _decode_other(encoded)[top:top + height], left
+
+    pixels, first = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    pixels.set_shape([None, None, 3])
+    return pixels, first
+
+
+def image_shape(encoded: tf.Tensor) -> tf.Tensor:
+    """(height, width) of image bytes, int32 [2]: a JPEG's from its header (nothing decoded)."""
+    return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+                   lambda: tf.shape(_decode_other(encoded))[:2])
 
 
 # ---------------------------------------------------------------------- Resize

@@ -42,8 +42,9 @@ def _split_records(
     """This process's records of a split, cheap to skip and shuffle, plus a decode function.
 
     Returns (records dataset, number of records, decode, name) where decode(record) gives
-    {"image": uint8 [H, W, 3], "label": uint8 [H, W] raw, "name": string} and name(record)
-    the name alone (without decoding).
+    {"image": uint8 [H, W, 3], "label": uint8 [H, W] raw, "name": string} (decode(record,
+    keep_encoded=True): the image's bytes where it has them, for `train_transform` to decode
+    only its crop) and name(record) the name alone (without decoding).
     """
     check_source(source, num_classes)
     if source == "ade20k":
@@ -60,10 +61,10 @@ def _split_records(
         )
         size = builder.info.splits[split_name].num_examples
 
-        def decode(record):
+        def decode(record, keep_encoded=False):
             return {
                 # TFDS's own decoder uses TF's default (fast, inexact) JPEG DCT.
-                "image": image_ops.decode_rgb(record["image"]),
+                "image": record["image"] if keep_encoded else image_ops.decode_rgb(record["image"]),
                 "label": features["label"].decode_example(record["label"])[..., 0],
                 "name": record["file_name"],
             }
@@ -90,7 +91,8 @@ def _split_records(
             [f"synthetic_{split}_", tf.strings.as_string(index, width=5, fill="0")]
         )
 
-    def decode(index):
+    def decode(index, keep_encoded=False):
+        del keep_encoded  # generated scenes have no encoded form
         # Scenes are generated on demand: scene i depends only on (seed, i).
         image, label = tf.numpy_function(generate, [index], (tf.uint8, tf.uint8), stateful=False)
         return {
@@ -165,7 +167,7 @@ def create_seg_train_iterator(
     )
 
     def transform(example_seed, record):
-        example = decode(record)
+        example = decode(record, keep_encoded=True)
         out = seg_transforms.train_transform(
             example["image"],
             example["label"],
