@@ -1,4 +1,4 @@
-"""Segmentation input pipelines: ADE20K or synthetic scenes -> uint8 image, int32 label batches.
+"""Segmentation input pipelines: ADE20K or synthetic scenes -> uint8 image and label batches.
 
 Train batches come from the shared resumable stream of `mae_jax.data.stream` (batch k depends
 only on (seed, process, k)); each example's augmentation is seeded by it through stateless ops.
