@@ -3,8 +3,8 @@
 The host draws each example's parameters (`mae_jax.data.seg_transforms.photometric_params`, the
 same draws as the host-side distortion) and ships them with the uint8 crop; this applies them to
 the batch. Results equal `seg_transforms.photometric_distortion` bit for bit, hence OpenCV's
-uint8 HSV round trips as mmseg runs them (tests/test_photometric.py checks every HSV triple and
-whole batches against the TensorFlow ops that tests/test_transform_parity.py pins to OpenCV).
+uint8 HSV round trips as mmseg runs them (tests/test_transform_parity.py checks the conversions
+on every RGB colour and HSV triple against OpenCV, and whole batches against mmseg's steps).
 
 Per example the parameters are a float32 row (PARAMS order):
   beta            brightness offset (0: off; x + 0 leaves uint8 values as they are)
@@ -55,6 +55,11 @@ def _hsv_to_rgb_tables():
 
 
 _SECTOR, _ONE_MINUS_S, _ONE_MINUS_SF, _ONE_MINUS_S1F = _hsv_to_rgb_tables()
+
+
+def neutral_params(height: int, width: int) -> list[float]:
+    """A PARAMS row that leaves a height x width crop as it is (every step off)."""
+    return [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, height, width]
 
 
 def rgb_to_hsv(image):

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from mae_jax.data import ade20k, image_ops, seg_transforms, synthetic_scenes
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 from mae_jax.data.decodable import Batches, no_autograph
+from mae_jax.data.photometric import neutral_params
 from mae_jax.data.seg_sources import (  # noqa: F401 - num_seg_classes: part of this API
     SYNTHETIC_NUM_CLASSES,
     check_source,
@@ -187,7 +188,7 @@ def create_seg_train_iterator(
     fill = {"image": tf.broadcast_to(mean, [crop_h, crop_w, 3]),
             "label": tf.fill([crop_h, crop_w], tf.constant(seg_transforms.IGNORE_INDEX, tf.uint8))}
     if photometric and device_photometric:  # nothing to distort: every step off
-        fill["photometric"] = tf.constant([0, 1, 0, 1, 0, 0, 1, crop_h, crop_w], tf.float32)
+        fill["photometric"] = tf.constant(neutral_params(crop_h, crop_w), tf.float32)
 
     @no_autograph
     def decode_batch(seeds, records):

@@ -17,18 +17,23 @@ def resize_image(image: tf.Tensor, size) -> tf.Tensor:
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
 
-def resize_image_window(image: tf.Tensor, size, top, left, height, width) -> tf.Tensor:
+def resize_image_window(image: tf.Tensor, size, top, left, height, width,
+                        image_shape=None) -> tf.Tensor:
     """resize_image(image, size)[top:top+height, left:left+width], exactly, at less cost.
 
     image: [H, W, 3] uint8, or its encoded bytes (a string scalar: then a JPEG is decoded only
-    where the window reads it). When the resized image is much larger than the window, only
-    the window is computed: TF's bilinear kernel, written out as two separable passes (lerp
-    along rows of the source rows the window reads, then along columns), the same float
-    operations in the same order. Otherwise TF's kernel (faster per pixel) resizes the whole
-    image and only the window is rounded. Returns [height, width, 3] uint8.
+    where the window reads it); image_shape: its (H, W) when the caller has it already. When
+    the resized image is much larger than the window, only the window is computed: TF's
+    bilinear kernel, written out as two separable passes (lerp along rows of the source rows
+    the window reads, then along columns), the same float operations in the same order.
+    Otherwise TF's kernel (faster per pixel) resizes the whole image and only the window is
+    rounded. Returns [height, width, 3] uint8.
     """
     encoded = image.dtype == tf.string
-    shape = image_ops.image_shape(image) if encoded else tf.shape(image)[:2]
+    if image_shape is not None:
+        shape = image_shape
+    else:
+        shape = image_ops.image_shape(image) if encoded else tf.shape(image)[:2]
 
     def whole():
         pixels = image_ops.decode_rgb(image) if encoded else image

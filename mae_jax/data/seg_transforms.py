@@ -223,8 +223,8 @@ def train_transform(
                               message="the image and its label differ in size")
     # random_rescale, then random_crop_with_category_ratio, computing only what the crop keeps:
     # the label's nearest-neighbour resize picks source pixels, so each tried window is picked
-    # straight from the original label; the image is resized whole (TF's bilinear kernel is
-    # faster than any gather), but rounded to uint8 only inside the crop.
+    # straight from the original label; the image is resized for the crop window
+    # (`resize_image_window`).
     shape = tf.shape(label)
     size = random_rescale_size(shape[0], shape[1], seed=seeds[0], scale=scale,
                                ratio_range=ratio_range)
@@ -242,13 +242,13 @@ def train_transform(
         size[0], size[1], accept, crop_size=(crop_h, crop_w), seed=seeds[1],
         tries=cat_max_ratio < 1.0)
     label = reduce_zero_label(window(top, left, height, width))
-    image = resize_image_window(image, size, top, left, height, width)
+    image = resize_image_window(image, size, top, left, height, width, image_shape=image_size)
     if flip:  # tf.reverse: a negative-stride slice copies byte by byte (10x slower here)
         flipped = tf.random.stateless_uniform([], seeds[2]) < 0.5
         image = tf.cond(flipped, lambda: tf.reverse(image, [1]), lambda: image)
         label = tf.cond(flipped, lambda: tf.reverse(label, [1]), lambda: label)
     if photometric and device_photometric:
-        crop = tf.cast(tf.shape(label)[:2], tf.float32)
+        crop = tf.cast(tf.stack([height, width]), tf.float32)
         params = tf.concat([photometric_params(seeds[3]), crop], axis=0)
     elif photometric:
         image = photometric_distortion(image, seed=seeds[3])
