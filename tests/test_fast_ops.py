@@ -1,10 +1,10 @@
 """The hand-written derivatives behind the fast train step: LayerNorm's custom VJP, the
-output-only softmax JVP, the einsum XLA attention and the recomputed GELU.
+output-only softmax JVP, the einsum XLA attention, the recomputed GELU and Linear's VJP.
 
 Each is pinned against references we did not write: the forward against nnx.LayerNorm /
-jax.nn.softmax / jax.nn.dot_product_attention (same float32 bits where the operations are the
-same), the gradients against jax autodiff of the plain formulas and against torch autograd
-(torch.nn.functional.layer_norm / scaled_dot_product_attention / gelu).
+jax.nn.softmax / jax.nn.dot_product_attention / nnx.Linear (same float32 bits where the
+operations are the same), the gradients against jax autodiff of the plain formulas and against
+torch autograd (torch.nn.functional.layer_norm / scaled_dot_product_attention / gelu / linear).
 """
 
 import jax
@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from mae_jax.models.attention import attention, softmax, xla_attention
-from mae_jax.models.layers import LAYER_NORM_EPS, LayerNorm
+from mae_jax.models.layers import LAYER_NORM_EPS, LayerNorm, Linear
 from mae_jax.models.vit import gelu
 
 N, T, H, DH, D = 2, 7, 3, 8, 16
@@ -200,3 +200,45 @@ def test_recomputed_gelu_matches_torch_exact_gelu_and_its_gradient():
     xt = torch.tensor(np.asarray(x), requires_grad=True)
     (torch.nn.functional.gelu(xt) ** 2).sum().backward()
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dtype):
+    """layers.Linear (custom VJP) vs nnx.Linear with the same parameters: forward bit for bit;
+    gradients of x, kernel and bias against jax autodiff of nnx.Linear (float32: to summation
+    order; bfloat16 compute with float32 parameters: to bf16 rounding) and, in float32, against
+    torch.nn.functional.linear autograd."""
+    ours = Linear(D, 3 * D, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    ours.bias[...] = normal(21, (3 * D,))
+    reference = nnx.Linear(D, 3 * D, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    reference.bias[...] = ours.bias[...]
+    x, cotangent = normal(22, (N, T, D)), normal(23, (N, T, 3 * D))
+
+    def grads(layer):
+        graphdef, params = nnx.split(layer, nnx.Param)
+
+        def loss(x, params):
+            y = nnx.merge(graphdef, params)(x.astype(dtype))
+            return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+        (_, y), (grad_x, grad_params) = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, params)
+        return y, grad_x, grad_params["kernel"][...], grad_params["bias"][...]
+
+    y, *got = grads(ours)
+    y_ref, *expected = grads(reference)
+    np.testing.assert_array_equal(y, y_ref)
+    for a, b in zip(got, expected, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        # bfloat16: sums of 14 bf16 products rounded to bf16 (8 bits), in another order.
+        atol = 1e-5 if dtype == jnp.float32 else 2 ** -7 * np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=1e-5 if dtype == jnp.float32 else 0, atol=atol)
+    if dtype == jnp.float32:
+        xt = torch.tensor(np.asarray(x), requires_grad=True)
+        kernel = torch.tensor(np.asarray(ours.kernel[...]).T.copy(), requires_grad=True)
+        bias = torch.tensor(np.asarray(ours.bias[...]), requires_grad=True)
+        out = torch.nn.functional.linear(xt, kernel, bias)
+        (out * torch.tensor(np.asarray(cotangent))).sum().backward()
+        np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(got, (xt.grad, kernel.grad.T, bias.grad), strict=True):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)

@@ -52,8 +52,53 @@ class FixedEmbedding(nnx.Variable):
     """A position table that is not trained (not an `nnx.Param`, so no optimizer state)."""
 
 
-def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
+@jax.custom_vjp
+def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """x: [..., I], kernel: [I, O], bias: [O] (one dtype) -> [..., O]: nnx.Linear's forward
+    (the same dot_general and bias add, so the same bits), with the kernel's gradient taken as
+    one [tokens, I]^T x [tokens, O] product.
+
+    Autodiff of nnx.Linear transposes the dot: on the CPU backend XLA then copies the [tokens,
+    O] cotangent transposed and runs a slower product for every weight gradient (a ~3.3 GFLOP
+    MLP kernel: 34 ms + a 7 ms copy against 21 ms here; ViT-Tiny MAE step ~8% faster).
+    """
+    return _linear_forward(x, kernel, bias)[0]
+
+
+def _linear_forward(x, kernel, bias):
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,)), (x, kernel)
+
+
+def _linear_backward(residuals, grad):
+    x, kernel = residuals
+    grad_x = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
+    rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    grad_kernel = jax.lax.dot_general(rows, grad_rows, (((0,), (0,)), ((), ())))
+    return grad_x, grad_kernel, grad.sum(tuple(range(grad.ndim - 1)))
+
+
+_linear.defvjp(_linear_forward, _linear_backward)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear (same parameters, dtype promotion and forward) with `_linear`'s gradient.
+    Without a bias, or with a custom dot_general / precision / preferred element type, it is
+    nnx.Linear."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        plain = (self.bias is None or out_sharding is not None or self.precision is not None
+                 or self.preferred_element_type is not None
+                 or self.dot_general is not jax.lax.dot_general)
+        if plain:
+            return super().__call__(inputs, out_sharding)
+        inputs, kernel, bias = self.promote_dtype(
+            (inputs, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return _linear(inputs, kernel, bias)
+
+
+def dense(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs) -> Linear:
+    return Linear(
         in_features,
         out_features,
         kernel_init=xavier_uniform,
