@@ -92,7 +92,8 @@ def test_benchmark_never_imports_tensorflow(tmp_path):
     )
     code = f"""
 import sys
-sys.argv = ["bench", *{TINY!r}, "--steps", "1", "--repeats", "1", "--warmup", "0"]
+sys.argv = ["bench", *{TINY!r}, "--steps", "1", "--repeats", "1", "--warmup", "0",
+            "--processes", "one"]  # as on a GPU: both frameworks in this process
 import runpy
 runpy.run_path({SCRIPT!r}, run_name="__main__")
 assert "mae_jax.reference.torch_mae" in sys.modules
