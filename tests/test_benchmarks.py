@@ -151,3 +151,29 @@ def test_segmentation_step_benchmark_reports_one_compile_and_xla_flops(tmp_path,
     assert "| vit_tiny_patch16 + UPerNet (16 ch)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "configs/no_such.py"])
+
+
+def test_products_benchmark_counts_the_step_flops_and_times_both_frameworks(capsys):
+    """benchmarks/bench_products.py on ViT-Tiny at 32 px, batch 2: its list of products adds up
+    to bench_train_step's analytic count (3 x the forward matmul FLOPs, less the patch
+    embedding's input gradient, which no step computes), and each is timed in both
+    frameworks."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_products", os.path.join(REPO, "benchmarks", "bench_products.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--image_size", "32", "--batch_size", "2", "--calls", "1"])
+    products, dims = report["products"], report["settings"]["model_dims"]
+    counted = sum(p["count"] * 2 * p["batch"] * math.prod(p["mnk"]) for p in products)
+    step = load_bench()
+    visible = step.num_visible((32 // 16) ** 2, 0.75)
+    forward = 2 * step.forward_matmul_flops(dims, 32, visible)
+    patch_embed = 2 * 2 * (32 // 16) ** 2 * 3 * 16 * 16 * dims["embed_dim"]
+    assert counted == 3 * forward - patch_embed
+    for p in products:
+        for framework in ("jax", "torch"):
+            assert p[f"{framework} ms"] > 0 and math.isfinite(p[f"{framework} GFLOP/s"])
+        # torch's weight gradient has the transposed shape of ours; the same FLOPs.
+        assert math.prod(p.get("torch mnk", p["mnk"])) == math.prod(p["mnk"])
+    assert set(report["step_ms"]) == {"jax", "torch"}
+    assert "| decoder fc1 weight grad | 8 |" in capsys.readouterr().out
