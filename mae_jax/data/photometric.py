@@ -75,6 +75,16 @@ def rgb_to_hsv(image):
     return jnp.where(h < 0, h + 180, h), s, v
 
 
+def sector_rgb(sector, v, p, q, t, where):
+    """OpenCV's HSV -> RGB sector table, (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v)
+    (v,p,q) for sectors 0..5; `where` is jnp.where here, tf.where on the host
+    (`seg_photometric`)."""
+    r = where((sector == 0) | (sector == 5), v, where(sector == 1, q, where(sector == 4, t, p)))
+    g = where((sector == 1) | (sector == 2), v, where(sector == 0, t, where(sector == 3, q, p)))
+    b = where((sector == 3) | (sector == 4), v, where(sector == 2, t, where(sector == 5, q, p)))
+    return r, g, b
+
+
 def hsv_to_rgb(h, s, v):
     """cv2.cvtColor(hsv, COLOR_HSV2RGB) on uint8 values (int32 H 0..179, S, V 0..255), as
     OpenCV's vector code computes it: float32, times 255, truncated. Returns uint8 [..., 3]."""
@@ -84,14 +94,7 @@ def hsv_to_rgb(h, s, v):
     p = v * jnp.asarray(_ONE_MINUS_S)[index]
     q = v * jnp.asarray(_ONE_MINUS_SF)[index]
     t = v * jnp.asarray(_ONE_MINUS_S1F)[index]
-    # OpenCV's sector table: (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q).
-    r = jnp.where((sector == 0) | (sector == 5), v,
-                  jnp.where(sector == 1, q, jnp.where(sector == 4, t, p)))
-    g = jnp.where((sector == 1) | (sector == 2), v,
-                  jnp.where(sector == 0, t, jnp.where(sector == 3, q, p)))
-    b = jnp.where((sector == 3) | (sector == 4), v,
-                  jnp.where(sector == 2, t, jnp.where(sector == 5, q, p)))
-    rgb = jnp.stack([r, g, b], axis=-1) * jnp.float32(255.0)
+    rgb = jnp.stack(sector_rgb(sector, v, p, q, t, jnp.where), axis=-1) * jnp.float32(255.0)
     return jnp.clip(rgb, 0.0, 255.0).astype(jnp.uint8)  # the conversion truncates
 
 

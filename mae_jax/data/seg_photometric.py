@@ -52,14 +52,7 @@ def hsv_to_rgb_uint8(hsv: tf.Tensor) -> tf.Tensor:
 
     p, q, t = v * (1.0 - s), v * one_minus_s_times(h), v * one_minus_s_times(1.0 - h)
     sector = tf.cast(sector, tf.int32)
-    # OpenCV's sector table: (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q).
-    r = tf.where((sector == 0) | (sector == 5), v,
-                 tf.where(sector == 1, q, tf.where(sector == 4, t, p)))
-    g = tf.where((sector == 1) | (sector == 2), v,
-                 tf.where(sector == 0, t, tf.where(sector == 3, q, p)))
-    b = tf.where((sector == 3) | (sector == 4), v,
-                 tf.where(sector == 2, t, tf.where(sector == 5, q, p)))
-    rgb = tf.stack([r, g, b], axis=-1) * 255.0
+    rgb = tf.stack(device_ops.sector_rgb(sector, v, p, q, t, tf.where), axis=-1) * 255.0
     return tf.cast(tf.clip_by_value(rgb, 0.0, 255.0), tf.uint8)  # the cast truncates
 
 
