@@ -1,10 +1,12 @@
 """The hand-written derivatives behind the fast train step: LayerNorm's custom VJP, the
-output-only softmax JVP, the einsum XLA attention, the recomputed GELU and Linear's VJP.
+output-only softmax JVP, the einsum XLA attention, the recomputed GELU, Linear's VJP, the
+2x2 deconvolution as a product and the convolutions' kernel gradients.
 
 Each is pinned against references we did not write: the forward against nnx.LayerNorm /
-jax.nn.softmax / jax.nn.dot_product_attention / nnx.Linear (same float32 bits where the
-operations are the same), the gradients against jax autodiff of the plain formulas and against
-torch autograd (torch.nn.functional.layer_norm / scaled_dot_product_attention / gelu / linear).
+jax.nn.softmax / jax.nn.dot_product_attention / nnx.Linear / nnx.ConvTranspose / nnx.Conv (same
+float32 bits where the operations are the same), the gradients against jax autodiff of the
+plain formulas and against torch autograd (torch.nn.functional.layer_norm /
+scaled_dot_product_attention / gelu / linear / conv_transpose2d / conv2d).
 """
 
 import jax
@@ -15,7 +17,7 @@ import torch
 from flax import nnx
 
 from mae_jax.models.attention import attention, softmax, xla_attention
-from mae_jax.models.layers import LAYER_NORM_EPS, LayerNorm, Linear
+from mae_jax.models.layers import LAYER_NORM_EPS, Conv, LayerNorm, Linear, PatchDeconv
 from mae_jax.models.vit import gelu
 
 N, T, H, DH, D = 2, 7, 3, 8, 16
@@ -202,6 +204,32 @@ def test_recomputed_gelu_matches_torch_exact_gelu_and_its_gradient():
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def layer_grads(layer, x, cotangent, dtype):
+    """layer(x in dtype), jitted, and the gradients of sum(y * cotangent) w.r.t. x, the
+    kernel and the bias."""
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def loss(x, params):
+        y = nnx.merge(graphdef, params)(x.astype(dtype))
+        return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+    (_, y), (grad_x, grad_params) = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, params)
+    bias = grad_params["bias"][...] if "bias" in grad_params else None
+    return y, grad_x, grad_params["kernel"][...], bias
+
+
+def assert_grads_close(got, expected, dtype, bf16_tolerance=2 ** -6):
+    """float32: to summation order; bfloat16 compute: to bf16 rounding of the largest value."""
+    for a, b in zip(got, expected, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        atol = 1e-5 if dtype == jnp.float32 else bf16_tolerance * np.abs(b).max()
+        np.testing.assert_allclose(a, b, rtol=1e-5 if dtype == jnp.float32 else 0, atol=atol)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dtype):
     """layers.Linear (custom VJP) vs nnx.Linear with the same parameters: forward bit for bit;
@@ -214,25 +242,11 @@ def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dty
     reference.bias[...] = ours.bias[...]
     x, cotangent = normal(22, (N, T, D)), normal(23, (N, T, 3 * D))
 
-    def grads(layer):
-        graphdef, params = nnx.split(layer, nnx.Param)
-
-        def loss(x, params):
-            y = nnx.merge(graphdef, params)(x.astype(dtype))
-            return jnp.sum(y.astype(jnp.float32) * cotangent), y
-
-        (_, y), (grad_x, grad_params) = jax.jit(
-            jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, params)
-        return y, grad_x, grad_params["kernel"][...], grad_params["bias"][...]
-
-    y, *got = grads(ours)
-    y_ref, *expected = grads(reference)
+    y, *got = layer_grads(ours, x, cotangent, dtype)
+    y_ref, *expected = layer_grads(reference, x, cotangent, dtype)
     np.testing.assert_array_equal(y, y_ref)
-    for a, b in zip(got, expected, strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        # bfloat16: sums of 14 bf16 products rounded to bf16 (8 bits), in another order.
-        atol = 1e-5 if dtype == jnp.float32 else 2 ** -7 * np.abs(b).max()
-        np.testing.assert_allclose(a, b, rtol=1e-5 if dtype == jnp.float32 else 0, atol=atol)
+    # bfloat16: sums of 14 bf16 products rounded to bf16 (8 bits), in another order.
+    assert_grads_close(got, expected, dtype, bf16_tolerance=2 ** -7)
     if dtype == jnp.float32:
         xt = torch.tensor(np.asarray(x), requires_grad=True)
         kernel = torch.tensor(np.asarray(ours.kernel[...]).T.copy(), requires_grad=True)
@@ -242,3 +256,73 @@ def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dty
         np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-5, atol=1e-5)
         for a, b in zip(got, (xt.grad, kernel.grad.T, bias.grad), strict=True):
             np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_patch_deconv_is_conv_transpose_forward_and_gradients_match_autodiff_and_torch(dtype):
+    """layers.PatchDeconv (2x2 / stride 2 as one product) vs nnx.ConvTranspose with the same
+    parameters: forward and the gradients of x, kernel and bias against jax autodiff of
+    nnx.ConvTranspose (float32: to summation order; bf16 compute: to bf16 rounding) and, in
+    float32, against torch.nn.functional.conv_transpose2d autograd (the weight [I, O, kh, kw]
+    with the kernel's taps flipped, as the mmseg converter loads it)."""
+    settings = dict(strides=(2, 2), padding="VALID", dtype=dtype, param_dtype=jnp.float32)
+    ours = PatchDeconv(D, 6, (2, 2), rngs=nnx.Rngs(0), **settings)
+    ours.bias[...] = normal(31, (6,))
+    reference = nnx.ConvTranspose(D, 6, (2, 2), rngs=nnx.Rngs(0), **settings)
+    reference.bias[...] = ours.bias[...]
+    x, cotangent = normal(32, (N, 3, 5, D)), normal(33, (N, 6, 10, 6))
+    y, *got = layer_grads(ours, x, cotangent, dtype)
+    y_ref, *expected = layer_grads(reference, x, cotangent, dtype)
+    assert y.shape == y_ref.shape == (N, 6, 10, 6) and y.dtype == y_ref.dtype
+    # bfloat16: sums of D (x, y) or up to 2 N 3 5 (kernel, bias) products, rounded to bf16.
+    assert_grads_close((y, *got), (y_ref, *expected), dtype)
+    if dtype == jnp.float32:
+        xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy(), requires_grad=True)
+        weight = np.asarray(ours.kernel[...])[::-1, ::-1].transpose(2, 3, 0, 1).copy()
+        weight = torch.tensor(weight, requires_grad=True)
+        bias = torch.tensor(np.asarray(ours.bias[...]), requires_grad=True)
+        out = torch.nn.functional.conv_transpose2d(xt, weight, bias, stride=2)
+        (out * torch.tensor(np.asarray(cotangent).transpose(0, 3, 1, 2).copy())).sum().backward()
+        np.testing.assert_allclose(y, out.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5,
+                                   atol=1e-5)
+        grad_weight = weight.grad.numpy().transpose(2, 3, 0, 1)[::-1, ::-1]
+        for a, b in zip(got, (xt.grad.numpy().transpose(0, 2, 3, 1), grad_weight,
+                              bias.grad.numpy()), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size, padding, use_bias",
+                         [(1, "SAME", True), (3, 1, False), (3, "SAME", True), (5, 2, False)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_is_nnx_conv_forward_and_gradients_match_autodiff_and_torch(
+        kernel_size, padding, use_bias, dtype):
+    """layers.Conv (1x1: `_linear`; k x k on the CPU: `_conv_same`'s per-tap kernel gradient)
+    vs nnx.Conv with the same parameters: forward (k x k: the same bits) and the gradients of
+    x, kernel and bias against jax autodiff of nnx.Conv (float32: to summation order; bf16
+    compute: to bf16 rounding) and, in float32, against torch.nn.functional.conv2d autograd."""
+    settings = dict(padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32)
+    size = (kernel_size, kernel_size)
+    ours = Conv(D, 6, size, rngs=nnx.Rngs(0), **settings)
+    reference = nnx.Conv(D, 6, size, rngs=nnx.Rngs(0), **settings)
+    if use_bias:
+        ours.bias[...] = reference.bias[...] = normal(41, (6,))
+    x, cotangent = normal(42, (N, 5, 7, D)), normal(43, (N, 5, 7, 6))
+    y, *got = layer_grads(ours, x, cotangent, dtype)
+    y_ref, *expected = layer_grads(reference, x, cotangent, dtype)
+    assert y.shape == y_ref.shape == (N, 5, 7, 6) and y.dtype == y_ref.dtype
+    if kernel_size > 1:
+        np.testing.assert_array_equal(y, y_ref)
+    assert_grads_close((y, *got), (y_ref, *expected), dtype)
+    if dtype == jnp.float32:
+        xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy(), requires_grad=True)
+        weight = torch.tensor(np.asarray(ours.kernel[...]).transpose(3, 2, 0, 1).copy(),
+                              requires_grad=True)
+        bias = torch.tensor(np.asarray(ours.bias[...]), requires_grad=True) if use_bias else None
+        out = torch.nn.functional.conv2d(xt, weight, bias, padding=kernel_size // 2)
+        (out * torch.tensor(np.asarray(cotangent).transpose(0, 3, 1, 2).copy())).sum().backward()
+        np.testing.assert_allclose(y, out.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5,
+                                   atol=1e-5)
+        torch_grads = (xt.grad.numpy().transpose(0, 2, 3, 1),
+                       weight.grad.numpy().transpose(2, 3, 1, 0),
+                       bias.grad.numpy() if use_bias else None)
+        assert_grads_close(got, torch_grads, dtype)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mae_jax.models.layers import BatchNorm, torch_bias_init
+from mae_jax.models.layers import BatchNorm, Conv, PatchDeconv, torch_bias_init
 from mae_jax.models.resize import adaptive_avg_pool2d, resize_bilinear
 
 # mmcv's ConvModule initialises convs with kaiming normal (fan_out, relu).
@@ -59,7 +59,7 @@ class ConvBNReLU(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        self.conv = nnx.Conv(
+        self.conv = Conv(
             in_channels,
             out_channels,
             (kernel_size, kernel_size),
@@ -77,8 +77,8 @@ class ConvBNReLU(nnx.Module):
         return jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
 
 
-def _deconv2x(dim: int, *, dtype, rngs: nnx.Rngs) -> nnx.ConvTranspose:
-    return nnx.ConvTranspose(
+def _deconv2x(dim: int, *, dtype, rngs: nnx.Rngs) -> PatchDeconv:
+    return PatchDeconv(
         dim,
         dim,
         (2, 2),
@@ -145,7 +145,7 @@ class ClassifierHead(nnx.Module):
     def __init__(self, *, channels: int, num_classes: int, dropout: float, dtype, rngs: nnx.Rngs):
         # NHWC: broadcasting the mask over H and W drops whole channels, like nn.Dropout2d.
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2))
-        self.conv_seg = nnx.Conv(
+        self.conv_seg = Conv(
             channels,
             num_classes,
             (1, 1),
