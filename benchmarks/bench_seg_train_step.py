@@ -8,10 +8,26 @@ lives on the device (uint8 images, uint8 labels with 10% ignored pixels and, as 
 with `data.device_photometric`, the photometric distortion's parameters: the step applies it),
 so the input pipeline is not measured here (`bench_seg_input.py` is).
 
+`--frameworks jax,torch` adds PyTorch's step on the same architecture: transformers'
+`BeitForSemanticSegmentation` (BEiT's port of the mmseg ViT + UPerNet that the MAE / BEiT ADE20K
+recipes train: layer scale, per-block relative position bias, the 4-scale deconvolution neck,
+UPerHead with PPM (1, 2, 3, 6), the FCN auxiliary head, cross-entropy on logits resized to the
+labels with 255 ignored, aux weight 0.4), configured from the same config (width, depth, heads,
+patch, crop, feature blocks, channels, drop path, layer scale, classes), trained with
+torch.optim.AdamW over mmseg's layer-decay parameter groups, float32 on a CPU (bf16 autocast on
+CUDA with `--dtype bfloat16`), eager attention as mmseg computes it. It is fed the same
+synthetic batch as normalised float images: the official pipeline applies the photometric
+distortion on the host, so `--no_device_photometric` times our step without the distortion too
+(`bench_seg_input.py --device_part` times it alone). On a CPU each framework runs in a fresh
+process of its own (`--processes auto`, as `bench_train_step.py`). XLA's FLOP count of our step
+gives both rows' TFLOP/s (the parameter counts are printed side by side).
+
     python benchmarks/bench_seg_train_step.py                    # CPU: configs/seg_demo.py's model
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \\
         --batch_size 2 --out_json seg_b2.json                     # GPU: memory for 2 images
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --batch_size 16
+    python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --image_size 256 \
+        --batch_size 2 --dtype float32 --frameworks jax,torch      # CPU: ours vs PyTorch
 
 Reported per row: ms/step (median and mean over `--repeats` regions of `--steps` steps, each
 region blocking once at its end), images/s, the XLA compile time of the step, the device's peak
@@ -25,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -37,14 +54,17 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import (  # noqa: E402
     CompileCounter,
+    in_own_process,
     machine_info,
     peak_memory_gib,
     peak_tflops,
     summarize,
     time_regions,
+    time_torch_step,
     write_json,
 )
 
+from mae_jax.core import config as core_config  # noqa: E402
 from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
@@ -53,6 +73,7 @@ from mae_jax.segmentation import lib as segment_lib  # noqa: E402
 from mae_jax.segmentation.config import check_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMEWORKS = ("jax", "torch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=0, help="0: the config's.")
     parser.add_argument("--dtype", default="", choices=("", "float32", "bfloat16"),
                         help="'': the config's model.dtype.")
+    parser.add_argument("--image_size", type=int, default=0,
+                        help="Crop size (0: the config's model.image_size).")
+    parser.add_argument("--no_device_photometric", action="store_true",
+                        help="Time our step without the photometric distortion the config "
+                             "leaves to the device (the official pipeline runs it on the host).")
+    parser.add_argument("--frameworks", default="jax",
+                        help="Comma list of jax (segment.py's step) and torch (transformers' "
+                             "BeitForSemanticSegmentation, needs torch and transformers).")
+    parser.add_argument("--torch_attention", default="eager", choices=("eager", "sdpa"),
+                        help="transformers' attention for the torch row (eager: as mmseg).")
+    parser.add_argument("--processes", default="auto", choices=("auto", "one", "each"),
+                        help="each: every framework in a fresh process of its own; one: all "
+                             "in this process; auto: each on a CPU, one on a GPU.")
     parser.add_argument("--num_devices", type=int, default=0, help="0: every device.")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per region.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed regions.")
@@ -71,9 +105,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(0: bench_train_step.PEAK_TFLOPS for known GPUs in bfloat16).")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
-    if min(args.steps, args.repeats) < 1 or min(args.warmup, args.batch_size, args.num_devices) < 0:
-        parser.error("--steps and --repeats must be >= 1; --warmup, --batch_size and "
-                     "--num_devices >= 0")
+    args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = set(args.frameworks) - set(FRAMEWORKS)
+    if unknown or not args.frameworks:
+        parser.error(f"--frameworks must list some of {FRAMEWORKS}, got {sorted(unknown)}")
+    if min(args.steps, args.repeats) < 1 or min(args.warmup, args.batch_size, args.num_devices,
+                                                args.image_size) < 0:
+        parser.error("--steps and --repeats must be >= 1; --warmup, --batch_size, "
+                     "--num_devices and --image_size >= 0")
     if not os.path.exists(os.path.join(REPO, args.config)) and not os.path.exists(args.config):
         parser.error(f"--config {args.config}: no such file (e.g. configs/ade20k_base.py)")
     return args
@@ -90,6 +129,11 @@ def load_config(args: argparse.Namespace):
         config.batch_size = args.batch_size
     if args.dtype:
         config.model.dtype = args.dtype
+    if args.image_size:
+        config.model.image_size = config.eval_window = args.image_size
+        config.eval_stride = min(config.eval_stride, args.image_size)
+    if args.no_device_photometric:
+        config.data.device_photometric = False
     config.mesh.update(data=-1, fsdp=1)
     config.grad_accum_steps = 1
     config.total_steps = 1 + args.warmup + args.steps * args.repeats
@@ -111,7 +155,7 @@ def step_flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
+def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(args)
     devices = jax.devices()[: args.num_devices or None]
     check_config(config, num_devices=len(devices), num_processes=1)
@@ -167,7 +211,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     regions = time_regions(step, lambda: jax.block_until_ready(live), args)
     compiles = CompileCounter.count - compiles_before
     row = {
-        "model": f"{config.model.variant} + UPerNet ({config.model.channels} ch)",
+        "framework": "jax" + ("" if config.data.device_photometric else ", no photometric"),
+        "model": model_name(config),
         "config": args.config,
         "device": f"{len(devices)} x {devices[0].device_kind}",
         "dtype": config.model.dtype,
@@ -185,46 +230,200 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "xla_tflop_per_step": flops / 1e12 if flops else None,
         "region_seconds": regions,
     }
-    peak = peak_tflops(devices[0].device_kind, config.model.dtype, args.peak_tflops)
-    tflops = flops * row["images_per_s"] / batch_size / 1e12 if flops else None
-    row.update(tflops=tflops, peak_tflops_per_device=peak,
-               mfu=tflops / (peak * len(devices)) if tflops and peak else None)
+    add_utilisation(row, devices[0].device_kind, len(devices), args.peak_tflops)
     return row
 
 
-def format_table(row: dict[str, Any]) -> str:
+def model_name(config) -> str:
+    return f"{config.model.variant} + UPerNet ({config.model.channels} ch)"
+
+
+def add_utilisation(row: dict[str, Any], device_kind: str, num_devices: int,
+                    peak_override: float) -> None:
+    """TFLOP/s from row["xla_tflop_per_step"] and images/s; MFU over the devices' peak."""
+    flops = row["xla_tflop_per_step"]
+    peak = peak_tflops(device_kind, row["dtype"].split()[0], peak_override)
+    tflops = flops * row["images_per_s"] / row["batch"] if flops else None
+    row.update(tflops=tflops, peak_tflops_per_device=peak,
+               mfu=tflops / (peak * num_devices) if tflops and peak else None)
+
+
+# --------------------------------------------------------------------------- PyTorch
+def torch_segmenter(config, num_classes: int):
+    """transformers' BeitForSemanticSegmentation sized and set up as `config`'s MAESegmenter
+    (mmseg's ViT + UPerNet: BEiT's segmentation model), in training mode."""
+    from transformers import BeitConfig, BeitForSemanticSegmentation
+
+    model, dims = config.model, core_config.encoder_dims(config.model)
+    beit = BeitConfig(
+        hidden_size=dims["embed_dim"], num_hidden_layers=dims["depth"],
+        num_attention_heads=dims["num_heads"], intermediate_size=4 * dims["embed_dim"],
+        patch_size=dims["patch_size"], image_size=model.image_size, layer_norm_eps=1e-6,
+        hidden_act="gelu", use_absolute_position_embeddings=True,
+        use_relative_position_bias=model.relative_position_bias,
+        layer_scale_init_value=model.layer_scale_init, drop_path_rate=model.drop_path_rate,
+        out_indices=torch_out_indices(model.out_indices, dims["depth"]), pool_scales=[1, 2, 3, 6],
+        use_auxiliary_head=True, auxiliary_loss_weight=config.aux_weight,
+        auxiliary_channels=model.aux_channels, auxiliary_num_convs=1,
+        auxiliary_concat_input=False, semantic_loss_ignore_index=255, num_labels=num_classes,
+    )
+    beit._attn_implementation = "eager"
+    net = BeitForSemanticSegmentation(beit)
+    # UPerNet's channels are transformers' hidden_size; rebuild the heads when they differ.
+    if model.channels != dims["embed_dim"]:
+        raise ValueError(f"the torch row needs model.channels == embed_dim "
+                         f"({model.channels} != {dims['embed_dim']}): transformers' UperHead "
+                         "uses the backbone width")
+    return net.train()
+
+
+def torch_out_indices(out_indices, depth: int) -> list[int]:
+    """transformers' out_indices for our 0-based feature blocks.
+
+    transformers 5 feeds the neck hidden_states[i - 1] of (embeddings, block 0, .., block
+    depth - 1) and accepts 4 distinct i in 0 .. depth, so block b is i = b + 2 and the last
+    block is out of its reach; then the last four it accepts stand in. Which blocks feed the
+    neck does not change the step's work (every block runs, every feature map has one shape).
+    """
+    wanted = [b + 2 for b in out_indices]
+    if len(set(wanted)) == 4 and max(wanted) <= depth:
+        return wanted
+    if depth < 3:
+        raise ValueError(f"the torch row needs depth >= 3 (transformers takes 4 distinct "
+                         f"feature blocks), got {depth}")
+    return list(range(depth - 3, depth + 1))
+
+
+def torch_layer_decay_groups(net, config) -> list[dict[str, Any]]:
+    """mmseg's LayerDecayOptimizerConstructor over transformers' names: embeddings layer 0,
+    block i layer i + 1, neck and heads depth + 1; lr scale decay**(depth + 1 - layer); no
+    weight decay for 1-D parameters and biases (as `segment_lib.create_tx`)."""
+    depth = core_config.encoder_dims(config.model)["depth"]
+    groups: dict[tuple[int, bool], list] = {}
+    for name, param in net.named_parameters():
+        if name.startswith("beit.embeddings."):
+            layer = 0
+        elif name.startswith("beit.layers."):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = depth + 1
+        decay = not (param.ndim == 1 or name.endswith(".bias"))
+        groups.setdefault((layer, decay), []).append(param)
+    return [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+             "lr": config.lr * config.layer_decay ** (depth + 1 - layer)}
+            for (layer, decay), params in sorted(groups.items())]
+
+
+def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    config = load_config(args)
+    num_classes = num_seg_classes(config.data.source, num_classes=config.data.num_classes)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    amp = on_gpu and config.model.dtype == "bfloat16"  # mmseg: fp16 / bf16 autocast on CUDA
+    torch.backends.cudnn.benchmark = True  # as mmseg's configs
+    torch.manual_seed(config.seed)
+    net = torch_segmenter(config, num_classes)
+    if args.torch_attention != "eager":
+        net.config._attn_implementation = args.torch_attention
+    net = net.to(device)
+    optimizer = torch.optim.AdamW(torch_layer_decay_groups(net, config), lr=config.lr,
+                                  betas=(config.b1, config.b2))
+    size, batch_size = config.model.image_size, config.batch_size
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch_size, size, size), generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.1] = 255
+    labels = labels.to(device)
+
+    regions, first_step_s, loss = time_torch_step(
+        lambda: net(pixel_values=images, labels=labels).loss, optimizer, args, device, amp)
+    row = {
+        "framework": f"torch (transformers BEiT, {args.torch_attention})",
+        "model": model_name(config),
+        "config": args.config,
+        "device": torch.cuda.get_device_name(device) if on_gpu else
+        f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": "bfloat16 (autocast)" if amp else "float32",
+        "image_size": size,
+        "batch": batch_size,
+        "num_classes": num_classes,
+        **summarize(regions, args.steps, batch_size),
+        "compile_s": None,  # eager
+        "compile_wall_s": None,
+        "compiles": None,
+        "first_step_s": first_step_s,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
+        "params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "loss": loss,
+        "xla_tflop_per_step": None,
+        "region_seconds": regions,
+    }
+    net = optimizer = images = labels = None
+    if on_gpu:
+        torch.cuda.empty_cache()  # hand the memory back before JAX runs
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table; `/ torch` is each row's median ms/step over the PyTorch row's."""
+    torch_ms = next((r["ms_per_step_median"] for r in rows
+                     if r["framework"].startswith("torch")), None)
+
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    header = ("model", "device", "dtype", "crop", "batch", "ms/step med", "ms/step mean",
-              "images/s", "compile s", "peak GiB", "XLA TFLOP/step", "TFLOP/s", "MFU")
-    values = (row["model"], row["device"], row["dtype"], str(row["image_size"]),
-              str(row["batch"]), cell(row["ms_per_step_median"], ".1f"),
-              cell(row["ms_per_step_mean"], ".1f"), cell(row["images_per_s"], ".2f"),
-              cell(row["compile_s"], ".1f"), cell(row["peak_memory_gib"], ".2f"),
-              cell(row["xla_tflop_per_step"], ".4g"), cell(row["tflops"], ".3g"),
-              cell(row["mfu"], ".1%"))
-    lines = [header, ("---",) * len(header), values]
+    header = ("framework", "model", "device", "dtype", "crop", "batch", "ms/step med",
+              "ms/step mean", "/ torch", "images/s", "compile s", "peak GiB", "XLA TFLOP/step",
+              "TFLOP/s", "MFU")
+    lines = [header, ("---",) * len(header)]
+    for r in rows:
+        ratio = r["ms_per_step_median"] / torch_ms if torch_ms else None
+        lines.append((r["framework"], r["model"], r["device"], r["dtype"], str(r["image_size"]),
+                      str(r["batch"]), cell(r["ms_per_step_median"], ".1f"),
+                      cell(r["ms_per_step_mean"], ".1f"), cell(ratio, ".2f"),
+                      cell(r["images_per_s"], ".2f"), cell(r["compile_s"], ".1f"),
+                      cell(r["peak_memory_gib"], ".2f"), cell(r["xla_tflop_per_step"], ".4g"),
+                      cell(r["tflops"], ".3g"), cell(r["mfu"], ".1%")))
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark; returns {"machine", "settings", "result"}."""
+    """Runs the benchmark; returns {"machine", "settings", "results": [row per framework]}."""
     args = parse_args(argv)
     machine = machine_info()
     print("Machine:", ", ".join(f"{k}={v}" for k, v in machine.items()))
     print("Load average (1, 5, 15 min):", os.getloadavg())
-    row = bench(args)
-    print(format_table(row))
+    benches = {"jax": bench_jax, "torch": bench_torch}
+    each = args.processes == "each" or (args.processes == "auto"
+                                         and jax.default_backend() == "cpu")
+    if each and len(args.frameworks) > 1:
+        rows = [row for name in args.frameworks
+                for row in in_own_process(name, argv, script=os.path.abspath(__file__))]
+    else:  # PyTorch first: its cached memory is released afterwards, JAX's is not
+        results = {name: benches[name](args) for name in sorted(args.frameworks, reverse=True)}
+        rows = [results[name] for name in args.frameworks]
+    xla_flops = next((r["xla_tflop_per_step"] for r in rows
+                      if r["framework"].startswith("jax")), None)
+    for row in rows:
+        if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
+            raise RuntimeError(f"{row['framework']}: non-positive timing {row['region_seconds']}")
+        if row["framework"].startswith("torch"):  # the same architecture: XLA's count
+            row["xla_tflop_per_step"] = xla_flops
+            add_utilisation(row, row["device"], 1, args.peak_tflops)
+    print(format_table(rows))
     print("Load average after (1, 5, 15 min):", os.getloadavg())
-    print(f"{row['params'] / 1e6:.2f}M trainable parameters, {row['num_classes']} classes; "
-          f"{args.warmup} warmup + {args.repeats} x {args.steps} timed steps; "
-          f"{row['compiles']} XLA compilation(s) from compiling the step to its last timed run; "
-          f"final loss {row['loss']:.4f}. TFLOP/s: XLA's FLOP count of the compiled step "
-          "(forward, backward, AdamW) x steps/s; MFU over the device's peak"
-          + (f" ({row['peak_tflops_per_device']} TFLOP/s)." if row["mfu"] is not None
-             else " (unknown here: --peak_tflops)."))
-    report = {"machine": machine, "settings": vars(args), "result": row}
+    for row in rows:
+        print(f"{row['framework']}: {row['params'] / 1e6:.3f}M trainable parameters, "
+              f"{row['num_classes']} classes, final loss {row['loss']:.4f}"
+              + (f"; {row['compiles']} XLA compilation(s) from compiling the step to its last "
+                 "timed run" if row["compiles"] is not None else ""))
+    print(f"{args.warmup} warmup + {args.repeats} x {args.steps} timed steps. TFLOP/s: XLA's "
+          "FLOP count of our compiled step (forward, backward, AdamW) x steps/s; MFU over the "
+          "device's peak" + (f" ({rows[0]['peak_tflops_per_device']} TFLOP/s)."
+                             if rows[0]["mfu"] is not None else " (unknown here: --peak_tflops)."))
+    report = {"machine": machine, "settings": vars(args), "results": rows}
     return write_json(report, args.out_json)
 
 

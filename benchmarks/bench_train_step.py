@@ -307,6 +307,38 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
 
 
 # --------------------------------------------------------------------------- PyTorch
+def time_torch_step(forward, optimizer, args: argparse.Namespace, device, amp: bool
+                    ) -> tuple[list[float], float, float]:
+    """Times PyTorch steps: forward() -> loss (under bf16 autocast on CUDA when `amp`),
+    backward, optimizer step, zero_grad; the first step alone, then `time_regions`. Resets
+    the CUDA peak-memory counter first. Returns (region seconds, first step s, last loss)."""
+    import torch
+
+    on_gpu = device.type == "cuda"
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = forward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    last = {"loss": step()}
+    sync()
+    first_step_s = time.perf_counter() - start
+    regions = time_regions(lambda: last.update(loss=step()), sync, args)
+    return regions, first_step_s, float(last["loss"].detach())
+
+
 def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -335,28 +367,8 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     )
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 
-    def sync():
-        if on_gpu:
-            torch.cuda.synchronize()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss, _, _ = model(images, mask_ratio=config.mask_ratio)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    loss = step()
-    sync()
-    first_step_s = time.perf_counter() - start
-    last = {"loss": loss}
-    regions = time_regions(lambda: last.update(loss=step()), sync, args)
-    loss = last.pop("loss")
+    regions, first_step_s, loss = time_torch_step(
+        lambda: model(images, mask_ratio=config.mask_ratio)[0], optimizer, args, device, amp)
     row = {
         "framework": "torch",
         "device": torch.cuda.get_device_name(device) if on_gpu else
@@ -368,7 +380,7 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
         "compile_s": None,  # Eager: nothing to compile.
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None,
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "loss": float(loss.detach()),
+        "loss": loss,
         "region_seconds": regions,
     }
     model = optimizer = images = None  # Drop the last references (step() shares them).
@@ -443,14 +455,16 @@ def write_json(report: dict[str, Any], path: str) -> dict[str, Any]:
     return report
 
 
-def in_own_process(framework: str, argv: list[str] | None) -> list[dict[str, Any]]:
-    """This script's rows for one framework, from a fresh Python process of its own."""
+def in_own_process(framework: str, argv: list[str] | None, script: str = __file__
+                   ) -> list[dict[str, Any]]:
+    """`script`'s rows for one framework (its report's "results"), from a fresh Python process
+    of its own; `script` takes --frameworks, --processes and --out_json."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "rows.json")
         args = list(sys.argv[1:] if argv is None else argv)
         if framework == "torch" and "--encoder_all_tokens" in args:
             args.remove("--encoder_all_tokens")
-        command = [sys.executable, os.path.abspath(__file__), *args, "--frameworks", framework,
+        command = [sys.executable, os.path.abspath(script), *args, "--frameworks", framework,
                    "--processes", "one", "--out_json", out]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
