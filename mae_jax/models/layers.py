@@ -85,6 +85,8 @@ def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Arra
 
 
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# layers.Conv takes k x k kernel gradients per tap (`_conv_same`) on the CPU backend.
+PER_TAP_KERNEL_GRAD = True
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -94,7 +96,11 @@ def _conv_same(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
 
     XLA:CPU runs autodiff's kernel gradient of a 3x3 convolution at about half its forward
     speed (3072 -> 768 channels at 32 x 32, batch 2, two cores: 1.64 s against a 0.84 s
-    forward; per tap: 0.92 s). The input gradient stays XLA's own (jax.vjp of the forward).
+    forward; per tap: 0.92 s). The taps run in a loop: unrolled, XLA:CPU held all nine input
+    windows at once (+4 GiB for ViT-B UPerNet at 512 px, batch 2, float32 or bfloat16). XLA's
+    cost analysis counts a loop's body once: `PER_TAP_KERNEL_GRAD = False` turns this off
+    (`benchmarks/bench_seg_train_step.py` counts FLOPs that way). The input gradient stays
+    XLA's own (jax.vjp of the forward).
     """
     return _conv_same_forward(x, kernel, padding)[0]
 
@@ -112,12 +118,17 @@ def _conv_same_backward(padding, residuals, grad):
     x, kernel = residuals
     grad_x = jax.vjp(lambda x: _conv(x, kernel, padding), x)[1](grad)[0]
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    (_, height, width, _), (kh, kw) = grad.shape, kernel.shape[:2]
+    (n, height, width, _), (kh, kw, channels, _) = grad.shape, kernel.shape
     grad_rows = grad.reshape(-1, grad.shape[-1])
-    taps = [jax.lax.dot_general(padded[:, a:a + height, b:b + width].reshape(-1, x.shape[-1]),
-                                grad_rows, (((0,), (0,)), ((), ())))
-            for a in range(kh) for b in range(kw)]
-    return grad_x, jnp.stack(taps).reshape(kernel.shape)
+
+    def tap(offset):  # one input window at a time (unrolled, XLA:CPU held all at once)
+        window = jax.lax.dynamic_slice(padded, (0, offset[0], offset[1], 0),
+                                       (n, height, width, channels))
+        return jax.lax.dot_general(window.reshape(-1, channels), grad_rows,
+                                   (((0,), (0,)), ((), ())))
+
+    offsets = jnp.stack(jnp.meshgrid(jnp.arange(kh), jnp.arange(kw), indexing="ij"), -1)
+    return grad_x, jax.lax.map(tap, offsets.reshape(-1, 2)).reshape(kernel.shape)
 
 
 _conv_same.defvjp(_conv_same_forward, _conv_same_backward)
@@ -163,7 +174,8 @@ class Conv(nnx.Conv):
                  or self.feature_group_count != 1 or self.mask is not None
                  or self.precision is not None or self.preferred_element_type is not None
                  or self.conv_general_dilated is not jax.lax.conv_general_dilated
-                 or ((kh, kw) != (1, 1) and jax.default_backend() != "cpu"))
+                 or ((kh, kw) != (1, 1)
+                     and (not PER_TAP_KERNEL_GRAD or jax.default_backend() != "cpu")))
         if plain:
             return super().__call__(inputs, out_sharding)
         inputs, kernel, bias = self.promote_dtype(
