@@ -69,7 +69,7 @@ from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
 from mae_jax.data.seg_sources import num_seg_classes  # noqa: E402
-from mae_jax.models import layers  # noqa: E402
+from mae_jax.models import convolution  # noqa: E402
 from mae_jax.segmentation import lib as segment_lib  # noqa: E402
 from mae_jax.segmentation.config import check_config  # noqa: E402
 
@@ -205,15 +205,15 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     compile_wall_s = time.perf_counter() - start
     flops = step_flops(compiled)  # XLA counts one device's share of the SPMD program:
     flops = flops * len(devices) if flops else None  # 4 devices: a quarter of the batch each
-    if jax.default_backend() == "cpu" and layers.PER_TAP_KERNEL_GRAD:
+    if jax.default_backend() == "cpu" and convolution.PER_TAP_KERNEL_GRAD:
         # The CPU's per-tap convolution kernel gradients run in a loop, whose body XLA's cost
         # analysis counts once: count the same step with autodiff's gradients (the same
         # products), lowered only (its count is within 0.02% of the compiled one's).
-        layers.PER_TAP_KERNEL_GRAD = False
+        convolution.PER_TAP_KERNEL_GRAD = False
         try:
             flops = step_flops(jitted_step().lower(state, batch))
         finally:
-            layers.PER_TAP_KERNEL_GRAD = True
+            convolution.PER_TAP_KERNEL_GRAD = True
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(compiled(state, batch))
     first_step_s = time.perf_counter() - start

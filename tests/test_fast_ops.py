@@ -16,9 +16,10 @@ import pytest
 import torch
 from flax import nnx
 
-from mae_jax.models import layers
+from mae_jax.models import convolution
 from mae_jax.models.attention import attention, softmax, xla_attention
-from mae_jax.models.layers import LAYER_NORM_EPS, Conv, LayerNorm, Linear, PatchDeconv
+from mae_jax.models.convolution import Conv, PatchDeconv
+from mae_jax.models.layers import LAYER_NORM_EPS, LayerNorm, Linear
 from mae_jax.models.vit import gelu
 
 N, T, H, DH, D = 2, 7, 3, 8, 16
@@ -261,7 +262,7 @@ def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dty
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_patch_deconv_is_conv_transpose_forward_and_gradients_match_autodiff_and_torch(dtype):
-    """layers.PatchDeconv (2x2 / stride 2 as one product) vs nnx.ConvTranspose with the same
+    """convolution.PatchDeconv (2x2 / stride 2 as one product) vs nnx.ConvTranspose with the same
     parameters: forward and the gradients of x, kernel and bias against jax autodiff of
     nnx.ConvTranspose (float32: to summation order; bf16 compute: to bf16 rounding) and, in
     float32, against torch.nn.functional.conv_transpose2d autograd (the weight [I, O, kh, kw]
@@ -297,10 +298,11 @@ def test_patch_deconv_is_conv_transpose_forward_and_gradients_match_autodiff_and
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_is_nnx_conv_forward_and_gradients_match_autodiff_and_torch(
         kernel_size, padding, use_bias, dtype):
-    """layers.Conv (1x1: `_linear`; k x k on the CPU: `_conv_same`'s per-tap kernel gradient)
-    vs nnx.Conv with the same parameters: forward (k x k: the same bits) and the gradients of
-    x, kernel and bias against jax autodiff of nnx.Conv (float32: to summation order; bf16
-    compute: to bf16 rounding) and, in float32, against torch.nn.functional.conv2d autograd."""
+    """convolution.Conv (1x1: `matmul_bias`; k x k on the CPU: `_conv_same`'s per-tap kernel
+    gradient) vs nnx.Conv with the same parameters: forward (k x k: the same bits) and the
+    gradients of x, kernel and bias against jax autodiff of nnx.Conv (float32: to summation
+    order; bf16 compute: to bf16 rounding) and, in float32, against
+    torch.nn.functional.conv2d autograd."""
     settings = dict(padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32)
     size = (kernel_size, kernel_size)
     ours = Conv(D, 6, size, rngs=nnx.Rngs(0), **settings)
@@ -337,7 +339,7 @@ def test_conv_per_tap_kernel_gradient_holds_one_input_window_at_a_time(monkeypat
     window = x.size * 4  # bytes of one float32 input window
 
     def temp_bytes(per_tap):
-        monkeypatch.setattr(layers, "PER_TAP_KERNEL_GRAD", per_tap)
+        monkeypatch.setattr(convolution, "PER_TAP_KERNEL_GRAD", per_tap)
         graphdef, params = nnx.split(Conv(64, 64, (3, 3), padding=1, rngs=nnx.Rngs(0)))
 
         def loss(x, params):

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mae_jax.models.layers import BatchNorm, Conv, PatchDeconv, torch_bias_init
+from mae_jax.models.convolution import Conv, PatchDeconv
+from mae_jax.models.layers import BatchNorm, torch_bias_init
 from mae_jax.models.resize import adaptive_avg_pool2d, resize_bilinear
 
 # mmcv's ConvModule initialises convs with kaiming normal (fan_out, relu).
