@@ -333,8 +333,8 @@ def test_conv_is_nnx_conv_forward_and_gradients_match_autodiff_and_torch(
 
 def test_conv_per_tap_kernel_gradient_holds_one_input_window_at_a_time(monkeypatch):
     """XLA's temp memory for a 3x3 Conv's gradients (batch 2, 32 x 32, 64 -> 64 channels):
-    the per-tap kernel gradient needs less than two input windows more than autodiff's (it
-    needed ~nine when its taps were unrolled)."""
+    the per-tap kernel gradient needs less than three input windows more than autodiff's (the
+    padded input, its channels-first copy, one window; ~nine when its taps were unrolled)."""
     x, cotangent = normal(51, (2, 32, 32, 64)), normal(52, (2, 32, 32, 64))
     window = x.size * 4  # bytes of one float32 input window
 
@@ -349,4 +349,4 @@ def test_conv_per_tap_kernel_gradient_holds_one_input_window_at_a_time(monkeypat
         return compiled.memory_analysis().temp_size_in_bytes
 
     per_tap, autodiff = temp_bytes(True), temp_bytes(False)
-    assert per_tap < autodiff + 2 * window, (per_tap, autodiff, window)
+    assert per_tap < autodiff + 3 * window, (per_tap, autodiff, window)
