@@ -264,11 +264,24 @@ def add_utilisation(row: dict[str, Any], device_kind: str, num_devices: int,
 
 
 # --------------------------------------------------------------------------- PyTorch
-def torch_segmenter(config, num_classes: int):
+def check_torch_row(config) -> None:
+    """What the torch row needs of `config`, checked before anything runs (SystemExit)."""
+    dims = core_config.encoder_dims(config.model)
+    if config.model.channels != dims["embed_dim"]:
+        raise SystemExit(f"the torch row needs model.channels == the backbone width "
+                         f"({config.model.channels} != {dims['embed_dim']}): transformers' "
+                         "UperHead uses hidden_size; drop torch from --frameworks")
+    if dims["depth"] < 3:
+        raise SystemExit(f"the torch row needs depth >= 3 (transformers takes 4 distinct "
+                         f"feature blocks), got {dims['depth']}; drop torch from --frameworks")
+
+
+def torch_segmenter(config, num_classes: int, attention: str = "eager"):
     """transformers' BeitForSemanticSegmentation sized and set up as `config`'s MAESegmenter
     (mmseg's ViT + UPerNet: BEiT's segmentation model), in training mode."""
     from transformers import BeitConfig, BeitForSemanticSegmentation
 
+    check_torch_row(config)
     model, dims = config.model, core_config.encoder_dims(config.model)
     beit = BeitConfig(
         hidden_size=dims["embed_dim"], num_hidden_layers=dims["depth"],
@@ -282,18 +295,12 @@ def torch_segmenter(config, num_classes: int):
         auxiliary_channels=model.aux_channels, auxiliary_num_convs=1,
         auxiliary_concat_input=False, semantic_loss_ignore_index=255, num_labels=num_classes,
     )
-    beit._attn_implementation = "eager"
-    net = BeitForSemanticSegmentation(beit)
-    # UPerNet's channels are transformers' hidden_size; rebuild the heads when they differ.
-    if model.channels != dims["embed_dim"]:
-        raise ValueError(f"the torch row needs model.channels == embed_dim "
-                         f"({model.channels} != {dims['embed_dim']}): transformers' UperHead "
-                         "uses the backbone width")
-    return net.train()
+    beit._attn_implementation = attention
+    return BeitForSemanticSegmentation(beit).train()
 
 
 def torch_out_indices(out_indices, depth: int) -> list[int]:
-    """transformers' out_indices for our 0-based feature blocks.
+    """transformers' out_indices for our 0-based feature blocks (depth >= 3).
 
     transformers 5 feeds the neck hidden_states[i - 1] of (embeddings, block 0, .., block
     depth - 1) and accepts 4 distinct i in 0 .. depth, so block b is i = b + 2 and the last
@@ -303,9 +310,6 @@ def torch_out_indices(out_indices, depth: int) -> list[int]:
     wanted = [b + 2 for b in out_indices]
     if len(set(wanted)) == 4 and max(wanted) <= depth:
         return wanted
-    if depth < 3:
-        raise ValueError(f"the torch row needs depth >= 3 (transformers takes 4 distinct "
-                         f"feature blocks), got {depth}")
     return list(range(depth - 3, depth + 1))
 
 
@@ -339,10 +343,7 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     amp = on_gpu and config.model.dtype == "bfloat16"  # mmseg: fp16 / bf16 autocast on CUDA
     torch.backends.cudnn.benchmark = True  # as mmseg's configs
     torch.manual_seed(config.seed)
-    net = torch_segmenter(config, num_classes)
-    if args.torch_attention != "eager":
-        net.config._attn_implementation = args.torch_attention
-    net = net.to(device)
+    net = torch_segmenter(config, num_classes, args.torch_attention).to(device)
     optimizer = torch.optim.AdamW(torch_layer_decay_groups(net, config), lr=config.lr,
                                   betas=(config.b1, config.b2))
     size, batch_size = config.model.image_size, config.batch_size
@@ -407,6 +408,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns {"machine", "settings", "results": [row per framework]}."""
     args = parse_args(argv)
+    if "torch" in args.frameworks:
+        check_torch_row(load_config(args))
     machine = machine_info()
     print("Machine:", ", ".join(f"{k}={v}" for k, v in machine.items()))
     print("Load average (1, 5, 15 min):", os.getloadavg())

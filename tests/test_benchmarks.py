@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import tiny_segmentation_config
 from flax import nnx
 
 import mae_jax
@@ -165,6 +166,8 @@ def test_segmentation_step_benchmark_reports_one_compile_and_xla_flops(tmp_path,
         bench.parse_args(["--config", "configs/no_such.py"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--frameworks", "jax,tf"])
+    with pytest.raises(SystemExit, match="model.channels == the backbone width"):
+        bench.check_torch_row(tiny_segmentation_config())  # 16 channels on a width-32 ViT
 
 
 def test_products_benchmark_counts_the_step_flops_and_times_both_frameworks(capsys):

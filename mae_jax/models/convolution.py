@@ -15,7 +15,7 @@ from flax import nnx
 from mae_jax.models.layers import matmul_bias
 
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-# layers.Conv takes k x k kernel gradients per tap (`_conv_same`) on the CPU backend.
+# Conv takes k x k kernel gradients per tap (`_conv_same`) on the CPU backend.
 PER_TAP_KERNEL_GRAD = True
 
 
