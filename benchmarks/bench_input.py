@@ -233,8 +233,11 @@ def _run(kind: str, folder: str, cores: list[int], seconds: float) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
          os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"benchmark worker {kind!r} failed (exit {done.returncode}):\n"
+                           + done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _official_on(cores, folder, seconds) -> dict:
@@ -267,13 +270,45 @@ def base_parser(description: str, device_help: str, workers, data_flag: str):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max_cores", type=int, default=2, choices=(1, 2),
+                        help="rows for 1 core, and for 2 cores when 2 (and available)")
     parser.add_argument("--device_part", action="store_true",
                         help=f"only the device part ({device_help}; no TensorFlow needed) on "
                              "JAX's default device: JAX_PLATFORMS=cuda for a GPU")
+    parser.add_argument("--out_json", default="", help="also write the report here")
     parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
     parser.add_argument(data_flag, help=argparse.SUPPRESS)
     parser.add_argument("--cores", default="0", help=argparse.SUPPRESS)
     return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, batch: int
+               ) -> argparse.Namespace:
+    """Errors for values the run cannot use; `batch`: the images a batch takes."""
+    if args.seconds <= 0 or args.rounds < 1:
+        parser.error("--seconds must be > 0 and --rounds >= 1")
+    if args.images < batch:
+        parser.error(f"--images {args.images}: the pipelines batch {batch} images; write at "
+                     f"least that many")
+    return args
+
+
+def core_sets(max_cores: int) -> list[tuple[str, list[int]]]:
+    """("1 core", [first core]) and, when max_cores is 2 and two are available, ("2 cores",
+    [first two])."""
+    available = sorted(os.sched_getaffinity(0))
+    sets = [("1 core", available[:1])]
+    if max_cores > 1 and len(available) > 1:
+        sets.append(("2 cores", available[:2]))
+    return sets
+
+
+def write_report(report: dict, path: str) -> dict:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print("Wrote", path)
+    return report
 
 
 def summed(results: list[dict]) -> dict:
@@ -283,63 +318,107 @@ def summed(results: list[dict]) -> dict:
             "cpu_s": sum(r["cpu_s"] for r in results)}
 
 
-def print_table(rows: dict, names: tuple[str, str, str], digits: int) -> None:
-    """rows: {cores label: [(ours A, ours B, official) measurements, one per round]}; names:
-    those three columns. Medians of img/s (wall and CPU), ratios over official, every round."""
+def summarize_rounds(rows: dict, keys: tuple[str, str, str]) -> dict:
+    """rows: {cores label: [(A, B, official) measurements, one per round]}; keys: names of A,
+    B, official. {label: {key: {"img_s", "img_per_cpu_s" (medians over rounds), "ratio",
+    "ratio_cpu" (over official's), "rounds_img_s"}}}."""
+    summary = {}
+    for label, runs in rows.items():
+        columns = {}
+        for key, kind in zip(keys, zip(*runs, strict=True), strict=True):
+            columns[key] = {
+                "img_s": statistics.median(r["images"] / r["wall_s"] for r in kind),
+                "img_per_cpu_s": statistics.median(r["images"] / r["cpu_s"] for r in kind),
+                "rounds_img_s": [r["images"] / r["wall_s"] for r in kind]}
+        official = columns[keys[2]]
+        for column in columns.values():
+            column["ratio"] = column["img_s"] / official["img_s"]
+            column["ratio_cpu"] = column["img_per_cpu_s"] / official["img_per_cpu_s"]
+        summary[label] = columns
+    return summary
+
+
+def print_table(summary: dict, keys: tuple[str, str, str], names: tuple[str, str, str],
+                digits: int) -> None:
+    """`summarize_rounds`'s summary as a markdown table; names: the columns' titles. Medians
+    of img/s (wall and CPU), ratios over official, every round."""
     print(f"| cores | {names[2]} | {names[0]} | ratio | {names[1]} | ratio |")
     print("|---|---|---|---|---|---|")
-    for label, runs in rows.items():
-        medians = [[statistics.median(r["images"] / r[unit] for r in kind)
-                    for unit in ("wall_s", "cpu_s")] for kind in zip(*runs, strict=True)]
-        official = medians[2]
-        cells = [f"{official[0]:.{digits}f} ({official[1]:.{digits}f})"]
-        for wall, cpu in medians[:2]:
-            cells += [f"{wall:.{digits}f} ({cpu:.{digits}f})",
-                      f"{wall / official[0]:.2f}x ({cpu / official[1]:.2f}x)"]
+    for label, columns in summary.items():
+        official = columns[keys[2]]
+        cells = [f"{official['img_s']:.{digits}f} ({official['img_per_cpu_s']:.{digits}f})"]
+        for key in keys[:2]:
+            c = columns[key]
+            cells += [f"{c['img_s']:.{digits}f} ({c['img_per_cpu_s']:.{digits}f})",
+                      f"{c['ratio']:.2f}x ({c['ratio_cpu']:.2f}x)"]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\nAll rounds (img/s wall, {names[2]} / {names[0]} / {names[1]}): " + "; ".join(
-        f"{label}: " + ", ".join("/".join(f"{r['images'] / r['wall_s']:.{digits}f}"
-                                          for r in (f, a, b)) for a, b, f in runs)
-        for label, runs in rows.items()))
+        f"{label}: " + ", ".join("/".join(f"{columns[k]['rounds_img_s'][i]:.{digits}f}"
+                                          for k in (keys[2], *keys[:2]))
+                                 for i in range(len(columns[keys[2]]["rounds_img_s"])))
+        for label, columns in summary.items()))
 
 
-def main() -> None:
+KEYS = ("ours_host_resize", "ours_device_resize", "official")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n")[0], "the resize and flip", [*WORKERS, "resize"],
                          "--folder")
     parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
-    args = parser.parse_args()
-    if args.device_part:
-        cost = device_resize_cost(args.seconds)
-        print(f"Device part of device_resize_canvas={CANVAS} on {cost['device']}: "
-              f"{cost['ms_per_image']:.4f} ms per image ({1e3 / cost['ms_per_image']:.0f} img/s), "
-              f"{cost['flops_per_image'] / 1e6:.0f} MFLOP per image.")
-        return
+    return check_args(parser, parser.parse_args(argv), BATCH)
+
+
+def worker_or_device_part(args, workers: dict, device_cost, describe):
+    """What both input benchmarks do before their rounds. In a worker process: run its
+    measurement (`workers[args.worker](data, cores, seconds)`), print it as a JSON line and
+    return (True, None). With --device_part: time the device part alone (`device_cost(seconds)`,
+    printed by `describe`) and return (True, its report). Else (False, {"machine": ...})."""
     if args.worker:
         cores = [int(c) for c in args.cores.split(",")]
-        if args.worker == "resize":
-            print(json.dumps(device_resize_cost(args.seconds)))
-            return
-        print(json.dumps(WORKERS[args.worker](args.folder, cores, args.seconds)))
-        return
+        data = args.folder if hasattr(args, "folder") else args.root
+        print(json.dumps(workers[args.worker](data, cores, args.seconds)))
+        return True, None
+    report = {"machine": {"cpu": _cpu_model(), "cpus_visible": os.cpu_count(),
+                          "python": platform.python_version(),
+                          "load_average_before": os.getloadavg()}}
+    if not args.device_part:
+        return False, report
+    cost = device_cost(args.seconds)
+    print(describe(cost))
+    return True, write_report(report | {"device_part": cost}, args.out_json)
 
-    available = sorted(os.sched_getaffinity(0))
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Runs the benchmark; returns {"machine", "settings", "summary" (`summarize_rounds`),
+    "device_part"} (--device_part: {"machine", "device_part"}), also written to --out_json."""
+    args = parse_args(argv)
+    done, report = worker_or_device_part(
+        args, {**WORKERS, "resize": lambda data, cores, seconds: device_resize_cost(seconds)},
+        device_resize_cost,
+        lambda cost: f"Device part of device_resize_canvas={CANVAS} on {cost['device']}: "
+                     f"{cost['ms_per_image']:.4f} ms per image "
+                     f"({1e3 / cost['ms_per_image']:.0f} img/s), "
+                     f"{cost['flops_per_image'] / 1e6:.0f} MFLOP per image.")
+    if done:
+        return report
+    machine = report["machine"]
     with tempfile.TemporaryDirectory() as folder:
         paths = write_images(folder, args.images)
         kilobytes = np.mean([os.path.getsize(p) for p in paths]) / 1000
         load_before = os.getloadavg()
         rows = {}
         for _ in range(args.rounds):
-            for label, cores in (("1 core", available[:1]), ("2 cores", available[:2])):
-                if len(cores) < int(label[0]):
-                    continue
+            for label, cores in core_sets(args.max_cores):
                 ours = _run("ours", folder, cores, args.seconds)
                 device = _run("device", folder, cores, args.seconds)
                 official = (_run("official", folder, cores, args.seconds) if len(cores) == 1
                             else _official_on(cores, folder, args.seconds))
                 rows.setdefault(label, []).append((ours, device, official))
-        resize_cost = _run("resize", folder, available[:1], args.seconds)
+        resize_cost = _run("resize", folder, core_sets(1)[0][1], args.seconds)
         load_after = os.getloadavg()
 
+    machine.update(load_average_before=load_before, load_average_after=load_after)
     print(f"\nMachine: {_cpu_model()}, {os.cpu_count()} CPUs visible; Python "
           f"{platform.python_version()}. {args.images} JPEGs 500x375 q90, mean "
           f"{kilobytes:.0f} KB. Load average before {load_before[0]:.2f} / after "
@@ -348,12 +427,16 @@ def main() -> None:
     print(f"img/s of wall time (img per CPU-second in brackets); ratio = / official. 'resize "
           f"on device': the host part of device_resize_canvas={CANVAS} (decode the crop window, "
           "pad it into the canvas).\n")
-    print_table(rows, ("ours, resize on host", "ours, resize on device (host part)",
-                       "official transform"), digits=0)
+    summary = summarize_rounds(rows, KEYS)
+    print_table(summary, KEYS, ("ours, resize on host", "ours, resize on device (host part)",
+                                "official transform"), digits=0)
     print(f"\nDevice part (resize {CANVAS} px canvas -> {SIZE} px + flip, `make_canvas_fn`): "
           f"{resize_cost['ms_per_image']:.2f} ms per image on one core of this CPU "
           f"(synthetic canvases); "
           f"{resize_cost['flops_per_image'] / 1e6:.0f} MFLOP per image (float32 matmuls).")
+    report = {"machine": machine, "settings": vars(args) | {"kilobytes_per_jpeg": kilobytes},
+              "summary": summary, "device_part": resize_cost}
+    return write_report(report, args.out_json)
 
 
 WORKERS = {"ours": worker_ours, "device": worker_device, "official": worker_official}

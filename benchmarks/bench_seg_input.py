@@ -44,10 +44,15 @@ from bench_input import (
     _measure,
     _pin,
     base_parser,
+    check_args,
+    core_sets,
     cycled,
     photo,
     print_table,
+    summarize_rounds,
     summed,
+    worker_or_device_part,
+    write_report,
 )
 
 BATCH = 16
@@ -262,26 +267,29 @@ def _run_official(root, cores, seconds) -> dict:
                                          for c in cores]])
 
 
-def main() -> None:
+KEYS = ("ours", "ours_all_on_host", "official")
+
+
+def parse_args(argv: list[str] | None = None):
     parser = base_parser(__doc__.split("\n")[0], "photometric distortion + normalisation",
                          [*WORKERS, "device"], "--root")
     parser.add_argument("--images", type=int, default=64, help="image / label pairs to write")
-    args = parser.parse_args()
-    if args.device_part:
-        cost = device_photometric_cost(args.seconds)
-        print(f"Device part of the segmentation input on {cost['device']}: photometric "
-              f"distortion + normalisation of {CROP} x {CROP} crops, batches of {BATCH}: "
-              f"{cost['ms_per_image']:.3f} ms per image.")
-        return
-    if args.worker == "device":
-        print(json.dumps(device_photometric_cost(args.seconds)))
-        return
-    if args.worker:
-        cores = [int(c) for c in args.cores.split(",")]
-        print(json.dumps(WORKERS[args.worker](args.root, cores, args.seconds)))
-        return
+    return check_args(parser, parser.parse_args(argv), BATCH)
 
-    available = sorted(os.sched_getaffinity(0))
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Runs the benchmark; returns {"machine", "settings", "summary" (`summarize_rounds`),
+    "device_part"} (--device_part: {"machine", "device_part"}), also written to --out_json."""
+    args = parse_args(argv)
+    done, report = worker_or_device_part(
+        args, {**WORKERS, "device": lambda data, cores, seconds: device_photometric_cost(
+            seconds)}, device_photometric_cost,
+        lambda cost: f"Device part of the segmentation input on {cost['device']}: photometric "
+                     f"distortion + normalisation of {CROP} x {CROP} crops, batches of "
+                     f"{BATCH}: {cost['ms_per_image']:.3f} ms per image.")
+    if done:
+        return report
+    machine = report["machine"]
     with tempfile.TemporaryDirectory() as root:
         release = write_release(root, args.images)
         kilobytes = np.mean([os.path.getsize(os.path.join(release, "images", "training", n))
@@ -295,9 +303,7 @@ def main() -> None:
         load_before = os.getloadavg()
         rows = {}
         for _ in range(args.rounds):
-            for label, cores in (("1 core", available[:1]), ("2 cores", available[:2])):
-                if len(cores) < int(label[0]):
-                    continue
+            for label, cores in core_sets(args.max_cores):
                 rows.setdefault(label, []).append((
                     _run_ours(root, cores, args.seconds),
                     _run_ours(root, cores, args.seconds, kind="host"),
@@ -305,6 +311,7 @@ def main() -> None:
         device = _result(_start("device", root, "0", args.seconds))
         load_after = os.getloadavg()
 
+    machine.update(load_average_before=load_before, load_average_after=load_after)
     print(f"\nMachine: {_cpu_model()}, {os.cpu_count()} CPUs visible; Python "
           f"{platform.python_version()}. {args.images} ADE20K-format pairs (JPEG q90, mean "
           f"{kilobytes / 1000:.0f} KB; sizes {', '.join(f'{w}x{h}' for h, w in SIZES)}); TFDS "
@@ -315,9 +322,14 @@ def main() -> None:
           "(img per CPU-second in brackets); ratio = / official. 'ours': segment.py's pipeline "
           "(data.device_photometric: the photometric distortion runs in the train step, cost "
           "below); 'ours, all on host': the distortion on the host too.\n")
-    print_table(rows, ("ours", "ours, all on host", "official (mmseg 0.x, OpenCV)"), digits=1)
+    summary = summarize_rounds(rows, KEYS)
+    print_table(summary, KEYS, ("ours", "ours, all on host", "official (mmseg 0.x, OpenCV)"),
+                digits=1)
     print(f"\nDevice part (photometric distortion + normalisation, jitted, batches of {BATCH}): "
           f"{device['ms_per_image']:.2f} ms per image on one core of this CPU.")
+    report = {"machine": machine, "settings": vars(args) | {"prepare_s": prepare_s},
+              "summary": summary, "device_part": device}
+    return write_report(report, args.out_json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""The benchmark suite: every benchmark of this folder at one preset's sizes in one run, and one
+markdown table of what they measured against the project's speed targets.
+
+    python benchmarks/suite.py                           # CPU preset: ~25 minutes on 2 cores
+    python benchmarks/suite.py --preset gpu --out_dir /tmp/suite    # one GPU (gpu_check.sh)
+    python benchmarks/suite.py --preset smoke            # tiny sizes: checks the plumbing
+    python benchmarks/suite.py --render DIR              # the table again, from DIR's reports
+    python benchmarks/suite.py --only train_tiny,input   # some entries (names: --list)
+
+Each entry runs one script of this folder in a process of its own (its output in
+DIR/<entry>.txt, its report in DIR/<entry>.json); a failed or timed-out entry is reported in
+the table and the suite goes on. The table (DIR/suite.md, also printed) names the machine,
+the date and the load average before and after every entry: compare rows of one run only.
+This script imports neither JAX nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import suite_table  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CUDA = {"JAX_PLATFORMS": "cuda"}
+SEG_BASE = ["--config", "configs/ade20k_base.py"]
+VIT_B_EVAL = ["--variant", "vit_base_patch16", "--patch_size", "16", "--embed_dim", "768",
+              "--depth", "12", "--num_heads", "12", "--channels", "768", "--aux_channels",
+              "256", "--num_classes", "150", "--window", "512", "--stride", "341", "--scale",
+              "2048,512"]
+TINY_MAE = ["--image_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "1",
+            "--num_heads", "2", "--decoder_depth", "1", "--decoder_width", "32"]
+
+
+def _entry(name, kind, script, args, timeout, env=None):
+    return {"name": name, "kind": kind, "script": script, "args": args, "timeout": timeout,
+            "env": env or {}}
+
+
+def _train(name, model, size, batch, steps, warmup, dtype="float32", timeout=900):
+    return _entry(name, "train", "bench_train_step.py",
+                  ["--model", model, "--image_size", str(size), "--batch_size", str(batch),
+                   "--dtype", dtype, "--steps", str(steps), "--repeats", "3", "--warmup",
+                   str(warmup), "--encoder_all_tokens"], timeout)
+
+
+PRESETS = {
+    # The CPU rows of README: float32 (neither framework has fast bfloat16 kernels on these
+    # CPUs; the official code trains float32 on a CPU), each framework in its own process.
+    "cpu": [
+        _train("train_tiny", "vit_tiny_patch16", 224, 32, 1, 1),
+        _train("train_base", "vit_base_patch16", 112, 8, 3, 2),
+        _train("train_large", "vit_large_patch16", 112, 4, 2, 1),
+        _entry("input", "input", "bench_input.py", ["--seconds", "6", "--rounds", "3"], 900),
+        _entry("seg_input", "seg_input", "bench_seg_input.py",
+               ["--seconds", "6", "--rounds", "3"], 900),
+        _entry("on_device", "on_device", "bench_on_device.py",
+               ["--image_size", "64", "--batch_size", "32", "--num_images", "5000", "--steps",
+                "3", "--repeats", "4", "--warmup", "2"], 600),
+        _entry("seg_train", "seg_train", "bench_seg_train_step.py",
+               [*SEG_BASE, "--image_size", "128", "--batch_size", "2", "--dtype", "float32",
+                "--frameworks", "jax,torch", "--no_device_photometric", "--steps", "2",
+                "--repeats", "3", "--warmup", "1"], 900),
+        _entry("seg_eval", "seg_eval", "bench_seg_eval.py", ["--num_images", "50"], 900),
+    ],
+    # One H200, bfloat16, the sizes gpu_check.sh ran before this suite; the input's host
+    # parts need TensorFlow (absent there): their device parts only. The GPU machine has no
+    # transformers: the segmentation step runs without its PyTorch row.
+    "gpu": [  # most important first: the suite may stop starting entries (gpu_check.sh)
+        _train("train_base", "vit_base_patch16", 224, 256, 5, 2, "bfloat16", 140),
+        _train("train_tiny", "vit_tiny_patch16", 224, 256, 5, 2, "bfloat16", 110),
+        _entry("seg_train_b2", "seg_train", "bench_seg_train_step.py",
+               [*SEG_BASE, "--batch_size", "2", "--steps", "3", "--repeats", "2", "--warmup",
+                "1"], 70),
+        _entry("seg_eval", "seg_eval", "bench_seg_eval.py",
+               [*VIT_B_EVAL, "--dtype", "bfloat16", "--uint8", "--num_images", "20",
+                "--repeats", "1", "--paths", "after"], 60),
+        _entry("on_device", "on_device", "bench_on_device.py",
+               ["--batch_size", "256", "--dtype", "bfloat16", "--num_images", "10000",
+                "--steps", "5", "--repeats", "2"], 60),
+        _entry("input_device", "input", "bench_input.py", ["--device_part", "--seconds", "5"],
+               40, CUDA),
+        _entry("seg_input_device", "seg_input", "bench_seg_input.py",
+               ["--device_part", "--seconds", "5"], 40, CUDA),
+        _entry("seg_train_b16", "seg_train", "bench_seg_train_step.py",
+               [*SEG_BASE, "--batch_size", "16", "--steps", "3", "--repeats", "2", "--warmup",
+                "1"], 70),
+    ],
+    # Tiny sizes, a few minutes on a CPU: every script and the table, numbers meaningless.
+    "smoke": [
+        _entry("train_tiny", "train", "bench_train_step.py",
+               [*TINY_MAE, "--batch_size", "4", "--steps", "1", "--repeats", "2", "--warmup",
+                "0", "--encoder_all_tokens"], 300),
+        _entry("input", "input", "bench_input.py",
+               ["--seconds", "0.3", "--rounds", "1", "--images", "64", "--max_cores", "1"], 300),
+        _entry("seg_input", "seg_input", "bench_seg_input.py",
+               ["--seconds", "0.3", "--rounds", "1", "--images", "16", "--max_cores", "1"], 300),
+        _entry("on_device", "on_device", "bench_on_device.py",
+               [*TINY_MAE, "--batch_size", "8", "--num_images", "64", "--steps", "1",
+                "--repeats", "2", "--warmup", "0"], 300),
+        _entry("seg_train", "seg_train", "bench_seg_train_step.py",
+               ["--batch_size", "4", "--steps", "1", "--repeats", "2", "--warmup", "0"], 300),
+        _entry("seg_eval", "seg_eval", "bench_seg_eval.py",
+               ["--num_images", "4", "--repeats", "1"], 300),
+    ],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--out_dir", default="",
+                        help="Reports, logs and suite.md go here (default: a new folder "
+                             "benchmark_runs/<preset>-<UTC time>).")
+    parser.add_argument("--only", default="", help="Comma list of entry names (see --list).")
+    parser.add_argument("--render", default="", metavar="DIR",
+                        help="Run nothing: print the table of the reports in DIR.")
+    parser.add_argument("--stop_starting_after", type=float, default=0.0, metavar="SECONDS",
+                        help="Start no entry after this many seconds (0: no limit); the "
+                             "skipped ones are listed.")
+    parser.add_argument("--list", action="store_true", help="Print the entries and exit.")
+    args = parser.parse_args(argv)
+    names = [e["name"] for e in PRESETS[args.preset]]
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    if set(args.only) - set(names):
+        parser.error(f"--only: no entry {sorted(set(args.only) - set(names))} in preset "
+                     f"{args.preset!r}; its entries: {', '.join(names)}")
+    if args.render and not os.path.isfile(os.path.join(args.render, "suite.json")):
+        parser.error(f"--render {args.render}: no suite.json there (a suite run's --out_dir)")
+    return args
+
+
+def command(entry: dict, out_dir: str) -> list[str]:
+    return [sys.executable, os.path.join(HERE, entry["script"]), *entry["args"], "--out_json",
+            os.path.join(out_dir, entry["name"] + ".json")]
+
+
+def run_entry(entry: dict, out_dir: str) -> dict:
+    """Runs one entry; returns its record (command, exit status, seconds, load averages)."""
+    argv = command(entry, out_dir)
+    env = {**os.environ, **entry["env"], "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    record = {"name": entry["name"], "kind": entry["kind"], "command": " ".join(argv[1:]),
+              "load_before": os.getloadavg()[0]}
+    started = time.perf_counter()
+    with open(os.path.join(out_dir, entry["name"] + ".txt"), "w") as log:
+        try:
+            record["returncode"] = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env, cwd=REPO,
+                                                  timeout=entry["timeout"]).returncode
+        except subprocess.TimeoutExpired:
+            record["returncode"] = f"timed out after {entry['timeout']} s"
+    record.update(seconds=time.perf_counter() - started, load_after=os.getloadavg()[0])
+    return record
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                         capture_output=True, text=True) if _has("nvidia-smi") else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "gpu": gpu.stdout.strip().replace("\n", ", ") if gpu and gpu.returncode == 0
+            else None}
+
+
+def _has(program: str) -> bool:
+    return any(os.access(os.path.join(p, program), os.X_OK)
+               for p in os.environ.get("PATH", "").split(os.pathsep))
+
+
+def run(args: argparse.Namespace) -> str:
+    entries = [e for e in PRESETS[args.preset] if not args.only or e["name"] in args.only]
+    stamp = datetime.datetime.now(datetime.UTC)
+    out_dir = args.out_dir or os.path.join(
+        REPO, "benchmark_runs", f"{args.preset}-{stamp:%Y%m%dT%H%M%SZ}")
+    os.makedirs(out_dir, exist_ok=True)
+    info = {"preset": args.preset, "started_utc": stamp.isoformat(timespec="seconds"),
+            "machine": machine(), "load_before": os.getloadavg(), "entries": []}
+    cores = info["machine"]["cores"]
+    print(f"Suite {args.preset!r}, {len(entries)} entries -> {out_dir}; load average "
+          f"{info['load_before'][0]:.2f} on {cores} cores", flush=True)
+    if info["load_before"][0] > 0.25 * cores:
+        print("WARNING: the machine is not quiet (1-minute load average "
+              f"{info['load_before'][0]:.2f}); timings compare only within this run.", flush=True)
+    started = time.perf_counter()
+    for entry in entries:
+        if args.stop_starting_after and time.perf_counter() - started > args.stop_starting_after:
+            info["entries"].append({"name": entry["name"], "kind": entry["kind"],
+                                    "command": " ".join(command(entry, out_dir)[1:]),
+                                    "returncode": "skipped: out of time"})
+        else:
+            print(f"[{time.perf_counter() - started:6.0f} s] {entry['name']}: "
+                  f"{entry['script']} {' '.join(entry['args'])}", flush=True)
+            info["entries"].append(run_entry(entry, out_dir))
+        with open(os.path.join(out_dir, "suite.json"), "w") as handle:  # kept up to date
+            json.dump(info, handle, indent=2)
+    info["load_after"] = os.getloadavg()
+    info["seconds"] = time.perf_counter() - started
+    with open(os.path.join(out_dir, "suite.json"), "w") as handle:
+        json.dump(info, handle, indent=2)
+    return out_dir
+
+
+def render(out_dir: str) -> str:
+    """suite.md of a run's folder; returns its text."""
+    with open(os.path.join(out_dir, "suite.json")) as handle:
+        info = json.load(handle)
+    reports = {}
+    for record in info["entries"]:
+        path = os.path.join(out_dir, record["name"] + ".json")
+        if record.get("returncode") == 0 and os.path.exists(path):
+            with open(path) as handle:
+                reports[record["name"]] = json.load(handle)
+    text = suite_table.markdown(info, reports)
+    with open(os.path.join(out_dir, "suite.md"), "w") as handle:
+        handle.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    if args.list:
+        for entry in PRESETS[args.preset]:
+            print(f"{entry['name']}: {entry['script']} {' '.join(entry['args'])}")
+        return ""
+    out_dir = args.render or run(args)
+    text = render(out_dir)
+    print(text)
+    print("Wrote", os.path.join(out_dir, "suite.md"))
+    return text
+
+
+if __name__ == "__main__":
+    main()

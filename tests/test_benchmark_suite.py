@@ -1,0 +1,100 @@
+"""benchmarks/suite.py: every preset entry is a command its script accepts, a failed entry is
+reported and the suite goes on, targets are judged as the project states them, and (slow) the
+smoke preset runs every script and renders one table from their real reports."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+suite = importlib.import_module("suite")
+suite_table = importlib.import_module("suite_table")
+
+
+@pytest.mark.parametrize("preset", sorted(suite.PRESETS))
+def test_every_entry_is_a_command_its_script_accepts(preset):
+    entries = suite.PRESETS[preset]
+    assert len({e["name"] for e in entries}) == len(entries)
+    for entry in entries:
+        script = importlib.import_module(entry["script"][:-3])
+        args = script.parse_args([*entry["args"], "--out_json", "report.json"])
+        assert args.out_json == "report.json"
+        assert entry["kind"] in suite_table.ROWS
+        if preset == "gpu" and entry["script"] in ("bench_input.py", "bench_seg_input.py"):
+            assert args.device_part  # the GPU machine has no TensorFlow: device parts only
+
+
+def test_a_failed_entry_is_reported_and_later_ones_skipped_past_the_deadline(tmp_path,
+                                                                            monkeypatch):
+    bad = suite._entry("bad_input", "input", "bench_input.py", ["--images", "1"], 60)
+    late = suite._entry("late", "input", "bench_input.py", ["--images", "1"], 60)
+    monkeypatch.setitem(suite.PRESETS, "smoke", [bad, late])
+    text = suite.main(["--preset", "smoke", "--out_dir", str(tmp_path),
+                       "--stop_starting_after", "0.01"])
+    info = json.loads((tmp_path / "suite.json").read_text())
+    assert [r["returncode"] for r in info["entries"]] == [2, "skipped: out of time"]
+    assert "--images 1: the pipelines batch 64 images" in (tmp_path / "bad_input.txt").read_text()
+    assert "| bad_input | did not run to the end: 2 |" in text
+    assert "| late | did not run to the end: skipped: out of time |" in text
+    assert (tmp_path / "suite.md").read_text() == text
+    assert suite.main(["--render", str(tmp_path)]) == text
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--only", "no_such_entry"])
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--render", str(tmp_path / "missing")])
+
+
+def _train_report(device, ours_ms, torch_ms, mfu=None, model="vit_base_patch16"):
+    row = {"device": device, "ms_per_step_median": ours_ms, "compile_s": 1.0, "images_per_s": 1.0,
+           "compiles_first_call": 1, "compiles_after_first_call": 0, "mfu": mfu}
+    return {"settings": {"model": model, "image_size": 224, "batch_size": 8, "dtype": "float32"},
+            "results": [{"framework": "jax", **row},
+                        {"framework": "torch", **row, "ms_per_step_median": torch_ms}]}
+
+
+def test_targets_are_judged_where_they_apply():
+    # CPU: ours / official <= 0.8; the MFU target needs the GPU.
+    rows = suite_table.train_rows(_train_report("1 x cpu", 79.0, 100.0))
+    assert [(r[0], r[4], r[6]) for r in rows] == [
+        ("MAE train step", "0.79x", "met"), ("MAE train step MFU", "-", "GPU only")]
+    rows = suite_table.train_rows(_train_report("1 x cpu", 81.0, 100.0))
+    assert rows[0][6] == "**not met**"
+    # H200: MFU >= 40% for ViT-B, >= 35% for ViT-Tiny; no time-ratio target there.
+    rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.39))
+    assert [r[6] for r in rows] == ["-", "**not met**"]
+    rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.36,
+                                                model="vit_tiny_patch16"))
+    assert rows[1][2:7] == ("36.0%", "-", "-", ">= 35% (H200, bf16)", "met")
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_every_benchmark_into_one_table(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "suite.py"), "--preset",
+                           "smoke", "--out_dir", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.loads((tmp_path / "suite.json").read_text())
+    assert [r["returncode"] for r in info["entries"]] == [0] * len(suite.PRESETS["smoke"])
+    table = (tmp_path / "suite.md").read_text()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    measured = {(row[0][2:], row[1]) for row in rows}
+    for entry, measurement in [
+            ("train_tiny", "MAE train step"), ("train_tiny", "encoder on all tokens / visible "
+                                                             "only"),
+            ("input", "JPEG input, images/s"), ("input", "JPEG input, device part"),
+            ("seg_input", "ADE20K input, images/s"), ("seg_input", "ADE20K input, device part"),
+            ("on_device", "step fed by the on-device input"),
+            ("seg_train", "segmentation train step"),
+            ("seg_eval", "segmentation evaluation, XLA compilations")]:
+        assert (entry, measurement) in measured, (entry, measurement, table)
+    for row in rows:  # every measurement has a number; no target is judged at smoke sizes
+        assert row[3] != "-" or "MFU" in row[1] or "memory" in row[1], row
+        assert row[7] in ("-", "(smoke sizes)"), row
+    assert "not understood" not in table and "did not run" not in table
