@@ -93,6 +93,10 @@ PRESETS = {
         _entry("seg_train_b16", "seg_train", "bench_seg_train_step.py",
                [*SEG_BASE, "--batch_size", "16", "--steps", "3", "--repeats", "2", "--warmup",
                 "1"], 70),
+        # Last, when time is left: ViT-L in bfloat16, and ViT-B in float32 at each framework's
+        # default matmul precision (JAX: TF32 allowed; PyTorch: TF32 off for matmuls).
+        _train("train_large", "vit_large_patch16", 224, 128, 3, 1, "bfloat16", 150),
+        _train("train_base_fp32", "vit_base_patch16", 224, 128, 3, 1, "float32", 150),
     ],
     # Tiny sizes, a few minutes on a CPU: every script and the table, numbers meaningless.
     "smoke": [
