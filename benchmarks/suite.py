@@ -56,7 +56,7 @@ PRESETS = {
     # The CPU rows of README: float32 (neither framework has fast bfloat16 kernels on these
     # CPUs; the official code trains float32 on a CPU), each framework in its own process.
     "cpu": [
-        _train("train_tiny", "vit_tiny_patch16", 224, 32, 1, 1),
+        _train("train_tiny", "vit_tiny_patch16", 224, 32, 2, 1),
         _train("train_base", "vit_base_patch16", 112, 8, 3, 2),
         _train("train_large", "vit_large_patch16", 112, 4, 2, 1),
         _entry("input", "input", "bench_input.py", ["--seconds", "6", "--rounds", "3"], 900),
