@@ -40,6 +40,9 @@ JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
 #    table: $OUT/suite/suite.md, every report and log beside it.
 timeout 480 python3 benchmarks/suite.py --preset gpu --out_dir "$OUT/suite" \
   --stop_starting_after 300 2>&1 | tee "$OUT/suite.txt"
+# Killed by the timeout: the table of what finished, from suite.json (kept up to date).
+[[ -f "$OUT/suite/suite.md" ]] || python3 benchmarks/suite.py --render "$OUT/suite" \
+  >> "$OUT/suite.txt" 2>&1
 cp "$OUT/suite/suite.md" "$OUT/suite.md" 2>/dev/null || true
 
 # 3. bfloat16 vs float32 drift (per-block activation error, loss after a short demo run), if
