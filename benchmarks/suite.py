@@ -21,12 +21,14 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite_table  # noqa: E402
+from bench_input import _cpu_model  # noqa: E402  (numpy only: no JAX, no TensorFlow)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -167,21 +169,12 @@ def run_entry(entry: dict, out_dir: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle
-                        if line.startswith("model name")), cpu)
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True) if _has("nvidia-smi") else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                         capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    return {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
             "gpu": gpu.stdout.strip().replace("\n", ", ") if gpu and gpu.returncode == 0
             else None}
-
-
-def _has(program: str) -> bool:
-    return any(os.access(os.path.join(p, program), os.X_OK)
-               for p in os.environ.get("PATH", "").split(os.pathsep))
 
 
 def run(args: argparse.Namespace) -> str:
