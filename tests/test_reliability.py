@@ -301,6 +301,36 @@ def test_parameters_that_explode_but_stay_finite_count_as_a_nonfinite_step():
     assert np.isinf(metrics["param_norm"]) and int(new.nonfinite_steps) == 1
 
 
+
+def test_reported_norms_are_torchs_global_norms_and_a_nan_gradient_counts():
+    """grad_norm / param_norm (written |x| * |x| for XLA's sake) against torch.linalg's norm
+    of all leaves at once, over leaves of mixed shapes; a NaN in one gradient counts."""
+    import torch
+
+    state = tiny_state()
+    leaves, treedef = jax.tree.flatten(state.params)
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves]
+    new, metrics = state.apply_gradients(
+        jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), tx=optax.sgd(0.1),
+        loss=jnp.float32(1.0))
+
+    def torch_norm(arrays):
+        return float(torch.linalg.vector_norm(
+            torch.cat([torch.from_numpy(np.asarray(a, np.float64)).ravel() for a in arrays])))
+
+    np.testing.assert_allclose(float(metrics["grad_norm"]), torch_norm(grads), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["param_norm"]),
+                               torch_norm(jax.tree.leaves(new.params)), rtol=1e-6)
+    assert int(new.nonfinite_steps) == 0
+    grads[-1] = grads[-1].copy()
+    grads[-1].flat[0] = np.nan
+    new, metrics = state.apply_gradients(
+        jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), tx=optax.sgd(0.0),
+        loss=jnp.float32(1.0))
+    assert np.isnan(float(metrics["grad_norm"])) and int(new.nonfinite_steps) == 1
+
+
 # --------------------------------------------------------------------------- Resume records
 def test_resume_with_changed_hyperparameters_is_refused_with_the_differences(
     finished_run, tmp_path

@@ -63,8 +63,8 @@ class TrainState:
         """
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
-        grad_norm = optax.global_norm(grads)
-        param_norm = optax.global_norm(params)
+        grad_norm = jnp.sqrt(sum_of_squares(grads))
+        param_norm = jnp.sqrt(sum_of_squares(params))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         state = self.replace(
             step=self.step + 1,
@@ -74,6 +74,20 @@ class TrainState:
             nonfinite_steps=self.nonfinite_steps + (~finite).astype(jnp.int32),
         )
         return state, {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm}
+
+
+def sum_of_squares(tree: Any) -> jax.Array:
+    """The sum of x ** 2 over every element of every leaf (float32), as optax.global_norm ** 2.
+
+    Written |x| * |x|, which is the same number: XLA would share a plain x * x of the gradients
+    with AdamW's second-moment update, write that square out for every parameter and read it
+    back for the sum; |x| * |x| stays inside the reduction. On XLA:CPU this takes ~85 ms off the
+    optimiser update of MAE ViT-B (240 -> 155 ms), ~8% of its 1.1 s step at 112 px, batch 8.
+    """
+    return sum(
+        (jnp.sum(jnp.abs(x) * jnp.abs(x), dtype=jnp.float32) for x in jax.tree.leaves(tree)),
+        jnp.zeros((), jnp.float32),
+    )
 
 
 def init_or_restore(
