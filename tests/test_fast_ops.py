@@ -197,13 +197,21 @@ def test_attention_rejects_an_unknown_implementation():
 
 
 def test_recomputed_gelu_matches_torch_exact_gelu_and_its_gradient():
+    """torch's formula x / 2 * (1 + erf(x / sqrt(2))): within float32 rounding of torch's
+    nn.GELU() and of jax.nn.gelu(approximate=False) (the erfc form); gradients as torch's."""
     x = normal(20, (N, T, 4 * D), scale=3.0)
-    exact = jax.jit(lambda x: jax.nn.gelu(x, approximate=False))
-    np.testing.assert_array_equal(jax.jit(gelu)(x), exact(x))
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(gelu(x) ** 2)))(x)
     xt = torch.tensor(np.asarray(x), requires_grad=True)
-    (torch.nn.functional.gelu(xt) ** 2).sum().backward()
+    yt = torch.nn.functional.gelu(xt)
+    y = jax.jit(gelu)(x)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(gelu(x) ** 2)))(x)
+    (yt ** 2).sum().backward()
     np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    # Far in the negative tail: exactly torch's values (0; the erfc form gives -7.6e-23 at -10).
+    tail = jnp.asarray([-30.0, -10.0, 0.0, 10.0])
+    np.testing.assert_array_equal(
+        gelu(tail), torch.nn.functional.gelu(torch.tensor(np.asarray(tail))).numpy())
 
 
 def layer_grads(layer, x, cotangent, dtype):
