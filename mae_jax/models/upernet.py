@@ -30,6 +30,7 @@ from flax import nnx
 from mae_jax.models.convolution import Conv, PatchDeconv
 from mae_jax.models.layers import BatchNorm, torch_bias_init
 from mae_jax.models.resize import adaptive_avg_pool2d, resize_bilinear
+from mae_jax.models.vit import gelu
 
 # mmcv's ConvModule initialises convs with kaiming normal (fan_out, relu).
 kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -108,7 +109,7 @@ class MultiScaleNeck(nnx.Module):
         if len(features) != 4:
             raise ValueError(f"MultiScaleNeck needs 4 feature maps, got {len(features)}")
         x4 = self.up4_norm(self.up4_deconv1(features[0]), use_running_average=not train)
-        x4 = jax.nn.gelu(x4, approximate=False)
+        x4 = gelu(x4)  # torch's nn.GELU() formula, as mmseg's neck
         x4 = self.up4_deconv2(x4)
         x2 = self.up2_deconv(features[1])
         half = nnx.max_pool(features[3], window_shape=(2, 2), strides=(2, 2), padding="VALID")
