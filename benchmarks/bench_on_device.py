@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax.core import optim
+from mae_jax.core import hostmem, optim
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.state import TrainState
 from mae_jax.core.step import compile_step, make_train_step
@@ -205,4 +205,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()
     main()

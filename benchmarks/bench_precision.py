@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 import mae_jax
+from mae_jax.core import hostmem
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.data.generated import generate_image
 
@@ -236,4 +237,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()
     main()

@@ -31,6 +31,7 @@ import bench_train_step as step_bench  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mae_jax.core import hostmem  # noqa: E402
 from mae_jax.models.mae import num_visible  # noqa: E402
 
 # Operand layouts: "nn" A[m, k] B[k, n]; "nt" A[m, k] B[n, k]; "tn" A[k, m] B[k, n].
@@ -203,4 +204,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()
     main()

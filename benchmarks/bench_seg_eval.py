@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 
 from mae_jax.core import config as core_config
+from mae_jax.core import hostmem
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.state import TrainState
 from mae_jax.segmentation import config as segmentation_config
@@ -273,4 +274,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()
     main()

@@ -65,6 +65,7 @@ from bench_train_step import (  # noqa: E402
 )
 
 from mae_jax.core import config as core_config  # noqa: E402
+from mae_jax.core import hostmem  # noqa: E402
 from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
@@ -446,4 +447,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()
     main()

@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mae_jax.core import config as core_config  # noqa: E402
-from mae_jax.core import optim  # noqa: E402
+from mae_jax.core import hostmem, optim  # noqa: E402
 from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
@@ -399,7 +399,8 @@ def machine_info() -> dict[str, Any]:
     info = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "jax": jax.__version__,
             "jax_backend": jax.default_backend(),
-            "jax_devices": [d.device_kind for d in jax.devices()]}
+            "jax_devices": [d.device_kind for d in jax.devices()],
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     try:
         import torch
 
@@ -535,4 +536,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()
     main()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -32,6 +33,19 @@ from bench_input import _cpu_model  # noqa: E402  (numpy only: no JAX, no Tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+
+
+def _load_hostmem():
+    """mae_jax/core/hostmem.py (standard library only) without importing the mae_jax package,
+    which imports JAX."""
+    path = os.path.join(REPO, "mae_jax", "core", "hostmem.py")
+    spec = importlib.util.spec_from_file_location("_suite_hostmem", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hostmem = _load_hostmem()
 CUDA = {"JAX_PLATFORMS": "cuda"}
 SEG_BASE = ["--config", "configs/ade20k_base.py"]
 VIT_B_EVAL = ["--variant", "vit_base_patch16", "--patch_size", "16", "--embed_dim", "768",
@@ -174,7 +188,7 @@ def machine() -> dict:
     return {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
             "gpu": gpu.stdout.strip().replace("\n", ", ") if gpu and gpu.returncode == 0
-            else None}
+            else None, "malloc_hugepages": hostmem.enabled()}
 
 
 def run(args: argparse.Namespace) -> str:

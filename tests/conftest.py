@@ -8,6 +8,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# train.py / segment.py started by tests do not restart themselves for glibc's huge pages
+# (mae_jax.core.hostmem: ~2 s of imports each); tests/test_hostmem.py and test_entry.py do.
+os.environ.setdefault("MAE_JAX_MALLOC_HUGEPAGES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,7 +10,7 @@ import time
 import jax
 import pytest
 
-from mae_jax.core import entry
+from mae_jax.core import entry, hostmem
 from mae_jax.core.checkpoint_integrity import CheckpointWriteError
 from mae_jax.core.checkpointing import DamagedCheckpointsError
 from mae_jax.core.entry import default_workdir
@@ -30,11 +30,18 @@ def test_config_arguments_get_their_own_default_workdir():
 
 
 def test_train_py_requires_a_config():
+    """Also the restart for glibc's huge pages (mae_jax.core.hostmem), where this machine has
+    them: once, same exit status."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in (hostmem.SWITCH, "GLIBC_TUNABLES")}
     result = subprocess.run(
-        [sys.executable, "train.py"], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "train.py"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=env,
     )
     assert result.returncode == entry.EXIT_BAD_INPUT
     assert "--config" in result.stderr
+    restarts = result.stderr.count("mae_jax: restarting with GLIBC_TUNABLES")
+    assert restarts == (hostmem.hugepage_environ(env) is not None), result.stderr
 
 
 @pytest.mark.parametrize(

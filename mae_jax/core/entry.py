@@ -24,6 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mae_jax.core import hostmem  # noqa: E402
+
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 EXIT_WRITE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 74, 75, 130
 EXIT_MEANINGS = {
@@ -151,7 +153,9 @@ def _parse_flags(argv):
 
 def run(library: str) -> None:
     """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`; exits with one
-    of the statuses in this module's docstring."""
+    of the statuses in this module's docstring. A CPU run first restarts itself once with
+    glibc's huge-page tunable (`mae_jax.core.hostmem`)."""
+    hostmem.reexec_with_hugepages()
 
     def main(argv):
         if len(argv) > 1:
