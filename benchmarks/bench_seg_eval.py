@@ -258,9 +258,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{'uint8' if args.uint8 else 'float32'} images")
     rows = [bench_path(path, args, config, graphdef, state, examples) for path in args.paths]
     if len(rows) == 2:
-        same = rows[0]["areas"] == rows[1]["areas"]
-        print("Identical per-class areas before / after:", same)
-        if not same:
+        # The two paths compute the same windows in differently shaped programs, so float32
+        # rounding may flip the argmax of a near-tie pixel (2026-12-03: 4 of 2.3M area counts
+        # after the GELU change); more than 1e-5 of the counts is a real disagreement.
+        before, after = np.asarray(rows[0]["areas"]), np.asarray(rows[1]["areas"])
+        off = int(np.abs(before - after).sum())
+        print(f"Per-class areas before / after: {off} of {int(before.sum())} counts differ")
+        if off > 1e-5 * before.sum():
             raise RuntimeError("the two evaluation paths disagree")
     machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     print(format_table(rows, len(examples)))
