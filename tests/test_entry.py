@@ -44,6 +44,14 @@ def test_train_py_requires_a_config():
     assert restarts == (hostmem.hugepage_environ(env) is not None), result.stderr
 
 
+def test_a_bad_huge_page_switch_is_bad_input():
+    env = {**os.environ, hostmem.SWITCH: "yes"}
+    result = subprocess.run([sys.executable, "train.py", "--config=configs/demo.py"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert result.returncode == entry.EXIT_BAD_INPUT
+    assert "MAE_JAX_MALLOC_HUGEPAGES='yes': use 0 (off) or 1" in result.stderr
+
+
 @pytest.mark.parametrize(
     "error,status",
     [

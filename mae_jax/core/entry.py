@@ -155,7 +155,11 @@ def run(library: str) -> None:
     """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`; exits with one
     of the statuses in this module's docstring. A CPU run first restarts itself once with
     glibc's huge-page tunable (`mae_jax.core.hostmem`)."""
-    hostmem.reexec_with_hugepages()
+    try:
+        hostmem.reexec_with_hugepages()
+    except ValueError as error:  # a bad MAE_JAX_MALLOC_HUGEPAGES
+        sys.stderr.write(f"Bad environment: {error}\n")
+        sys.exit(EXIT_BAD_INPUT)
 
     def main(argv):
         if len(argv) > 1:

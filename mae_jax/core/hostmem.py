@@ -4,7 +4,7 @@ XLA:CPU takes every step's temporary buffer from malloc (3.2 GB for the ViT-Tiny
 224 px, batch 32). glibc serves an allocation that large with a fresh mmap and returns it at the
 end of the step, so the kernel faults the buffer in again, zeroed, 4 KiB at a time, on every step
 (~820k page faults a step). glibc >= 2.35's tunable `glibc.malloc.hugetlb=1` has malloc advise
-transparent huge pages (MADV_HUGEPAGE) on such mappings: 2 MiB faults, ~15-30k a step. Measured
+transparent huge pages (MADV_HUGEPAGE) on such mappings: 2 MiB faults, 2-28k a step. Measured
 on 2 Intel Xeon vCPUs (benchmarks/README.md): the ViT-Tiny MAE step 5.99 -> 5.15 s, the UPerNet
 ViT-B step at 128 px 2.79-2.86 -> 2.57-2.58 s; PyTorch's steps gain less (its buffers come from
 the same malloc: 5.37 -> 4.96 s for ViT-Tiny).
@@ -73,7 +73,7 @@ def hugepage_environ(environ: Mapping[str, str] = os.environ, *, glibc=None, thp
     if switch not in ("", "0", "1"):
         raise ValueError(f"{SWITCH}={switch!r}: use 0 (off) or 1 (on with an accelerator too).")
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if switch == "0" or TUNABLE in tunables:
+    if switch == "0" or _setting(tunables) is not None:
         return None
     glibc = glibc_version() if glibc is None else glibc
     thp = thp_mode() if thp is None else thp
@@ -87,13 +87,17 @@ def hugepage_environ(environ: Mapping[str, str] = os.environ, *, glibc=None, thp
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{setting}" if tunables else setting}
 
 
+def _setting(tunables: str) -> str | None:
+    """The value GLIBC_TUNABLES ('name=value:name=value') gives glibc.malloc.hugetlb, if any."""
+    return dict(item.partition("=")[::2] for item in tunables.split(":") if item).get(TUNABLE)
+
+
 def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a process started with `environ` runs with malloc's huge pages, by the time an
     entry point has called `reexec_with_hugepages` (for benchmark headers)."""
-    settings = dict(item.partition("=")[::2]
-                    for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
-    if TUNABLE in settings:
-        return settings[TUNABLE] not in ("", "0")
+    value = _setting(environ.get("GLIBC_TUNABLES", ""))
+    if value is not None:
+        return value not in ("", "0")
     return hugepage_environ(environ) is not None
 
 
