@@ -49,6 +49,7 @@ from bench_input import (
     cycled,
     photo,
     print_table,
+    seconds_per_call,
     summarize_rounds,
     summed,
     worker_or_device_part,
@@ -226,12 +227,7 @@ def device_photometric_cost(seconds: float) -> dict:
     params = jnp.asarray(np.concatenate([
         rng.uniform(0.5, 1.5, (BATCH, 7)), np.full((BATCH, 2), CROP)], axis=1), jnp.float32)
     step = jax.jit(lambda images, params: normalize_uint8(apply_photometric(images, params)))
-    step(images, params).block_until_ready()
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step(images, params).block_until_ready()
-        runs += 1
-    return {"ms_per_image": (time.perf_counter() - start) / runs / BATCH * 1e3,
+    return {"ms_per_image": seconds_per_call(lambda: step(images, params), seconds) / BATCH * 1e3,
             "device": str(jax.devices()[0].device_kind)}
 
 

@@ -32,14 +32,17 @@ gives both rows' TFLOP/s (the parameter counts are printed side by side).
 Reported per row: ms/step (median and mean over `--repeats` regions of `--steps` steps, each
 region blocking once at its end), images/s, the XLA compile time of the step, the device's peak
 memory (`memory_stats()["peak_bytes_in_use"]`, everything the step holds: parameters, AdamW
-moments, activations, batch; absent on CPU), the FLOPs XLA counts for one compiled step
-(forward, backward and optimiser, convolutions included), TFLOP/s and MFU over the device's
-peak (`bench_train_step.PEAK_TFLOPS`, or `--peak_tflops`). No TensorFlow is imported.
+moments, activations, batch; absent on CPU) and what XLA planned when compiling it
+(`memory_analysis()`: arguments + outputs + temporaries - donated), the FLOPs XLA counts for
+one step as lowered (forward, backward and optimiser, convolutions included; before
+compilation, where a GPU's library calls may drop out of the count), TFLOP/s and MFU over the
+device's peak (`bench_train_step.PEAK_TFLOPS`, or `--peak_tflops`). No TensorFlow is imported.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import os
@@ -54,10 +57,12 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train_step import (  # noqa: E402
     CompileCounter,
+    compiled_memory_gib,
     in_own_process,
     machine_info,
     peak_memory_gib,
     peak_tflops,
+    run_guarded,
     summarize,
     time_regions,
     time_torch_step,
@@ -202,10 +207,13 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     CompileCounter.install()
     compiles_before, seconds_before = CompileCounter.count, CompileCounter.seconds
     start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
+    lowered = train_step.lower(state, batch)
+    compiled = lowered.compile()
     compile_wall_s = time.perf_counter() - start
-    flops = step_flops(compiled)  # XLA counts one device's share of the SPMD program:
-    flops = flops * len(devices) if flops else None  # 4 devices: a quarter of the batch each
+    # XLA's count of the program as lowered (all devices' work, before partitioning): after
+    # compilation a GPU's products are cuBLAS / cuDNN calls, which the compiled count may leave
+    # out or report as -1 (jax issues 16008, 22249).
+    flops = step_flops(lowered)
     if jax.default_backend() == "cpu" and convolution.PER_TAP_KERNEL_GRAD:
         # The CPU's per-tap convolution kernel gradients run in a loop, whose body XLA's cost
         # analysis counts once: count the same step with autodiff's gradients (the same
@@ -241,6 +249,7 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         "compiles": compiles,
         "first_step_s": first_step_s,
         "peak_memory_gib": peak_memory_gib(mesh.devices.flat),
+        "compiled_memory_gib": compiled_memory_gib(compiled),
         "params": tree_size(live["state"].params),
         "loss": float(live["metrics"]["loss"]),
         "xla_tflop_per_step": flops / 1e12 if flops else None,
@@ -421,8 +430,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = [row for name in args.frameworks
                 for row in in_own_process(name, argv, script=os.path.abspath(__file__))]
     else:  # PyTorch first: its cached memory is released afterwards, JAX's is not
-        results = {name: benches[name](args) for name in sorted(args.frameworks, reverse=True)}
-        rows = [results[name] for name in args.frameworks]
+        results, errors = run_guarded({name: functools.partial(benches[name], args)
+                                       for name in sorted(args.frameworks, reverse=True)})
+        rows = [results[name] for name in args.frameworks if name in results]
+        if errors:  # the rows that ran, then exit status 1
+            write_json({"machine": machine, "settings": vars(args), "results": rows,
+                        "errors": errors}, args.out_json)
+            raise SystemExit(f"Failed: {', '.join(errors)} (the report keeps the other rows)")
     xla_flops = next((r["xla_tflop_per_step"] for r in rows
                       if r["framework"].startswith("jax")), None)
     for row in rows:
@@ -439,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + (f"; {row['compiles']} XLA compilation(s) from compiling the step to its last "
                  "timed run" if row["compiles"] is not None else ""))
     print(f"{args.warmup} warmup + {args.repeats} x {args.steps} timed steps. TFLOP/s: XLA's "
-          "FLOP count of our compiled step (forward, backward, AdamW) x steps/s; MFU over the "
+          "FLOP count of our step as lowered (forward, backward, AdamW) x steps/s; MFU over the "
           "device's peak" + (f" ({rows[0]['peak_tflops_per_device']} TFLOP/s)."
                              if rows[0]["mfu"] is not None else " (unknown here: --peak_tflops)."))
     report = {"machine": machine, "settings": vars(args), "results": rows}

@@ -33,6 +33,7 @@ process, PyTorch first (its cached memory is released before JAX allocates).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 # JAX must not grab 75% of the GPU up front: PyTorch shares the device in this process.
@@ -150,6 +152,19 @@ def peak_memory_gib(devices) -> float | None:
     stats = [device.memory_stats() or {} for device in devices]
     peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     return max(peaks) / 2**30 if peaks else None
+
+
+def compiled_memory_gib(compiled) -> float | None:
+    """What XLA planned for one device when it compiled the step (GiB): arguments + outputs
+    + temporaries - donated (aliased) bytes. Unlike the allocator's peak it excludes what else
+    the process holds (e.g. the compiler's autotuning scratch); None where not reported."""
+    try:
+        stats = compiled.memory_analysis()
+        total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                 + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - optional: some backends do not implement it
+        return None
+    return total / 2**30 if total > 0 else None
 
 
 def time_regions(step, finish, args: argparse.Namespace) -> list[float]:
@@ -447,6 +462,22 @@ def masking_ablation(rows: list[dict[str, Any]], args, dims) -> dict[str, float]
     }
 
 
+def run_guarded(benches: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Calls each of `benches` ({name: no-argument function returning a row}) in turn. One that
+    raises (an out-of-memory, a kernel the GPU rejects) leaves its error and traceback, and the
+    others' rows are kept: a one-shot GPU run loses one row, not the report. Returns
+    ({name: row}, {name: error})."""
+    rows, errors = {}, {}
+    for name, bench in benches.items():
+        try:
+            rows[name] = bench()
+        except Exception as error:  # noqa: BLE001 - reported, and the run's exit status is 1
+            traceback.print_exc()
+            errors[name] = f"{type(error).__name__}: {error}"[:2000]
+            print(f"{name}: FAILED ({errors[name][:300]}); the other rows are kept", flush=True)
+    return rows, errors
+
+
 def write_json(report: dict[str, Any], path: str) -> dict[str, Any]:
     """Writes `report` to `path` as JSON ('' writes nothing); returns it."""
     if path:
@@ -494,13 +525,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     each = args.processes == "each" or (args.processes == "auto"
                                          and jax.default_backend() == "cpu")
     if each and len(args.frameworks) + args.encoder_all_tokens > 1:
-        rows = [row for name in args.frameworks for row in in_own_process(name, argv)]
+        rows, errors = [row for name in args.frameworks for row in in_own_process(name, argv)], {}
     else:
         # PyTorch first: its cached memory is released afterwards, JAX's is not.
-        results = {name: benches[name](args) for name in sorted(args.frameworks, reverse=True)}
-        rows = [results[name] for name in args.frameworks]
+        calls = {name: functools.partial(benches[name], args)
+                 for name in sorted(args.frameworks, reverse=True)}
         if args.encoder_all_tokens:
-            rows.append(bench_jax(args, encoder_all_tokens=True))
+            calls["jax, encoder on all tokens"] = functools.partial(
+                bench_jax, args, encoder_all_tokens=True)
+        results, errors = run_guarded(calls)
+        rows = [results[name] for name in [*args.frameworks, "jax, encoder on all tokens"]
+                if name in results]
+    if not rows:
+        write_json({"machine": machine, "settings": settings, "results": [], "errors": errors},
+                   args.out_json)
+        raise SystemExit(f"Every row failed: {errors}")
     length = (args.image_size // dims["patch_size"]) ** 2
     for row in rows:
         if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
@@ -526,13 +565,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("Trainable parameters:", {r["framework"]: r["params"] for r in rows},
           "| final loss:", {r["framework"]: round(r["loss"], 4) for r in rows})
     report = {"machine": machine, "settings": settings, "results": rows}
-    if args.encoder_all_tokens:
+    if errors:
+        report["errors"] = errors
+    if args.encoder_all_tokens and not {"jax", "jax, encoder on all tokens"} & set(errors):
         report["masking_ablation"] = ablation = masking_ablation(rows, args, dims)
         print(f"Encoder on all tokens / on visible tokens: {ablation['time_ratio']:.2f}x the "
               f"time, {ablation['flop_ratio']:.2f}x the forward matmul FLOPs "
               f"({ablation['forward_gflops_all_tokens']:.2f} / "
               f"{ablation['forward_gflops_masked']:.2f} GFLOP per image).")
-    return write_json(report, args.out_json)
+    write_json(report, args.out_json)
+    if errors:
+        raise SystemExit(f"Failed: {', '.join(errors)} (the report keeps the other rows)")
+    return report
 
 
 if __name__ == "__main__":

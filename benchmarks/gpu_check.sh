@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a session that is lent a GPU machine (not yet run: no GPU so far).
-# Sized for one H200: every step has a timeout, and the suite starts no entry after 300 s, so
-# ~10 minutes in all at worst (~6 expected).
+# Sized for one H200 and the device tool's 10-minute command limit: every step has a timeout
+# (preflight 60 s, parity tests 90 s, the suite 420 s and no entry started after 270 s, the
+# precision check 60 s only while under 450 s): 9.5 minutes at worst, ~6 expected.
 #
-# The GPU machine has jax, flax, optax, orbax, torch and pytest but not ml_collections, which
-# the configs use. Here, first (pure-Python wheel, kept out of git by .gitignore):
+# The GPU machine (/work/.library/device/KINDS.md, 2026-11) has Python 3.12, jax 0.11.2 with the
+# CUDA 13 plugin, flax, optax, orbax, torch 2.11 (CUDA), transformers and pytest, but not
+# ml_collections, which the configs use, and its flax version is unrecorded. Our pin, flax
+# 0.12.8, does not import under jax 0.11.2 (jax.experimental.hijax has no HiPrimitive); flax
+# 0.12.12 does, and every script below ran with it on a CPU under Python 3.12 + jax 0.11.2
+# (2026-12-03). Here, first (pure-Python wheels, kept out of git by .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp -d .whl ml_collections==1.1.0
+#       --implementation cp -d .whl ml_collections==1.1.0 flax==0.12.12
 # Then run this script there, carrying .whl:  bash benchmarks/gpu_check.sh
-# It writes into $OUT (or /tmp/gpu_check): GPU name, parity test log, benchmark tables + JSON.
-# Nothing here imports TensorFlow (the GPU machine has none).
+# It writes into $OUT (or /tmp/gpu_check) at most 8 files (the device tool brings back no
+# more): gpu.txt (GPU, versions, backend), parity.txt, suite.txt, suite.md, suite.tgz (every
+# entry's log and JSON report), precision.txt. Nothing here imports TensorFlow (the GPU machine
+# has none).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -21,14 +28,36 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 export CUDA_VISIBLE_DEVICES=0
+# JAX on the GPU or not at all: without this a failed CUDA plugin falls back to the CPU with a
+# warning, and ViT-B at batch 256 would grind there until every entry timed out.
+export JAX_PLATFORMS=cuda
+if ! timeout 60 python3 - 2>&1 <<'PY' | tee -a "$OUT/gpu.txt"; then
+import importlib.metadata as md
+import jax
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "torch",
+             "transformers", "numpy"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "absent")
+import flax
+print("flax imported from", flax.__file__)
+print("backend", jax.default_backend(), jax.devices())
+assert jax.default_backend() == "gpu", "JAX does not see the GPU"
+PY
+  echo "preflight failed: JAX is not on the GPU; nothing else run" | tee -a "$OUT/gpu.txt"
+  exit 1
+fi
 
 # 1. Parity with the official model on the GPU (float32, full-precision matmuls), and the
 #    hand-written derivatives (LayerNorm VJP, softmax JVP, XLA attention incl. bf16) there.
-#    tests/conftest.py defaults to the CPU, so name the GPU explicitly; `-o addopts=...`: one
+#    JAX_PLATFORMS=cuda (above) overrides tests/conftest.py's CPU default; `-o addopts=...`: one
 #    process (pyproject's `-n 2` would start two on one GPU, and needs pytest-xdist).
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
-  timeout 100 python3 -m pytest -o "addopts=-m 'not slow'" -q -x tests/test_mae_parity.py tests/test_vit_options.py \
-  tests/test_fast_ops.py 2>&1 | tee "$OUT/parity.txt"
+#    No -x: one failed comparison must not hide the others in a one-shot run.
+JAX_DEFAULT_MATMUL_PRECISION=highest \
+  timeout 90 python3 -m pytest -o "addopts=-m 'not slow'" -q tests/test_mae_parity.py tests/test_vit_options.py \
+  tests/test_fast_ops.py > "$OUT/parity.txt" 2>&1
+tail -3 "$OUT/parity.txt"
 
 # 2. The benchmark suite's GPU preset (benchmarks/suite.py; most important entries first): MAE
 #    train step JAX vs PyTorch in bf16 at batch 256 for ViT-B and ViT-Tiny with the encoder on
@@ -36,14 +65,20 @@ JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
 #    device memory for 2 images (target <= 10 GB), evaluation images/s (ADE20K's protocol,
 #    fixed-canvas path), the on-device CIFAR input vs a synthetic batch, the device parts of
 #    the JPEG and ADE20K inputs, the segmentation step at the recipe's batch 16. Each entry has
-#    its own timeout; none starts after 300 s, so the suite ends within ~7.5 minutes. One
-#    table: $OUT/suite/suite.md, every report and log beside it.
-timeout 480 python3 benchmarks/suite.py --preset gpu --out_dir "$OUT/suite" \
-  --stop_starting_after 300 2>&1 | tee "$OUT/suite.txt"
+#    its own timeout; none starts after 270 s, so the suite ends within 7 minutes. One
+#    table: $OUT/suite.md; every entry's report and log in $OUT/suite.tgz.
+SUITE=/tmp/gpu_check_suite
+timeout 420 python3 benchmarks/suite.py --preset gpu --out_dir "$SUITE" \
+  --stop_starting_after 270 2>&1 | tee "$OUT/suite.txt"
 # Killed by the timeout: the table of what finished, from suite.json (kept up to date).
-[[ -f "$OUT/suite/suite.md" ]] || python3 benchmarks/suite.py --render "$OUT/suite" \
+[[ -f "$SUITE/suite.md" ]] || python3 benchmarks/suite.py --render "$SUITE" \
   >> "$OUT/suite.txt" 2>&1
-cp "$OUT/suite/suite.md" "$OUT/suite.md" 2>/dev/null || true
+cp "$SUITE/suite.md" "$OUT/suite.md" 2>/dev/null || true
+# The end of every entry's log in suite.txt (a crash's traceback), all of them in one archive.
+for log in "$SUITE"/*.txt; do
+  [[ -f "$log" ]] && { echo "== tail of $(basename "$log")"; tail -25 "$log"; } >> "$OUT/suite.txt"
+done
+tar czf "$OUT/suite.tgz" -C "$(dirname "$SUITE")" "$(basename "$SUITE")" 2>/dev/null || true
 
 # 3. bfloat16 vs float32 drift (per-block activation error, loss after a short demo run), if
 #    there is time left.
@@ -51,5 +86,5 @@ if (( SECONDS < 450 )); then
   timeout 60 python3 benchmarks/bench_precision.py --train_steps 100 \
     2>&1 | tee "$OUT/precision.txt"
 else
-  echo "precision: skipped, $SECONDS s used" | tee -a "$OUT/skipped.txt"
+  echo "precision: skipped, $SECONDS s used" | tee -a "$OUT/suite.txt"
 fi

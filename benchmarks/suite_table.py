@@ -61,13 +61,17 @@ def train_rows(report: dict) -> list[tuple]:
                         _status(None if on_gpu or ratio is None else ratio <= MAE_CPU_TARGET),
                         notes))
         target = MAE_MFU_TARGET.get(s["model"])
-        if target is not None:
-            mfu = ours.get("mfu")
+        if target is not None:  # a bfloat16 target: a float32 row on a GPU is not judged
+            mfu, bf16 = ours.get("mfu"), s["dtype"] == "bfloat16"
             out.append(_row("MAE train step MFU", setting,
                             "-" if mfu is None else f"{mfu:.1%}", "-", "-",
                             f">= {target:.0%} (H200, bf16)",
-                            _status(mfu >= target) if mfu is not None and on_gpu
-                            else "GPU only", f"{ours['images_per_s']:.0f} images/s"))
+                            _status(mfu >= target) if mfu is not None and on_gpu and bf16
+                            else "- (not bf16)" if on_gpu else "GPU only",
+                            f"{ours['images_per_s']:.0f} images/s"))
+    elif torch is not None:  # our row failed (the report's "errors"): the official one stands
+        out.append(_row("MAE train step", setting, "- (failed)",
+                        _ms(torch["ms_per_step_median"]) + " (official)"))
     ablation = report.get("masking_ablation")
     if ablation:
         out.append(_row("encoder on all tokens / visible only", setting,
@@ -126,8 +130,9 @@ def seg_train_rows(report: dict) -> list[tuple]:
     on_gpu = _on_gpu(ours["device"])
     setting = (f"{ours['model']}, {ours['image_size']} px, batch {ours['batch']}, "
                f"{ours['dtype']}")
-    notes = (f"compile {ours['compile_s']:.1f} s; XLA {ours['xla_tflop_per_step']:.3g} "
-             f"TFLOP/step; {ours['device']}")
+    flops = ours.get("xla_tflop_per_step")
+    notes = (f"compile {ours['compile_s']:.1f} s; XLA "
+             + ("-" if flops is None else f"{flops:.3g}") + f" TFLOP/step; {ours['device']}")
     ratio = ours["ms_per_step_median"] / torch["ms_per_step_median"] if torch else None
     out = [_row("segmentation train step", setting, _ms(ours["ms_per_step_median"]),
                 _ms(torch["ms_per_step_median"]) + " (transformers BEiT)" if torch else "-",
@@ -140,7 +145,9 @@ def seg_train_rows(report: dict) -> list[tuple]:
                         target=f"<= {SEG_MEMORY_TARGET_GB:g} GB (2 images, 512 px)",
                         status=_status(peak * 2**30 / 1e9 <= SEG_MEMORY_TARGET_GB)
                         if peak is not None and on_gpu and ours["image_size"] == 512
-                        else "GPU only", notes="peak bytes in use"))
+                        else "GPU only", notes="peak bytes in use" + (
+                            f"; XLA's plan {ours['compiled_memory_gib'] * 2**30 / 1e9:.2f} GB"
+                            if ours.get("compiled_memory_gib") is not None else "")))
     return out
 
 
@@ -190,10 +197,14 @@ def markdown(info: dict, reports: dict[str, dict]) -> str:
         name = record["name"]
         load = (f"load {record['load_before']:.2f} -> {record['load_after']:.2f}, "
                 f"{record['seconds']:.0f} s" if "seconds" in record else "")
-        if name not in reports:
-            lines.append(f"| {name} | did not run to the end: {record['returncode']} | "
-                         f"`{record['command']}` | - | - | - | - | - | {load} |")
-            continue
+        if record.get("returncode") != 0:
+            errors = (reports.get(name) or {}).get("errors")
+            lines.append(f"| {name} | did not run to the end: {record['returncode']}"
+                         + (f" ({'; '.join(f'{k}: {v[:200]}' for k, v in errors.items())})"
+                            if errors else "")
+                         + f" | `{record['command']}` | - | - | - | - | - | {load} |")
+            if name not in reports:  # a failed run's report keeps the rows that ran
+                continue
         try:
             rows = ROWS[record["kind"]](reports[name])
         except (KeyError, TypeError, ZeroDivisionError, StopIteration) as error:
@@ -203,7 +214,7 @@ def markdown(info: dict, reports: dict[str, dict]) -> str:
             if not judged and row[6] != "-":
                 row = (*row[:6], "(smoke sizes)", row[7])
             lines.append("| " + " | ".join((name, *row[:-1], notes)) + " |")
-    failed = [r["name"] for r in info["entries"] if r["name"] not in reports]
+    failed = [r["name"] for r in info["entries"] if r.get("returncode") != 0]
     lines += ["", "Each entry's command, log and JSON report are in the run's folder (suite.json"
               ", <entry>.txt, <entry>.json)." + (f" Did not finish: {', '.join(failed)}."
                                                 if failed else "")]

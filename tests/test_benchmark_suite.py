@@ -50,10 +50,11 @@ def test_a_failed_entry_is_reported_and_later_ones_skipped_past_the_deadline(tmp
         suite.parse_args(["--render", str(tmp_path / "missing")])
 
 
-def _train_report(device, ours_ms, torch_ms, mfu=None, model="vit_base_patch16"):
+def _train_report(device, ours_ms, torch_ms, mfu=None, model="vit_base_patch16",
+                  dtype="float32"):
     row = {"device": device, "ms_per_step_median": ours_ms, "compile_s": 1.0, "images_per_s": 1.0,
            "compiles_first_call": 1, "compiles_after_first_call": 0, "mfu": mfu}
-    return {"settings": {"model": model, "image_size": 224, "batch_size": 8, "dtype": "float32"},
+    return {"settings": {"model": model, "image_size": 224, "batch_size": 8, "dtype": dtype},
             "results": [{"framework": "jax", **row},
                         {"framework": "torch", **row, "ms_per_step_median": torch_ms}]}
 
@@ -66,11 +67,44 @@ def test_targets_are_judged_where_they_apply():
     rows = suite_table.train_rows(_train_report("1 x cpu", 81.0, 100.0))
     assert rows[0][6] == "**not met**"
     # H200: MFU >= 40% for ViT-B, >= 35% for ViT-Tiny; no time-ratio target there.
-    rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.39))
+    rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.39,
+                                                dtype="bfloat16"))
     assert [r[6] for r in rows] == ["-", "**not met**"]
     rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.36,
-                                                model="vit_tiny_patch16"))
+                                                model="vit_tiny_patch16", dtype="bfloat16"))
     assert rows[1][2:7] == ("36.0%", "-", "-", ">= 35% (H200, bf16)", "met")
+    # The MFU targets are bfloat16's: a float32 step on the GPU is reported, not judged.
+    rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.2))
+    assert rows[1][2] == "20.0%" and rows[1][6] == "- (not bf16)"
+
+
+def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
+    """A GPU run is one shot: when our step fails (bench_train_step exits 1 and its report
+    lists the error), PyTorch's row still reaches the table; an unknown FLOP count (None)
+    does not make a segmentation report unreadable."""
+    report = _train_report("1 x NVIDIA H200", 81.0, 100.0, dtype="bfloat16")
+    report["results"] = report["results"][1:]
+    report["errors"] = {"jax": "XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory"}
+    seg = {"framework": "jax", "device": "1 x NVIDIA H200", "model": "vit_base_patch16 + "
+           "UPerNet (768 ch)", "image_size": 512, "batch": 2, "dtype": "bfloat16",
+           "ms_per_step_median": 500.0, "compile_s": 9.0, "xla_tflop_per_step": None,
+           "peak_memory_gib": 8.0, "compiled_memory_gib": 7.5, "mfu": None}
+    (tmp_path / "train.json").write_text(json.dumps(report))
+    (tmp_path / "seg.json").write_text(json.dumps({"results": [seg]}))
+    info = {"preset": "gpu", "started_utc": "now", "load_before": [0.0], "machine": {
+        "cpu": "x", "cores": 16, "gpu": "NVIDIA H200", "python": "3.12"}, "entries": [
+            {"name": "train", "kind": "train", "command": "c", "returncode": 1},
+            {"name": "seg", "kind": "seg_train", "command": "c", "returncode": 0}]}
+    (tmp_path / "suite.json").write_text(json.dumps(info))
+    text = suite.render(str(tmp_path))
+    assert ("| train | did not run to the end: 1 (jax: XlaRuntimeError: RESOURCE_EXHAUSTED: out "
+            "of memory) |") in text
+    assert "| train | MAE train step | vit_base_patch16 224 px, batch 8, bfloat16 | - (failed) " \
+           "| 100.0 ms (official) |" in text
+    assert "XLA - TFLOP/step" in text
+    assert "| 8.59 GB | - | - | <= 10 GB (2 images, 512 px) | met | peak bytes in use; " \
+           "XLA's plan 8.05 GB |" in text
+    assert "Did not finish: train." in text
 
 
 @pytest.mark.slow

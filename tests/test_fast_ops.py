@@ -9,6 +9,8 @@ plain formulas and against torch autograd (torch.nn.functional.layer_norm /
 scaled_dot_product_attention / gelu / linear / conv_transpose2d / conv2d).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,6 +190,38 @@ def test_xla_attention_bf16_with_float32_bias_matches_float32_formula():
     # And jax's own XLA attention on the same bf16 inputs agrees about as closely.
     jax_out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
     np.testing.assert_allclose(np.float32(out), np.float32(jax_out), atol=1e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason="cuDNN attention needs an NVIDIA GPU (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("shape, with_bias, train", [
+    ((8, 50, 12, 64), False, True),  # MAE ViT-B/16 encoder at 224 px: 49 visible + cls
+    ((8, 197, 16, 32), False, True),  # the MAE decoder (512 wide, 16 heads)
+    ((2, 1025, 12, 64), True, False),  # ViT-B + UPerNet's 512 px window, relative position bias
+    ((2, 1025, 12, 64), True, True),  # ... and its train step
+])
+def test_auto_attention_compiles_on_the_gpu_and_matches_xla_attention(shape, with_bias, train):
+    """The bf16 steps use implementation="auto": cuDNN's fused kernel where it takes the shape.
+    Its fallback catches what cuDNN rejects while tracing; a rejection when XLA compiles would
+    crash the step instead, so each shape the benchmarks run is compiled here, forward and
+    (where trained) backward, against xla_attention on the same bf16 inputs."""
+    q, k, v = (normal(seed, shape, jnp.bfloat16) for seed in (20, 21, 22))
+    bias = normal(23, (1, shape[2], shape[1], shape[1])) if with_bias else None
+    auto = functools.partial(attention, implementation="auto")
+
+    def relative_error(got, want):
+        got, want = np.float32(got), np.float32(want)
+        return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    out = jax.jit(auto)(q, k, v, bias=bias)
+    assert relative_error(out, jax.jit(xla_attention)(q, k, v, bias=bias)) < 2e-2
+    if train:
+        cotangent = normal(24, shape)
+        got = attention_grads(auto, q, k, v, bias, cotangent)
+        want = attention_grads(xla_attention, q, k, v, bias, cotangent)
+        for g, w in zip(got, want, strict=True):
+            if w is not None:
+                assert relative_error(g, w) < 3e-2
 
 
 def test_attention_rejects_an_unknown_implementation():
