@@ -17,6 +17,9 @@
 # more): gpu.txt (GPU, versions, backend), parity.txt, suite.txt, suite.md, suite.tgz (every
 # entry's log and JSON report), precision.txt. Nothing here imports TensorFlow (the GPU machine
 # has none).
+#
+# Rehearsal on a CPU machine (the same steps at the suite's smoke sizes; checks this script and
+# what it leaves in $OUT, not the GPU):  GPU_CHECK_REHEARSAL=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -30,7 +33,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 export CUDA_VISIBLE_DEVICES=0
 # JAX on the GPU or not at all: without this a failed CUDA plugin falls back to the CPU with a
 # warning, and ViT-B at batch 256 would grind there until every entry timed out.
-export JAX_PLATFORMS=cuda
+export JAX_PLATFORMS=cuda PRESET=gpu
+if [[ -n "${GPU_CHECK_REHEARSAL:-}" ]]; then export JAX_PLATFORMS=cpu PRESET=smoke; fi
 if ! timeout 60 python3 - 2>&1 <<'PY' | tee -a "$OUT/gpu.txt"; then
 import importlib.metadata as md
 import jax
@@ -43,7 +47,9 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collectio
 import flax
 print("flax imported from", flax.__file__)
 print("backend", jax.default_backend(), jax.devices())
-assert jax.default_backend() == "gpu", "JAX does not see the GPU"
+import os
+want = "cpu" if os.environ.get("GPU_CHECK_REHEARSAL") else "gpu"
+assert jax.default_backend() == want, f"JAX runs on {jax.default_backend()}, not {want}"
 PY
   echo "preflight failed: JAX is not on the GPU; nothing else run" | tee -a "$OUT/gpu.txt"
   exit 1
@@ -68,7 +74,7 @@ tail -3 "$OUT/parity.txt"
 #    its own timeout; none starts after 270 s, so the suite ends within 7 minutes. One
 #    table: $OUT/suite.md; every entry's report and log in $OUT/suite.tgz.
 SUITE=/tmp/gpu_check_suite
-timeout 420 python3 benchmarks/suite.py --preset gpu --out_dir "$SUITE" \
+timeout 420 python3 benchmarks/suite.py --preset "$PRESET" --out_dir "$SUITE" \
   --stop_starting_after 270 2>&1 | tee "$OUT/suite.txt"
 # Killed by the timeout: the table of what finished, from suite.json (kept up to date).
 [[ -f "$SUITE/suite.md" ]] || python3 benchmarks/suite.py --render "$SUITE" \
