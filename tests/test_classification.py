@@ -189,8 +189,27 @@ def test_a_config_for_the_other_script_is_one_clear_error(textures, tmp_path):
         linprobe.train_and_evaluate(tiny_config("finetune", textures), str(tmp_path))
 
 
+def test_probe_crops_resized_on_the_devices_train_like_host_resized_ones(textures, tmp_path):
+    """linprobe.py's data.device_resize_canvas (train.py's option): the host decodes each crop
+    window into a canvas, the devices resize and flip it, the labels pass through. The same
+    steps as the host-resized run: the images agree to rounding (`tests/test_on_device.py`),
+    so the losses agree to ~1e-3 of a loss."""
+    losses = {}
+    for canvas in (0, 16):
+        config = tiny_config("linprobe", textures, **{
+            "data.device_resize_canvas": canvas, "total_steps": 3, "log_every_steps": 1})
+        result = linprobe.train_and_evaluate(config, str(tmp_path / str(canvas)), devices=ONE)
+        assert result["step"] == 3
+        losses[canvas] = losses_of(tmp_path / str(canvas))
+    assert sorted(losses[16]) == [1, 2, 3]
+    for step, loss in losses[0].items():
+        assert losses[16][step] == pytest.approx(loss, rel=1e-3, abs=1e-4), step
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"batch_size": 99, "grad_accum_steps": 3}, "must be even"),
+    ({"data.device_resize_canvas": 32}, "not data.randaugment 'rand-m9-mstd0.5-inc1'"),
+    ({"data.device_resize_canvas": 8}, r"must be 0 \(resize on the host\) or an int >= "),
     ({"data.crop_scale": (0.0, 1.0)}, "crop_scale"),
     ({"layer_decay": 1.5}, "layer_decay"),
     ({"remode": "noise"}, "remode"),

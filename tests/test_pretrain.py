@@ -168,7 +168,7 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
         ({"model.dtype": "float64"}, "model.dtype"),
         ({"model.decoder_num_heads": 5}, "decoder_num_heads"),
         ({"data.device_resize_canvas": 8}, "device_resize_canvas 8 must be 0"),
-        ({"data.device_resize_canvas": 32, "data.augment": False}, "needs data.augment=True"),
+        ({"data.device_resize_canvas": 32, "data.augment": False}, "not data.augment=False"),
     ],
 )
 def test_bad_configs_get_one_clear_error_before_any_work(tmp_path, changes, message):

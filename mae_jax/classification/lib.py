@@ -24,6 +24,7 @@ from mae_jax.core import loop, optim
 from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import LossFn, make_train_step
+from mae_jax.data.device_resize import resize_on_devices
 from mae_jax.models.factory import ModelSpec
 
 
@@ -138,7 +139,10 @@ def train_and_evaluate(
             crop_scale=tuple(config.data.crop_scale),
             with_labels=True,
             randaugment=config.data.randaugment or None,
+            device_resize_canvas=config.data.device_resize_canvas,
         )
+        batches = resize_on_devices(batches, canvas=config.data.device_resize_canvas,
+                                    mesh=run.mesh, image_size=config.model.image_size)
         step_fn = make_train_step(
             graphdef, recipe.make_loss_fn(config, num_classes), tx, schedule,
             grad_accum_steps=config.grad_accum_steps, trainable=recipe.trainable,

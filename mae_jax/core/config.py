@@ -135,6 +135,19 @@ def check_run(config: ml_collections.ConfigDict, problems: list[str]) -> None:
         )
 
 
+def check_device_resize(config: ml_collections.ConfigDict, problems: list[str], *,
+                        host_only: str = "") -> None:
+    """data.device_resize_canvas: 0, or an int >= model.image_size; `host_only` names an
+    augmentation of this config that runs on the host after the resize (then it must be 0)."""
+    canvas, size = config.data.device_resize_canvas, config.model.image_size
+    if not isinstance(canvas, int) or isinstance(canvas, bool) or (canvas and canvas < size):
+        problems.append(f"data.device_resize_canvas {canvas!r} must be 0 (resize on the host) "
+                        f"or an int >= model.image_size {size}")
+    elif canvas and host_only:
+        problems.append(f"data.device_resize_canvas needs the plain random crop + flip, not "
+                        f"{host_only}, which runs on the host: set it to 0")
+
+
 def schedule_lengths(config, num_examples: int) -> dict[str, int]:
     """Epoch-denominated durations -> optimiser steps (the one place this is converted)."""
     steps_per_epoch = num_examples // config.batch_size

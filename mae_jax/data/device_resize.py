@@ -56,3 +56,13 @@ class CanvasResizeIterator:
         parts = sharding_lib.global_batch_from_host(
             {key: batch.pop(key) for key in ("canvas", "box", "flip")}, self.sharding)
         return {"image": self.canvas_fn(parts["canvas"], parts["box"], parts["flip"]), **batch}
+
+
+def resize_on_devices(batches, *, canvas: int, mesh: Mesh, image_size: int):
+    """The train iterator of `create_train_iterator(device_resize_canvas=canvas)`: as it is
+    when `canvas` is 0 (the host resized), else wrapped in CanvasResizeIterator, saying so."""
+    if not canvas:
+        return batches
+    print(f"Input: crop windows decoded on the host into {canvas} px canvases, resized on the "
+          "devices.")
+    return CanvasResizeIterator(batches, mesh=mesh, image_size=image_size)

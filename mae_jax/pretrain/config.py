@@ -123,13 +123,8 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             f"data.on_device must be one of {', '.join(ON_DEVICE_MODES)}, "
             f"got {config.data.on_device!r}"
         )
-    canvas = config.data.device_resize_canvas
-    if not isinstance(canvas, int) or (canvas and canvas < model.image_size):
-        problems.append(f"data.device_resize_canvas {canvas!r} must be 0 (resize on the host) "
-                        f"or an int >= model.image_size {model.image_size}")
-    elif canvas and not config.data.augment:
-        problems.append("data.device_resize_canvas needs data.augment=True (the centre crop "
-                        "is resized on the host); set it to 0")
+    core_config.check_device_resize(config, problems, host_only="" if config.data.augment
+                                    else "data.augment=False (resize + centre crop)")
     knn.check_config(config.knn, problems, num_devices=num_devices)
     if config.num_epochs <= 0 and config.total_steps <= 0:
         problems.append("set num_epochs > 0 or total_steps > 0")

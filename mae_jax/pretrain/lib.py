@@ -21,7 +21,7 @@ from mae_jax.core.run import Run
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.step import make_train_step
 from mae_jax.data.constants import normalize_uint8
-from mae_jax.data.device_resize import CanvasResizeIterator
+from mae_jax.data.device_resize import resize_on_devices
 from mae_jax.data.on_device import OnDeviceIterator
 from mae_jax.models.factory import ModelSpec
 from mae_jax.pretrain.config import check_config
@@ -135,11 +135,8 @@ def train_and_evaluate(
                 augment=config.data.augment,
                 device_resize_canvas=config.data.device_resize_canvas,
             )
-            if config.data.device_resize_canvas:
-                batches = CanvasResizeIterator(batches, mesh=run.mesh,
-                                               image_size=config.model.image_size)
-                print(f"Input: crop windows decoded on the host into "
-                      f"{config.data.device_resize_canvas} px canvases, resized on the devices.")
+            batches = resize_on_devices(batches, canvas=config.data.device_resize_canvas,
+                                        mesh=run.mesh, image_size=config.model.image_size)
         hooks = []
         if config.visualize_every_steps > 0 and config.num_visualize_images > 0:
             hooks.append(loop.Hook(
