@@ -5,7 +5,8 @@ JAX runs the pretraining step (`mae_jax.core.step.make_train_step` with MAE's lo
 `compile_step` (explicit shardings, donated state, AdamW from `mae_jax.pretrain.lib.create_tx`);
 PyTorch runs `mae_jax.reference.torch_mae`
 (a plain-torch copy of the official `models_mae.py`) with forward + backward + AdamW step, under
-bf16 autocast on CUDA when --dtype=bfloat16 (float32 on CPU, as the official code does).
+bf16 autocast on CUDA when --dtype=bfloat16 (float32 on CPU, as the official code does;
+--torch_cpu_autocast: CPU bf16 autocast too).
 
     python benchmarks/bench_train_step.py --image_size 64 --batch_size 8      # CPU, seconds
     python benchmarks/bench_train_step.py --dtype bfloat16 --batch_size 256 \
@@ -73,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=32, help="Global images per step.")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--torch_cpu_autocast", action="store_true",
+                        help="With --dtype bfloat16 on a CPU: PyTorch's step under CPU bf16 "
+                             "autocast (the official code autocasts on CUDA only, so by "
+                             "default its CPU row stays float32).")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per region.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed regions.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps after compile.")
@@ -336,7 +341,7 @@ def time_torch_step(forward, optimizer, args: argparse.Namespace, device, amp: b
             torch.cuda.synchronize()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = forward()
         loss.backward()
         optimizer.step()
@@ -363,8 +368,9 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     dims = model_dims(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
-    # The official recipe: bf16/fp16 autocast is a CUDA-only option (--amp); CPU stays float32.
-    amp = on_gpu and args.dtype == "bfloat16"
+    # The official recipe: bf16/fp16 autocast is a CUDA-only option (--amp); CPU stays float32
+    # unless --torch_cpu_autocast (a CPU with bf16 matrix units: torch's oneDNN uses them).
+    amp = args.dtype == "bfloat16" and (on_gpu or args.torch_cpu_autocast)
     torch.backends.cudnn.benchmark = True  # As the official main_pretrain.py.
     torch.manual_seed(config.seed)
     model = MaskedAutoencoderViT(

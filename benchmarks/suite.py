@@ -47,6 +47,7 @@ def _load_hostmem():
 
 hostmem = _load_hostmem()
 CUDA = {"JAX_PLATFORMS": "cuda"}
+ALL_TOKENS = ("--encoder_all_tokens",)  # also the step with the encoder on every patch
 SEG_BASE = ["--config", "configs/ade20k_base.py"]
 VIT_B_EVAL = ["--variant", "vit_base_patch16", "--patch_size", "16", "--embed_dim", "768",
               "--depth", "12", "--num_heads", "12", "--channels", "768", "--aux_channels",
@@ -61,20 +62,22 @@ def _entry(name, kind, script, args, timeout, env=None):
             "env": env or {}}
 
 
-def _train(name, model, size, batch, steps, warmup, dtype="float32", timeout=900):
+def _train(name, model, size, batch, steps, warmup, dtype="float32", timeout=900, extra=()):
     return _entry(name, "train", "bench_train_step.py",
                   ["--model", model, "--image_size", str(size), "--batch_size", str(batch),
                    "--dtype", dtype, "--steps", str(steps), "--repeats", "3", "--warmup",
-                   str(warmup), "--encoder_all_tokens"], timeout)
+                   str(warmup), *extra], timeout)
 
 
 PRESETS = {
-    # The CPU rows of README: float32 (neither framework has fast bfloat16 kernels on these
-    # CPUs; the official code trains float32 on a CPU), each framework in its own process.
+    # The CPU rows of README: float32 (the official code trains float32 on a CPU), each
+    # framework in its own process; and ViT-B in bfloat16 against PyTorch's CPU autocast.
     "cpu": [
-        _train("train_tiny", "vit_tiny_patch16", 224, 32, 2, 1),
-        _train("train_base", "vit_base_patch16", 112, 8, 3, 2),
-        _train("train_large", "vit_large_patch16", 112, 4, 2, 1),
+        _train("train_tiny", "vit_tiny_patch16", 224, 32, 2, 1, extra=ALL_TOKENS),
+        _train("train_base", "vit_base_patch16", 112, 8, 3, 2, extra=ALL_TOKENS),
+        _train("train_large", "vit_large_patch16", 112, 4, 2, 1, extra=ALL_TOKENS),
+        _train("train_base_bf16", "vit_base_patch16", 112, 8, 3, 2, "bfloat16",
+               extra=("--torch_cpu_autocast",)),
         _entry("input", "input", "bench_input.py", ["--seconds", "6", "--rounds", "3"], 900),
         _entry("seg_input", "seg_input", "bench_seg_input.py",
                ["--seconds", "6", "--rounds", "3"], 900),
@@ -91,8 +94,8 @@ PRESETS = {
     # parts need TensorFlow (absent there): their device parts only. The segmentation step
     # runs without its PyTorch row (transformers' BEiT in float32 on a CPU is what it pins).
     "gpu": [  # most important first: the suite may stop starting entries (gpu_check.sh)
-        _train("train_base", "vit_base_patch16", 224, 256, 5, 2, "bfloat16", 140),
-        _train("train_tiny", "vit_tiny_patch16", 224, 256, 5, 2, "bfloat16", 110),
+        _train("train_base", "vit_base_patch16", 224, 256, 5, 2, "bfloat16", 140, ALL_TOKENS),
+        _train("train_tiny", "vit_tiny_patch16", 224, 256, 5, 2, "bfloat16", 110, ALL_TOKENS),
         _entry("seg_train_b2", "seg_train", "bench_seg_train_step.py",
                [*SEG_BASE, "--batch_size", "2", "--steps", "3", "--repeats", "2", "--warmup",
                 "1"], 90),
@@ -111,8 +114,9 @@ PRESETS = {
                 "1"], 70),
         # Last, when time is left: ViT-L in bfloat16, and ViT-B in float32 at each framework's
         # default matmul precision (JAX: TF32 allowed; PyTorch: TF32 off for matmuls).
-        _train("train_large", "vit_large_patch16", 224, 128, 3, 1, "bfloat16", 150),
-        _train("train_base_fp32", "vit_base_patch16", 224, 128, 3, 1, "float32", 150),
+        _train("train_large", "vit_large_patch16", 224, 128, 3, 1, "bfloat16", 150, ALL_TOKENS),
+        _train("train_base_fp32", "vit_base_patch16", 224, 128, 3, 1, "float32", 150,
+               ALL_TOKENS),
     ],
     # Tiny sizes, a few minutes on a CPU: every script and the table, numbers meaningless.
     "smoke": [

@@ -55,8 +55,9 @@ def train_rows(report: dict) -> list[tuple]:
         if ours.get("peak_memory_gib") is not None:
             notes += f"; peak {ours['peak_memory_gib']:.2f} GiB"
         out.append(_row("MAE train step", setting, _ms(ours["ms_per_step_median"]),
-                        _ms(torch and torch["ms_per_step_median"]) + " (official)"
-                        if torch else "-", _ratio(ratio),
+                        _ms(torch and torch["ms_per_step_median"]) + (
+                            " (official, bf16 autocast)" if "autocast" in torch.get("dtype", "")
+                            else " (official)") if torch else "-", _ratio(ratio),
                         f"<= {MAE_CPU_TARGET}x (CPU)" if not on_gpu else "-",
                         _status(None if on_gpu or ratio is None else ratio <= MAE_CPU_TARGET),
                         notes))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from flax import nnx
 
-from mae_jax.models import convolution
+from mae_jax.models import convolution, layers
 from mae_jax.models.attention import attention, softmax, xla_attention
 from mae_jax.models.convolution import Conv, PatchDeconv
 from mae_jax.models.layers import LAYER_NORM_EPS, LayerNorm, Linear
@@ -276,7 +276,8 @@ def assert_grads_close(got, expected, dtype, bf16_tolerance=2 ** -6):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dtype):
-    """layers.Linear (custom VJP) vs nnx.Linear with the same parameters: forward bit for bit;
+    """layers.Linear (custom VJP) vs nnx.Linear with the same parameters: forward bit for bit
+    (bfloat16 on the CPU: the same float32 sums rounded once, `layers._dot`; equal at this size);
     gradients of x, kernel and bias against jax autodiff of nnx.Linear (float32: to summation
     order; bfloat16 compute with float32 parameters: to bf16 rounding) and, in float32, against
     torch.nn.functional.linear autograd."""
@@ -300,6 +301,33 @@ def test_linear_is_nnx_linear_forward_and_gradients_match_autodiff_and_torch(dty
         np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-5, atol=1e-5)
         for a, b in zip(got, (xt.grad, kernel.grad.T, bias.grad), strict=True):
             np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_linear_on_the_cpu_is_the_float32_product_rounded_once():
+    """The CPU's bfloat16 products take a float32 result rounded once to bfloat16
+    (`layers._dot`): against numpy's float64 product of the same bf16 values, rounded, at
+    most one bf16 step apart, and rarely that (summation order); the gradients likewise."""
+    x = normal(30, (4, 96, 768)).astype(jnp.bfloat16)
+    kernel = normal(31, (768, 3072), scale=0.03).astype(jnp.bfloat16)
+    y = jax.jit(lambda x, k: layers._matmul(x, k))(x, kernel)
+    assert y.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    rounded = np.asarray(jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16), np.float32)
+    got = np.asarray(y, np.float32)
+    step = np.abs(rounded) * 2.0 ** -7  # one bf16 step (8 significant bits), at most ...
+    assert (np.abs(got - rounded) <= step + 1e-6).all()  # ... or float32's error near 0
+    assert (got != rounded).mean() < 0.01
+    cotangent = normal(32, y.shape).astype(jnp.bfloat16)
+    grad_x, grad_k = jax.jit(jax.grad(
+        lambda x, k: jnp.sum(layers._matmul(x, k).astype(jnp.float32) * cotangent),
+        argnums=(0, 1)))(x, kernel)
+    c64 = np.asarray(cotangent, np.float64)
+    for got, exact in ((grad_x, c64 @ np.asarray(kernel, np.float64).T),
+                       (grad_k, np.asarray(x, np.float64).reshape(-1, 768).T
+                        @ c64.reshape(-1, 3072))):
+        assert got.dtype == jnp.bfloat16
+        error = np.abs(np.asarray(got, np.float64) - exact)
+        assert (error <= np.abs(exact) * 2.0 ** -7 + 1e-3 * np.abs(exact).max()).all()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
