@@ -2,6 +2,7 @@
 
     python benchmarks/bench_input.py                 # 3 rounds x 8 s each, prints a table
     python benchmarks/bench_input.py --seconds 20 --images 512
+    python benchmarks/bench_input.py --probe         # the linear probe's crops, 384 px canvas
 
 Both pipelines read the SAME JPEG files: generated photo-like images of ImageNet's typical
 size (500 x 375), quality 90 (smooth colour gradients, soft blobs, hard-edged rectangles,
@@ -44,7 +45,12 @@ import numpy as np
 
 BATCH = 64
 SIZE = 224
-CANVAS = 512  # device_resize_canvas: every window of a 500x375 image fits
+# The crop: MAE pretraining's (scale 0.2-1; a 512 px canvas holds every window of a 500 x 375
+# image) or, with --probe, the linear probe's (scale 0.08-1; a 384 px canvas, 14% of the
+# windows wider: resized on the host). Worker processes read the choice from the environment.
+PROBE = os.environ.get("BENCH_INPUT_PROBE") == "1"
+CROP_SCALE = (0.08, 1.0) if PROBE else (0.2, 1.0)
+CANVAS = 384 if PROBE else 512  # device_resize_canvas
 
 
 def photo(rng: np.random.Generator, height: int = 375, width: int = 500) -> np.ndarray:
@@ -113,7 +119,8 @@ def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0) 
 
     batches = images.create_train_iterator(
         source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
-        process_index=0, process_count=1, threads=len(cores), device_resize_canvas=canvas)
+        process_index=0, process_count=1, threads=len(cores), device_resize_canvas=canvas,
+        crop_scale=CROP_SCALE)
     return _measure(lambda: next(batches)["canvas" if canvas else "image"], seconds)
 
 
@@ -134,7 +141,7 @@ def device_resize_cost(seconds: float) -> dict:
     from mae_jax.data import device_resize
 
     rng = np.random.default_rng(0)
-    area = rng.uniform(0.2, 1.0, BATCH) * 500 * 375
+    area = rng.uniform(*CROP_SCALE, BATCH) * 500 * 375
     ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), BATCH))
     height = np.minimum(np.sqrt(area / ratio), 375).astype(np.int32)
     width = np.minimum(np.sqrt(area * ratio), 500).astype(np.int32)
@@ -190,7 +197,7 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     def get_params(width, height):  # torchvision RandomResizedCrop.get_params
         area = width * height
         for _ in range(10):
-            target = area * rng.uniform(0.2, 1.0)
+            target = area * rng.uniform(*CROP_SCALE)
             ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
             if 0 < w <= width and 0 < h <= height:
@@ -375,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n")[0], "the resize and flip", [*WORKERS, "resize"],
                          "--folder")
     parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+    parser.add_argument("--probe", action="store_true",
+                        help="the linear probe's crops (scale 0.08-1) and a 384 px canvas "
+                             "instead of pretraining's (0.2-1, 512 px)")
     return check_args(parser, parser.parse_args(argv), BATCH)
 
 
@@ -402,6 +412,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Runs the benchmark; returns {"machine", "settings", "summary" (`summarize_rounds`),
     "device_part"} (--device_part: {"machine", "device_part"}), also written to --out_json."""
     args = parse_args(argv)
+    if args.probe:  # for this process and the workers it starts
+        global PROBE, CROP_SCALE, CANVAS
+        os.environ["BENCH_INPUT_PROBE"] = "1"
+        PROBE, CROP_SCALE, CANVAS = True, (0.08, 1.0), 384
     done, report = worker_or_device_part(
         args, {**WORKERS, "resize": lambda data, cores, seconds: device_resize_cost(seconds)},
         device_resize_cost,
@@ -432,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"{platform.python_version()}. {args.images} JPEGs 500x375 q90, mean "
           f"{kilobytes:.0f} KB. Load average before {load_before[0]:.2f} / after "
           f"{load_after[0]:.2f} (1 min). Median of {args.rounds} alternating rounds of "
-          f"{args.seconds:g} s.\n")
+          f"{args.seconds:g} s. Crop scale {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g}.\n")
     print(f"img/s of wall time (img per CPU-second in brackets); ratio = / official. 'resize "
           f"on device': the host part of device_resize_canvas={CANVAS} (decode the crop window, "
           "pad it into the canvas).\n")
@@ -443,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"{resize_cost['ms_per_image']:.2f} ms per image on one core of this CPU "
           f"(synthetic canvases); "
           f"{resize_cost['flops_per_image'] / 1e6:.0f} MFLOP per image (float32 matmuls).")
-    report = {"machine": machine, "settings": vars(args) | {"kilobytes_per_jpeg": kilobytes},
+    report = {"machine": machine, "settings": vars(args) | {
+        "kilobytes_per_jpeg": kilobytes, "crop_scale": CROP_SCALE, "canvas": CANVAS},
               "summary": summary, "device_part": resize_cost}
     return write_report(report, args.out_json)
 

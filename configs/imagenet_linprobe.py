@@ -9,8 +9,9 @@ weight decay 0. Published top-1 (official PT/GPU repo): ViT-B 67.8, ViT-L 76.0, 
         --config.init_from=mae_pretrain_vit_base.pth
     # ImageFolder layout instead of TFDS (IMAGENET/train/<class>/, IMAGENET/val/<class>/):
     #   --config.data.source=folder:IMAGENET --config.data.eval_split=val
-    # The host only decodes, the accelerators resize + flip (7.2 GB of canvases per batch of
-    # 16384; windows wider than 384 px are resized on the host):
+    # The host only decodes, the accelerators resize + flip (2.19x the official transform's
+    # images per host core, `benchmarks/bench_input.py --probe`; 7.2 GB of canvases per batch
+    # of 16384; windows wider than 384 px are resized on the host):
     #   --config.data.device_resize_canvas=384
 """
 

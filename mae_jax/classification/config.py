@@ -59,9 +59,10 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     config.data.resize_ratio = 224 / 256  # Eval: resize to image_size / ratio, centre crop.
     # Training crops without RandAugment (the linear probe's): > 0 = the host decodes each crop
     # window into a canvas of this side and the devices resize + flip it (train.py's option:
-    # the same images to rounding; 2.2-2.6x the host's images/s at C = 512 for pretraining's
-    # crops; larger windows are resized on the host). A batch of canvases is C*C*3 bytes an
-    # image: at the probe's 16384 and C = 384, 7.2 GB on the host and over the devices.
+    # the same images to rounding; the probe's crops at C = 384: 2.19x the official
+    # transform's images per host core, `bench_input.py --probe`; larger windows are resized
+    # on the host). A batch of canvases is C*C*3 bytes an image: at the probe's 16384 and
+    # C = 384, 7.2 GB on the host and over the devices.
     # 0 = resize on the host.
     config.data.device_resize_canvas = 0
     config.data.generated_classes = 10  # generated:N sources: number of classes ...
