@@ -42,11 +42,28 @@ def affine(image, matrix, fill=DEFAULT_FILL):
     get ``fill``; otherwise the 4x4 neighbourhood around the point shifted by -0.5 is read with
     clamped indices, interpolated with PIL's a = -1 cubic (rows first, then the column), clamped
     to [0, 255] and truncated. Computed in float64 like PIL.
+
+    Shear and translation along one axis (the matrix leaves the other coordinate as it is) take
+    a 4-tap path along that axis: the other axis's fractional offset is exactly 0, where PIL's
+    cubic returns its second sample unchanged, so the 16-tap result is the same bits
+    (tests/test_randaugment.py) at a quarter of the reads and arithmetic.
     """
     image = check_image(image)
+    a = tf.unstack(to_float64(matrix), num=6)
+    along_x = (a[3] == 0.0) & (a[4] == 1.0) & (a[5] == 0.0)  # y_in = y + 0.5
+    along_y = (a[0] == 1.0) & (a[1] == 0.0) & (a[2] == 0.0)  # x_in = x + 0.5
+    branch = tf.where(along_x, 0, tf.where(along_y, 1, 2))
+    return tf.switch_case(branch, [lambda: _warp(image, a, fill, taps_x=True, taps_y=False),
+                                   lambda: _warp(image, a, fill, taps_x=False, taps_y=True),
+                                   lambda: _warp(image, a, fill, taps_x=True, taps_y=True)])
+
+
+def _warp(image, matrix, fill, *, taps_x: bool, taps_y: bool):
+    """`affine`'s warp, with 4 taps along each axis flagged (one tap, the sample itself, along
+    an axis whose offsets are all 0)."""
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
-    a0, a1, a2, a3, a4, a5 = tf.unstack(to_float64(matrix), num=6)
+    a0, a1, a2, a3, a4, a5 = matrix
     wf = tf.cast(width, tf.float64)
     hf = tf.cast(height, tf.float64)
     xs = (tf.range(wf, dtype=tf.float64) + 0.5)[None, :]
@@ -59,18 +76,22 @@ def affine(image, matrix, fill=DEFAULT_FILL):
     y_in = tf.clip_by_value(y_in, -8.0, hf + 8.0) - 0.5
     x_floor = tf.floor(x_in)
     y_floor = tf.floor(y_in)
-    dx = (x_in - x_floor)[..., None, None]
-    dy = (y_in - y_floor)[..., None]
-    x0 = tf.cast(x_floor, tf.int32) - 1
-    y0 = tf.cast(y_floor, tf.int32) - 1
-    taps = tf.range(4, dtype=tf.int32)
-    cols = tf.clip_by_value(x0[..., None] + taps, 0, width - 1)  # [H, W, 4]
-    rows = tf.clip_by_value(y0[..., None] + taps, 0, height - 1) * width
-    index = rows[..., :, None] + cols[..., None, :]  # [H, W, 4 rows, 4 cols]
-    grid = tf.cast(tf.gather(tf.reshape(image, [-1, 3]), index), tf.float64)  # [H, W, 4, 4, 3]
+    x0 = tf.cast(x_floor, tf.int32) - (1 if taps_x else 0)
+    y0 = tf.cast(y_floor, tf.int32) - (1 if taps_y else 0)
+    cols = tf.clip_by_value(x0[..., None] + tf.range(4 if taps_x else 1), 0, width - 1)
+    rows = tf.clip_by_value(y0[..., None] + tf.range(4 if taps_y else 1), 0, height - 1) * width
+    index = rows[..., :, None] + cols[..., None, :]  # [H, W, rows, cols]
+    grid = tf.cast(tf.gather(tf.reshape(image, [-1, 3]), index), tf.float64)  # [.., 3]
     # PIL interpolates each of the 4 rows along x first, then the 4 results along y.
-    along_x = _pil_cubic(*tf.unstack(grid, num=4, axis=3), dx)  # [H, W, 4, 3]
-    values = _pil_cubic(*tf.unstack(along_x, num=4, axis=2), dy)  # [H, W, 3]
+    if taps_x:
+        dx = (x_in - x_floor)[..., None, None]
+        grid = _pil_cubic(*tf.unstack(grid, num=4, axis=3), dx)  # [H, W, rows, 3]
+    else:
+        grid = grid[:, :, :, 0]
+    if taps_y:
+        values = _pil_cubic(*tf.unstack(grid, num=4, axis=2), (y_in - y_floor)[..., None])
+    else:
+        values = grid[:, :, 0]
     out = truncate_to_uint8(values)
     fill = tf.cast(tf.reshape(tf.convert_to_tensor(fill), [1, 1, 3]), tf.uint8)
     return tf.where(inside[..., None], out, fill)

@@ -1,0 +1,201 @@
+"""Fine-tuning input throughput per CPU core: ours (tf.data) vs the official timm transform.
+
+    pip install --no-deps timm    # only its auto_augment.py / random_erasing.py are loaded
+    python benchmarks/bench_finetune_input.py               # 3 rounds x 8 s, 1 and 2 cores
+
+The same generated 500 x 375 JPEGs as `bench_input.py`. The recipe of the official
+main_finetune.py (timm's `create_transform(is_training=True)`):
+
+* official: PIL decode, RandomResizedCrop(224, scale 0.08-1, bicubic), flip, timm's
+  RandAugment `rand-m9-mstd0.5-inc1` (translate_const 100, fill = the ImageNet mean), ToTensor,
+  Normalize, RandomErasing(0.25, mode "pixel") on the tensor, batches of 64 stacked. timm's
+  auto_augment.py and random_erasing.py are loaded by file path (they import only PIL, numpy
+  and torch; timm's package imports torchvision, which does not load next to the CPU torch).
+* ours: `mae_jax.data.images.create_train_iterator(randaugment=...)`: the crop window decoded
+  alone, one bicubic resize, flip, RandAugment in TensorFlow ops (pinned to PIL's / timm's by
+  tests/test_randaugment.py) -> uint8 batches; normalising and random erasing run inside the
+  train step on the accelerator, so they are not counted here.
+
+No accelerator part: RandAugment runs on the host in both (it follows the resize).
+Processes are pinned as in `bench_input.py` (whose helpers this script uses); rounds
+alternate ours / official.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+import numpy as np
+from bench_input import (
+    _cpu_model,
+    _measure,
+    _pin,
+    core_sets,
+    cycled,
+    summed,
+    write_images,
+    write_report,
+)
+
+BATCH, SIZE, SCALE = 64, 224, (0.08, 1.0)
+POLICY = "rand-m9-mstd0.5-inc1"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _timm_module(name: str):
+    """timm/data/<name>.py, loaded alone (no timm package import, so no torchvision)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("The official transform needs timm's files: pip install --no-deps timm")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", name + ".py")
+    module_spec = importlib.util.spec_from_file_location("_timm_" + name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
+    _pin(cores)
+    import math
+    import random
+
+    import torch
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    auto_augment, erasing = _timm_module("auto_augment"), _timm_module("random_erasing")
+    from PIL import ImageOps
+
+    def posterize(image, bits):  # Pillow 12+ refuses 0 bits; the older Pillow gave black
+        return image.point(lambda _: 0) if bits < 1 else ImageOps.posterize(image, bits)
+
+    auto_augment.ImageOps = types.SimpleNamespace(**{**vars(ImageOps), "posterize": posterize})
+    augment = auto_augment.rand_augment_transform(POLICY, {
+        "translate_const": int(SIZE * 0.45), "img_mean": tuple(round(255 * m) for m in MEAN),
+        "interpolation": Image.BICUBIC})
+    erase = erasing.RandomErasing(0.25, mode="pixel", max_count=1, device="cpu")
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    rng = random.Random(cores[0])
+
+    def get_params(width, height):  # torchvision RandomResizedCrop.get_params
+        for _ in range(10):
+            target = width * height * rng.uniform(*SCALE)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        return 0, 0, height, width
+
+    def transform(path):
+        with open(path, "rb") as handle:
+            image = Image.open(handle).convert("RGB")
+        top, left, h, w = get_params(*image.size)
+        image = image.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = np.array(augment(image), np.uint8, copy=True)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div(255)
+        return erase(tensor.sub_(mean).div_(std))
+
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    examples = cycled(paths, transform, BATCH)
+    return _measure(lambda: torch.stack(examples()), seconds)
+
+
+def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
+    _pin(cores)
+    import tensorflow as tf
+
+    tf.config.threading.set_inter_op_parallelism_threads(len(cores))
+    tf.config.threading.set_intra_op_parallelism_threads(len(cores))
+    from mae_jax.data import images
+
+    batches = images.create_train_iterator(
+        source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
+        process_index=0, process_count=1, threads=len(cores), crop_scale=SCALE,
+        randaugment=POLICY)
+    return _measure(lambda: next(batches)["image"], seconds)
+
+
+WORKERS = {"ours": worker_ours, "official": worker_official}
+
+
+def _start(kind: str, folder: str, cores: str, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, __file__, "--worker", kind, "--folder", folder,
+                             "--cores", cores, "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _result(process: subprocess.Popen) -> dict:
+    out, err = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"benchmark worker failed (exit {process.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max_cores", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+    parser.add_argument("--out_json", default="", help="also write the report here")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--cores", default="0", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.rounds < 1 or args.images < BATCH:
+        parser.error(f"--seconds must be > 0, --rounds >= 1, --images >= {BATCH}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.worker:
+        cores = [int(c) for c in args.cores.split(",")]
+        print(json.dumps(WORKERS[args.worker](args.folder, cores, args.seconds)))
+        return None
+    _timm_module("auto_augment")  # fail before the rounds when timm's files are missing
+    rows: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        write_images(folder, args.images)
+        load_before = os.getloadavg()
+        for _ in range(args.rounds):
+            for label, cores in core_sets(args.max_cores):
+                ours = _result(_start("ours", folder, ",".join(map(str, cores)), args.seconds))
+                official = summed([_result(p) for p in [
+                    _start("official", folder, str(core), args.seconds) for core in cores]])
+                for key, r in (("ours", ours), ("official", official)):
+                    rows.setdefault(label, {}).setdefault(key, []).append(
+                        r["images"] / r["wall_s"])
+        load_after = os.getloadavg()
+    print(f"\n{_cpu_model()}; fine-tuning input ({POLICY}, crop scale {SCALE[0]}-{SCALE[1]}), "
+          f"500x375 JPEGs; load average {load_before[0]:.2f} before, {load_after[0]:.2f} "
+          f"after; median of {args.rounds} alternating rounds of {args.seconds:g} s.\n")
+    print("| cores | official (timm) img/s | ours img/s | ours / official | rounds (ours / "
+          "official) |\n|---|---|---|---|---|")
+    summary = {}
+    for label, columns in rows.items():
+        ours, official = (float(np.median(columns[k])) for k in ("ours", "official"))
+        summary[label] = {"ours_img_s": ours, "official_img_s": official,
+                          "ratio": ours / official, "rounds": columns}
+        print(f"| {label} | {official:.0f} | {ours:.0f} | {ours / official:.2f}x | " + ", ".join(
+            f"{o:.0f} / {f:.0f}" for o, f in zip(columns["ours"], columns["official"],
+                                                 strict=True)) + " |")
+    return write_report({"settings": vars(args) | {"policy": POLICY, "crop_scale": SCALE},
+                         "load_average": [load_before, load_after], "summary": summary},
+                        args.out_json)
+
+
+if __name__ == "__main__":
+    main()
