@@ -32,12 +32,14 @@ import sys
 import tempfile
 import types
 
+import bench_input
 import numpy as np
 from bench_input import (
     _cpu_model,
     _measure,
     _pin,
     core_sets,
+    crop_sampler,
     cycled,
     summed,
     write_images,
@@ -63,7 +65,6 @@ def _timm_module(name: str):
 
 def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     _pin(cores)
-    import math
     import random
 
     import torch
@@ -84,14 +85,7 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     rng = random.Random(cores[0])
 
-    def get_params(width, height):  # torchvision RandomResizedCrop.get_params
-        for _ in range(10):
-            target = width * height * rng.uniform(*SCALE)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        return 0, 0, height, width
+    get_params = crop_sampler(rng, SCALE)  # torchvision RandomResizedCrop.get_params
 
     def transform(path):
         with open(path, "rb") as handle:
@@ -110,18 +104,7 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
 
 
 def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
-    _pin(cores)
-    import tensorflow as tf
-
-    tf.config.threading.set_inter_op_parallelism_threads(len(cores))
-    tf.config.threading.set_intra_op_parallelism_threads(len(cores))
-    from mae_jax.data import images
-
-    batches = images.create_train_iterator(
-        source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
-        process_index=0, process_count=1, threads=len(cores), crop_scale=SCALE,
-        randaugment=POLICY)
-    return _measure(lambda: next(batches)["image"], seconds)
+    return bench_input.worker_ours(folder, cores, seconds, crop_scale=SCALE, randaugment=POLICY)
 
 
 WORKERS = {"ours": worker_ours, "official": worker_official}

@@ -109,7 +109,10 @@ def _measure(next_batch, seconds: float) -> dict:
     return {"images": images, "wall_s": wall, "cpu_s": cpu}
 
 
-def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0) -> dict:
+def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0,
+                **options) -> dict:
+    """`create_train_iterator` on `folder`'s JPEGs (`options`: its other arguments, e.g.
+    randaugment) in this process pinned to `cores`; images of its batches per second."""
     _pin(cores)
     import tensorflow as tf
 
@@ -120,7 +123,7 @@ def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0) 
     batches = images.create_train_iterator(
         source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
         process_index=0, process_count=1, threads=len(cores), device_resize_canvas=canvas,
-        crop_scale=CROP_SCALE)
+        **{"crop_scale": CROP_SCALE, **options})
     return _measure(lambda: next(batches)["canvas" if canvas else "image"], seconds)
 
 
@@ -179,7 +182,6 @@ def jax_platform() -> str:
 
 def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     _pin(cores)
-    import math
     import random
 
     from PIL import Image
@@ -194,15 +196,7 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     rng = random.Random(cores[0])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    def get_params(width, height):  # torchvision RandomResizedCrop.get_params
-        area = width * height
-        for _ in range(10):
-            target = area * rng.uniform(*CROP_SCALE)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        return 0, 0, height, width
+    get_params = crop_sampler(rng, CROP_SCALE)
 
     def transform(path):
         with open(path, "rb") as handle:  # torchvision's pil_loader
@@ -226,6 +220,23 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
         return (torch.stack if torch is not None else np.stack)(examples())
 
     return _measure(next_batch, seconds)
+
+
+def crop_sampler(rng, scale):
+    """torchvision's RandomResizedCrop.get_params (ratio 3/4-4/3) drawing from Python's `rng`:
+    (width, height) -> (top, left, h, w); the whole image after 10 misses."""
+    import math
+
+    def get_params(width, height):
+        for _ in range(10):
+            target = width * height * rng.uniform(*scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        return 0, 0, height, width
+
+    return get_params
 
 
 def cycled(items: list, transform, batch: int):
