@@ -159,10 +159,12 @@ def test_translate_x_and_translate_y_match_pil_bicubic_affine_with_fill(pixels):
     (1.0, 0.0, 7.3, 0.0, 1.0, 0.0), (1.0, -0.117, 13.1, 0.0, 1.0, 0.0),  # translate / shear x
     (1.0, 0.0, 0.0, 0.0, 1.0, -4.61), (1.0, 0.0, 0.0, 0.3, 1.0, -9.9),  # translate / shear y
     (1.0, 0.0, -3.0, 0.0, 1.0, 0.0),  # a whole-pixel shift
+    tuple(float(v) for v in geometry.rotation_matrix(17.3, 48, 40)),  # Rotate: 16 taps
 ])
 def test_one_axis_warps_take_4_taps_and_give_the_16_tap_bits(matrix):
-    """`affine` reads 4 taps along the one axis a shear / translation moves: the same bits as
-    the 16-tap warp (the other axis's offset is 0, where PIL's cubic returns its sample)."""
+    """`affine` reads 4 taps along the one axis a shear / translation moves, in one XLA
+    program: the same bits as TensorFlow's op-by-op 16-tap warp (the other axis's offset is 0,
+    where PIL's cubic returns its sample)."""
     image = tf.constant(IMAGES[1])
     a = tf.unstack(tf.constant(matrix, tf.float64))
     full = geometry._warp(image, a, geometry.DEFAULT_FILL, taps_x=True, taps_y=True)
