@@ -203,6 +203,20 @@ def _pixel_op(name, image, level, negate):
     return by_name[name]()
 
 
+# Pixel ops whose TensorFlow kernels run one by one over the image: as one XLA program per op
+# and image size they take 0.3-0.7 ms instead of 0.5-1.9 (224 px, one core; the same bits,
+# tests below). Invert, Equalize and Sharpness were as fast or faster without XLA.
+_COMPILED_PIXEL_OPS = {"AutoContrast", "Posterize", "PosterizeIncreasing", "Solarize",
+                       "SolarizeIncreasing", "SolarizeAdd", "Color", "ColorIncreasing",
+                       "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing"}
+_xla_pixel_op = tf.function(_pixel_op, jit_compile=True)
+
+
+def _compiled_pixel_op(name, image, level, negate):
+    return (_xla_pixel_op if name in _COMPILED_PIXEL_OPS else _pixel_op)(
+        name, image, level, negate)
+
+
 def op_names(increasing=True):
     """The op list `rand_augment` chooses from, in dispatch order (``op_index`` refers to it)."""
     return RAND_INCREASING_OPS if increasing else RAND_OPS
@@ -221,7 +235,7 @@ def apply_op(image, name, level, negate=False, *, fill=geometry.DEFAULT_FILL, tr
         shape = tf.shape(image)
         matrix = _geometric_matrix(name, shape[0], shape[1], level, negate, translate_pct)
         return geometry.affine(image, matrix, fill)
-    return _pixel_op(name, image, level, negate)
+    return _compiled_pixel_op(name, image, level, negate)
 
 
 def sample_layers(seed, *, num_ops, num_layers=2, magnitude=9, magnitude_std=0.5, prob=0.5):
@@ -311,7 +325,7 @@ def rand_augment(
             )
             return geometry.affine(im, tf.gather(matrices, tf.gather(geometric_of_op, op)), fill)
 
-        branches = [lambda n=n: _pixel_op(n, im, level, negate) for n in pixel]
+        branches = [lambda n=n: _compiled_pixel_op(n, im, level, negate) for n in pixel]
         branches.append(geometric_branch)
         out = tf.cond(
             params["apply"][i],
