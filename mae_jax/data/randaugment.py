@@ -213,6 +213,7 @@ _xla_pixel_op = tf.function(_pixel_op, jit_compile=True)
 
 
 def _compiled_pixel_op(name, image, level, negate):
+    """`_pixel_op`, as its XLA program for the ops in _COMPILED_PIXEL_OPS."""
     return (_xla_pixel_op if name in _COMPILED_PIXEL_OPS else _pixel_op)(
         name, image, level, negate)
 

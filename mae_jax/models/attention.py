@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax.models.layers import dense
+from mae_jax.models.layers import dense, product_result_dtype
 
 
 def attention(
@@ -75,11 +75,9 @@ def xla_attention(
     if bias is not None:
         logits = (logits + bias).astype(logits.dtype)
     probs = softmax(logits.astype(jnp.float32)).astype(key.dtype)
-    if jax.default_backend() == "cpu" and value.dtype in (jnp.bfloat16, jnp.float16):
-        # XLA:CPU's fast 16-bit product has a float32 result (`layers._dot`).
-        out = jnp.einsum("nhqk,nhkd->nhqd", probs, value, preferred_element_type=jnp.float32)
-        return jnp.swapaxes(out.astype(value.dtype), 1, 2)
-    return jnp.swapaxes(jnp.einsum("nhqk,nhkd->nhqd", probs, value), 1, 2)
+    out = jnp.einsum("nhqk,nhkd->nhqd", probs, value,
+                     preferred_element_type=product_result_dtype(value.dtype))
+    return jnp.swapaxes(out.astype(value.dtype), 1, 2)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

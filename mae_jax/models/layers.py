@@ -64,19 +64,25 @@ def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _matmul_forward(x, kernel)[0]
 
 
+def product_result_dtype(dtype):
+    """The `preferred_element_type` for a product of two `dtype` operands, whose caller then
+    rounds the result once to `dtype`: float32 for 16-bit operands on the CPU backend, None
+    (the operands' dtype, nnx's product) elsewhere. XLA:CPU computes a bfloat16 x bfloat16 ->
+    bfloat16 product in float32 anyway, but through a slower kernel: asked for float32 it runs
+    YNNPACK's bf16 kernel, [6304, 512] x [512, 2048] 51 vs 134 ms on one Intel Xeon core (the
+    MAE bf16 CPU step: ViT-B 112 px -33%, ViT-Tiny 224 px -37%). The values are the same
+    float32 sums rounded once (in another order: about 1 in 6,000 elements differs by one bf16
+    step at width 768)."""
+    if dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu":
+        return jnp.float32
+    return None
+
+
 def _dot(lhs: jax.Array, rhs: jax.Array, contract: tuple) -> jax.Array:
-    """dot_general without batch axes: nnx.Linear's product, except for 16-bit operands on
-    the CPU backend, where it asks for the float32 result and rounds it once to their dtype.
-    XLA:CPU computes a bfloat16 x bfloat16 -> bfloat16 product in float32 anyway, but through a
-    slower kernel: asked for float32 it runs YNNPACK's bf16 kernel, [6304, 512] x [512, 2048]
-    51 vs 134 ms on one Intel Xeon core (the MAE bf16 CPU step: ViT-B 112 px -33%, ViT-Tiny
-    224 px -37%). The values are the same float32 sums rounded once (in another order: about
-    1 in 6,000 elements differs by one bf16 step at width 768)."""
-    dims = (contract, ((), ()))
-    if lhs.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu":
-        out = jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
-        return out.astype(lhs.dtype)
-    return jax.lax.dot_general(lhs, rhs, dims)
+    """dot_general without batch axes, in `product_result_dtype`'s precision."""
+    out = jax.lax.dot_general(lhs, rhs, (contract, ((), ())),
+                              preferred_element_type=product_result_dtype(lhs.dtype))
+    return out.astype(lhs.dtype)
 
 
 def _matmul_forward(x, kernel):
