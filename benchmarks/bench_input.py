@@ -117,7 +117,6 @@ def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0,
     import tensorflow as tf
 
     tf.config.threading.set_inter_op_parallelism_threads(len(cores))
-    tf.config.threading.set_intra_op_parallelism_threads(len(cores))
     from mae_jax.data import images
 
     batches = images.create_train_iterator(

@@ -103,7 +103,6 @@ def worker_ours(root: str, cores: list[int], seconds: float, device_photometric=
     import tensorflow as tf
 
     tf.config.threading.set_inter_op_parallelism_threads(len(cores))
-    tf.config.threading.set_intra_op_parallelism_threads(len(cores))
     from mae_jax.data import seg_input
 
     batches = seg_input.create_seg_train_iterator(

@@ -372,3 +372,30 @@ def test_failed_download_says_how_to_build_offline(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="tfds build mae_jax_tiny_gray --data_dir DIR"):
         images.num_examples(source="tfds:mae_jax_tiny_gray", data_dir=str(tmp_path))
     assert not os.path.exists(tmp_path / "mae_jax_tiny_gray" / "1.0.0" / "dataset_info.json")
+
+
+@pytest.mark.parametrize("module", ["images", "seg_input", "in_memory"])
+def test_each_pipeline_module_runs_tensorflow_kernels_single_threaded_and_off_the_gpus(module):
+    """Importing any pipeline module, first thing in a process, sets TensorFlow up for it
+    (mae_jax.data.tf_runtime): one thread per kernel (tf.data's parallel maps use the cores),
+    no GPUs. Each module on its own, as the entry points import only theirs."""
+    import subprocess
+    import sys
+
+    code = (f"import mae_jax.data.{module}, tensorflow as tf; tf.constant(1); "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "len(tf.config.get_visible_devices('GPU')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "0"]
+
+
+def test_tensorflow_settings_are_left_alone_once_tensorflow_has_started(monkeypatch):
+    from mae_jax.data import tf_runtime
+
+    tf.constant(1.0) + 1  # TensorFlow runs an op: its threads can no longer change
+    before = tf.config.threading.get_intra_op_parallelism_threads()
+    monkeypatch.setattr(tf_runtime, "INTRA_OP_THREADS", before + 2)
+    tf_runtime.configure()  # no error, nothing changed
+    assert tf.config.threading.get_intra_op_parallelism_threads() == before

@@ -21,17 +21,12 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from mae_jax.data import image_ops, sources
+from mae_jax.data import image_ops, sources, tf_runtime  # noqa: F401 - sets TF up
 from mae_jax.data import randaugment as randaugment_lib
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 from mae_jax.data.decodable import REPLACEMENTS, Batches, decoded, fill_image, no_autograph
 from mae_jax.data.sources import class_names, num_classes, num_examples, parse_source
 from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
-
-try:  # Keep TensorFlow off accelerators: JAX owns them.
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialised its devices elsewhere; nothing to do.
-    pass
 
 __all__ = ["Batches", "class_names", "create_eval_iterator", "create_pretrain_iterator",
            "create_train_iterator", "load_fixed_images", "num_classes", "num_examples",

@@ -15,7 +15,11 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from mae_jax.data import image_ops, sources
+from mae_jax.data import (
+    image_ops,
+    sources,
+    tf_runtime,  # noqa: F401 - sets TensorFlow up (imported for that)
+)
 from mae_jax.data.on_device import MODES
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,13 @@ decoder) and PIL do.
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mae_jax.data import ade20k, image_ops, seg_transforms, synthetic_scenes
+from mae_jax.data import (
+    ade20k,
+    image_ops,
+    seg_transforms,
+    synthetic_scenes,
+    tf_runtime,  # noqa: F401 - sets TensorFlow up (imported for that)
+)
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 from mae_jax.data.decodable import Batches, no_autograph
 from mae_jax.data.photometric import neutral_params
