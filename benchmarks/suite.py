@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark of this folder at one preset's sizes in one run, and one
 markdown table of what they measured against the project's speed targets.
 
-    python benchmarks/suite.py                           # CPU preset: ~25 minutes on 2 cores
+    python benchmarks/suite.py                           # CPU preset: ~18-26 minutes on 2 cores
     python benchmarks/suite.py --preset gpu --out_dir /tmp/suite    # one GPU (gpu_check.sh)
     python benchmarks/suite.py --preset smoke            # tiny sizes: checks the plumbing
     python benchmarks/suite.py --render DIR              # the table again, from DIR's reports
@@ -80,6 +80,9 @@ PRESETS = {
                extra=("--torch_cpu_autocast",)),
         _entry("input", "input", "bench_input.py", ["--seconds", "6", "--rounds", "3"], 900),
         _entry("seg_input", "seg_input", "bench_seg_input.py",
+               ["--seconds", "6", "--rounds", "3"], 900),
+        # Needs timm's files (`pip install --no-deps timm`); without them this row fails alone.
+        _entry("finetune_input", "finetune_input", "bench_finetune_input.py",
                ["--seconds", "6", "--rounds", "3"], 900),
         _entry("on_device", "on_device", "bench_on_device.py",
                ["--image_size", "64", "--batch_size", "32", "--num_images", "5000", "--steps",

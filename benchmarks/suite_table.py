@@ -108,6 +108,18 @@ def input_rows(report: dict, kind: str) -> list[tuple]:
     return out
 
 
+def finetune_input_rows(report: dict) -> list[tuple]:
+    """Fine-tuning's input (RandAugment on the host in both): no target of its own, the
+    pretraining input's 2x is for the plain crop + flip."""
+    policy = report["settings"]["policy"]
+    return [_row("fine-tuning input, images/s", f"{cores}, ours, {policy}",
+                 f"{c['ours_img_s']:.1f}",
+                 f"{c['official_img_s']:.1f} (official, timm)", _ratio(c["ratio"]),
+                 notes="rounds " + ", ".join(f"{o:.0f} / {f:.0f}" for o, f in zip(
+                     c["rounds"]["ours"], c["rounds"]["official"], strict=True)))
+            for cores, c in report["summary"].items()]
+
+
 def on_device_rows(report: dict) -> list[tuple]:
     rows = {r["input"]: r for r in report["rows"]}
     s, ours = report["settings"], rows["on-device augmentation"]
@@ -179,6 +191,7 @@ def seg_eval_rows(report: dict) -> list[tuple]:
 
 ROWS = {"train": train_rows, "input": lambda r: input_rows(r, "input"),
         "seg_input": lambda r: input_rows(r, "seg_input"), "on_device": on_device_rows,
+        "finetune_input": finetune_input_rows,
         "seg_train": seg_train_rows, "seg_eval": seg_eval_rows}
 
 

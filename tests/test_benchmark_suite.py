@@ -132,3 +132,13 @@ def test_smoke_preset_runs_every_benchmark_into_one_table(tmp_path):
         assert row[3] != "-" or "MFU" in row[1] or "memory" in row[1], row
         assert row[7] in ("-", "(smoke sizes)"), row
     assert "not understood" not in table and "did not run" not in table
+
+
+def test_fine_tuning_input_rows_have_no_target_of_their_own():
+    report = {"settings": {"policy": "rand-m9-mstd0.5-inc1"}, "summary": {"2 cores": {
+        "ours_img_s": 480.0, "official_img_s": 473.0, "ratio": 480 / 473,
+        "rounds": {"ours": [480.0, 470.0], "official": [473.0, 460.0]}}}}
+    (row,) = suite_table.finetune_input_rows(report)
+    assert row[1:7] == ("2 cores, ours, rand-m9-mstd0.5-inc1", "480.0", "473.0 (official, timm)",
+                        "1.01x", "-", "-")
+    assert row[7] == "rounds 480 / 473, 470 / 460"
