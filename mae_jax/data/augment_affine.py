@@ -78,25 +78,41 @@ def _warp(image, matrix, fill, *, taps_x: bool, taps_y: bool):
     y_in = tf.clip_by_value(y_in, -8.0, hf + 8.0) - 0.5
     x_floor = tf.floor(x_in)
     y_floor = tf.floor(y_in)
-    x0 = tf.cast(x_floor, tf.int32) - (1 if taps_x else 0)
-    y0 = tf.cast(y_floor, tf.int32) - (1 if taps_y else 0)
-    cols = tf.clip_by_value(x0[..., None] + tf.range(4 if taps_x else 1), 0, width - 1)
-    rows = tf.clip_by_value(y0[..., None] + tf.range(4 if taps_y else 1), 0, height - 1) * width
-    index = rows[..., :, None] + cols[..., None, :]  # [H, W, rows, cols]
-    grid = tf.cast(tf.gather(tf.reshape(image, [-1, 3]), index), tf.float64)  # [.., 3]
-    # PIL interpolates each of the 4 rows along x first, then the 4 results along y.
-    if taps_x:
-        dx = (x_in - x_floor)[..., None, None]
-        grid = _pil_cubic(*tf.unstack(grid, num=4, axis=3), dx)  # [H, W, rows, 3]
-    else:
-        grid = grid[:, :, :, 0]
-    if taps_y:
-        values = _pil_cubic(*tf.unstack(grid, num=4, axis=2), (y_in - y_floor)[..., None])
-    else:
-        values = grid[:, :, 0]
+    if taps_x and taps_y:
+        values = _taps_16(image, x_in - x_floor, tf.cast(x_floor, tf.int32) - 1,
+                          y_in - y_floor, tf.cast(y_floor, tf.int32) - 1)
+    elif taps_x:  # each output row reads its own input row (y_in = y + 0.5)
+        values = _taps_4_along_rows(image, x_in - x_floor, tf.cast(x_floor, tf.int32) - 1)
+    else:  # each output column reads its own input column: the same, transposed
+        values = tf.transpose(_taps_4_along_rows(
+            tf.transpose(image, [1, 0, 2]), tf.transpose(y_in - y_floor),
+            tf.transpose(tf.cast(y_floor, tf.int32) - 1)), [1, 0, 2])
     out = truncate_to_uint8(values)
     fill = tf.cast(tf.reshape(tf.convert_to_tensor(fill), [1, 1, 3]), tf.uint8)
     return tf.where(inside[..., None], out, fill)
+
+
+def _taps_4_along_rows(image, frac, start):
+    """Row y, column x: PIL's cubic at `frac` over columns start .. start + 3 (clamped) of row
+    y. One gather per row (`batch_dims`): ~40% faster in XLA:CPU than the same values read
+    through flat indices (224 px, 2.5 -> 1.5 ms a warp)."""
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    cols = tf.clip_by_value(start[..., None] + tf.range(4), 0, width - 1)  # [H, W, 4]
+    taps = tf.gather(image, tf.reshape(cols, [height, -1]), batch_dims=1)  # [H, W * 4, 3]
+    taps = tf.cast(tf.reshape(taps, [height, width, 4, 3]), tf.float64)
+    return _pil_cubic(*tf.unstack(taps, num=4, axis=2), frac[..., None])
+
+
+def _taps_16(image, dx, x0, dy, y0):
+    """PIL's 4 x 4 neighbourhood from (x0, y0), clamped: each of the 4 rows along x first, then
+    the 4 results along y."""
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    cols = tf.clip_by_value(x0[..., None] + tf.range(4), 0, width - 1)
+    rows = tf.clip_by_value(y0[..., None] + tf.range(4), 0, height - 1) * width
+    index = rows[..., :, None] + cols[..., None, :]  # [H, W, rows, cols]
+    grid = tf.cast(tf.gather(tf.reshape(image, [-1, 3]), index), tf.float64)  # [.., 3]
+    grid = _pil_cubic(*tf.unstack(grid, num=4, axis=3), dx[..., None, None])  # [H, W, rows, 3]
+    return _pil_cubic(*tf.unstack(grid, num=4, axis=2), dy[..., None])
 
 
 # One XLA program per image size and tap pattern: TensorFlow's op-by-op kernels wrote every
