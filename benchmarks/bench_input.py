@@ -24,9 +24,10 @@ sinusoidal textures at three scales and Gaussian noise: about 90-100 KB a file, 
   torch is used for ToTensor / Normalize / stack when installed (numpy otherwise).
 
 Each measurement runs in its own process pinned to the given core(s) with
-`os.sched_setaffinity`, TF inter/intra-op threads = cores and a private tf.data pool of that
-size, torch.set_num_threads(1). Rounds alternate ours / official so that both see the same
-machine load. Reported: images per second of wall time and images per CPU-second of the
+`os.sched_setaffinity`, TF inter-op threads = cores (intra-op 1, as our pipeline modules set it:
+`mae_jax/data/tf_runtime.py`) and a private tf.data pool of that size,
+torch.set_num_threads(1). Rounds alternate ours / official so that both see the same machine
+load. Reported: images per second of wall time and images per CPU-second of the
 process (the latter is less sensitive to other jobs on a shared machine). "2 cores": ours is
 one process with 2 threads; official is 2 worker processes (DataLoader num_workers=2), summed.
 """

@@ -374,7 +374,7 @@ def test_failed_download_says_how_to_build_offline(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "mae_jax_tiny_gray" / "1.0.0" / "dataset_info.json")
 
 
-@pytest.mark.parametrize("module", ["images", "seg_input", "in_memory"])
+@pytest.mark.parametrize("module", ["images", "seg_input", "in_memory", "ade20k"])
 def test_each_pipeline_module_runs_tensorflow_kernels_single_threaded_and_off_the_gpus(module):
     """Importing any pipeline module, first thing in a process, sets TensorFlow up for it
     (mae_jax.data.tf_runtime): one thread per kernel (tf.data's parallel maps use the cores),
@@ -391,11 +391,23 @@ def test_each_pipeline_module_runs_tensorflow_kernels_single_threaded_and_off_th
     assert done.stdout.split() == ["1", "0"]
 
 
-def test_tensorflow_settings_are_left_alone_once_tensorflow_has_started(monkeypatch):
+def test_tensorflow_setup_hides_the_gpus_and_warns_when_tensorflow_started_first(monkeypatch,
+                                                                                 caplog):
     from mae_jax.data import tf_runtime
 
-    tf.constant(1.0) + 1  # TensorFlow runs an op: its threads can no longer change
+    calls = []
+    monkeypatch.setattr(tf.config, "set_visible_devices",
+                        lambda devices, kind: calls.append(("visible", devices, kind)))
+    monkeypatch.setattr(tf.config.threading, "set_intra_op_parallelism_threads",
+                        lambda n: calls.append(("intra", n)))
+    tf_runtime.configure()
+    assert calls == [("visible", [], "GPU"), ("intra", 1)]
+    monkeypatch.undo()
+
+    tf.constant(1.0) + 1  # TensorFlow runs an op: its settings can no longer change
     before = tf.config.threading.get_intra_op_parallelism_threads()
     monkeypatch.setattr(tf_runtime, "INTRA_OP_THREADS", before + 2)
-    tf_runtime.configure()  # no error, nothing changed
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data.tf_runtime"):
+        tf_runtime.configure()  # no error, nothing changed, the user told
     assert tf.config.threading.get_intra_op_parallelism_threads() == before
+    assert "Import mae_jax.data.tf_runtime before" in caplog.text

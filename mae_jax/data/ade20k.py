@@ -16,6 +16,8 @@ import zipfile
 
 import tensorflow_datasets as tfds
 
+from mae_jax.data import tf_runtime  # noqa: F401 - sets TensorFlow up (imported for that)
+
 RELEASE_NAME = "ADEChallengeData2016"
 RELEASE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 BENCHMARK_URL = "http://sceneparsing.csail.mit.edu/"

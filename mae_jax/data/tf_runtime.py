@@ -8,7 +8,11 @@ are).
   kernels that also split themselves over the cores (the bicubic resize, the XLA-compiled
   RandAugment ops) then only add hand-offs between threads. Measured on two cores (2026-12-03,
   `benchmarks/bench_input.py` and `bench_finetune_input.py`; benchmarks/README.md): the JPEG
-  pretraining input ~600 -> ~720 images/s, the fine-tuning input ~380 -> ~470.
+  pretraining input with the host resize 571-607 -> 665-722 images/s, the fine-tuning input
+  358-384 -> 447-480.
+
+No pipeline module runs a TensorFlow op when imported, so importing this one from any of them
+comes before TensorFlow starts.
 """
 
 import logging
@@ -26,9 +30,12 @@ def configure() -> None:
     try:
         tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP_THREADS)
-    except RuntimeError:  # TensorFlow already initialised: keep what it has
-        logger.debug("TensorFlow already started: intra-op threads stay at %d",
-                     tf.config.threading.get_intra_op_parallelism_threads())
+    except RuntimeError:  # TensorFlow started with other settings: they cannot change now
+        logger.warning(
+            "TensorFlow started before mae_jax's input pipeline was imported, with other "
+            "settings: it may use the GPUs (JAX needs their memory) and its kernels run on %d "
+            "threads (1 is fastest for the pipelines). Import mae_jax.data.tf_runtime before "
+            "running TensorFlow ops.", tf.config.threading.get_intra_op_parallelism_threads())
 
 
 configure()
