@@ -27,8 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import types
 
@@ -41,7 +39,8 @@ from bench_input import (
     core_sets,
     crop_sampler,
     cycled,
-    summed,
+    run_per_core,
+    run_worker,
     write_images,
     write_report,
 )
@@ -110,22 +109,6 @@ def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
 WORKERS = {"ours": worker_ours, "official": worker_official}
 
 
-def _start(kind: str, folder: str, cores: str, seconds: float) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, __file__, "--worker", kind, "--folder", folder,
-                             "--cores", cores, "--seconds", str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _result(process: subprocess.Popen) -> dict:
-    out, err = process.communicate()
-    if process.returncode:
-        raise RuntimeError(f"benchmark worker failed (exit {process.returncode}):\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
@@ -155,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         load_before = os.getloadavg()
         for _ in range(args.rounds):
             for label, cores in core_sets(args.max_cores):
-                ours = _result(_start("ours", folder, ",".join(map(str, cores)), args.seconds))
-                official = summed([_result(p) for p in [
-                    _start("official", folder, str(core), args.seconds) for core in cores]])
+                where = ("--folder", folder, cores, args.seconds)
+                ours = run_worker(__file__, "ours", *where)
+                official = run_per_core(__file__, "official", *where)
                 for key, r in (("ours", ours), ("official", official)):
                     rows.setdefault(label, {}).setdefault(key, []).append(
                         r["images"] / r["wall_s"])

@@ -254,30 +254,36 @@ def cycled(items: list, transform, batch: int):
 # -------------------------------------------------------------- Orchestration
 
 
-def _run(kind: str, folder: str, cores: list[int], seconds: float) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--folder", folder,
-               "--cores", ",".join(map(str, cores)), "--seconds", str(seconds)]
+def start_worker(script: str, kind: str, data_flag: str, data: str, cores: list[int],
+                 seconds: float) -> subprocess.Popen:
+    """`script --worker kind` in a process of its own, pinned by it to `cores`, our repository
+    importable and TensorFlow quiet; `data_flag data` names its files (e.g. --folder DIR)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
          os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"benchmark worker {kind!r} failed (exit {done.returncode}):\n"
-                           + done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, script, "--worker", kind, data_flag, data,
+                             "--cores", ",".join(map(str, cores)), "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _official_on(cores, folder, seconds) -> dict:
+def worker_result(process: subprocess.Popen) -> dict:
+    """The JSON line a worker printed last; its stderr's tail when it failed."""
+    out, err = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"benchmark worker {process.args[3]!r} failed (exit "
+                           f"{process.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_worker(script, kind, data_flag, data, cores, seconds) -> dict:
+    """One worker process on `cores`, waited for."""
+    return worker_result(start_worker(script, kind, data_flag, data, cores, seconds))
+
+
+def run_per_core(script, kind, data_flag, data, cores, seconds) -> dict:
     """One worker process per core, run concurrently (DataLoader workers); summed."""
-    results = []
-    with tempfile.TemporaryDirectory():
-        processes = [subprocess.Popen(
-            [sys.executable, __file__, "--worker", "official", "--folder", folder, "--cores",
-             str(core), "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
-            for core in cores]
-        for process in processes:
-            results.append(json.loads(process.communicate()[0].strip().splitlines()[-1]))
-    return summed(results)
+    return summed([worker_result(p) for p in [
+        start_worker(script, kind, data_flag, data, [core], seconds) for core in cores]])
 
 
 def _cpu_model() -> str:
@@ -444,12 +450,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows = {}
         for _ in range(args.rounds):
             for label, cores in core_sets(args.max_cores):
-                ours = _run("ours", folder, cores, args.seconds)
-                device = _run("device", folder, cores, args.seconds)
-                official = (_run("official", folder, cores, args.seconds) if len(cores) == 1
-                            else _official_on(cores, folder, args.seconds))
-                rows.setdefault(label, []).append((ours, device, official))
-        resize_cost = _run("resize", folder, core_sets(1)[0][1], args.seconds)
+                where = ("--folder", folder, cores, args.seconds)
+                rows.setdefault(label, []).append((
+                    run_worker(__file__, "ours", *where), run_worker(__file__, "device", *where),
+                    run_per_core(__file__, "official", *where)))
+        resize_cost = run_worker(__file__, "resize", "--folder", folder, core_sets(1)[0][1],
+                                 args.seconds)
         load_after = os.getloadavg()
 
     machine.update(load_average_before=load_before, load_average_after=load_after)

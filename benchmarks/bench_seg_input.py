@@ -30,7 +30,6 @@ alternate ours / official. "2 cores": ours is one process with 2 threads; offici
 processes (DataLoader num_workers=2), summed.
 """
 
-import json
 import os
 import platform
 import subprocess
@@ -49,9 +48,10 @@ from bench_input import (
     cycled,
     photo,
     print_table,
+    run_per_core,
+    run_worker,
     seconds_per_call,
     summarize_rounds,
-    summed,
     worker_or_device_part,
     write_report,
 )
@@ -236,32 +236,6 @@ WORKERS = {"ours": worker_ours, "host": worker_host, "official": worker_official
 # -------------------------------------------------------------- Orchestration
 
 
-def _start(kind: str, root: str, core_list: str, seconds: float) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, __file__, "--worker", kind, "--root", root, "--cores", core_list,
-         "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True, env=env)
-
-
-def _result(process: subprocess.Popen) -> dict:
-    out, _ = process.communicate()
-    if process.returncode:
-        raise RuntimeError(f"benchmark worker failed (exit {process.returncode})")
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _run_ours(root, cores, seconds, kind="ours") -> dict:
-    return _result(_start(kind, root, ",".join(map(str, cores)), seconds))
-
-
-def _run_official(root, cores, seconds) -> dict:
-    """One worker process per core, run concurrently (DataLoader workers); summed."""
-    return summed([_result(p) for p in [_start("official", root, str(c), seconds)
-                                         for c in cores]])
-
-
 KEYS = ("ours", "ours_all_on_host", "official")
 
 
@@ -299,11 +273,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         rows = {}
         for _ in range(args.rounds):
             for label, cores in core_sets(args.max_cores):
+                where = ("--root", root, cores, args.seconds)
                 rows.setdefault(label, []).append((
-                    _run_ours(root, cores, args.seconds),
-                    _run_ours(root, cores, args.seconds, kind="host"),
-                    _run_official(root, cores, args.seconds)))
-        device = _result(_start("device", root, "0", args.seconds))
+                    run_worker(__file__, "ours", *where), run_worker(__file__, "host", *where),
+                    run_per_core(__file__, "official", *where)))
+        device = run_worker(__file__, "device", "--root", root, [0], args.seconds)
         load_after = os.getloadavg()
 
     machine.update(load_average_before=load_before, load_average_after=load_after)
