@@ -11,12 +11,17 @@ main_finetune.py (timm's `create_transform(is_training=True)`):
   Normalize, RandomErasing(0.25, mode "pixel") on the tensor, batches of 64 stacked. timm's
   auto_augment.py and random_erasing.py are loaded by file path (they import only PIL, numpy
   and torch; timm's package imports torchvision, which does not load next to the CPU torch).
-* ours: `mae_jax.data.images.create_train_iterator(randaugment=...)`: the crop window decoded
-  alone, one bicubic resize, flip, RandAugment in TensorFlow ops (pinned to PIL's / timm's by
-  tests/test_randaugment.py) -> uint8 batches; normalising and random erasing run inside the
-  train step on the accelerator, so they are not counted here.
+* ours, all on the host: `mae_jax.data.images.create_train_iterator(randaugment=...)`: the
+  crop window decoded alone, one bicubic resize, flip, RandAugment in TensorFlow ops (pinned to
+  PIL's / timm's by tests/test_randaugment.py) -> uint8 batches; normalising and random erasing
+  run inside the train step on the accelerator, so they are not counted here.
+* ours, RandAugment on the device (host part): the same with `device_resize_canvas=512`: the
+  host decodes the crop window into the canvas and draws RandAugment's layers (op codes and
+  arguments, `mae_jax.data.randaugment_program`); the resize, flip and the layers run on the
+  accelerator (`mae_jax.data.randaugment_device`), timed apart:
 
-No accelerator part: RandAugment runs on the host in both (it follows the resize).
+    python benchmarks/bench_finetune_input.py --device_part   # no TensorFlow, no timm
+
 Processes are pinned as in `bench_input.py` (whose helpers this script uses); rounds
 alternate ours / official.
 """
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import tempfile
 import types
@@ -46,6 +50,7 @@ from bench_input import (
 )
 
 BATCH, SIZE, SCALE = 64, 224, (0.08, 1.0)
+CANVAS = 512  # device_resize_canvas of the RandAugment-on-device path (holds every window)
 POLICY = "rand-m9-mstd0.5-inc1"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -106,7 +111,60 @@ def worker_ours(folder: str, cores: list[int], seconds: float) -> dict:
     return bench_input.worker_ours(folder, cores, seconds, crop_scale=SCALE, randaugment=POLICY)
 
 
-WORKERS = {"ours": worker_ours, "official": worker_official}
+def worker_device(folder: str, cores: list[int], seconds: float) -> dict:
+    """The host part of RandAugment on the devices: decode the crop window into the canvas,
+    draw the layers (`create_train_iterator(device_resize_canvas=CANVAS, randaugment=...)`)."""
+    return bench_input.worker_ours(folder, cores, seconds, canvas=CANVAS, crop_scale=SCALE,
+                                   randaugment=POLICY)
+
+
+# The policy's 15 ops ("inc1") as the device codes `randaugment_program` gives them (written
+# out here: the device part runs without TensorFlow, absent on the GPU machine).
+POLICY_CODES = ("affine",) * 5 + ("autocontrast", "equalize", "invert", "posterize",
+                                  "solarize", "solarize_add", "color", "contrast",
+                                  "brightness", "sharpness")
+
+
+def device_part_cost(seconds: float) -> dict:
+    """The device part on JAX's default device (one pinned core on a CPU): ms per image of
+    `make_canvas_fn` on BATCH canvases with and without RandAugment's two layers (programs
+    drawn as the policy draws them: each layer applied with probability 0.5, op uniform)."""
+    if bench_input.jax_platform() == "cpu":
+        _pin(sorted(os.sched_getaffinity(0))[:1])
+    import jax
+
+    from mae_jax.core import sharding
+    from mae_jax.data import device_resize
+    from mae_jax.data.randaugment_device import CODE
+
+    rng = np.random.default_rng(0)
+    side = np.sqrt(rng.uniform(*SCALE, BATCH) * 500 * 375)
+    box = np.stack([np.zeros(BATCH), np.zeros(BATCH), np.minimum(side, 375),
+                    np.minimum(side, 500)], 1).astype(np.int32)
+    codes = np.asarray([CODE[POLICY_CODES[i]] for i in rng.integers(0, 15, 2 * BATCH)])
+    codes = np.where(rng.random(2 * BATCH) < 0.5, codes, CODE["identity"]).reshape(BATCH, 2)
+    angle = np.radians(rng.uniform(-30, 30, (BATCH, 2)))
+    matrix = np.stack([np.cos(angle), np.sin(angle), 30 * np.ones_like(angle), -np.sin(angle),
+                       np.cos(angle), -30 * np.ones_like(angle)], -1)  # a rotation
+    args = np.where((codes == CODE["affine"])[..., None], matrix, 1.6).astype(np.float32)
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+    parts = sharding.global_batch_from_host({
+        "canvas": rng.integers(0, 256, (BATCH, CANVAS, CANVAS, 3), dtype=np.uint8),
+        "box": box, "flip": rng.random(BATCH) < 0.5, "ra_code": codes.astype(np.int32),
+        "ra_args": args}, sharding.batch_sharding(mesh))
+    keys = ("canvas", "box", "flip", "ra_code", "ra_args")
+    times = {}
+    for randaugment, count in ((False, 3), (True, 5)):
+        function = device_resize.make_canvas_fn(mesh, image_size=SIZE, randaugment=randaugment)
+        arguments = [parts[key] for key in keys[:count]]
+        times[randaugment] = bench_input.seconds_per_call(lambda f=function, a=arguments: f(*a),
+                                                          seconds / 2) / BATCH * 1e3
+    return {"ms_per_image": times[True], "resize_ms_per_image": times[False],
+            "device": str(jax.devices()[0].device_kind)}
+
+
+WORKERS = {"ours": worker_ours, "device": worker_device, "official": worker_official,
+           "part": lambda folder, cores, seconds: device_part_cost(seconds)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,6 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max_cores", type=int, default=2, choices=(1, 2))
     parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+    parser.add_argument("--device_part", action="store_true",
+                        help="only time the device part (resize + RandAugment) on JAX's "
+                             "default device; no TensorFlow, no timm")
     parser.add_argument("--out_json", default="", help="also write the report here")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -125,12 +186,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _describe(cost: dict) -> str:
+    return (f"Device part (resize {CANVAS} px canvas -> {SIZE} px + flip + RandAugment's 2 "
+            f"layers, `make_canvas_fn`) on {cost['device']}: {cost['ms_per_image']:.3f} ms per "
+            f"image ({1e3 / cost['ms_per_image']:.0f} images/s); without RandAugment "
+            f"{cost['resize_ms_per_image']:.3f} ms.")
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    if args.worker:
-        cores = [int(c) for c in args.cores.split(",")]
-        print(json.dumps(WORKERS[args.worker](args.folder, cores, args.seconds)))
-        return None
+    done, report = bench_input.worker_or_device_part(args, WORKERS, device_part_cost, _describe)
+    if done:
+        return report
     _timm_module("auto_augment")  # fail before the rounds when timm's files are missing
     rows: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -139,28 +206,40 @@ def main(argv: list[str] | None = None) -> dict | None:
         for _ in range(args.rounds):
             for label, cores in core_sets(args.max_cores):
                 where = ("--folder", folder, cores, args.seconds)
-                ours = run_worker(__file__, "ours", *where)
-                official = run_per_core(__file__, "official", *where)
-                for key, r in (("ours", ours), ("official", official)):
+                results = {"ours": run_worker(__file__, "ours", *where),
+                           "ours_device": run_worker(__file__, "device", *where),
+                           "official": run_per_core(__file__, "official", *where)}
+                for key, r in results.items():
                     rows.setdefault(label, {}).setdefault(key, []).append(
                         r["images"] / r["wall_s"])
+        cost = run_worker(__file__, "part", "--folder", folder, core_sets(1)[0][1],
+                          args.seconds)
         load_after = os.getloadavg()
     print(f"\n{_cpu_model()}; fine-tuning input ({POLICY}, crop scale {SCALE[0]}-{SCALE[1]}), "
           f"500x375 JPEGs; load average {load_before[0]:.2f} before, {load_after[0]:.2f} "
-          f"after; median of {args.rounds} alternating rounds of {args.seconds:g} s.\n")
-    print("| cores | official (timm) img/s | ours img/s | ours / official | rounds (ours / "
-          "official) |\n|---|---|---|---|---|")
+          f"after; median of {args.rounds} alternating rounds of {args.seconds:g} s. 'RandAugment "
+          f"on device': the host part of device_resize_canvas={CANVAS} (decode the crop window "
+          "into the canvas, draw the layers).\n")
+    print("| cores | official (timm) img/s | ours, all on host img/s | ours / official | ours, "
+          "RandAugment on device (host part) img/s | ours / official | rounds (host / device "
+          "/ official) |\n|---|---|---|---|---|---|---|")
     summary = {}
     for label, columns in rows.items():
-        ours, official = (float(np.median(columns[k])) for k in ("ours", "official"))
+        ours, device, official = (float(np.median(columns[k]))
+                                  for k in ("ours", "ours_device", "official"))
         summary[label] = {"ours_img_s": ours, "official_img_s": official,
-                          "ratio": ours / official, "rounds": columns}
-        print(f"| {label} | {official:.0f} | {ours:.0f} | {ours / official:.2f}x | " + ", ".join(
-            f"{o:.0f} / {f:.0f}" for o, f in zip(columns["ours"], columns["official"],
-                                                 strict=True)) + " |")
-    return write_report({"settings": vars(args) | {"policy": POLICY, "crop_scale": SCALE},
-                         "load_average": [load_before, load_after], "summary": summary},
-                        args.out_json)
+                          "ratio": ours / official, "ours_device_img_s": device,
+                          "ratio_device": device / official, "rounds": columns}
+        print(f"| {label} | {official:.0f} | {ours:.0f} | {ours / official:.2f}x | {device:.0f} "
+              f"| {device / official:.2f}x | " + ", ".join(
+                  f"{o:.0f} / {d:.0f} / {f:.0f}" for o, d, f in zip(
+                      columns["ours"], columns["ours_device"], columns["official"],
+                      strict=True)) + " |")
+    print("\n" + _describe(cost).replace(" on cpu", " on one core of this CPU"))
+    report.update(settings=vars(args) | {"policy": POLICY, "crop_scale": SCALE,
+                                         "canvas": CANVAS},
+                  load_average=[load_before, load_after], summary=summary, device_part=cost)
+    return write_report(report, args.out_json)
 
 
 if __name__ == "__main__":

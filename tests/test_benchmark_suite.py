@@ -124,6 +124,7 @@ def test_smoke_preset_runs_every_benchmark_into_one_table(tmp_path):
                                                              "only"),
             ("input", "JPEG input, images/s"), ("input", "JPEG input, device part"),
             ("seg_input", "ADE20K input, images/s"), ("seg_input", "ADE20K input, device part"),
+            ("finetune_input_device", "fine-tuning input, device part"),
             ("on_device", "step fed by the on-device input"),
             ("seg_train", "segmentation train step"),
             ("seg_eval", "segmentation evaluation, XLA compilations")]:
@@ -137,8 +138,20 @@ def test_smoke_preset_runs_every_benchmark_into_one_table(tmp_path):
 def test_fine_tuning_input_rows_have_no_target_of_their_own():
     report = {"settings": {"policy": "rand-m9-mstd0.5-inc1"}, "summary": {"2 cores": {
         "ours_img_s": 480.0, "official_img_s": 473.0, "ratio": 480 / 473,
-        "rounds": {"ours": [480.0, 470.0], "official": [473.0, 460.0]}}}}
-    (row,) = suite_table.finetune_input_rows(report)
-    assert row[1:7] == ("2 cores, ours, rand-m9-mstd0.5-inc1", "480.0", "473.0 (official, timm)",
-                        "1.01x", "-", "-")
-    assert row[7] == "rounds 480 / 473, 470 / 460"
+        "ours_device_img_s": 1300.0, "ratio_device": 1300 / 473,
+        "rounds": {"ours": [480.0, 470.0], "ours_device": [1300.0, 1290.0],
+                   "official": [473.0, 460.0]}}},
+        "device_part": {"ms_per_image": 0.05, "resize_ms_per_image": 0.02,
+                        "device": "NVIDIA H200"}}
+    host, device, part = suite_table.finetune_input_rows(report)
+    assert host[1:7] == ("2 cores, ours all on host, rand-m9-mstd0.5-inc1", "480.0",
+                         "473.0 (official, timm)", "1.01x", "-", "-")
+    assert host[7] == "rounds 480 / 473, 470 / 460"
+    assert device[1:5] == ("2 cores, ours RandAugment on the device (host part)", "1300.0",
+                           "473.0 (official, timm)", "2.75x")
+    assert part[0] == "fine-tuning input, device part" and "NVIDIA H200" in part[1]
+    assert part[2:4] == ("0.050 ms / image", "0.020 ms (without RandAugment)")
+    assert part[7] == "20000 images/s"
+    # --device_part alone (the GPU preset): its one row
+    (only,) = suite_table.finetune_input_rows({"device_part": report["device_part"]})
+    assert only == part

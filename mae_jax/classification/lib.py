@@ -142,7 +142,8 @@ def train_and_evaluate(
             device_resize_canvas=config.data.device_resize_canvas,
         )
         batches = resize_on_devices(batches, canvas=config.data.device_resize_canvas,
-                                    mesh=run.mesh, image_size=config.model.image_size)
+                                    mesh=run.mesh, image_size=config.model.image_size,
+                                    randaugment=config.data.randaugment)
         step_fn = make_train_step(
             graphdef, recipe.make_loss_fn(config, num_classes), tx, schedule,
             grad_accum_steps=config.grad_accum_steps, trainable=recipe.trainable,

@@ -25,6 +25,7 @@ from mae_jax.data import image_ops, sources, tf_runtime  # noqa: F401 - sets TF 
 from mae_jax.data import randaugment as randaugment_lib
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 from mae_jax.data.decodable import REPLACEMENTS, Batches, decoded, fill_image, no_autograph
+from mae_jax.data.randaugment_program import identity_program, layer_program
 from mae_jax.data.sources import class_names, num_classes, num_examples, parse_source
 from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
@@ -82,7 +83,10 @@ def create_train_iterator(
     canvas; batches are {"canvas": uint8 [B, C, C, 3], "box": int32 [B, 4], "flip": bool [B]}
     and `mae_jax.data.device_resize.CanvasResizeIterator` resizes and flips them on the devices
     (the same images to rounding; the bicubic resize is ~60% of the host's time per image).
-    Windows larger than C are resized on the host. Not with RandAugment or center_crop.
+    Windows larger than C are resized on the host. With RandAugment the host only draws each
+    example's layers ("ra_code" int32 [B, L], "ra_args" float32 [B, L, 6],
+    `mae_jax.data.randaugment_program`) and the devices apply them after the resize (the
+    host path's draws; pixels to rounding). Not with center_crop.
     """
     process_index, process_count = check_process(process_index, process_count)
     batch = local_batch_size(global_batch_size, process_count)
@@ -91,9 +95,9 @@ def create_train_iterator(
         if device_resize_canvas < image_size:
             raise ValueError(f"device_resize_canvas {device_resize_canvas} must be 0 (resize on "
                              f"the host) or >= image_size {image_size}.")
-        if randaugment or center_crop:
-            raise ValueError("device_resize_canvas needs the plain random crop + flip: "
-                             "RandAugment and center_crop run on the host; set it to 0.")
+        if center_crop:
+            raise ValueError("device_resize_canvas needs the random crop + flip: center_crop "
+                             "runs on the host; set it to 0.")
     low, high = crop_scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"crop_scale {tuple(crop_scale)} must satisfy 0 < low <= high <= 1.")
@@ -109,8 +113,11 @@ def create_train_iterator(
             return image_ops.resize_center_crop(encoded, image_size, resize_ratio=1.0)
         crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         if device_resize_canvas:
-            return image_ops.random_crop_window(encoded, crop_seed, image_size,
-                                                device_resize_canvas, (low, high))
+            window = image_ops.random_crop_window(encoded, crop_seed, image_size,
+                                                  device_resize_canvas, (low, high))
+            if augment_layers is not None:  # the draws here, the ops on the devices
+                window.update(layer_program(augment_seed, image_size, **augment_layers))
+            return window
         image = image_ops.random_resized_crop(encoded, crop_seed, image_size, (low, high))
         if augment_layers is not None:
             image = randaugment_lib.rand_augment(image, augment_seed, **augment_layers)
@@ -127,6 +134,9 @@ def create_train_iterator(
                 "box": tf.constant([0, 0, image_size, image_size], tf.int32),
                 "flip": tf.constant(False)}
         keys = ("canvas", "box", "flip")
+        if augment_layers is not None:
+            fill.update(identity_program(augment_layers["num_layers"]))
+            keys = (*keys, "ra_code", "ra_args")
     pad = {"canvas": [device_resize_canvas] * 2 + [3]} if device_resize_canvas else None
     # One decoding block per batch: no unbatch / batch copies (~0.2 ms an image with canvases).
     ds = decoded(stream, shard, transform, replacements=REPLACEMENTS, fill=fill, pad=pad,

@@ -149,10 +149,10 @@ def parse_rand_augment(config: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-_GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
-def _geometric_matrix(name, height, width, level, negate, translate_pct):
+def geometric_matrix(name, height, width, level, negate, translate_pct):
     """Affine matrix of a geometric timm op at ``level`` (level_fn then the op's matrix)."""
     if name == "Rotate":
         return geometry.rotation_matrix(rotate_level_to_arg(level, negate), height, width)
@@ -169,38 +169,35 @@ def _geometric_matrix(name, height, width, level, negate, translate_pct):
     raise ValueError(f"{name!r} is not a geometric op")
 
 
+# Non-geometric timm ops: (the `mae_jax.data.augment_ops` function, its argument from the level
+# and the sign draw, or None for ops without one).
+PIXEL_OPS = {
+    "AutoContrast": ("autocontrast", None),
+    "Equalize": ("equalize", None),
+    "Invert": ("invert", None),
+    "Posterize": ("posterize", lambda level, negate: posterize_level_to_arg(level)),
+    "PosterizeIncreasing": ("posterize",
+                            lambda level, negate: posterize_increasing_level_to_arg(level)),
+    "Solarize": ("solarize", lambda level, negate: solarize_level_to_arg(level)),
+    "SolarizeIncreasing": ("solarize",
+                           lambda level, negate: solarize_increasing_level_to_arg(level)),
+    "SolarizeAdd": ("solarize_add", lambda level, negate: solarize_add_level_to_arg(level)),
+    **{name: (name.lower(), lambda level, negate: enhance_level_to_arg(level))
+       for name in ("Color", "Contrast", "Brightness", "Sharpness")},
+    **{name + "Increasing": (name.lower(), enhance_increasing_level_to_arg)
+       for name in ("Color", "Contrast", "Brightness", "Sharpness")},
+}
+
+
 def _pixel_op(name, image, level, negate):
     """A non-geometric timm op at ``level`` (timm's AugmentOp: level_fn then the PIL op)."""
-    by_name = {
-        "AutoContrast": lambda: ops.autocontrast(image),
-        "Equalize": lambda: ops.equalize(image),
-        "Invert": lambda: ops.invert(image),
-        "Posterize": lambda: ops.posterize(image, posterize_level_to_arg(level)),
-        "PosterizeIncreasing": lambda: ops.posterize(
-            image, posterize_increasing_level_to_arg(level)
-        ),
-        "Solarize": lambda: ops.solarize(image, solarize_level_to_arg(level)),
-        "SolarizeIncreasing": lambda: ops.solarize(image, solarize_increasing_level_to_arg(level)),
-        "SolarizeAdd": lambda: ops.solarize_add(image, solarize_add_level_to_arg(level)),
-        "Color": lambda: ops.color(image, enhance_level_to_arg(level)),
-        "ColorIncreasing": lambda: ops.color(image, enhance_increasing_level_to_arg(level, negate)),
-        "Contrast": lambda: ops.contrast(image, enhance_level_to_arg(level)),
-        "ContrastIncreasing": lambda: ops.contrast(
-            image, enhance_increasing_level_to_arg(level, negate)
-        ),
-        "Brightness": lambda: ops.brightness(image, enhance_level_to_arg(level)),
-        "BrightnessIncreasing": lambda: ops.brightness(
-            image, enhance_increasing_level_to_arg(level, negate)
-        ),
-        "Sharpness": lambda: ops.sharpness(image, enhance_level_to_arg(level)),
-        "SharpnessIncreasing": lambda: ops.sharpness(
-            image, enhance_increasing_level_to_arg(level, negate)
-        ),
-    }
-    if name not in by_name:
-        known = sorted([*by_name, *_GEOMETRIC_OPS])
+    if name not in PIXEL_OPS:
+        known = sorted([*PIXEL_OPS, *GEOMETRIC_OPS])
         raise ValueError(f"unknown RandAugment op {name!r}; known: {known}")
-    return by_name[name]()
+    function, argument = PIXEL_OPS[name]
+    if argument is None:
+        return getattr(ops, function)(image)
+    return getattr(ops, function)(image, argument(level, negate))
 
 
 # Pixel ops whose TensorFlow kernels run one by one over the image: as one XLA program per op
@@ -232,9 +229,9 @@ def apply_op(image, name, level, negate=False, *, fill=geometry.DEFAULT_FILL, tr
     image = ops.check_image(image)
     level = ops.to_float64(level)
     negate = tf.convert_to_tensor(negate, tf.bool)
-    if name in _GEOMETRIC_OPS:
+    if name in GEOMETRIC_OPS:
         shape = tf.shape(image)
-        matrix = _geometric_matrix(name, shape[0], shape[1], level, negate, translate_pct)
+        matrix = geometric_matrix(name, shape[0], shape[1], level, negate, translate_pct)
         return geometry.affine(image, matrix, fill)
     return _compiled_pixel_op(name, image, level, negate)
 
@@ -301,8 +298,8 @@ def rand_augment(
         magnitude_std=magnitude_std,
         prob=prob,
     )
-    geometric = [n for n in names if n in _GEOMETRIC_OPS]
-    pixel = [n for n in names if n not in _GEOMETRIC_OPS]
+    geometric = [n for n in names if n in GEOMETRIC_OPS]
+    pixel = [n for n in names if n not in GEOMETRIC_OPS]
     # op index -> branch: pixel ops get one branch each, all geometric ops share the last one.
     branch_of_op = tf.constant(
         [pixel.index(n) if n in pixel else len(pixel) for n in names], tf.int32
@@ -320,7 +317,7 @@ def rand_augment(
             shape = tf.shape(im)
             matrices = tf.stack(
                 [
-                    _geometric_matrix(n, shape[0], shape[1], level, negate, translate_pct)
+                    geometric_matrix(n, shape[0], shape[1], level, negate, translate_pct)
                     for n in geometric
                 ]
             )

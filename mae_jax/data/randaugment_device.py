@@ -1,0 +1,240 @@
+"""RandAugment's ops on the accelerators, after the resize there (`mae_jax.data.device_resize`).
+
+With ``data.device_resize_canvas`` and ``data.randaugment`` both set, the host only decodes each
+crop window and draws the example's RandAugment choices (`mae_jax.data.randaugment_program`,
+the same stateless draws as the host path `mae_jax.data.randaugment.rand_augment`); each layer
+arrives here as an op code and up to six float32 arguments:
+
+  * ``affine``: the 2 x 3 matrix of Rotate / ShearX / ShearY / TranslateXRel / TranslateYRel
+    (PIL's bicubic affine warp, the a = -1 kernel, fill colour outside),
+  * ``autocontrast``, ``equalize``, ``invert``, ``posterize`` (bits), ``solarize`` (threshold),
+    ``solarize_add`` (addition): a 256-entry lookup table per channel,
+  * ``color``, ``contrast``, ``brightness``, ``sharpness`` (factor): PIL's blend with the op's
+    degenerate image,
+  * ``identity``: the layer was skipped (timm applies each layer with probability 0.5).
+
+Static shapes, no per-example branches: a layer is three stages (warp, lookup table, blend),
+each computed on the images whose op it is, gathered into a fixed share of the batch
+(`apply_layers`). Arithmetic is float32 where PIL uses float64 (the warp's coordinates and
+cubic, AutoContrast's scale), so an image can differ from the host path's by a level at some
+pixels, and a sample right on the image border can take the fill colour in one and not the
+other (tests/test_randaugment_device.py bounds both). No TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mae_jax.data.constants import IMAGENET_MEAN_UINT8
+
+OPS = ("identity", "affine", "autocontrast", "equalize", "invert", "posterize", "solarize",
+       "solarize_add", "color", "contrast", "brightness", "sharpness")
+CODE = {name: code for code, name in enumerate(OPS)}
+NUM_ARGS = 6
+IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+# timm's `img_mean` hparam for the ImageNet mean: the colour geometric ops fill with.
+DEFAULT_FILL = IMAGENET_MEAN_UINT8
+_LUT_OPS = ("autocontrast", "equalize", "invert", "posterize", "solarize", "solarize_add")
+_BLEND_OPS = ("color", "contrast", "brightness", "sharpness")
+# Share of a batch each stage of a layer computes on (`apply_layers`).
+SUBSET_CAPACITY = 0.375
+
+
+def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFAULT_FILL, *,
+                 capacity: float = SUBSET_CAPACITY) -> jax.Array:
+    """images uint8 [B, H, W, 3] (H, W >= 3), codes int32 [B, L] (`CODE`), args float32
+    [B, L, NUM_ARGS] -> uint8 [B, H, W, 3]: each example's L layers in order.
+
+    Each layer runs in three stages (warp, lookup table, blend), each on only the images whose
+    op it is: up to ceil(capacity * B) of them gathered together (the official policy picks a
+    stage for 2/15 to 1/5 of the images a layer), the whole batch when more are picked (the
+    same images, at full cost; capacity=1: always the whole batch).
+    """
+    if codes.ndim != 2 or args.shape != (*codes.shape, NUM_ARGS):
+        raise ValueError(f"codes [B, L] and args [B, L, {NUM_ARGS}] expected, got "
+                         f"{codes.shape} and {args.shape}")
+    fill = jnp.asarray(fill, jnp.float32)
+    size = max(1, min(images.shape[0], math.ceil(capacity * images.shape[0])))
+    warp_all = jax.vmap(lambda image, code, args: warp(image, args, fill))
+    lookup_all = jax.vmap(lambda image, code, args: lookup(image, lut(image, code, args[0])))
+    blend_all = jax.vmap(lambda image, code, args: blend_op(image, code, args[0]))
+    for layer in range(codes.shape[1]):
+        code, arg = codes[:, layer], args[:, layer]
+        images = _on_picked(warp_all, images, code, arg, code == CODE["affine"], size)
+        images = _on_picked(lookup_all, images, code, arg, _is_one_of(code, _LUT_OPS), size)
+        images = _on_picked(blend_all, images, code, arg, _is_one_of(code, _BLEND_OPS), size)
+    return images
+
+
+def _is_one_of(code, names):
+    return jnp.isin(code, jnp.asarray([CODE[name] for name in names]))
+
+
+def _on_picked(function, images, code, args, picked, size):
+    """`function(images, code, args)` for the images where `picked` [B], the others as they
+    are: computed on `size` gathered images when at most `size` are picked, else on all."""
+    if size >= images.shape[0]:
+        return jnp.where(picked[:, None, None, None], function(images, code, args), images)
+    index = jnp.argsort(~picked, stable=True)[:size]  # the picked ones first
+
+    def gathered(images):
+        done = function(images[index], code[index], args[index])
+        keep = picked[index][:, None, None, None]
+        return images.at[index].set(jnp.where(keep, done, images[index]))
+
+    def whole(images):
+        return jnp.where(picked[:, None, None, None], function(images, code, args), images)
+
+    return jax.lax.cond(picked.sum() <= size, gathered, whole, images)
+
+
+# ----------------------------------------------------------------------------- Geometry
+
+
+def _pil_cubic(v1, v2, v3, v4, d):
+    """PIL Geometry.c BICUBIC (a = -1), its operation order; d = 0 gives v2 exactly."""
+    p2 = -v1 + v3
+    p3 = 2.0 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def warp(image: jax.Array, matrix: jax.Array, fill) -> jax.Array:
+    """PIL ``Image.transform(AFFINE, matrix, BICUBIC, fillcolor=fill)`` on uint8 [H, W, 3].
+
+    The output pixel centre (x + .5, y + .5) reads the input at (a x' + b y' + c, d x' + e y' +
+    f); points outside [0, W) x [0, H) get `fill`, others the 4 x 4 clamped neighbourhood of the
+    point shifted by -0.5 (rows first, then the column), clamped to [0, 255] and truncated. The
+    identity matrix returns the image unchanged.
+    """
+    height, width, _ = image.shape
+    a = [matrix[i] for i in range(6)]
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5)[None, :]
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5)[:, None]
+    x_in = a[0] * xs + a[1] * ys + a[2]  # [H, W]
+    y_in = a[3] * xs + a[4] * ys + a[5]
+    inside = (x_in >= 0.0) & (x_in < width) & (y_in >= 0.0) & (y_in < height)
+    # Far-away (filled) points clipped so the integer casts stay in range.
+    x_in = jnp.clip(x_in, -8.0, width + 8.0) - 0.5
+    y_in = jnp.clip(y_in, -8.0, height + 8.0) - 0.5
+    x_floor, y_floor = jnp.floor(x_in), jnp.floor(y_in)
+    taps = jnp.arange(4) - 1
+    cols = jnp.clip(x_floor.astype(jnp.int32)[..., None] + taps, 0, width - 1)  # [H, W, 4]
+    rows = jnp.clip(y_floor.astype(jnp.int32)[..., None] + taps, 0, height - 1)
+    index = rows[..., :, None] * width + cols[..., None, :]  # [H, W, 4 rows, 4 cols]
+    grid = image.reshape(-1, 3)[index].astype(jnp.float32)  # [H, W, 4, 4, 3]
+    along_x = _pil_cubic(*(grid[:, :, :, i] for i in range(4)),
+                         (x_in - x_floor)[..., None, None])  # [H, W, 4 rows, 3]
+    values = _pil_cubic(*(along_x[:, :, i] for i in range(4)), (y_in - y_floor)[..., None])
+    values = jnp.where(inside[..., None], jnp.floor(jnp.clip(values, 0.0, 255.0)), fill)
+    return values.astype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------- Lookup tables
+
+
+def lut(image: jax.Array, code: jax.Array, arg: jax.Array) -> jax.Array:
+    """int32 [3, 256]: the table of the LUT op `code` (PIL ``ImageOps`` / timm) with argument
+    `arg`, the identity for every other code."""
+    ramp = jnp.arange(256, dtype=jnp.int32)
+    identity = jnp.broadcast_to(ramp, (3, 256))
+    flat = image.reshape(-1, 3).astype(jnp.int32)
+    tables = {
+        "autocontrast": _autocontrast_lut(flat, identity),
+        "equalize": _equalize_lut(flat, identity),
+        "invert": 255 - identity,
+        "posterize": _posterize_lut(identity, arg),
+        "solarize": jnp.where(identity < arg.astype(jnp.int32), identity, 255 - identity),
+        "solarize_add": jnp.where(identity < 128,
+                                  jnp.minimum(255, identity + arg.astype(jnp.int32)), identity),
+    }
+    table = identity
+    for name in _LUT_OPS:
+        table = jnp.where(code == CODE[name], tables[name], table)
+    return table
+
+
+def lookup(image: jax.Array, table: jax.Array) -> jax.Array:
+    """PIL ``image.point(table)``: uint8 [H, W, 3], int32 [3, 256] -> uint8 [H, W, 3]."""
+    table = jnp.clip(table, 0, 255).astype(jnp.uint8)
+    return table[jnp.arange(3), image.astype(jnp.int32)]
+
+
+def _autocontrast_lut(flat, identity):
+    """``ImageOps.autocontrast``: [min, max] of each channel stretched to [0, 255] (float32
+    here, float64 in PIL: an entry can be one level off); constant channels unchanged."""
+    lo = flat.min(axis=0)[:, None].astype(jnp.float32)
+    hi = flat.max(axis=0)[:, None].astype(jnp.float32)
+    scale = 255.0 / jnp.where(hi > lo, hi - lo, 1.0)
+    stretched = jnp.floor(jnp.clip(identity * scale - lo * scale, 0.0, 255.0))
+    return jnp.where(hi > lo, stretched.astype(jnp.int32), identity)
+
+
+def _equalize_lut(flat, identity):
+    """``ImageOps.equalize``: PIL's integer histogram equalisation (the same table)."""
+    hist = jnp.zeros((3, 256), jnp.int32).at[jnp.arange(3), flat].add(1)
+    top_count = jnp.take_along_axis(hist, flat.max(axis=0)[:, None], axis=1)
+    step = (flat.shape[0] - top_count) // 255
+    below = jnp.cumsum(hist, axis=1) - hist
+    safe_step = jnp.maximum(step, 1)
+    equalized = (safe_step // 2 + below) // safe_step
+    keep = ((hist > 0).sum(axis=1, keepdims=True) <= 1) | (step == 0)
+    return jnp.where(keep, identity, equalized)
+
+
+def _posterize_lut(identity, bits):
+    """``ImageOps.posterize``: the `bits` (0-8) most significant bits of each value."""
+    shift = 8 - jnp.clip(bits.astype(jnp.int32), 0, 8)
+    return (identity >> shift) << shift
+
+
+# ----------------------------------------------------------------------------- Blends
+
+
+def _luma(image):
+    """PIL ``convert("L")``: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16, int32 [H, W]."""
+    rgb = image.astype(jnp.int32)
+    return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+
+
+def smooth(image: jax.Array) -> jax.Array:
+    """``ImageFilter.SMOOTH`` (3 x 3 [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels
+    kept) in PIL's float32 order, as float32 values of uint8 [H, W, 3]."""
+    x = image.astype(jnp.float32)
+    edge = jnp.float32(1.0) / jnp.float32(13.0)
+    centre = jnp.float32(5.0) / jnp.float32(13.0)
+
+    def row(rows, middle):
+        return (rows[:, :-2] * edge + rows[:, 1:-1] * middle) + rows[:, 2:] * edge
+
+    total = 0.5 + row(x[2:], edge)
+    total = total + row(x[1:-1], centre)
+    total = total + row(x[:-2], edge)
+    inner = jnp.floor(jnp.clip(total, 0.0, 255.0))
+    return x.at[1:-1, 1:-1].set(inner)
+
+
+def blend_op(image: jax.Array, code: jax.Array, factor: jax.Array) -> jax.Array:
+    """``ImageEnhance.<op>(image).enhance(factor)`` for the blend op `code` (PIL's ``blend``:
+    degenerate + factor * (image - degenerate) in float32, clamped and truncated); other codes
+    leave the image unchanged."""
+    x = image.astype(jnp.float32)
+    luma = _luma(image)
+    # int(mean(L) + 0.5) as integers: exact where PIL's float64 mean is.
+    mean = (2 * luma.sum() + luma.size) // (2 * luma.size)
+    degenerates = {
+        "color": jnp.broadcast_to(luma[..., None], image.shape).astype(jnp.float32),
+        "contrast": jnp.full(image.shape, mean, jnp.float32),
+        "brightness": jnp.zeros(image.shape, jnp.float32),
+        "sharpness": smooth(image),
+    }
+    degenerate, scale = x, jnp.float32(1.0)
+    for name in _BLEND_OPS:
+        chosen = code == CODE[name]
+        degenerate = jnp.where(chosen, degenerates[name], degenerate)
+        scale = jnp.where(chosen, factor, scale)
+    blended = degenerate + scale * (x - degenerate)
+    return jnp.floor(jnp.clip(blended, 0.0, 255.0)).astype(jnp.uint8)
