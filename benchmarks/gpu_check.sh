@@ -70,7 +70,8 @@ tail -3 "$OUT/parity.txt"
 #    all tokens too (MFU; the masking speed-up vs its FLOP ratio), the segmentation step's
 #    device memory for 2 images (target <= 10 GB), evaluation images/s (ADE20K's protocol,
 #    fixed-canvas path), the on-device CIFAR input vs a synthetic batch, the device parts of
-#    the JPEG and ADE20K inputs, the segmentation step at the recipe's batch 16. Each entry has
+#    the JPEG and ADE20K inputs and of fine-tuning's RandAugment, the segmentation step at the
+#    recipe's batch 16. Each entry has
 #    its own timeout; none starts after 270 s, so the suite ends within 7 minutes. One
 #    table: $OUT/suite.md; every entry's report and log in $OUT/suite.tgz.
 SUITE=/tmp/gpu_check_suite
