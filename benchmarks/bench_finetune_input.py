@@ -118,13 +118,6 @@ def worker_device(folder: str, cores: list[int], seconds: float) -> dict:
                                    randaugment=POLICY)
 
 
-# The policy's 15 ops ("inc1") as the device codes `randaugment_program` gives them (written
-# out here: the device part runs without TensorFlow, absent on the GPU machine).
-POLICY_CODES = ("affine",) * 5 + ("autocontrast", "equalize", "invert", "posterize",
-                                  "solarize", "solarize_add", "color", "contrast",
-                                  "brightness", "sharpness")
-
-
 def device_part_cost(seconds: float) -> dict:
     """The device part on JAX's default device (one pinned core on a CPU): ms per image of
     `make_canvas_fn` on BATCH canvases with and without RandAugment's two layers (programs
@@ -135,13 +128,16 @@ def device_part_cost(seconds: float) -> dict:
 
     from mae_jax.core import sharding
     from mae_jax.data import device_resize
-    from mae_jax.data.randaugment_device import CODE
+    from mae_jax.data.randaugment_device import CODE, STAGES
 
+    # timm's 15 ops as device codes (the 5 geometric ones are one code; no TensorFlow here).
+    policy = ["affine"] * 5 + [op for stage, (ops, _) in STAGES.items() if stage != "affine"
+                               for op in ops]
     rng = np.random.default_rng(0)
     side = np.sqrt(rng.uniform(*SCALE, BATCH) * 500 * 375)
     box = np.stack([np.zeros(BATCH), np.zeros(BATCH), np.minimum(side, 375),
                     np.minimum(side, 500)], 1).astype(np.int32)
-    codes = np.asarray([CODE[POLICY_CODES[i]] for i in rng.integers(0, 15, 2 * BATCH)])
+    codes = np.asarray([CODE[policy[i]] for i in rng.integers(0, 15, 2 * BATCH)])
     codes = np.where(rng.random(2 * BATCH) < 0.5, codes, CODE["identity"]).reshape(BATCH, 2)
     angle = np.radians(rng.uniform(-30, 30, (BATCH, 2)))
     matrix = np.stack([np.cos(angle), np.sin(angle), 30 * np.ones_like(angle), -np.sin(angle),

@@ -41,18 +41,18 @@ def mesh():
 
 
 def assert_close(ours, ref):
-    """Within a level, but for at most 0.5% of the values (fill-colour flips on the border)."""
+    """At most 1% of the values a level off, 0.5% more (fill-colour flips on the border)."""
     diff = np.abs(np.asarray(ours).astype(int) - np.asarray(ref).astype(int))
     assert (diff > 1).mean() <= 5e-3, f"{np.count_nonzero(diff > 1)} values differ by > 1"
-    assert (diff == 1).mean() <= 5e-2, f"{np.count_nonzero(diff == 1)} values differ by 1"
+    assert (diff == 1).mean() <= 1e-2, f"{np.count_nonzero(diff == 1)} values differ by 1"
 
 
-_apply_layers = jax.jit(device.apply_layers, static_argnames="capacity")
+_apply_layers = jax.jit(device.apply_layers, static_argnames="slots")
 
 
-def _apply(images, codes, args, capacity=device.SUBSET_CAPACITY):
+def _apply(images, codes, args, slots=None):
     return np.asarray(_apply_layers(np.asarray(images), np.asarray(codes),
-                                    np.asarray(args, np.float32), FILL, capacity=capacity))
+                                    np.asarray(args, np.float32), FILL, slots=slots))
 
 
 def test_each_op_on_the_device_matches_timms_pil_call():
@@ -61,7 +61,7 @@ def test_each_op_on_the_device_matches_timms_pil_call():
                                         tf.constant(negate), 0.45)
                         for name, level, negate in CASES), strict=True)
     ours = _apply(np.stack([IMAGE] * len(CASES)), np.asarray(codes)[:, None],
-                  np.stack([a.numpy() for a in args])[:, None])
+                  np.stack([a.numpy() for a in args])[:, None], slots=len(CASES))
     unchanged = 0
     for out, (name, level, negate) in zip(ours, CASES, strict=True):
         ref = timm_op(IMAGE, name, timm_level_to_arg(name, level, negate, SIZE, SIZE))
@@ -105,18 +105,34 @@ def test_programs_replay_the_host_draws_as_timms_ops_would():
     assert len(seen) >= 12  # most ops hit, in both layers
 
 
-def test_stages_on_gathered_images_equal_the_whole_batch():
-    """apply_layers computes each stage on the picked images only (gathered up to a share of
-    the batch, the whole batch past it): the same bits as computing it on every image."""
+def test_stages_on_gathered_images_equal_the_whole_batch_and_overflow_skips_the_layer():
+    """apply_layers computes each stage on the images that picked it, gathered into slots: the
+    same bits as computing it on every image while they fit; an image past the slots keeps
+    that layer unapplied (with the default slots, probability < 1e-9 a stage)."""
     images = np.stack([_scene(SIZE, SIZE, seed) for seed in range(16)])
-    programs = [program.layer_program(tf.constant([s, 2]), SIZE, num_layers=3)
-                for s in range(16)]
+    programs = [program.layer_program(tf.constant([s, 2]), SIZE) for s in range(16)]
     codes = np.stack([p["ra_code"].numpy() for p in programs])
     args = np.stack([p["ra_args"].numpy() for p in programs])
-    whole = _apply(images, codes, args, capacity=1.0)
-    assert (codes != device.CODE["identity"]).sum() >= 16
-    for capacity in (0.375, 0.1):  # 0.1: 2 images; some stages pick more (the fallback)
-        np.testing.assert_array_equal(_apply(images, codes, args, capacity), whole)
+    whole = _apply(images, codes, args, slots=16)
+    assert (codes != device.CODE["identity"]).sum() >= 12
+    assert max(device.stage_slots(16, share) for _, share in device.STAGES.values()) < 16
+    np.testing.assert_array_equal(_apply(images, codes, args), whole)  # default slots
+    # One slot a stage: per layer and stage, only the first image (in batch order) that picked
+    # it is augmented; the same as the whole-batch result with the other picks skipped.
+    stage_of = {device.CODE[op]: stage for stage, (ops, _) in device.STAGES.items()
+                for op in ops}
+    skipped = codes.copy()
+    for layer in range(codes.shape[1]):
+        first = {}
+        for i, code in enumerate(codes[:, layer]):
+            stage = stage_of.get(code)
+            if stage is not None and first.setdefault(stage, i) != i:
+                skipped[i, layer] = device.CODE["identity"]
+    assert (skipped != codes).sum() >= 4
+    np.testing.assert_array_equal(_apply(images, codes, args, slots=1),
+                                  _apply(images, skipped, args, slots=16))
+    # The slot counts: the binomial bound, e.g. 31 of 64 images for the warp.
+    assert device.stage_slots(64, 5 / 30) == 31 and device.stage_slots(2, 5 / 30) == 2
 
 
 def test_bad_program_shapes_are_a_clear_error():

@@ -13,16 +13,19 @@ arrives here as an op code and up to six float32 arguments:
     degenerate image,
   * ``identity``: the layer was skipped (timm applies each layer with probability 0.5).
 
-Static shapes, no per-example branches: a layer is three stages (warp, lookup table, blend),
-each computed on the images whose op it is, gathered into a fixed share of the batch
-(`apply_layers`). Arithmetic is float32 where PIL uses float64 (the warp's coordinates and
-cubic, AutoContrast's scale), so an image can differ from the host path's by a level at some
-pixels, and a sample right on the image border can take the fill colour in one and not the
-other (tests/test_randaugment_device.py bounds both). No TensorFlow here.
+Static shapes, no branches: a layer is three stages (the warp; the tables computed from image
+statistics; the other tables and the blends), each computed on the images that picked it,
+gathered into a fixed number of slots sized so that more picks than slots has probability
+below 1e-9 (`apply_layers`). Arithmetic is float32 where PIL uses float64 (the warp's
+coordinates and cubic, AutoContrast's scale), so an image can differ from the host path's by a
+level at some pixels, and a sample right on the image border can take the fill colour in one
+and not the other (tests/test_randaugment_device.py bounds both; the integer ops and blends
+are exact there, on a CPU). No TensorFlow here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,58 +40,72 @@ NUM_ARGS = 6
 IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # timm's `img_mean` hparam for the ImageNet mean: the colour geometric ops fill with.
 DEFAULT_FILL = IMAGENET_MEAN_UINT8
-_LUT_OPS = ("autocontrast", "equalize", "invert", "posterize", "solarize", "solarize_add")
-_BLEND_OPS = ("color", "contrast", "brightness", "sharpness")
-# Share of a batch each stage of a layer computes on (`apply_layers`).
-SUBSET_CAPACITY = 0.375
+# The ops of each stage of a layer, and the share of a batch that timm's op lists (5 geometric
+# ops, 2 tables from image statistics, 4 other tables and 4 blends, of 15) pick for it a layer,
+# each layer applied with probability 0.5.
+TABLE_OPS = ("invert", "posterize", "solarize", "solarize_add")
+BLEND_OPS = ("color", "contrast", "brightness", "sharpness")
+STAGES = {"affine": (("affine",), 5 / 30), "statistics": (("autocontrast", "equalize"), 2 / 30),
+          "pixel": (TABLE_OPS + BLEND_OPS, 8 / 30)}
+# A stage computes on the images that picked it, gathered into a fixed number of slots: the
+# fewest for which more picks than slots has probability below this (binomial, per stage and
+# batch of a device). Picks past the slots keep that layer unapplied.
+OVERFLOW_PROBABILITY = 1e-9
 
 
 def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFAULT_FILL, *,
-                 capacity: float = SUBSET_CAPACITY) -> jax.Array:
+                 slots: int | None = None) -> jax.Array:
     """images uint8 [B, H, W, 3] (H, W >= 3), codes int32 [B, L] (`CODE`), args float32
     [B, L, NUM_ARGS] -> uint8 [B, H, W, 3]: each example's L layers in order.
 
-    Each layer runs in three stages (warp, lookup table, blend), each on only the images whose
-    op it is: up to ceil(capacity * B) of them gathered together (the official policy picks a
-    stage for 2/15 to 1/5 of the images a layer), the whole batch when more are picked (the
-    same images, at full cost; capacity=1: always the whole batch).
+    Each layer runs in three stages (`STAGES`: warp, tables from image statistics, other
+    tables or blends), each on the images that picked it only, gathered into `stage_slots(B,
+    share)` slots (`slots`: that many for every stage; B: every image, exact). Static shapes
+    and no branches (a conditional would make a GPU wait for the host).
     """
     if codes.ndim != 2 or args.shape != (*codes.shape, NUM_ARGS):
         raise ValueError(f"codes [B, L] and args [B, L, {NUM_ARGS}] expected, got "
                          f"{codes.shape} and {args.shape}")
     fill = jnp.asarray(fill, jnp.float32)
-    size = max(1, min(images.shape[0], math.ceil(capacity * images.shape[0])))
-    warp_all = jax.vmap(lambda image, code, args: warp(image, args, fill))
-    lookup_all = jax.vmap(lambda image, code, args: lookup(image, lut(image, code, args[0])))
-    blend_all = jax.vmap(lambda image, code, args: blend_op(image, code, args[0]))
+    functions = {
+        "affine": lambda image, code, args: warp(image, args, fill),
+        "statistics": lambda image, code, args: lookup(image, statistics_lut(image, code)),
+        "pixel": lambda image, code, args: blend_op(
+            lookup(image, simple_lut(code, args[0])), code, args[0]),
+    }
+    batch = images.shape[0]
     for layer in range(codes.shape[1]):
         code, arg = codes[:, layer], args[:, layer]
-        images = _on_picked(warp_all, images, code, arg, code == CODE["affine"], size)
-        images = _on_picked(lookup_all, images, code, arg, _is_one_of(code, _LUT_OPS), size)
-        images = _on_picked(blend_all, images, code, arg, _is_one_of(code, _BLEND_OPS), size)
+        for stage, (ops, share) in STAGES.items():
+            picked = jnp.isin(code, jnp.asarray([CODE[name] for name in ops]))
+            size = stage_slots(batch, share) if slots is None else min(slots, batch)
+            images = _on_picked(jax.vmap(functions[stage]), images, code, arg, picked, size)
     return images
 
 
-def _is_one_of(code, names):
-    return jnp.isin(code, jnp.asarray([CODE[name] for name in names]))
+@functools.lru_cache(maxsize=256)
+def stage_slots(batch: int, share: float, overflow: float = OVERFLOW_PROBABILITY) -> int:
+    """The fewest k with P(Binomial(batch, share) > k) < overflow."""
+    log_pmf = [math.lgamma(batch + 1) - math.lgamma(k + 1) - math.lgamma(batch - k + 1)
+               + k * math.log(share) + (batch - k) * math.log1p(-share)
+               for k in range(batch + 1)]
+    above = 0.0  # P(X > k), summed from the top
+    for k in range(batch, -1, -1):
+        if above >= overflow:
+            return k + 1
+        above += math.exp(log_pmf[k])
+    return 0
 
 
 def _on_picked(function, images, code, args, picked, size):
-    """`function(images, code, args)` for the images where `picked` [B], the others as they
-    are: computed on `size` gathered images when at most `size` are picked, else on all."""
+    """`function(images [n, H, W, 3], code [n], args [n, NUM_ARGS])` on the images where
+    `picked` (bool [B]), the first `size` of them in batch order; the others unchanged."""
     if size >= images.shape[0]:
         return jnp.where(picked[:, None, None, None], function(images, code, args), images)
     index = jnp.argsort(~picked, stable=True)[:size]  # the picked ones first
-
-    def gathered(images):
-        done = function(images[index], code[index], args[index])
-        keep = picked[index][:, None, None, None]
-        return images.at[index].set(jnp.where(keep, done, images[index]))
-
-    def whole(images):
-        return jnp.where(picked[:, None, None, None], function(images, code, args), images)
-
-    return jax.lax.cond(picked.sum() <= size, gathered, whole, images)
+    done = function(images[index], code[index], args[index])
+    keep = picked[index][:, None, None, None]
+    return images.at[index].set(jnp.where(keep, done, images[index]), unique_indices=True)
 
 
 # ----------------------------------------------------------------------------- Geometry
@@ -124,11 +141,13 @@ def warp(image: jax.Array, matrix: jax.Array, fill) -> jax.Array:
     taps = jnp.arange(4) - 1
     cols = jnp.clip(x_floor.astype(jnp.int32)[..., None] + taps, 0, width - 1)  # [H, W, 4]
     rows = jnp.clip(y_floor.astype(jnp.int32)[..., None] + taps, 0, height - 1)
-    index = rows[..., :, None] * width + cols[..., None, :]  # [H, W, 4 rows, 4 cols]
-    grid = image.reshape(-1, 3)[index].astype(jnp.float32)  # [H, W, 4, 4, 3]
-    along_x = _pil_cubic(*(grid[:, :, :, i] for i in range(4)),
-                         (x_in - x_floor)[..., None, None])  # [H, W, 4 rows, 3]
-    values = _pil_cubic(*(along_x[:, :, i] for i in range(4)), (y_in - y_floor)[..., None])
+    pixels = image.reshape(-1, 3)
+    dx = (x_in - x_floor)[..., None]
+    along_x = []  # one input row of taps at a time: [H, W, 4, 3] live, not [H, W, 4, 4, 3]
+    for row in range(4):
+        taps_in_row = pixels[rows[..., row, None] * width + cols].astype(jnp.float32)
+        along_x.append(_pil_cubic(*(taps_in_row[:, :, i] for i in range(4)), dx))
+    values = _pil_cubic(*along_x, (y_in - y_floor)[..., None])
     values = jnp.where(inside[..., None], jnp.floor(jnp.clip(values, 0.0, 255.0)), fill)
     return values.astype(jnp.uint8)
 
@@ -136,24 +155,29 @@ def warp(image: jax.Array, matrix: jax.Array, fill) -> jax.Array:
 # ----------------------------------------------------------------------------- Lookup tables
 
 
-def lut(image: jax.Array, code: jax.Array, arg: jax.Array) -> jax.Array:
-    """int32 [3, 256]: the table of the LUT op `code` (PIL ``ImageOps`` / timm) with argument
-    `arg`, the identity for every other code."""
-    ramp = jnp.arange(256, dtype=jnp.int32)
-    identity = jnp.broadcast_to(ramp, (3, 256))
+def statistics_lut(image: jax.Array, code: jax.Array) -> jax.Array:
+    """int32 [3, 256]: ``ImageOps.autocontrast`` / ``equalize``'s table of uint8 [H, W, 3]
+    `image` for those codes, the identity for the others."""
+    identity = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (3, 256))
     flat = image.reshape(-1, 3).astype(jnp.int32)
+    table = jnp.where(code == CODE["autocontrast"], _autocontrast_lut(flat, identity), identity)
+    return jnp.where(code == CODE["equalize"], _equalize_lut(flat, identity), table)
+
+
+def simple_lut(code: jax.Array, arg: jax.Array) -> jax.Array:
+    """int32 [3, 256]: the table of ``invert``, ``posterize`` (`arg` bits), ``solarize``
+    (threshold) or timm's ``solarize_add`` (addition), the identity for other codes."""
+    identity = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (3, 256))
+    value = arg.astype(jnp.int32)
     tables = {
-        "autocontrast": _autocontrast_lut(flat, identity),
-        "equalize": _equalize_lut(flat, identity),
         "invert": 255 - identity,
         "posterize": _posterize_lut(identity, arg),
-        "solarize": jnp.where(identity < arg.astype(jnp.int32), identity, 255 - identity),
-        "solarize_add": jnp.where(identity < 128,
-                                  jnp.minimum(255, identity + arg.astype(jnp.int32)), identity),
+        "solarize": jnp.where(identity < value, identity, 255 - identity),
+        "solarize_add": jnp.where(identity < 128, jnp.minimum(255, identity + value), identity),
     }
     table = identity
-    for name in _LUT_OPS:
-        table = jnp.where(code == CODE[name], tables[name], table)
+    for name, values in tables.items():
+        table = jnp.where(code == CODE[name], values, table)
     return table
 
 
@@ -232,7 +256,7 @@ def blend_op(image: jax.Array, code: jax.Array, factor: jax.Array) -> jax.Array:
         "sharpness": smooth(image),
     }
     degenerate, scale = x, jnp.float32(1.0)
-    for name in _BLEND_OPS:
+    for name in BLEND_OPS:
         chosen = code == CODE[name]
         degenerate = jnp.where(chosen, degenerates[name], degenerate)
         scale = jnp.where(chosen, factor, scale)
