@@ -17,9 +17,10 @@ from mae_jax.classification.config import apply_variant, defaults
 def get_config(arg=None):
     config = defaults("finetune")
     # The host decodes crop windows into 512 px canvases and draws RandAugment's layers; the
-    # GPUs resize, flip and augment (~2.9x the host's images/s per core of timm's transform,
-    # where RandAugment on the host gives ~1.0x: 16 cores would not feed one H200 fine-tuning
-    # ViT-B; `benchmarks/bench_finetune_input.py`). 0: all on the host.
+    # GPUs resize, flip and augment (3.0x / 2.9x timm's transform's images/s per host core,
+    # one / two cores, where RandAugment on the host gives 1.1x / 1.0x: 16 cores would not
+    # feed one H200 fine-tuning ViT-B; `benchmarks/bench_finetune_input.py`). 0: all on the
+    # host.
     config.data.device_resize_canvas = 512
     apply_variant(config, arg)
     return config

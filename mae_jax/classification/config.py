@@ -62,8 +62,8 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     # then apply RandAugment's layers, whose random draws the host makes
     # (mae_jax.data.randaugment_device). The same images to rounding. Measured per host core:
     # the probe's crops at C = 384 2.19x the official transform's images/s (`bench_input.py
-    # --probe`); fine-tuning's at C = 512 ~2.9x timm's transform, against ~1.0x with
-    # RandAugment on the host (`bench_finetune_input.py`). A batch of canvases is C*C*3 bytes
+    # --probe`); fine-tuning's at C = 512 3.0x / 2.9x timm's transform on one / two cores,
+    # against 1.1x / 1.0x with RandAugment on the host (`bench_finetune_input.py`). A batch of canvases is C*C*3 bytes
     # an image: at the probe's 16384 and C = 384, 7.2 GB on the host and over the devices.
     # 0 = all on the host.
     config.data.device_resize_canvas = 0
