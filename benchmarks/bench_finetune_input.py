@@ -21,6 +21,7 @@ main_finetune.py (timm's `create_transform(is_training=True)`):
   accelerator (`mae_jax.data.randaugment_device`), timed apart:
 
     python benchmarks/bench_finetune_input.py --device_part   # no TensorFlow, no timm
+    python benchmarks/bench_finetune_input.py --cifar   # 32 px PNGs, 224 px canvas (CIFAR)
 
 Processes are pinned as in `bench_input.py` (whose helpers this script uses); rounds
 alternate ours / official.
@@ -50,7 +51,11 @@ from bench_input import (
 )
 
 BATCH, SIZE, SCALE = 64, 224, (0.08, 1.0)
-CANVAS = 512  # device_resize_canvas of the RandAugment-on-device path (holds every window)
+# --cifar (passed to the worker processes through the environment): 32 x 32 PNGs, as CIFAR's
+# records, and configs/cifar100_finetune.py's 224 px canvas.
+CIFAR = os.environ.get("BENCH_FINETUNE_CIFAR") == "1"
+SOURCE = (32, 32) if CIFAR else (375, 500)  # generated images' height, width
+CANVAS = 224 if CIFAR else 512  # device_resize_canvas of RandAugment on the device
 POLICY = "rand-m9-mstd0.5-inc1"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -118,6 +123,16 @@ def worker_device(folder: str, cores: list[int], seconds: float) -> dict:
                                    randaugment=POLICY)
 
 
+def write_cifar_images(folder: str, count: int) -> None:
+    """`bench_input.photo`s shrunk to 32 x 32 (bicubic), saved as PNGs like CIFAR's records."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        image = Image.fromarray(bench_input.photo(rng)).resize(SOURCE[::-1], Image.BICUBIC)
+        image.save(os.path.join(folder, f"{index:05d}.png"))
+
+
 def device_part_cost(seconds: float) -> dict:
     """The device part on JAX's default device (one pinned core on a CPU): ms per image of
     `make_canvas_fn` on BATCH canvases with and without RandAugment's two layers (programs
@@ -134,9 +149,9 @@ def device_part_cost(seconds: float) -> dict:
     policy = ["affine"] * 5 + [op for stage, (ops, _) in STAGES.items() if stage != "affine"
                                for op in ops]
     rng = np.random.default_rng(0)
-    side = np.sqrt(rng.uniform(*SCALE, BATCH) * 500 * 375)
-    box = np.stack([np.zeros(BATCH), np.zeros(BATCH), np.minimum(side, 375),
-                    np.minimum(side, 500)], 1).astype(np.int32)
+    side = np.sqrt(rng.uniform(*SCALE, BATCH) * SOURCE[0] * SOURCE[1])
+    box = np.stack([np.zeros(BATCH), np.zeros(BATCH), np.minimum(side, SOURCE[0]),
+                    np.minimum(side, SOURCE[1])], 1).astype(np.int32)
     codes = np.asarray([CODE[policy[i]] for i in rng.integers(0, 15, 2 * BATCH)])
     codes = np.where(rng.random(2 * BATCH) < 0.5, codes, CODE["identity"]).reshape(BATCH, 2)
     angle = np.radians(rng.uniform(-30, 30, (BATCH, 2)))
@@ -156,7 +171,7 @@ def device_part_cost(seconds: float) -> dict:
         times[randaugment] = bench_input.seconds_per_call(lambda f=function, a=arguments: f(*a),
                                                           seconds / 2) / BATCH * 1e3
     return {"ms_per_image": times[True], "resize_ms_per_image": times[False],
-            "device": str(jax.devices()[0].device_kind)}
+            "canvas": CANVAS, "device": str(jax.devices()[0].device_kind)}
 
 
 WORKERS = {"ours": worker_ours, "device": worker_device, "official": worker_official,
@@ -169,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max_cores", type=int, default=2, choices=(1, 2))
     parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+    parser.add_argument("--cifar", action="store_true",
+                        help="32 x 32 PNGs and a 224 px canvas (configs/cifar100_finetune.py) "
+                             "instead of 500 x 375 JPEGs and 512 px")
     parser.add_argument("--device_part", action="store_true",
                         help="only time the device part (resize + RandAugment) on JAX's "
                              "default device; no TensorFlow, no timm")
@@ -191,13 +209,17 @@ def _describe(cost: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args.cifar:  # for this process and the workers it starts
+        global CIFAR, SOURCE, CANVAS
+        os.environ["BENCH_FINETUNE_CIFAR"] = "1"
+        CIFAR, SOURCE, CANVAS = True, (32, 32), 224
     done, report = bench_input.worker_or_device_part(args, WORKERS, device_part_cost, _describe)
     if done:
         return report
     _timm_module("auto_augment")  # fail before the rounds when timm's files are missing
     rows: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        write_images(folder, args.images)
+        write_cifar_images(folder, args.images) if CIFAR else write_images(folder, args.images)
         load_before = os.getloadavg()
         for _ in range(args.rounds):
             for label, cores in core_sets(args.max_cores):
@@ -211,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         cost = run_worker(__file__, "part", "--folder", folder, core_sets(1)[0][1],
                           args.seconds)
         load_after = os.getloadavg()
+    what = "32x32 PNGs" if CIFAR else "500x375 JPEGs"
     print(f"\n{_cpu_model()}; fine-tuning input ({POLICY}, crop scale {SCALE[0]}-{SCALE[1]}), "
-          f"500x375 JPEGs; load average {load_before[0]:.2f} before, {load_after[0]:.2f} "
+          f"{what}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} "
           f"after; median of {args.rounds} alternating rounds of {args.seconds:g} s. 'RandAugment "
           f"on device': the host part of device_resize_canvas={CANVAS} (decode the crop window "
           "into the canvas, draw the layers).\n")
@@ -233,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                       strict=True)) + " |")
     print("\n" + _describe(cost).replace(" on cpu", " on one core of this CPU"))
     report.update(settings=vars(args) | {"policy": POLICY, "crop_scale": SCALE,
-                                         "canvas": CANVAS},
+                                         "canvas": CANVAS, "source": SOURCE},
                   load_average=[load_before, load_after], summary=summary, device_part=cost)
     return write_report(report, args.out_json)
 

@@ -127,7 +127,7 @@ def finetune_input_rows(report: dict) -> list[tuple]:
     part = report.get("device_part")
     if part:
         out.append(_row("fine-tuning input, device part", "resize + flip + RandAugment of a "
-                        f"512 px canvas, on {part['device']}",
+                        f"{part.get('canvas', 512)} px canvas, on {part['device']}",
                         f"{part['ms_per_image']:.3f} ms / image",
                         f"{part['resize_ms_per_image']:.3f} ms (without RandAugment)",
                         notes=f"{1e3 / part['ms_per_image']:.0f} images/s"))

@@ -19,6 +19,10 @@ def get_config(arg=None):
     config.model.variant = "vit_tiny_patch16"
     config.data.source = "tfds:cifar100"
     config.data.eval_split = "test"
+    # The host decodes each 32 px crop window into a 224 px canvas; the GPUs resize and flip
+    # (on 32 px images the resize to 224 is most of the host's work: fine-tuning's input gains
+    # 7x, `benchmarks/bench_finetune_input.py --cifar`). 0: all on the host.
+    config.data.device_resize_canvas = 224
     config.batch_size = 4096
     config.grad_accum_steps = 4
     config.eval_batch_size = 1000
