@@ -123,7 +123,9 @@ def finetune_input_rows(report: dict) -> list[tuple]:
         if "ours_device_img_s" in c:
             out.append(_row("fine-tuning input, images/s", f"{cores}, ours RandAugment on the "
                             "device (host part)", f"{c['ours_device_img_s']:.1f}", reference,
-                            _ratio(c["ratio_device"])))
+                            _ratio(c["ratio_device"]), notes="rounds " + ", ".join(
+                                f"{o:.0f} / {f:.0f}" for o, f in zip(
+                                    rounds["ours_device"], rounds["official"], strict=True))))
     part = report.get("device_part")
     if part:
         out.append(_row("fine-tuning input, device part", "resize + flip + RandAugment of a "

@@ -149,6 +149,7 @@ def test_fine_tuning_input_rows_have_no_target_of_their_own():
     assert host[7] == "rounds 480 / 473, 470 / 460"
     assert device[1:5] == ("2 cores, ours RandAugment on the device (host part)", "1300.0",
                            "473.0 (official, timm)", "2.75x")
+    assert device[7] == "rounds 1300 / 473, 1290 / 460"
     assert part[0] == "fine-tuning input, device part" and "NVIDIA H200" in part[1]
     assert part[2:4] == ("0.050 ms / image", "0.020 ms (without RandAugment)")
     assert part[7] == "20000 images/s"
