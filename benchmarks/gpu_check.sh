@@ -55,14 +55,15 @@ PY
   exit 1
 fi
 
-# 1. Parity with the official model on the GPU (float32, full-precision matmuls), and the
-#    hand-written derivatives (LayerNorm VJP, softmax JVP, XLA attention incl. bf16) there.
+# 1. Parity with the official model on the GPU (float32, full-precision matmuls), the
+#    hand-written derivatives (LayerNorm VJP, softmax JVP, XLA attention incl. bf16) there,
+#    and RandAugment's device ops against PIL (no TensorFlow in that test).
 #    JAX_PLATFORMS=cuda (above) overrides tests/conftest.py's CPU default; `-o addopts=...`: one
 #    process (pyproject's `-n 2` would start two on one GPU, and needs pytest-xdist).
 #    No -x: one failed comparison must not hide the others in a one-shot run.
 JAX_DEFAULT_MATMUL_PRECISION=highest \
   timeout 90 python3 -m pytest -o "addopts=-m 'not slow'" -q tests/test_mae_parity.py tests/test_vit_options.py \
-  tests/test_fast_ops.py > "$OUT/parity.txt" 2>&1
+  tests/test_fast_ops.py tests/test_randaugment_device_ops.py > "$OUT/parity.txt" 2>&1
 tail -3 "$OUT/parity.txt"
 
 # 2. The benchmark suite's GPU preset (benchmarks/suite.py; most important entries first): MAE

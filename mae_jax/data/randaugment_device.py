@@ -19,8 +19,10 @@ gathered into a fixed number of slots sized so that more picks than slots has pr
 below 1e-9 (`apply_layers`). Arithmetic is float32 where PIL uses float64 (the warp's
 coordinates and cubic, AutoContrast's scale), so an image can differ from the host path's by a
 level at some pixels, and a sample right on the image border can take the fill colour in one
-and not the other (tests/test_randaugment_device.py bounds both; the integer ops and blends
-are exact there, on a CPU). No TensorFlow here.
+and not the other (tests/test_randaugment_device.py bounds both). The integer ops and the
+blends give PIL's bits: their float32 products are rounded as PIL's C code rounds them even
+where the compiler fuses multiply-adds (`_product`; tests/test_randaugment_device_ops.py, which
+gpu_check.sh runs on the GPU too). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -224,6 +226,16 @@ def _luma(image):
     return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
 
 
+def _product(factor: jax.Array, values: jax.Array) -> jax.Array:
+    """float32 factor * values (whole numbers, |values| <= 255) rounded once, as PIL's C
+    code rounds it before the sum it feeds, whether or not the compiler fuses that sum into a
+    multiply-add (XLA:CPU does: a level off at times). The factor is split into 15 and 9
+    significant bits: both partial products are exact, their sum rounds once either way."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(factor, jnp.float32), jnp.int32)
+    high = jax.lax.bitcast_convert_type(bits & ~0x1FF, jnp.float32)
+    return high * values + (factor - high) * values
+
+
 def smooth(image: jax.Array) -> jax.Array:
     """``ImageFilter.SMOOTH`` (3 x 3 [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels
     kept) in PIL's float32 order, as float32 values of uint8 [H, W, 3]."""
@@ -232,7 +244,8 @@ def smooth(image: jax.Array) -> jax.Array:
     centre = jnp.float32(5.0) / jnp.float32(13.0)
 
     def row(rows, middle):
-        return (rows[:, :-2] * edge + rows[:, 1:-1] * middle) + rows[:, 2:] * edge
+        return ((_product(edge, rows[:, :-2]) + _product(middle, rows[:, 1:-1]))
+                + _product(edge, rows[:, 2:]))
 
     total = 0.5 + row(x[2:], edge)
     total = total + row(x[1:-1], centre)
@@ -260,5 +273,5 @@ def blend_op(image: jax.Array, code: jax.Array, factor: jax.Array) -> jax.Array:
         chosen = code == CODE[name]
         degenerate = jnp.where(chosen, degenerates[name], degenerate)
         scale = jnp.where(chosen, factor, scale)
-    blended = degenerate + scale * (x - degenerate)
+    blended = degenerate + _product(scale, x - degenerate)
     return jnp.floor(jnp.clip(blended, 0.0, 255.0)).astype(jnp.uint8)

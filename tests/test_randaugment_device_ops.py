@@ -1,0 +1,84 @@
+"""RandAugment's device ops (mae_jax.data.randaugment_device) against PIL, without TensorFlow.
+
+The GPU machine has no TensorFlow, so `benchmarks/gpu_check.sh` runs this file there: the
+same ops on the accelerator (where XLA may contract a * b + c into fused multiply-adds and
+picks its own kernels) against PIL's own functions. tests/test_randaugment_device.py checks
+the host's encoding of timm's ops and the whole pipeline, on the CPU. Tolerances as there:
+the integer ops and blends exact, the warp and AutoContrast (float32 here, float64 in PIL) at
+most 1% of the values a level off and 0.5% more (samples on the border taking the fill colour
+in one and not the other).
+"""
+
+import math
+
+import jax
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from mae_jax.data import randaugment_device as device
+
+FILL = (124, 116, 104)
+SIZE = 48
+
+
+def _image(seed=0):
+    """Gradients, a bright square and noise: every op changes it."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
+    image = np.stack([40 + 3 * cols, 200 - 2 * rows, 90 + 40 * np.sin(rows / 4)], -1)
+    image[10:20, 25:40] = (230, 40, 60)
+    return np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+
+
+def _rotation(degrees):
+    """The matrix PIL's Image.rotate builds (centre (W / 2, H / 2), no expand)."""
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    centre = SIZE / 2.0
+    return (cos, sin, cos * -centre + sin * -centre + centre, -sin, cos,
+            -sin * -centre + cos * -centre + centre)
+
+
+def _affine(matrix):
+    return lambda pil: pil.transform(pil.size, Image.AFFINE, matrix, resample=Image.BICUBIC,
+                                     fillcolor=FILL)
+
+
+CASES = [  # (code, arguments, PIL reference, exact)
+    ("affine", _rotation(17.5), lambda pil: pil.rotate(17.5, resample=Image.BICUBIC,
+                                                       fillcolor=FILL), False),
+    ("affine", (1, 0.21, 0, 0, 1, 0), _affine((1, 0.21, 0, 0, 1, 0)), False),
+    ("affine", (1, 0, 0, -0.3, 1, 0), _affine((1, 0, 0, -0.3, 1, 0)), False),
+    ("affine", (1, 0, -7.3, 0, 1, 0), _affine((1, 0, -7.3, 0, 1, 0)), False),
+    ("affine", (1, 0, 0, 0, 1, 12.0), _affine((1, 0, 0, 0, 1, 12.0)), False),
+    ("autocontrast", (0,), ImageOps.autocontrast, False),
+    ("equalize", (0,), ImageOps.equalize, True),
+    ("invert", (0,), ImageOps.invert, True),
+    ("posterize", (3,), lambda pil: ImageOps.posterize(pil, 3), True),
+    ("solarize", (100,), lambda pil: ImageOps.solarize(pil, 100), True),
+    ("solarize_add", (60,), lambda pil: pil.point(  # timm's solarize_add LUT
+        [min(255, i + 60) if i < 128 else i for i in range(256)] * 3), True),
+    ("color", (1.6,), lambda pil: ImageEnhance.Color(pil).enhance(1.6), True),
+    ("contrast", (0.4,), lambda pil: ImageEnhance.Contrast(pil).enhance(0.4), True),
+    ("brightness", (1.3,), lambda pil: ImageEnhance.Brightness(pil).enhance(1.3), True),
+    ("sharpness", (1.8,), lambda pil: ImageEnhance.Sharpness(pil).enhance(1.8), True),
+]
+
+
+def test_device_ops_equal_pils_on_the_default_backend():
+    """Each op once, on jax's default device (the GPU in gpu_check.sh), one call."""
+    images = np.stack([_image(i) for i in range(len(CASES))])
+    codes = np.asarray([[device.CODE[code]] for code, *_ in CASES], np.int32)
+    args = np.zeros((len(CASES), 1, device.NUM_ARGS), np.float32)
+    for i, (_, values, _, _) in enumerate(CASES):
+        args[i, 0, :len(values)] = values
+    apply = jax.jit(device.apply_layers, static_argnames="slots")
+    ours = np.asarray(apply(images, codes, args, FILL, slots=len(CASES)))
+    for out, image, (code, values, reference, exact) in zip(ours, images, CASES, strict=True):
+        ref = np.asarray(reference(Image.fromarray(image)))
+        assert not np.array_equal(ref, image), code
+        diff = np.abs(out.astype(int) - ref.astype(int))
+        if exact:
+            assert diff.max() == 0, (code, values, np.count_nonzero(diff))
+        else:
+            assert (diff > 1).mean() <= 5e-3 and (diff == 1).mean() <= 1e-2, (code, values)
