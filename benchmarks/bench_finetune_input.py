@@ -179,25 +179,13 @@ WORKERS = {"ours": worker_ours, "device": worker_device, "official": worker_offi
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max_cores", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--images", type=int, default=256, help="JPEG files to generate")
+    parser = bench_input.base_parser(__doc__.split("\n")[0], "resize + RandAugment; no timm",
+                                     WORKERS, "--folder")
+    parser.add_argument("--images", type=int, default=256, help="images to generate")
     parser.add_argument("--cifar", action="store_true",
                         help="32 x 32 PNGs and a 224 px canvas (configs/cifar100_finetune.py) "
                              "instead of 500 x 375 JPEGs and 512 px")
-    parser.add_argument("--device_part", action="store_true",
-                        help="only time the device part (resize + RandAugment) on JAX's "
-                             "default device; no TensorFlow, no timm")
-    parser.add_argument("--out_json", default="", help="also write the report here")
-    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--cores", default="0", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.seconds <= 0 or args.rounds < 1 or args.images < BATCH:
-        parser.error(f"--seconds must be > 0, --rounds >= 1, --images >= {BATCH}")
-    return args
+    return bench_input.check_args(parser, parser.parse_args(argv), BATCH)
 
 
 def _describe(cost: dict) -> str:

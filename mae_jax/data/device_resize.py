@@ -65,11 +65,12 @@ class CanvasResizeIterator:
 
     def __next__(self) -> dict:
         batch = dict(next(self.batches))
-        keys = HOST_KEYS + (RANDAUGMENT_KEYS if "ra_code" in batch else ())
+        randaugment = "ra_code" in batch
+        keys = HOST_KEYS + (RANDAUGMENT_KEYS if randaugment else ())
         parts = sharding_lib.global_batch_from_host({key: batch.pop(key) for key in keys},
                                                     self.sharding)
         canvas_fn = make_canvas_fn(self.mesh, image_size=self.image_size,
-                                   randaugment=len(keys) > len(HOST_KEYS))
+                                   randaugment=randaugment)
         return {"image": canvas_fn(*(parts[key] for key in keys)), **batch}
 
 

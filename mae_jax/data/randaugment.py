@@ -245,7 +245,13 @@ def sample_layers(seed, *, num_ops, num_layers=2, magnitude=9, magnitude_std=0.5
       * ``magnitude`` float64, ``gauss(magnitude, magnitude_std)`` clipped to [0, 10] (the plain
         ``magnitude`` clipped when ``magnitude_std == 0``),
       * ``negate`` bool, True with probability 0.5 (``_randomly_negate``; unsigned ops ignore it).
+
+    ValueError for magnitude_std < 0 or num_layers < 0.
     """
+    if magnitude_std < 0:
+        raise ValueError(f"magnitude_std must be >= 0, got {magnitude_std}")
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
     shape = [num_layers]
     op_index = tf.random.stateless_uniform(
@@ -284,10 +290,6 @@ def rand_augment(
     single `affine` call, so tracing stays cheap.
     """
     image = ops.check_image(image)
-    if magnitude_std < 0:
-        raise ValueError(f"magnitude_std must be >= 0, got {magnitude_std}")
-    if num_layers < 0:
-        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
     names = op_names(increasing)
     fill = tuple(fill)
     params = sample_layers(

@@ -34,10 +34,6 @@ def layer_program(seed, size: int, *, num_layers=2, magnitude=9, magnitude_std=0
     size x size image that `rand_augment(image, seed, ...)` would augment (same keyword
     arguments; `parse_rand_augment` reads them from a timm string). Skipped layers get the
     identity code."""
-    if magnitude_std < 0:
-        raise ValueError(f"magnitude_std must be >= 0, got {magnitude_std}")
-    if num_layers < 0:
-        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
     names = ra.op_names(increasing)
     params = ra.sample_layers(seed, num_ops=len(names), num_layers=num_layers,
                               magnitude=magnitude, magnitude_std=magnitude_std, prob=prob)
@@ -52,7 +48,7 @@ def layer_program(seed, size: int, *, num_layers=2, magnitude=9, magnitude_std=0
         codes.append(tf.where(params["apply"][layer], code, CODE["identity"]))
         args.append(value)
     if not num_layers:
-        return {"ra_code": tf.zeros([0], tf.int32), "ra_args": tf.zeros([0, NUM_ARGS])}
+        return identity_program(0)
     return {"ra_code": tf.stack(codes), "ra_args": tf.cast(tf.stack(args), tf.float32)}
 
 
