@@ -1,15 +1,22 @@
-"""Pretraining step time fed by the on-device input vs a synthetic batch already on the device.
+"""Train step time fed by the on-device input vs a synthetic batch already on the device.
 
-Both columns run the same compiled pretraining step (`pretrain_lib.model_spec`, `create_tx`,
-`make_train_step`, `compile_step`, as `bench_train_step.py`) in one process, alternating timed
-regions: (a) one fixed batch made on the device, (b) `OnDeviceIterator` over a CIFAR-size
-in-memory dataset (generated uint8 images; the content does not change the work), each batch
-passed through `global_batch_from_host` as the training loop does. The augmentation alone
-(crop + flip + bicubic resize, blocked per region) is timed too. No TensorFlow is imported.
+Both columns run the same compiled step in one process, alternating timed regions: (a) one
+fixed batch made on the device, (b) `OnDeviceIterator` over a CIFAR-size in-memory dataset
+(generated uint8 images; the content does not change the work), each batch passed through
+`global_batch_from_host` as the training loop does. The augmentation alone (blocked per region)
+is timed too. No TensorFlow is imported.
+
+  --task pretrain: MAE pretraining (`pretrain_lib.model_spec`, `create_tx`, `make_loss_fn`, as
+    `bench_train_step.py`); the input RandomResizedCrop(scale (0.2, 1)) + flip + bicubic resize.
+  --task finetune: fine-tuning (`mae_jax.classification.finetune`: ViTClassifier, AdamW with
+    layer decay, random erasing + Mixup / CutMix + label smoothing in the step); the input
+    RandomResizedCrop(scale (0.08, 1)) + flip + RandAugment rand-m9-mstd0.5-inc1 (draws on the
+    host, ops on the device) and labels.
 
     python benchmarks/bench_on_device.py --image_size 64 --batch_size 16 --num_images 5000 \
         --embed_dim 96 --depth 4 --num_heads 3 --decoder_depth 2 --decoder_width 128  # CPU
     python benchmarks/bench_on_device.py --batch_size 256 --dtype bfloat16           # one GPU
+    python benchmarks/bench_on_device.py --task finetune --batch_size 256 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax.classification import config as classification_config
+from mae_jax.classification import finetune
+from mae_jax.classification import lib as classification_lib
 from mae_jax.core import hostmem, optim
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.state import TrainState
@@ -35,9 +45,12 @@ from mae_jax.models.registry import VARIANTS
 from mae_jax.pretrain import config as pretrain_config
 from mae_jax.pretrain import lib as pretrain_lib
 
+NUM_CLASSES = 100  # CIFAR-100
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="pretrain", choices=("pretrain", "finetune"))
     parser.add_argument("--model", default="vit_tiny_patch16", choices=sorted(VARIANTS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=256, help="Global images per step.")
@@ -58,11 +71,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args):
-    config = pretrain_config.defaults()
+    finetuning = args.task == "finetune"
+    config = classification_config.defaults("finetune") if finetuning else \
+        pretrain_config.defaults()
     config.model.update(variant=args.model, image_size=args.image_size, dtype=args.dtype)
     for name in ("patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(args, name):
             config.model[name] = getattr(args, name)
+    if finetuning:
+        config.update(batch_size=args.batch_size, grad_accum_steps=1, total_steps=1000,
+                      warmup_steps=10)
+        return config
     if args.decoder_depth:
         config.model.decoder_depth = args.decoder_depth
     if args.decoder_width:
@@ -73,20 +92,29 @@ def build_config(args):
 
 
 def build_step(config, mesh):
+    """(state, compiled step) of train.py's pretraining or, for a fine-tuning config, of
+    finetune.py (the `mae_jax.pretrain.lib` / `mae_jax.classification.lib` wiring)."""
+    finetuning = config.get("task") == "finetune"
+    lib = classification_lib if finetuning else pretrain_lib
     schedule = optim.warmup_cosine_schedule(
-        peak_lr=pretrain_lib.peak_learning_rate(config), warmup_steps=config.warmup_steps,
+        peak_lr=lib.peak_learning_rate(config), warmup_steps=config.warmup_steps,
         total_steps=config.total_steps,
     )
-    tx = pretrain_lib.create_tx(config, schedule)
-    spec = pretrain_lib.model_spec(config.model)
+    if finetuning:
+        spec = classification_lib.model_spec(config, NUM_CLASSES, global_pool=True)
+        tx = finetune.create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param),
+                                schedule)
+        loss_fn = finetune.make_loss_fn(config, NUM_CLASSES)
+    else:
+        spec, tx = pretrain_lib.model_spec(config.model), pretrain_lib.create_tx(config, schedule)
+        # Batches arrive as uint8 and the pretraining loss normalises them inside the step.
+        loss_fn = pretrain_lib.make_loss_fn(config.mask_ratio)
     state, state_shardings = sharding_lib.create_sharded(
         lambda: TrainState.create(spec.build(nnx.Rngs(config.seed)), tx,
                                   rng_seed=config.seed + 1),
         mesh,
     )
     graphdef = nnx.split(nnx.eval_shape(spec.build), nnx.Param, ...)[0]
-    # Batches arrive as uint8 and the pretraining loss normalises them inside the step.
-    loss_fn = pretrain_lib.make_loss_fn(config.mask_ratio)
     step_fn = make_train_step(graphdef, loss_fn, tx, schedule)
     return state, compile_step(step_fn, state_shardings, mesh)
 
@@ -119,7 +147,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     config = build_config(args)
     devices = jax.devices()
-    pretrain_config.check_config(config, num_devices=len(devices), num_processes=1)
+    if args.task == "finetune":
+        classification_config.check_config(config, task="finetune", num_devices=len(devices),
+                                           num_processes=1)
+    else:
+        pretrain_config.check_config(config, num_devices=len(devices), num_processes=1)
     mesh = sharding_lib.create_mesh(data=-1, fsdp=1, devices=devices)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     state, train_step = build_step(config, mesh)
@@ -127,10 +159,17 @@ def main(argv=None) -> dict:
     shape = (args.batch_size, args.image_size, args.image_size, 3)
     make = lambda key: jax.random.randint(key, shape, 0, 256, jnp.int32).astype(jnp.uint8)  # noqa: E731
     synthetic = {"image": jax.jit(make, out_shardings=batch_sharding)(jax.random.key(1))}
-    dataset = np.random.default_rng(0).integers(
-        0, 256, (args.num_images, args.source_size, args.source_size, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    dataset = rng.integers(0, 256, (args.num_images, args.source_size, args.source_size, 3),
+                           dtype=np.uint8)
+    finetuning = {}
+    if args.task == "finetune":
+        labels = rng.integers(0, NUM_CLASSES, args.num_images)
+        synthetic["label"] = labels[:args.batch_size].astype(np.int32)
+        finetuning = {"labels": labels, "crop_scale": tuple(config.data.crop_scale),
+                      "randaugment": config.data.randaugment}
     iterator = OnDeviceIterator(dataset, mesh=mesh, image_size=args.image_size,
-                                global_batch_size=args.batch_size, seed=0)
+                                global_batch_size=args.batch_size, seed=0, **finetuning)
     load_before = os.getloadavg()
 
     def synthetic_step():
@@ -179,11 +218,13 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     dims = {k: config.model[k] for k in ("embed_dim", "depth", "num_heads", "patch_size",
-                                         "decoder_embed_dim", "decoder_depth")}
+                                         "decoder_embed_dim", "decoder_depth") if k in config.model}
     print(f"Machine: {report['machine']}; load average (1, 5, 15 min) before "
           f"{tuple(round(x, 2) for x in load_before)}, after "
           f"{tuple(round(x, 2) for x in load_after)}")
-    print(f"{args.model} (overrides {dims}, None: the variant's), {args.dtype}, batch "
+    what = (f"fine-tuning, {NUM_CLASSES} classes, input crop + flip + RandAugment "
+            f"{config.data.randaugment}" if args.task == "finetune" else "MAE pretraining")
+    print(f"{what}: {args.model} (overrides {dims}, None: the variant's), {args.dtype}, batch "
           f"{args.batch_size} at {args.image_size} px, uint8 batches; dataset "
           f"{args.num_images} x {args.source_size}x{args.source_size}x3 uint8 = "
           f"{iterator.dataset_bytes_per_device / 1e6:.1f} MB per device")

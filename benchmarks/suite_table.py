@@ -142,7 +142,10 @@ def on_device_rows(report: dict) -> list[tuple]:
     base, alone = rows["synthetic batch on device"], rows.get("augmentation alone")
     setting = (f"{s['model']} {s['image_size']} px, batch {s['batch_size']}, {s['dtype']}, "
                f"{s['num_images']} images of {s['source_size']} px")
-    return [_row("step fed by the on-device input", setting,
+    name = "step fed by the on-device input"
+    if s.get("task") == "finetune":
+        name = "fine-tuning " + name + " (crop, flip, RandAugment)"
+    return [_row(name, setting,
                  _ms(ours["ms_per_step_median"]), _ms(base["ms_per_step_median"])
                  + " (synthetic batch)", f"{ours['paired_percent']:+.1f}% (paired)",
                  f"<= +{ON_DEVICE_TARGET:g}%",

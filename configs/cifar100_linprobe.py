@@ -19,9 +19,12 @@ def get_config(arg=None):
     config.model.variant = "vit_tiny_patch16"
     config.data.source = "tfds:cifar100"
     config.data.eval_split = "test"
-    # The host decodes each 32 px crop window into a 224 px canvas; the GPUs resize and flip
-    # (on 32 px images the resize to 224 is most of the host's work: fine-tuning's input gains
-    # 7x, `benchmarks/bench_finetune_input.py --cifar`). 0: all on the host.
+    # On GPUs (data.on_device "auto", the default) the decoded training split (153.6 MB) stays
+    # on the devices, which crop, resize and flip it; the host only picks the examples. Where
+    # it does not (CPU, or on_device="never"), the host decodes each 32 px crop window into a
+    # 224 px canvas and the devices resize and flip (on 32 px images the resize to 224 is most
+    # of the host's work: fine-tuning's input gains 7x, `benchmarks/bench_finetune_input.py
+    # --cifar`). 0: all on the host.
     config.data.device_resize_canvas = 224
     config.batch_size = 4096
     config.grad_accum_steps = 4

@@ -126,6 +126,8 @@ def test_smoke_preset_runs_every_benchmark_into_one_table(tmp_path):
             ("seg_input", "ADE20K input, images/s"), ("seg_input", "ADE20K input, device part"),
             ("finetune_input_device", "fine-tuning input, device part"),
             ("on_device", "step fed by the on-device input"),
+            ("on_device_finetune", "fine-tuning step fed by the on-device input (crop, flip, "
+                                   "RandAugment)"),
             ("seg_train", "segmentation train step"),
             ("seg_eval", "segmentation evaluation, XLA compilations")]:
         assert (entry, measurement) in measured, (entry, measurement, table)

@@ -334,6 +334,21 @@ def test_folder_loads_into_one_array_in_file_order(tmp_path):
     np.testing.assert_array_equal(loaded, np.stack(arrays))  # PNG: lossless
 
 
+def test_labelled_folder_loads_each_image_with_its_label_and_leaves_out_undecodable(tmp_path):
+    """The fine-tuning input's load: class folders in sorted order; a truncated file is left
+    out with its label, the others keep theirs."""
+    for label, name in enumerate(("cat", "dog")):
+        os.makedirs(tmp_path / "train" / name)
+        for index in range(3):
+            value = np.full((4, 4, 3), 100 * label + 10 * index, np.uint8)
+            Image.fromarray(value).save(tmp_path / "train" / name / f"{index}.png")
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    images, labels = in_memory.load_image_array(source=f"folder:{tmp_path}", split="train",
+                                                with_labels=True)
+    assert labels.dtype == np.int32 and labels.tolist() == [0, 0, 1, 1, 1]
+    assert images[:, 0, 0, 0].tolist() == [0, 20, 100, 110, 120]
+
+
 def test_folder_of_mixed_sizes_is_refused_for_always_and_skipped_for_auto(tmp_path):
     source, _ = _folder(tmp_path, [(6, 10), (6, 10), (7, 10)])
     assert in_memory.fixed_image_shape(source=source) is None
@@ -351,6 +366,13 @@ def test_tfds_split_loads_with_its_fixed_feature_shape():
         loaded = in_memory.load_image_array(source="tfds:cifar100")
     assert shape == (12, 32, 32, 3) and loaded.shape == shape and loaded.dtype == np.uint8
     assert loaded.std() > 10  # decoded content, not zeros
+    with tfds.testing.mock_data(num_examples=12):
+        images, labels = in_memory.load_image_array(source="tfds:cifar100", with_labels=True)
+        want = [(example["image"], example["label"]) for example in
+                tfds.as_numpy(tfds.load("cifar100", split="train", shuffle_files=False))]
+    np.testing.assert_array_equal(images, np.stack([image for image, _ in want]))
+    assert labels.tolist() == [int(label) for _, label in want]
+    assert len(set(labels.tolist())) > 1
 
 
 def test_on_device_choice_follows_mode_platform_and_memory(tmp_path):
@@ -377,9 +399,11 @@ def test_on_device_choice_follows_mode_platform_and_memory(tmp_path):
 # ----------------------------------------------------------------- Without TensorFlow, benchmark
 
 
-def test_benchmark_runs_without_tensorflow_and_reports_both_inputs(tmp_path):
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_benchmark_runs_without_tensorflow_and_reports_both_inputs(tmp_path, task):
     # The GPU machine has no TensorFlow: a package named tensorflow that fails to import
     # shadows the real one, so the benchmark (the step, on_device, sharding) must not need it.
+    # finetune: the fine-tuning step and the input with labels and RandAugment.
     fake = tmp_path / "no_tf" / "tensorflow"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('no TensorFlow (simulated)')\n")
@@ -387,7 +411,7 @@ def test_benchmark_runs_without_tensorflow_and_reports_both_inputs(tmp_path):
     args = ["--image_size", "16", "--patch_size", "8", "--embed_dim", "16", "--depth", "1",
             "--num_heads", "1", "--decoder_depth", "1", "--decoder_width", "32",
             "--batch_size", "4", "--num_images", "64", "--steps", "1", "--repeats", "2",
-            "--warmup", "0", "--out_json", str(out_json)]
+            "--warmup", "0", "--task", task, "--out_json", str(out_json)]
     # Unoptimised XLA code compiles ~3x faster; this checks the wiring, not the speed.
     fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=fast_compile,

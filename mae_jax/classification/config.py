@@ -68,6 +68,11 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     # canvases is C*C*3 bytes an image: at the probe's 16384 and C = 384, 7.2 GB on the host
     # and over the devices. 0 = all on the host.
     config.data.device_resize_canvas = 0
+    # Decode the whole training split once and keep it on the devices, where the crop, flip and
+    # RandAugment run (its draws made on the host per batch): auto = when the images share one
+    # size and take < 25% of device memory (CIFAR), on GPUs; the example order differs from
+    # the tf.data pipeline's (every example once an epoch). Evaluation stays on tf.data.
+    config.data.on_device = "auto"  # auto | always | never
     config.data.generated_classes = 10  # generated:N sources: number of classes ...
     config.data.generated_size = 32  # ... and image side.
 
@@ -161,6 +166,7 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
     if not 0 < config.data.resize_ratio <= 1:
         problems.append(f"data.resize_ratio {config.data.resize_ratio} must be in (0, 1]")
     core_config.check_device_resize(config, problems)
+    core_config.check_on_device(config, problems)
     if task == "finetune":
         _check_finetune(config, problems)
     core_config.raise_problems(problems)

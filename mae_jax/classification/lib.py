@@ -25,6 +25,7 @@ from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import LossFn, make_train_step
 from mae_jax.data.device_resize import resize_on_devices
+from mae_jax.data.on_device import OnDeviceIterator
 from mae_jax.models.factory import ModelSpec
 
 
@@ -83,6 +84,7 @@ def train_and_evaluate(
     """Trains (or resumes; with eval_only just evaluates) in `workdir`; returns the last
     evaluation (top1, top5, loss, num_examples, step)."""
     from mae_jax.data import images as data  # TensorFlow: input pipeline only
+    from mae_jax.data import in_memory
 
     devices = list(devices or jax.devices())
     check_config(config, task=recipe.task, num_devices=len(devices),
@@ -93,11 +95,18 @@ def train_and_evaluate(
         options = {"source": source, "data_dir": config.data.data_dir or None,
                    "download": config.data.download}
         num_classes = data.num_classes(**options, split=config.data.train_split)
+        in_device_memory = None  # (images, labels) of a training split kept on the devices
         if config.eval_only:
             schedule, total_steps, eval_every = optax.constant_schedule(0.0), 0, 0
         else:
-            num_examples = data.num_examples(**options, split=config.data.train_split,
-                                             with_labels=True)
+            if in_memory.use_on_device(config.data.on_device, devices=devices, **options,
+                                       split=config.data.train_split):
+                in_device_memory = in_memory.load_image_array(
+                    **options, split=config.data.train_split, with_labels=True)
+                num_examples = len(in_device_memory[0])
+            else:
+                num_examples = data.num_examples(**options, split=config.data.train_split,
+                                                 with_labels=True)
             lengths = core_config.schedule_lengths(config, num_examples)
             total_steps = lengths["total_steps"]
             schedule = optim.warmup_cosine_schedule(
@@ -128,22 +137,7 @@ def train_and_evaluate(
             return evaluator(start_step, state)
 
         # ------------------------------------------------------------- Train loop
-        batches = data.create_train_iterator(
-            **options,
-            split=config.data.train_split,
-            image_size=config.model.image_size,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            shuffle_buffer_size=config.data.shuffle_buffer_size,
-            crop_scale=tuple(config.data.crop_scale),
-            with_labels=True,
-            randaugment=config.data.randaugment or None,
-            device_resize_canvas=config.data.device_resize_canvas,
-        )
-        batches = resize_on_devices(batches, canvas=config.data.device_resize_canvas,
-                                    mesh=run.mesh, image_size=config.model.image_size,
-                                    randaugment=config.data.randaugment)
+        batches = train_batches(config, options, run.mesh, start_step, in_device_memory)
         step_fn = make_train_step(
             graphdef, recipe.make_loss_fn(config, num_classes), tx, schedule,
             grad_accum_steps=config.grad_accum_steps, trainable=recipe.trainable,
@@ -165,6 +159,38 @@ def train_and_evaluate(
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)
     return results | {"step": result.step}
+
+
+def train_batches(config, options: dict, mesh, start_step: int, in_device_memory):
+    """The training batches: on the devices (`in_device_memory` = (images, labels)) or from
+    the tf.data pipeline (with `data.device_resize_canvas`, resized on the devices)."""
+    from mae_jax.data import images as data
+
+    if in_device_memory is not None:
+        images, labels = in_device_memory
+        then = f", RandAugment {config.data.randaugment}" if config.data.randaugment else ""
+        print(f"Input on device: {len(images)} images, {images.nbytes / 1e6:.0f} MB per device; "
+              f"crop, flip{then} there.")
+        return OnDeviceIterator(
+            images, labels=labels, mesh=mesh, image_size=config.model.image_size,
+            global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+            crop_scale=tuple(config.data.crop_scale), randaugment=config.data.randaugment)
+    batches = data.create_train_iterator(
+        **options,
+        split=config.data.train_split,
+        image_size=config.model.image_size,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        shuffle_buffer_size=config.data.shuffle_buffer_size,
+        crop_scale=tuple(config.data.crop_scale),
+        with_labels=True,
+        randaugment=config.data.randaugment or None,
+        device_resize_canvas=config.data.device_resize_canvas,
+    )
+    return resize_on_devices(batches, canvas=config.data.device_resize_canvas, mesh=mesh,
+                             image_size=config.model.image_size,
+                             randaugment=config.data.randaugment)
 
 
 def export(workdir: str, spec: ModelSpec, graphdef, state: TrainState) -> dict[str, str]:

@@ -148,6 +148,15 @@ def check_device_resize(config: ml_collections.ConfigDict, problems: list[str], 
                         f"{host_only}, which runs on the host: set it to 0")
 
 
+def check_on_device(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    """data.on_device: auto | always | never (`mae_jax.data.in_memory.use_on_device`)."""
+    from mae_jax.data.on_device import MODES
+
+    if config.data.on_device not in MODES:
+        problems.append(f"data.on_device must be one of {', '.join(MODES)}, got "
+                        f"{config.data.on_device!r}")
+
+
 def schedule_lengths(config, num_examples: int) -> dict[str, int]:
     """Epoch-denominated durations -> optimiser steps (the one place this is converted)."""
     steps_per_epoch = num_examples // config.batch_size

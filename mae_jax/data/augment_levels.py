@@ -8,8 +8,7 @@ and additions), computed without a detour through float32.
 import tensorflow as tf
 
 from mae_jax.data.augment_ops import to_float64
-
-MAX_LEVEL = 10.0  # timm's _MAX_LEVEL: magnitudes live in [0, 10]
+from mae_jax.data.randaugment_policy import MAX_LEVEL
 
 
 def _signed(value, negate):

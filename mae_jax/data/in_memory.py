@@ -64,19 +64,23 @@ def _header_size(path) -> tuple[int, int] | None:
 
 
 def load_image_array(*, source: str, data_dir: str | None = None, split: str = "train",
-                     download: bool = True) -> np.ndarray:
-    """The whole split, decoded: uint8 [N, H, W, 3], in the sources' fixed order.
+                     download: bool = True, with_labels: bool = False):
+    """The whole split, decoded: uint8 [N, H, W, 3], in the sources' fixed order; with_labels:
+    (images, int32 labels [N]) of a labelled split (class folders or the TFDS ``label``).
 
     Raises ValueError naming two sizes when the images do not share one size.
     """
     shard = sources.local_shard(source, split, data_dir=data_dir, download=download,
-                                process_index=0, process_count=1, with_labels=False,
+                                process_index=0, process_count=1, with_labels=with_labels,
                                 equal=True)
 
     def decode(record):
         if shard.paths is not None:  # folder: records index the paths
-            return image_ops.decode_rgb(tf.io.read_file(tf.gather(shard.paths, record)))
-        return image_ops.decode_rgb(record["encoded"])
+            image = image_ops.decode_rgb(tf.io.read_file(tf.gather(shard.paths, record)))
+            label = tf.gather(shard.labels, record)
+        else:
+            image, label = image_ops.decode_rgb(record["encoded"]), record["label"]
+        return (image, label) if with_labels else image
 
     decoded = shard.records.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True).ignore_errors(log_warning=True)
@@ -86,7 +90,8 @@ def load_image_array(*, source: str, data_dir: str | None = None, split: str = "
             chunks.append(chunk)
     except tf.errors.InvalidArgumentError:
         sizes = []
-        for image in decoded.as_numpy_iterator():
+        for element in decoded.as_numpy_iterator():
+            image = element[0] if with_labels else element
             if image.shape not in sizes:
                 sizes.append(image.shape)
             if len(sizes) == 2:
@@ -97,11 +102,14 @@ def load_image_array(*, source: str, data_dir: str | None = None, split: str = "
         ) from None
     if not chunks:
         raise ValueError(f"could not decode any image of {shard.what}.")
-    array = np.concatenate(chunks)
+    if with_labels:
+        array, labels = (np.concatenate(part) for part in zip(*chunks, strict=True))
+    else:
+        array, labels = np.concatenate(chunks), None
     if len(array) != shard.count:
         logger.warning("Decoded %d of %d images of %s; the undecodable ones are left out.",
                        len(array), shard.count, shard.what)
-    return array
+    return (array, labels.astype(np.int32)) if with_labels else array
 
 
 def device_memory_bytes(devices) -> int | None:

@@ -4,21 +4,26 @@ The decoded dataset, uint8 [N, H, W, 3] (one image size), is copied once to ever
 (replicated: N*H*W*3 bytes per device, 153.6 MB for CIFAR-100's 50,000 32x32 images). Each step
 the host computes only which examples the batch holds, int32 [B_local, 4] rows of
 (dataset index, process, epoch, position); one jitted function, run per device under shard_map
-(no communication), gathers the images and applies torchvision's pretraining augmentation:
+(no communication), gathers the images and applies torchvision's augmentation:
 
-  RandomResizedCrop(S, scale (0.2, 1), ratio (3/4, 4/3), bicubic) + RandomHorizontalFlip(0.5),
+  RandomResizedCrop(S, scale (0.2, 1) for MAE pretraining, (0.08, 1) for the linear probe and
+  fine-tuning, ratio (3/4, 4/3), bicubic) + RandomHorizontalFlip(0.5),
 
-reproducing the PIL path the official MAE uses (crop, then PIL's two-pass bicubic resize: Keys
+then, for fine-tuning, timm's RandAugment (its draws made on the host per batch in numpy,
+`mae_jax.data.randaugment_draws`; its ops `mae_jax.data.randaugment_device`). The resize
+reproduces the PIL path the official code uses (crop, then PIL's two-pass bicubic resize: Keys
 a=-0.5, kernel widened when shrinking, taps outside the crop dropped and the rest renormalised,
 horizontal pass rounded to uint8 before the vertical one; Pillow 13 runs the vertical pass
 first in some downscales, python-pillow/Pillow#9549, which moves values by rounding only; when
 enlarging, the CIFAR case, every Pillow agrees). The crop box is data-dependent, so the resize
-is two small matmuls with per-example weight matrices: static shapes throughout.
+is two small matmuls with per-example weight matrices: static shapes throughout. Labels, when
+given, are looked up on the host.
 
 Order and seeds follow `mae_jax.data.stream`'s scheme: process p holds examples p, p + P, ...;
 epoch e visits them in a permutation drawn from (seed, p, e); the example at position i of epoch
-e draws its crop and flip from fold_in(fold_in(fold_in(key(seed), p), e), i). Batch k depends
-only on (seed, p, k), so `start_step=k` resumes exactly. The examples differ from the tf.data
+e draws its crop and flip from fold_in(fold_in(fold_in(key(seed), p), e), i), and step k's
+RandAugment layers come from numpy's generator seeded (seed, p, k). Batch k depends only on
+(seed, p, k), so `start_step=k` resumes exactly. The examples differ from the tf.data
 pipeline's for the same seed (other shuffle), but every example is seen once per epoch.
 No TensorFlow here: this runs on machines without it.
 """
@@ -35,12 +40,16 @@ from jax.sharding import Mesh, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.data.constants import normalize_uint8
+from mae_jax.data.randaugment_device import apply_layers
+from mae_jax.data.randaugment_draws import draw_programs
+from mae_jax.data.randaugment_policy import parse_rand_augment
 
 CROP_SCALE = (0.2, 1.0)  # official MAE RandomResizedCrop scale
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10  # torchvision's attempts before its center-crop fallback
 OUTPUT_DTYPES = ("uint8", "float32")
 MODES = ("auto", "always", "never")  # config.data.on_device (see in_memory.use_on_device)
+RANDAUGMENT_STREAM = 0x5241  # numpy seed prefix of the RandAugment draws ("RA")
 
 
 # ------------------------------------------------------------------ Host: which examples
@@ -95,14 +104,14 @@ class ExampleSchedule:
 # ------------------------------------------------------------------ Device: augmentation
 
 
-def crop_box(key: jax.Array, height: int, width: int) -> jax.Array:
+def crop_box(key: jax.Array, height: int, width: int, scale=CROP_SCALE) -> jax.Array:
     """torchvision RandomResizedCrop.get_params with all tries drawn at once.
 
     Returns int32 [4]: (top, left, crop_height, crop_width).
     """
     area_key, ratio_key, top_key, left_key = jax.random.split(key, 4)
-    area = height * width * jax.random.uniform(area_key, (CROP_TRIES,), minval=CROP_SCALE[0],
-                                               maxval=CROP_SCALE[1])
+    area = height * width * jax.random.uniform(area_key, (CROP_TRIES,), minval=scale[0],
+                                               maxval=scale[1])
     aspect = jnp.exp(jax.random.uniform(ratio_key, (CROP_TRIES,), minval=math.log(CROP_RATIO[0]),
                                         maxval=math.log(CROP_RATIO[1])))
     # jnp.round and Python's round (torchvision) both round half to even.
@@ -193,10 +202,12 @@ def example_key(seed: int, ids: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, ids[2]), ids[3])
 
 
-def random_params(keys: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
-    """keys: [B] -> (crop boxes int32 [B, 4] (top, left, height, width), flips bool [B])."""
+def random_params(keys: jax.Array, height: int, width: int,
+                  scale=CROP_SCALE) -> tuple[jax.Array, jax.Array]:
+    """keys: [B] -> (crop boxes int32 [B, 4] (top, left, height, width), flips bool [B]);
+    `scale`: RandomResizedCrop's area range."""
     crop_keys, flip_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    boxes = jax.vmap(lambda key: crop_box(key, height, width))(crop_keys)
+    boxes = jax.vmap(lambda key: crop_box(key, height, width, scale))(crop_keys)
     return boxes, jax.vmap(jax.random.uniform)(flip_keys) < 0.5  # RandomHorizontalFlip(0.5)
 
 
@@ -225,31 +236,37 @@ def center_resize(images: jax.Array, size: int) -> jax.Array:
 
 @functools.lru_cache(maxsize=16)  # a resumed or repeated iterator reuses the compiled function
 def make_batch_fn(mesh: Mesh, *, seed: int, image_size: int, augment: bool = True,
-                  dtype: str = "uint8"):
+                  dtype: str = "uint8", crop_scale: tuple[float, float] = CROP_SCALE,
+                  randaugment: bool = False):
     """jitted (dataset [N, H, W, 3] replicated, ids int32 [B, 4] batch-sharded) -> images
     [B, S, S, 3] batch-sharded: uint8, or ImageNet-normalised float32 of the same uint8 values.
+    randaugment=True: two more batch-sharded arguments, ra_code int32 [B, L] and ra_args
+    float32 [B, L, 6] (`mae_jax.data.randaugment_draws`), whose layers follow the crop and flip.
     Each device works on its own rows (shard_map): no communication."""
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}.")
 
-    def local(dataset, ids):
+    def local(dataset, ids, *program):
         images = jnp.take(dataset, ids[:, 0], axis=0)
         if augment:
             keys = jax.vmap(lambda row: example_key(seed, row))(ids)
-            boxes, flips = random_params(keys, *dataset.shape[1:3])
+            boxes, flips = random_params(keys, *dataset.shape[1:3], crop_scale)
             images = resized_crop(images, boxes, flips, image_size)
         else:
             images = center_resize(images, image_size)
+        if program:
+            images = apply_layers(images, *program)
         return images if dtype == "uint8" else normalize_uint8(images)
 
     batch_spec = PartitionSpec(sharding_lib.BATCH_AXES)
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), batch_spec),
-                           out_specs=batch_spec)
+    batch_args = 3 if randaugment else 1
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(),) + (batch_spec,) *
+                           batch_args, out_specs=batch_spec)
     # Explicit out_shardings: shard_map alone reports P('data') when fsdp == 1, an equivalent
     # sharding the train step's jit cache would see as new (one more compile).
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    return jax.jit(mapped, in_shardings=(sharding_lib.replicated(mesh), batch_sharding),
-                   out_shardings=batch_sharding)
+    return jax.jit(mapped, in_shardings=(sharding_lib.replicated(mesh),) + (batch_sharding,) *
+                   batch_args, out_shardings=batch_sharding)
 
 
 # ------------------------------------------------------------------ The iterator
@@ -272,17 +289,40 @@ class OnDeviceIterator:
 
     images: the whole dataset, uint8 [N, H, W, 3], the same on every process (each process
     uses its shard p, p + P, ...). dtype "uint8" (normalise in the step) or "float32"
-    (ImageNet-normalised here, what a step without normalisation expects).
+    (ImageNet-normalised here, what a step without normalisation expects). crop_scale:
+    RandomResizedCrop's area range (MAE pretraining's (0.2, 1); torchvision's default
+    (0.08, 1) for the linear probe and fine-tuning).
+
+    For classification: labels, int [N], adds "label" (this process's int32 [B_local], numpy;
+    the loop makes it global); randaugment, a timm string such as "rand-m9-mstd0.5-inc1", adds
+    RandAugment after the crop and flip (timm's order), its draws made on the host per batch
+    (`mae_jax.data.randaugment_draws`, numpy's generator keyed by (seed, process, step)) and its
+    ops run on the devices (`mae_jax.data.randaugment_device`).
     """
 
     def __init__(self, images: np.ndarray, *, mesh: Mesh, image_size: int,
                  global_batch_size: int, seed: int, start_step: int = 0, augment: bool = True,
-                 dtype: str = "uint8"):
+                 dtype: str = "uint8", labels: np.ndarray | None = None,
+                 crop_scale: tuple[float, float] = CROP_SCALE, randaugment: str = ""):
         check_images(images)
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}.")
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}.")
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got "
+                             f"{tuple(crop_scale)}.")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+                raise ValueError(f"labels must be integers [{len(images)}], one per image, got "
+                                 f"{labels.dtype} {labels.shape}.")
+            self.labels = labels.astype(np.int32)
+        else:
+            self.labels = None
+        if randaugment and not augment:
+            raise ValueError("randaugment needs augment=True (it follows the random crop).")
+        self.randaugment = parse_rand_augment(randaugment) if randaugment else None
         self.schedule = ExampleSchedule(
             len(images), global_batch_size=global_batch_size, seed=seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
@@ -300,15 +340,28 @@ class OnDeviceIterator:
         )
         self.dataset_bytes_per_device = images.nbytes
         self.batch_fn = make_batch_fn(mesh, seed=seed, image_size=image_size, augment=augment,
-                                      dtype=dtype)
-        self.step = start_step
+                                      dtype=dtype, crop_scale=tuple(crop_scale),
+                                      randaugment=self.randaugment is not None)
+        self.image_size, self.step = image_size, start_step
 
     def __iter__(self) -> OnDeviceIterator:
         return self
 
-    def __next__(self) -> dict[str, jax.Array]:
-        ids = jax.make_array_from_process_local_data(self.ids_sharding,
-                                                     self.schedule.ids(self.step))
-        self.step += 1
-        return {"image": self.batch_fn(self.dataset, ids)}  # dispatched, not waited for
+    def programs(self, step: int) -> dict[str, np.ndarray]:
+        """RandAugment's draws of step `step` on this process: {"ra_code", "ra_args"}."""
+        schedule = self.schedule
+        rng = np.random.default_rng([RANDAUGMENT_STREAM, schedule.seed, schedule.process_index,
+                                     step])
+        return draw_programs(rng, schedule.local_batch, self.image_size, **self.randaugment)
 
+    def __next__(self) -> dict[str, jax.Array]:
+        ids = self.schedule.ids(self.step)
+        host = {"ids": ids}
+        if self.randaugment is not None:
+            host.update(self.programs(self.step))
+        args = sharding_lib.global_batch_from_host(host, self.ids_sharding)
+        self.step += 1
+        batch = {"image": self.batch_fn(self.dataset, *args.values())}  # not waited for
+        if self.labels is not None:
+            batch["label"] = self.labels[ids[:, 0]]
+        return batch

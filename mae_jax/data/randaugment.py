@@ -16,8 +16,9 @@ colour) and bicubic resampling. Per image that transform:
 
 Each op is a PIL function reproduced in TensorFlow: the pixel ops in `mae_jax.data.augment_ops`,
 the geometric ones (PIL's bicubic affine warp) in `mae_jax.data.augment_affine`; the magnitude ->
-argument mappings in `mae_jax.data.augment_levels`. This module is the policy: the op lists,
-the config string, the random draws and the graph that applies them.
+argument mappings in `mae_jax.data.augment_levels`. The op lists and the config string are in
+`mae_jax.data.randaugment_policy` (no TensorFlow); this module makes the random draws and the
+graph that applies them.
 
 Translation: timm's RandAugment op lists use ``TranslateXRel`` / ``TranslateYRel`` (shift =
 ``0.45 * level / 10`` of the image width / height, i.e. up to 100.8 px at 224), *not* the
@@ -31,14 +32,11 @@ and never calls back into Python per image. The random draws follow timm's distr
 its Python RNG stream.
 """
 
-import re
-
 import tensorflow as tf
 
 from mae_jax.data import augment_affine as geometry
 from mae_jax.data import augment_ops as ops
 from mae_jax.data.augment_levels import (
-    MAX_LEVEL,
     enhance_increasing_level_to_arg,
     enhance_level_to_arg,
     posterize_increasing_level_to_arg,
@@ -50,106 +48,18 @@ from mae_jax.data.augment_levels import (
     solarize_level_to_arg,
     translate_rel_level_to_arg,
 )
-
-# timm's op lists (the order does not matter for uniform choice; it is the dispatch order here).
-RAND_INCREASING_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
+from mae_jax.data.randaugment_policy import (  # noqa: F401 - part of this module's API
+    GEOMETRIC_OPS,
+    MAX_LEVEL,
+    RAND_INCREASING_OPS,
+    RAND_OPS,
+    op_names,
+    parse_rand_augment,
 )
-RAND_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Config string
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_rand_augment(config: str) -> dict:
-    """Parses a timm RandAugment string such as ``"rand-m9-mstd0.5-inc1"``.
-
-    Returns keyword arguments for `rand_augment`: ``num_layers`` (``n``, default 2),
-    ``magnitude`` (``m``, default 10), ``magnitude_std`` (``mstd``, default 0) and
-    ``increasing`` (``inc``, default False). Raises ValueError for anything else: other
-    policies, the op-weight section ``w`` (timm's non-uniform op choice, not implemented), sections
-    without a value, unknown keys and malformed numbers.
-
-    Difference from timm: timm evaluates ``bool("0")`` for ``inc0`` (True), so in timm any ``inc``
-    section turns on the increasing ops; here ``inc0`` means off. The official ``inc1`` is the same.
-    """
-    if not isinstance(config, str) or not config:
-        raise ValueError(f"RandAugment config must be a non-empty string, got {config!r}")
-    sections = config.split("-")
-    if sections[0] != "rand":
-        raise ValueError(
-            f"unsupported augmentation {config!r}: only timm RandAugment strings starting with "
-            "'rand' (e.g. 'rand-m9-mstd0.5-inc1') are supported"
-        )
-    out = dict(num_layers=2, magnitude=int(MAX_LEVEL), magnitude_std=0.0, increasing=False)
-    for section in sections[1:]:
-        parts = re.split(r"(\d.*)", section)
-        if len(parts) < 2:
-            raise ValueError(f"RandAugment config {config!r}: section {section!r} has no value")
-        key, val = parts[:2]
-        try:
-            if key == "m":
-                out["magnitude"] = int(val)
-            elif key == "n":
-                out["num_layers"] = int(val)
-            elif key == "mstd":
-                out["magnitude_std"] = float(val)
-            elif key == "inc":
-                out["increasing"] = int(val) != 0
-            elif key == "w":
-                raise ValueError(
-                    f"RandAugment config {config!r}: op weights ('w') are not supported"
-                )
-            else:
-                raise ValueError(
-                    f"RandAugment config {config!r}: unknown section {section!r} "
-                    "(supported: m<int>, n<int>, mstd<float>, inc<0|1>)"
-                )
-        except ValueError as e:
-            if "RandAugment config" in str(e):
-                raise
-            raise ValueError(f"RandAugment config {config!r}: bad value in {section!r}") from e
-    return out
-
 
 # ---------------------------------------------------------------------------------------------
 # Ops by name, the random draws and the graph that applies them
 # ---------------------------------------------------------------------------------------------
-
-
-GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
 def geometric_matrix(name, height, width, level, negate, translate_pct):
@@ -213,11 +123,6 @@ def _compiled_pixel_op(name, image, level, negate):
     """`_pixel_op`, as its XLA program for the ops in _COMPILED_PIXEL_OPS."""
     return (_xla_pixel_op if name in _COMPILED_PIXEL_OPS else _pixel_op)(
         name, image, level, negate)
-
-
-def op_names(increasing=True):
-    """The op list `rand_augment` chooses from, in dispatch order (``op_index`` refers to it)."""
-    return RAND_INCREASING_OPS if increasing else RAND_OPS
 
 
 @tf.autograph.experimental.do_not_convert

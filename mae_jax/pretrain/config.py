@@ -6,7 +6,6 @@ import ml_collections
 
 from mae_jax.classification import knn
 from mae_jax.core import config as core_config
-from mae_jax.data.on_device import MODES as ON_DEVICE_MODES
 from mae_jax.models.mae import check_mask_ratio
 from mae_jax.models.registry import DEFAULT_DECODER
 
@@ -118,11 +117,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     core_config.check_batch(config, problems, num_devices=num_devices,
                             num_processes=num_processes)
     core_config.check_run(config, problems)
-    if config.data.on_device not in ON_DEVICE_MODES:
-        problems.append(
-            f"data.on_device must be one of {', '.join(ON_DEVICE_MODES)}, "
-            f"got {config.data.on_device!r}"
-        )
+    core_config.check_on_device(config, problems)
     core_config.check_device_resize(config, problems, host_only="" if config.data.augment
                                     else "data.augment=False (resize + centre crop)")
     knn.check_config(config.knn, problems, num_devices=num_devices)
