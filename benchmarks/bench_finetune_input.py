@@ -145,9 +145,9 @@ def device_part_cost(seconds: float) -> dict:
     from mae_jax.data import device_resize
     from mae_jax.data.randaugment_device import CODE, STAGES
 
-    # timm's 15 ops as device codes (the 5 geometric ones are one code; no TensorFlow here).
-    policy = ["affine"] * 5 + [op for stage, (ops, _) in STAGES.items() if stage != "affine"
-                               for op in ops]
+    # timm's 15 ops as device codes (no TensorFlow here): the 5 geometric ones are one code,
+    # rotations (1 of 5) with the 16-tap warp, shears and translations with 4 taps.
+    policy = ["affine"] * 5 + [op for stage in ("statistics", "pixel") for op in STAGES[stage][0]]
     rng = np.random.default_rng(0)
     side = np.sqrt(rng.uniform(*SCALE, BATCH) * SOURCE[0] * SOURCE[1])
     box = np.stack([np.zeros(BATCH), np.zeros(BATCH), np.minimum(side, SOURCE[0]),
@@ -157,6 +157,8 @@ def device_part_cost(seconds: float) -> dict:
     angle = np.radians(rng.uniform(-30, 30, (BATCH, 2)))
     matrix = np.stack([np.cos(angle), np.sin(angle), 30 * np.ones_like(angle), -np.sin(angle),
                        np.cos(angle), -30 * np.ones_like(angle)], -1)  # a rotation
+    shear = np.zeros_like(matrix) + np.asarray([1, 0.2, 0, 0, 1, 0])  # ShearX
+    matrix = np.where((rng.random((BATCH, 2)) < 0.2)[..., None], matrix, shear)
     args = np.where((codes == CODE["affine"])[..., None], matrix, 1.6).astype(np.float32)
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
     parts = sharding.global_batch_from_host({

@@ -195,6 +195,12 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):  # interleaved: load drifts hit all inputs alike
         for name, run in runs.items():
             regions[name].append(1000 * timed(run, args.steps) / args.steps)
+    # The host's share: the examples of a step (and RandAugment's draws), one thread.
+    host_steps, host_start = 0, time.perf_counter()
+    while time.perf_counter() - host_start < 1.0 or host_steps < 3:
+        iterator.host_part(host_steps)
+        host_steps += 1
+    host_ms = 1000 * (time.perf_counter() - host_start) / host_steps
     cache = train_step._cache_size() if hasattr(train_step, "_cache_size") else None
     if cache not in (None, 1):
         raise RuntimeError(f"the train step compiled {cache} times: the two inputs differ")
@@ -215,7 +221,8 @@ def main(argv=None) -> dict:
         "machine": machine(), "load_average_before": load_before,
         "load_average_after": load_after, "settings": vars(args),
         "dataset_bytes_per_device": iterator.dataset_bytes_per_device,
-        "rows": rows,
+        "rows": rows, "host_ms_per_step": host_ms,
+        "host_images_per_s": args.batch_size / host_ms * 1000,
     }
     dims = {k: config.model[k] for k in ("embed_dim", "depth", "num_heads", "patch_size",
                                          "decoder_embed_dim", "decoder_depth") if k in config.model}
@@ -239,6 +246,10 @@ def main(argv=None) -> dict:
             overheads = f"{row['median_percent']:+.1f}% | {row['paired_percent']:+.1f}%"
         print(f"| {row['input']} | {row['ms_per_step_median']:.1f} | {per_region} | "
               f"{overheads} |")
+    draws = ", RandAugment draws" if args.task == "finetune" else ""
+    print(f"\nHost part (which examples{draws}): "
+          f"{host_ms:.3f} ms a step, {report['host_images_per_s']:,.0f} images/s on one "
+          "thread.")
     if args.out_json:
         with open(args.out_json, "w") as handle:
             json.dump(report, handle, indent=2)

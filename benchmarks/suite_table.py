@@ -152,7 +152,9 @@ def on_device_rows(report: dict) -> list[tuple]:
                  _status(ours["paired_percent"] <= ON_DEVICE_TARGET),
                  f"medians {ours['median_percent']:+.1f}%" + (
                      f"; augmentation alone {alone['paired_percent']:.1f}% of a step"
-                     if alone else ""))]
+                     if alone else "") + (
+                     f"; host part {report['host_images_per_s']:,.0f} images/s (one thread)"
+                     if "host_images_per_s" in report else ""))]
 
 
 def seg_train_rows(report: dict) -> list[tuple]:

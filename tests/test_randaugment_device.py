@@ -119,20 +119,40 @@ def test_stages_on_gathered_images_equal_the_whole_batch_and_overflow_skips_the_
     np.testing.assert_array_equal(_apply(images, codes, args), whole)  # default slots
     # One slot a stage: per layer and stage, only the first image (in batch order) that picked
     # it is augmented; the same as the whole-batch result with the other picks skipped.
-    stage_of = {device.CODE[op]: stage for stage, (ops, _) in device.STAGES.items()
-                for op in ops}
     skipped = codes.copy()
     for layer in range(codes.shape[1]):
-        first = {}
-        for i, code in enumerate(codes[:, layer]):
-            stage = stage_of.get(code)
-            if stage is not None and first.setdefault(stage, i) != i:
-                skipped[i, layer] = device.CODE["identity"]
+        picks = device.stage_picks(codes[:, layer], args[:, layer])
+        assert sum(np.asarray(p, int) for p in picks.values()).max() <= 1  # one stage each
+        for picked in picks.values():
+            skipped[np.flatnonzero(picked)[1:], layer] = device.CODE["identity"]
     assert (skipped != codes).sum() >= 4
     np.testing.assert_array_equal(_apply(images, codes, args, slots=1),
                                   _apply(images, skipped, args, slots=16))
     # The slot counts: the binomial bound, e.g. 31 of 64 images for the warp.
     assert device.stage_slots(64, 5 / 30) == 31 and device.stage_slots(2, 5 / 30) == 2
+
+
+def test_shears_and_translations_take_the_warps_bits_from_a_quarter_of_its_taps():
+    """`shift` (4 taps along the one axis pixels move on) == `warp` (PIL's 16 taps), and
+    stage_picks sends ShearX / ShearY / TranslateXRel / TranslateYRel there, Rotate not."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 37, 53, 3), dtype=np.uint8)
+    matrices = np.tile(np.asarray(device.IDENTITY_MATRIX, np.float32), (24, 1))
+    for i, entry in enumerate(np.arange(24) % 4):  # b, d: shears; c, f: translations
+        matrices[i, (1, 3, 2, 5)[entry]] = rng.uniform(-0.3, 0.3) if entry < 2 else \
+            rng.uniform(-40, 40)
+    fill = np.asarray(FILL, np.float32)
+    shifted = jax.jit(jax.vmap(lambda im, m: device.shift(im, m, fill)))(images, matrices)
+    warped = jax.jit(jax.vmap(lambda im, m: device.warp(im, m, fill)))(images, matrices)
+    np.testing.assert_array_equal(shifted, warped)
+    assert not np.array_equal(shifted, images)
+    names = ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate")
+    codes, args = zip(*(program._encode(name, 40, tf.constant(7.0, tf.float64),
+                                        tf.constant(False), 0.45) for name in names),
+                      strict=True)
+    picks = device.stage_picks(np.asarray(codes), np.stack([a.numpy() for a in args]))
+    assert np.asarray(picks["shift"]).tolist() == [True] * 4 + [False]
+    assert np.asarray(picks["warp"]).tolist() == [False] * 4 + [True]
 
 
 def test_bad_program_shapes_are_a_clear_error():

@@ -354,14 +354,18 @@ class OnDeviceIterator:
                                      step])
         return draw_programs(rng, schedule.local_batch, self.image_size, **self.randaugment)
 
-    def __next__(self) -> dict[str, jax.Array]:
-        ids = self.schedule.ids(self.step)
-        host = {"ids": ids}
+    def host_part(self, step: int) -> dict[str, np.ndarray]:
+        """All the host computes for step `step`: "ids" and, with RandAugment, its draws."""
+        host = {"ids": self.schedule.ids(step)}
         if self.randaugment is not None:
-            host.update(self.programs(self.step))
+            host.update(self.programs(step))
+        return host
+
+    def __next__(self) -> dict[str, jax.Array]:
+        host = self.host_part(self.step)
         args = sharding_lib.global_batch_from_host(host, self.ids_sharding)
         self.step += 1
         batch = {"image": self.batch_fn(self.dataset, *args.values())}  # not waited for
         if self.labels is not None:
-            batch["label"] = self.labels[ids[:, 0]]
+            batch["label"] = self.labels[host["ids"][:, 0]]
         return batch

@@ -13,16 +13,17 @@ arrives here as an op code and up to six float32 arguments:
     degenerate image,
   * ``identity``: the layer was skipped (timm applies each layer with probability 0.5).
 
-Static shapes, no branches: a layer is three stages (the warp; the tables computed from image
-statistics; the other tables and the blends), each computed on the images that picked it,
-gathered into a fixed number of slots sized so that more picks than slots has probability
-below 1e-9 (`apply_layers`). Arithmetic is float32 where PIL uses float64 (the warp's
-coordinates and cubic, AutoContrast's scale), so an image can differ from the host path's by a
-level at some pixels, and a sample right on the image border can take the fill colour in one
-and not the other (tests/test_randaugment_device.py bounds both). The integer ops and the
-blends give PIL's bits: their float32 products are rounded as PIL's C code rounds them even
-where the compiler fuses multiply-adds (`_product`; tests/test_randaugment_device_ops.py, which
-gpu_check.sh runs on the GPU too). No TensorFlow here.
+Static shapes, no branches: a layer is four stages (the rotations' warp; shears and
+translations, which move pixels along one axis and need a quarter of the warp's taps; the
+tables computed from image statistics; the other tables and the blends), each computed on the
+images that picked it, gathered into a fixed number of slots sized so that more picks than
+slots has probability below 1e-9 (`apply_layers`). Arithmetic is float32 where PIL uses float64
+(the warp's coordinates and cubic, AutoContrast's scale), so an image can differ from the host
+path's by a level at some pixels, and a sample right on the image border can take the fill
+colour in one and not the other (tests/test_randaugment_device.py bounds both). The integer ops
+and the blends give PIL's bits: their float32 products are rounded as PIL's C code rounds them
+even where the compiler fuses multiply-adds (`_product`; tests/test_randaugment_device_ops.py,
+which gpu_check.sh runs on the GPU too). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ NUM_ARGS = 6
 IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # timm's `img_mean` hparam for the ImageNet mean: the colour geometric ops fill with.
 DEFAULT_FILL = IMAGENET_MEAN_UINT8
-# The ops of each stage of a layer, and the share of a batch that timm's op lists (5 geometric
-# ops, 2 tables from image statistics, 4 other tables and 4 blends, of 15) pick for it a layer,
-# each layer applied with probability 0.5.
+# The stages of a layer and the share of a batch that timm's op lists (15 ops) pick for each,
+# each layer applied with probability 0.5: "warp", Rotate (PIL's 4 x 4 bicubic taps a pixel);
+# "shift", ShearX / TranslateXRel (pixels move along rows) and ShearY / TranslateYRel (along
+# columns), 4 taps a pixel (`shift`); "statistics", AutoContrast / Equalize (tables from image
+# statistics); "pixel", 4 other tables and 4 blends.
 TABLE_OPS = ("invert", "posterize", "solarize", "solarize_add")
 BLEND_OPS = ("color", "contrast", "brightness", "sharpness")
-STAGES = {"affine": (("affine",), 5 / 30), "statistics": (("autocontrast", "equalize"), 2 / 30),
+STAGES = {"warp": (("affine",), 1 / 30), "shift": (("affine",), 4 / 30),
+          "statistics": (("autocontrast", "equalize"), 2 / 30),
           "pixel": (TABLE_OPS + BLEND_OPS, 8 / 30)}
 # A stage computes on the images that picked it, gathered into a fixed number of slots: the
 # fewest for which more picks than slots has probability below this (binomial, per stage and
@@ -60,17 +64,19 @@ def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFA
     """images uint8 [B, H, W, 3] (H, W >= 3), codes int32 [B, L] (`CODE`), args float32
     [B, L, NUM_ARGS] -> uint8 [B, H, W, 3]: each example's L layers in order.
 
-    Each layer runs in three stages (`STAGES`: warp, tables from image statistics, other
-    tables or blends), each on the images that picked it only, gathered into `stage_slots(B,
-    share)` slots (`slots`: that many for every stage; B: every image, exact). Static shapes
-    and no branches (a conditional would make a GPU wait for the host).
+    Each layer runs in four stages (`STAGES`: rotations, shears and translations, tables from
+    image statistics, other tables or blends), each on the images that picked it only
+    (`stage_picks`), gathered into `stage_slots(B, share)` slots (`slots`: that many for every
+    stage; B: every image, exact). Static shapes and no branches (a conditional would make a
+    GPU wait for the host).
     """
     if codes.ndim != 2 or args.shape != (*codes.shape, NUM_ARGS):
         raise ValueError(f"codes [B, L] and args [B, L, {NUM_ARGS}] expected, got "
                          f"{codes.shape} and {args.shape}")
     fill = jnp.asarray(fill, jnp.float32)
     functions = {
-        "affine": lambda image, code, args: warp(image, args, fill),
+        "warp": lambda image, code, args: warp(image, args, fill),
+        "shift": lambda image, code, args: shift(image, args, fill),
         "statistics": lambda image, code, args: lookup(image, statistics_lut(image, code)),
         "pixel": lambda image, code, args: blend_op(
             lookup(image, simple_lut(code, args[0])), code, args[0]),
@@ -78,11 +84,24 @@ def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFA
     batch = images.shape[0]
     for layer in range(codes.shape[1]):
         code, arg = codes[:, layer], args[:, layer]
-        for stage, (ops, share) in STAGES.items():
-            picked = jnp.isin(code, jnp.asarray([CODE[name] for name in ops]))
-            size = stage_slots(batch, share) if slots is None else min(slots, batch)
+        for stage, picked in stage_picks(code, arg).items():
+            size = stage_slots(batch, STAGES[stage][1]) if slots is None else min(slots, batch)
             images = _on_picked(jax.vmap(functions[stage]), images, code, arg, picked, size)
     return images
+
+
+def stage_picks(code: jax.Array, args: jax.Array) -> dict[str, jax.Array]:
+    """For each stage of `STAGES`, bool [B]: the images whose layer (code int32 [B], args
+    float32 [B, NUM_ARGS]) it runs. An affine matrix that keeps rows (d, e, f = 0, 1, 0) or
+    columns (a, b, c = 1, 0, 0) in place is a "shift", any other a "warp"."""
+    affine = code == CODE["affine"]
+    keeps_rows = (args[:, 3] == 0) & (args[:, 4] == 1) & (args[:, 5] == 0)
+    keeps_columns = (args[:, 0] == 1) & (args[:, 1] == 0) & (args[:, 2] == 0)
+    picks = {"warp": affine & ~(keeps_rows | keeps_columns),
+             "shift": affine & (keeps_rows | keeps_columns)}
+    for stage in ("statistics", "pixel"):
+        picks[stage] = jnp.isin(code, jnp.asarray([CODE[name] for name in STAGES[stage][0]]))
+    return picks
 
 
 @functools.lru_cache(maxsize=256)
@@ -130,15 +149,7 @@ def warp(image: jax.Array, matrix: jax.Array, fill) -> jax.Array:
     identity matrix returns the image unchanged.
     """
     height, width, _ = image.shape
-    a = [matrix[i] for i in range(6)]
-    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5)[None, :]
-    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5)[:, None]
-    x_in = a[0] * xs + a[1] * ys + a[2]  # [H, W]
-    y_in = a[3] * xs + a[4] * ys + a[5]
-    inside = (x_in >= 0.0) & (x_in < width) & (y_in >= 0.0) & (y_in < height)
-    # Far-away (filled) points clipped so the integer casts stay in range.
-    x_in = jnp.clip(x_in, -8.0, width + 8.0) - 0.5
-    y_in = jnp.clip(y_in, -8.0, height + 8.0) - 0.5
+    x_in, y_in, inside = _source_points(height, width, matrix)
     x_floor, y_floor = jnp.floor(x_in), jnp.floor(y_in)
     taps = jnp.arange(4) - 1
     cols = jnp.clip(x_floor.astype(jnp.int32)[..., None] + taps, 0, width - 1)  # [H, W, 4]
@@ -150,6 +161,44 @@ def warp(image: jax.Array, matrix: jax.Array, fill) -> jax.Array:
         taps_in_row = pixels[rows[..., row, None] * width + cols].astype(jnp.float32)
         along_x.append(_pil_cubic(*(taps_in_row[:, :, i] for i in range(4)), dx))
     values = _pil_cubic(*along_x, (y_in - y_floor)[..., None])
+    return _clip_or_fill(values, inside, fill)
+
+
+def shift(image: jax.Array, matrix: jax.Array, fill) -> jax.Array:
+    """`warp` for a matrix that moves pixels along rows only (d, e, f = 0, 1, 0: ShearX,
+    TranslateXRel) or columns only (a, b, c = 1, 0, 0: ShearY, TranslateYRel), with the 4
+    taps along that axis: the same bits, since PIL's cubic at a zero fraction returns its
+    second sample exactly (the other axis's taps add nothing)."""
+    height, width, _ = image.shape
+    x_in, y_in, inside = _source_points(height, width, matrix)
+    along_columns = (matrix[0] == 1) & (matrix[1] == 0) & (matrix[2] == 0)
+    x_floor, y_floor = jnp.floor(x_in), jnp.floor(y_in)
+    taps = jnp.arange(4) - 1
+    cols = x_floor.astype(jnp.int32)[..., None] + jnp.where(along_columns, 0, taps)
+    rows = y_floor.astype(jnp.int32)[..., None] + jnp.where(along_columns, taps, 0)
+    index = jnp.clip(rows, 0, height - 1) * width + jnp.clip(cols, 0, width - 1)  # [H, W, 4]
+    samples = image.reshape(-1, 3)[index].astype(jnp.float32)  # [H, W, 4, 3]
+    frac = jnp.where(along_columns, y_in - y_floor, x_in - x_floor)[..., None]
+    values = _pil_cubic(*(samples[:, :, i] for i in range(4)), frac)
+    return _clip_or_fill(values, inside, fill)
+
+
+def _source_points(height: int, width: int, matrix: jax.Array):
+    """(x, y) each output pixel centre reads (float32 [H, W], shifted by -0.5 to tap
+    coordinates, far-away points clipped so the integer casts stay in range), and whether it
+    lies inside the image."""
+    a = [matrix[i] for i in range(6)]
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5)[None, :]
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5)[:, None]
+    x_in = a[0] * xs + a[1] * ys + a[2]  # [H, W]
+    y_in = a[3] * xs + a[4] * ys + a[5]
+    inside = (x_in >= 0.0) & (x_in < width) & (y_in >= 0.0) & (y_in < height)
+    return (jnp.clip(x_in, -8.0, width + 8.0) - 0.5, jnp.clip(y_in, -8.0, height + 8.0) - 0.5,
+            inside)
+
+
+def _clip_or_fill(values: jax.Array, inside: jax.Array, fill) -> jax.Array:
+    """PIL's bicubic result: clamped to [0, 255] and truncated inside, `fill` outside."""
     values = jnp.where(inside[..., None], jnp.floor(jnp.clip(values, 0.0, 255.0)), fill)
     return values.astype(jnp.uint8)
 
