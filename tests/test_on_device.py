@@ -378,8 +378,14 @@ def test_tfds_split_loads_with_its_fixed_feature_shape():
 def test_on_device_choice_follows_mode_platform_and_memory(tmp_path):
     source, _ = _folder(tmp_path, [(6, 10)] * 4)  # 720 bytes decoded
 
-    def fake(platform, limit):
-        return types.SimpleNamespace(platform=platform, memory_stats=lambda: {"bytes_limit": limit})
+    def fake(platform, limit, process_index=0):
+        return types.SimpleNamespace(platform=platform, process_index=process_index,
+                                     memory_stats=lambda: {"bytes_limit": limit})
+
+    def remote():  # another host's device: it cannot be asked (every host decides alike)
+        def refuse():
+            raise RuntimeError("memory_stats of a non-addressable device")
+        return types.SimpleNamespace(platform="gpu", process_index=1, memory_stats=refuse)
 
     def choose(mode, *devices):
         return in_memory.use_on_device(mode, source=source, devices=devices)
@@ -390,6 +396,7 @@ def test_on_device_choice_follows_mode_platform_and_memory(tmp_path):
     assert choose("always", cpu) is True
     assert choose("auto", fake("gpu", 10**9)) is True
     assert choose("auto", fake("gpu", 10**9), fake("gpu", 2000)) is False  # > 25% of 2000
+    assert choose("auto", fake("gpu", 10**9), remote()) is True
     with pytest.raises(ValueError, match="GiB per device"):
         choose("always", fake("gpu", 2000))
     with pytest.raises(ValueError, match="one of"):

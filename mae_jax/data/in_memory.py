@@ -113,8 +113,12 @@ def load_image_array(*, source: str, data_dir: str | None = None, split: str = "
 
 
 def device_memory_bytes(devices) -> int | None:
-    """The smallest memory limit of `devices`; None where the backend does not say (CPU)."""
-    limits = [(device.memory_stats() or {}).get("bytes_limit") for device in devices]
+    """The smallest memory limit of this process's `devices` (another host's devices cannot be
+    asked); None where the backend does not say (CPU)."""
+    import jax
+
+    local = [d for d in devices if getattr(d, "process_index", 0) == jax.process_index()]
+    limits = [(device.memory_stats() or {}).get("bytes_limit") for device in local]
     return None if not limits or None in limits else int(min(limits))
 
 
