@@ -226,7 +226,7 @@ def test_finetune_on_the_devices_resumes_exactly_after_a_kill(textures, tmp_path
     """data.on_device='always' (what 'auto' picks on GPUs for CIFAR): the training split decoded
     once onto the devices with its labels, crop + flip + RandAugment there
     (tests/test_on_device_randaugment.py pins the images). A run killed at step 3 and resumed
-    ends with the straight run's parameters and losses."""
+    ends with the straight run's parameters and losses. The linear probe runs there too."""
     config = tiny_config("finetune", textures, **{
         "data.on_device": "always", "export_official": False, "log_every_steps": 1})
     straight = finetune.train_and_evaluate(config, str(tmp_path / "straight"), devices=ONE)
@@ -247,10 +247,18 @@ def test_finetune_on_the_devices_resumes_exactly_after_a_kill(textures, tmp_path
     assert losses_of(resumed) == losses_of(tmp_path / "straight")
     jax.tree.map(np.testing.assert_array_equal, params_of(tmp_path / "straight"),
                  params_of(resumed))
+    # The linear probe on the devices: crop + flip (no RandAugment) and labels.
+    probe = tiny_config("linprobe", textures, **{"data.on_device": "always", "total_steps": 3,
+                                                 "data.device_resize_canvas": 16})
+    assert linprobe.train_and_evaluate(probe, str(tmp_path / "probe"), devices=ONE)["step"] == 3
+    assert "Input on device: 1000 images, 1 MB per device; crop, flip there " \
+        "(data.device_resize_canvas=16 unused)." in capsys.readouterr().out
+    assert sorted(losses_of(tmp_path / "probe")) == [2, 3]
 
 
 @pytest.mark.parametrize("changes,message", [
     ({"data.on_device": "yes"}, "data.on_device must be one of auto, always, never"),
+    ({"data.on_device": "always", "seed": -1}, "must be >= 0 for the on-device input"),
     ({"batch_size": 99, "grad_accum_steps": 3}, "must be even"),
     ({"data.device_resize_canvas": 8}, r"must be 0 \(resize on the host\) or an int >= "),
     ({"data.crop_scale": (0.0, 1.0)}, "crop_scale"),

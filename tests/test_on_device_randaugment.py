@@ -62,6 +62,8 @@ def test_draws_follow_timms_distributions():
     assert abs((mag == 10).mean() - 0.02275) < 0.006  # P(gauss > 10) = P(z > 2)
     fixed = draws.draw_layers(rng, (50, 2), num_ops=15, magnitude_std=0)
     assert (fixed["magnitude"] == 9.0).all()
+    often = draws.draw_layers(rng, (n, 1), num_ops=15, prob=0.8)  # applied when random() <= p
+    assert abs(often["apply"].mean() - 0.8) < 0.02
     # The two layers of an image are drawn independently (op pairs cover the 15 x 15 grid).
     assert len(set(map(tuple, d["op_index"]))) == 225
     programs = draws.draw_programs(rng, 4000, 32, **ra.parse_rand_augment(POLICY))
@@ -87,16 +89,19 @@ def _reference(image, box, flip, layers, names):
     return out
 
 
-def test_iterator_gives_pil_crops_with_timms_ops_for_its_draws_and_resumes(mesh):
+@pytest.mark.parametrize("policy", [POLICY, "rand-n3-m5-mstd0-inc0"])
+def test_iterator_gives_pil_crops_with_timms_ops_for_its_draws_and_resumes(mesh, policy):
     """Labelled images, RandomResizedCrop(scale (0.08, 1)) + flip + RandAugment on the devices:
-    every image equals PIL + timm for the crop, flip and layers the iterator drew, its label is
-    its example's, and an iterator started at step 1 gives step 1 again."""
+    every image equals PIL + timm for the crop, flip and layers the iterator drew (the
+    official policy, and another one: 3 layers of the plain ops at a fixed magnitude 5), its
+    label is its example's, and an iterator started at step 1 gives step 1 again."""
     images = np.stack([_scene(SOURCE, SOURCE, seed) for seed in range(16)])
     labels = np.arange(16) % 5
     common = dict(mesh=mesh, image_size=SIZE, global_batch_size=8, seed=3, labels=labels,
-                  crop_scale=(0.08, 1.0), randaugment=POLICY)
+                  crop_scale=(0.08, 1.0), randaugment=policy)
     iterator = on_device.OnDeviceIterator(images, **common)
-    names = ra.op_names(increasing=True)
+    parsed = ra.parse_rand_augment(policy)
+    names = ra.op_names(parsed["increasing"])
     params = jax.jit(lambda keys: on_device.random_params(keys, SOURCE, SOURCE, (0.08, 1.0)))
     seen, batches = set(), []
     for step in range(3):
@@ -107,7 +112,11 @@ def test_iterator_gives_pil_crops_with_timms_ops_for_its_draws_and_resumes(mesh)
         assert batch["label"].dtype == np.int32
         boxes, flips = params(jax.vmap(lambda row: on_device.example_key(3, row))(ids))
         rng = np.random.default_rng([on_device.RANDAUGMENT_STREAM, 3, 0, step])
-        layers = draws.draw_layers(rng, (8, 2), num_ops=15)
+        layers = draws.draw_layers(rng, (8, parsed["num_layers"]), num_ops=15,
+                                   magnitude=parsed["magnitude"],
+                                   magnitude_std=parsed["magnitude_std"])
+        if policy != POLICY:
+            assert (layers["magnitude"] == 5.0).all() and layers["op_index"].shape == (8, 3)
         for i, (index, box, flip) in enumerate(zip(ids[:, 0], np.asarray(boxes),
                                                    np.asarray(flips), strict=True)):
             example = [layers[k][i] for k in ("op_index", "apply", "magnitude", "negate")]

@@ -4,9 +4,9 @@ The GPU machine has no TensorFlow, so `benchmarks/gpu_check.sh` runs this file t
 same ops on the accelerator (where XLA may contract a * b + c into fused multiply-adds and
 picks its own kernels) against PIL's own functions. tests/test_randaugment_device.py checks
 the host's encoding of timm's ops and the whole pipeline, on the CPU. Tolerances as there:
-the integer ops and blends exact, the warp and AutoContrast (float32 here, float64 in PIL) at
-most 1% of the values a level off and 0.5% more (samples on the border taking the fill colour
-in one and not the other).
+the integer ops, AutoContrast and the blends exact, the warp (float32 here, float64 in PIL)
+at most 1% of the values a level off and 0.5% more (samples on the border taking the fill
+colour in one and not the other).
 """
 
 import math
@@ -51,7 +51,7 @@ CASES = [  # (code, arguments, PIL reference, exact)
     ("affine", (1, 0, 0, -0.3, 1, 0), _affine((1, 0, 0, -0.3, 1, 0)), False),
     ("affine", (1, 0, -7.3, 0, 1, 0), _affine((1, 0, -7.3, 0, 1, 0)), False),
     ("affine", (1, 0, 0, 0, 1, 12.0), _affine((1, 0, 0, 0, 1, 12.0)), False),
-    ("autocontrast", (0,), ImageOps.autocontrast, False),
+    ("autocontrast", (0,), ImageOps.autocontrast, True),
     ("equalize", (0,), ImageOps.equalize, True),
     ("invert", (0,), ImageOps.invert, True),
     ("posterize", (3,), lambda pil: ImageOps.posterize(pil, 3), True),
@@ -82,3 +82,32 @@ def test_device_ops_equal_pils_on_the_default_backend():
             assert diff.max() == 0, (code, values, np.count_nonzero(diff))
         else:
             assert (diff > 1).mean() <= 5e-3 and (diff == 1).mean() <= 1e-2, (code, values)
+
+
+def test_autocontrast_tables_equal_pils_for_every_min_and_max():
+    """All 32,640 (min, max) pairs: the table of ImageOps.autocontrast (float64 in PIL, e.g.
+    min 0, max 25 maps 25 to 254) on the values min .. max, bit for bit."""
+    lo, hi = (a.ravel() for a in np.triu_indices(256, 1))
+    flat = np.stack([np.stack([lo, hi], 1)] * 3, -1).astype(np.int32)  # [pairs, 2 pixels, 3]
+    identity = np.broadcast_to(np.arange(256, dtype=np.int32), (3, 256))
+    tables = np.asarray(jax.jit(jax.vmap(lambda f: device._autocontrast_lut(f, identity)))(flat))
+    for pair, (low, high) in enumerate(zip(lo, hi, strict=True)):
+        row = Image.fromarray(np.arange(low, high + 1, dtype=np.uint8)[None, :])
+        want = np.asarray(ImageOps.autocontrast(row))[0]
+        np.testing.assert_array_equal(tables[pair, 0, low:high + 1], want, err_msg=(low, high))
+
+
+def test_shears_and_translations_take_the_warps_bits_from_a_quarter_of_its_taps():
+    """`shift` (4 taps along the one axis pixels move on) == `warp` (PIL's 16 taps: its cubic at
+    a zero fraction returns the sample), on the default backend."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 37, 53, 3), dtype=np.uint8)
+    matrices = np.tile(np.asarray(device.IDENTITY_MATRIX, np.float32), (24, 1))
+    for i, entry in enumerate(np.arange(24) % 4):  # b, d: shears; c, f: translations
+        matrices[i, (1, 3, 2, 5)[entry]] = rng.uniform(-0.3, 0.3) if entry < 2 else \
+            rng.uniform(-40, 40)
+    fill = np.asarray(FILL, np.float32)
+    shifted = jax.jit(jax.vmap(lambda im, m: device.shift(im, m, fill)))(images, matrices)
+    warped = jax.jit(jax.vmap(lambda im, m: device.warp(im, m, fill)))(images, matrices)
+    np.testing.assert_array_equal(shifted, warped)
+    assert not np.array_equal(shifted, images)

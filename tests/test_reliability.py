@@ -363,6 +363,21 @@ def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_pa
         Run(run_config(), str(workdir))
 
 
+def test_a_run_recorded_before_data_on_device_resumes_with_its_tf_data_input(finished_run,
+                                                                            tmp_path):
+    """Runs recorded before `data.on_device` existed read their data through tf.data: a
+    resume compares against "never" (what they did), not against the field's absence."""
+    workdir = copy_of(finished_run, tmp_path)
+    recorded = json.loads((workdir / "config.json").read_text())
+    del recorded["data"]["on_device"]
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    with pytest.raises(ConfigChangedError, match="data.on_device: 'never' -> 'always'"):
+        Run(run_config(**{"data.on_device": "always"}), str(workdir))
+    with Run(run_config(**{"data.on_device": "never"}), str(workdir)) as run:
+        assert run.resume_step == 6
+    assert not (workdir / HISTORY_FILE).exists()
+
+
 def test_an_accepted_change_of_model_size_is_refused_from_metadata_naming_the_leaves(
     finished_run, tmp_path
 ):

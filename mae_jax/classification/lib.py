@@ -169,8 +169,10 @@ def train_batches(config, options: dict, mesh, start_step: int, in_device_memory
     if in_device_memory is not None:
         images, labels = in_device_memory
         then = f", RandAugment {config.data.randaugment}" if config.data.randaugment else ""
+        unused = (f" (data.device_resize_canvas={config.data.device_resize_canvas} unused)"
+                  if config.data.device_resize_canvas else "")
         print(f"Input on device: {len(images)} images, {images.nbytes / 1e6:.0f} MB per device; "
-              f"crop, flip{then} there.")
+              f"crop, flip{then} there{unused}.")
         return OnDeviceIterator(
             images, labels=labels, mesh=mesh, image_size=config.model.image_size,
             global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,

@@ -155,6 +155,9 @@ def check_on_device(config: ml_collections.ConfigDict, problems: list[str]) -> N
     if config.data.on_device not in MODES:
         problems.append(f"data.on_device must be one of {', '.join(MODES)}, got "
                         f"{config.data.on_device!r}")
+    elif config.data.on_device != "never" and config.seed < 0:
+        problems.append(f"seed {config.seed} must be >= 0 for the on-device input "
+                        f"(data.on_device={config.data.on_device!r}); or set it to 'never'")
 
 
 def schedule_lengths(config, num_examples: int) -> dict[str, int]:

@@ -31,6 +31,11 @@ HARMLESS_FIELDS = frozenset({
     "data.download", "mesh.data", "mesh.fsdp", "model.attention_impl",
 })
 
+# Fields added after runs were recorded without them: the value that reproduces what those runs
+# did (a resume of such a run compares against it). data.on_device: fine-tuning and the linear
+# probe (and pretraining before the field) read the data through tf.data.
+LATER_FIELDS = {"data.on_device": "never"}
+
 
 class ConfigChangedError(ValueError):
     """A resume with changed hyperparameters, without --config_change_ok."""
@@ -108,6 +113,9 @@ def record_config(
         if write:
             _start_record(workdir, config, current)
         return {}
+    for key, value in LATER_FIELDS.items():
+        if key in current and key not in recorded:
+            recorded[key] = value
     changes = differences(recorded, current)
     significant = {k: v for k, v in changes.items() if k not in HARMLESS_FIELDS}
     if significant and not config.get(CHANGE_OK_FIELD, False):

@@ -2,9 +2,10 @@
 
 The decoded dataset, uint8 [N, H, W, 3] (one image size), is copied once to every device
 (replicated: N*H*W*3 bytes per device, 153.6 MB for CIFAR-100's 50,000 32x32 images). Each step
-the host computes only which examples the batch holds, int32 [B_local, 4] rows of
-(dataset index, process, epoch, position); one jitted function, run per device under shard_map
-(no communication), gathers the images and applies torchvision's augmentation:
+the host computes which examples the batch holds, int32 [B_local, 4] rows of (dataset index,
+process, epoch, position) (and, for fine-tuning, their labels and RandAugment's draws); one
+jitted function, run per device under shard_map (no communication), gathers the images and
+applies torchvision's augmentation:
 
   RandomResizedCrop(S, scale (0.2, 1) for MAE pretraining, (0.08, 1) for the linear probe and
   fine-tuning, ratio (3/4, 4/3), bicubic) + RandomHorizontalFlip(0.5),

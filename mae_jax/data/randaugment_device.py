@@ -17,13 +17,14 @@ Static shapes, no branches: a layer is four stages (the rotations' warp; shears 
 translations, which move pixels along one axis and need a quarter of the warp's taps; the
 tables computed from image statistics; the other tables and the blends), each computed on the
 images that picked it, gathered into a fixed number of slots sized so that more picks than
-slots has probability below 1e-9 (`apply_layers`). Arithmetic is float32 where PIL uses float64
-(the warp's coordinates and cubic, AutoContrast's scale), so an image can differ from the host
-path's by a level at some pixels, and a sample right on the image border can take the fill
-colour in one and not the other (tests/test_randaugment_device.py bounds both). The integer ops
-and the blends give PIL's bits: their float32 products are rounded as PIL's C code rounds them
-even where the compiler fuses multiply-adds (`_product`; tests/test_randaugment_device_ops.py,
-which gpu_check.sh runs on the GPU too). No TensorFlow here.
+slots has probability below 1e-9 (`apply_layers`). The warp's coordinates and cubic are float32
+where PIL uses float64, so a warped image can differ from the host path's by a level at some
+pixels, and a sample right on the image border can take the fill colour in one and not the
+other (tests/test_randaugment_device.py bounds both). The integer ops, AutoContrast (its
+float64 table reproduced in integers, `_autocontrast_lut`) and the blends give PIL's bits:
+their float32 products are rounded as PIL's C code rounds them even where the compiler fuses
+multiply-adds (`_product`; tests/test_randaugment_device_ops.py, which gpu_check.sh runs on the
+GPU too). No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 
@@ -239,13 +241,33 @@ def lookup(image: jax.Array, table: jax.Array) -> jax.Array:
 
 
 def _autocontrast_lut(flat, identity):
-    """``ImageOps.autocontrast``: [min, max] of each channel stretched to [0, 255] (float32
-    here, float64 in PIL: an entry can be one level off); constant channels unchanged."""
-    lo = flat.min(axis=0)[:, None].astype(jnp.float32)
-    hi = flat.max(axis=0)[:, None].astype(jnp.float32)
-    scale = 255.0 / jnp.where(hi > lo, hi - lo, 1.0)
-    stretched = jnp.floor(jnp.clip(identity * scale - lo * scale, 0.0, 255.0))
-    return jnp.where(hi > lo, stretched.astype(jnp.int32), identity)
+    """``ImageOps.autocontrast``'s table, PIL's bits: [min, max] of each channel stretched to
+    [0, 255] (constant channels unchanged). PIL computes int(ix * scale - lo * scale) in
+    float64 with scale = 255 / (hi - lo); here the exact floor((ix - lo) * 255 / (hi - lo)) in
+    integers, less one at the (lo, hi, ix) where PIL's float64 lands just below a whole number
+    (`_autocontrast_shortfalls`: e.g. lo 0, hi 25 maps 25 to 254)."""
+    lo, hi = flat.min(axis=0)[:, None], flat.max(axis=0)[:, None]
+    stretched = jnp.floor_divide((identity - lo) * 255, jnp.maximum(hi - lo, 1))
+    shortfalls = jnp.asarray(_autocontrast_shortfalls())
+    keys = (lo * 256 + hi) * 256 + identity
+    found = shortfalls[jnp.minimum(jnp.searchsorted(shortfalls, keys), len(shortfalls) - 1)]
+    stretched = jnp.clip(stretched - (found == keys), 0, 255)
+    return jnp.where(hi > lo, stretched, identity)
+
+
+@functools.cache
+def _autocontrast_shortfalls():
+    """Sorted int32 keys (lo * 256 + hi) * 256 + ix of every lo < hi, ix in [0, 255] where
+    PIL's float64 ``int(ix * scale + offset)`` (scale = 255.0 / (hi - lo), offset = -lo *
+    scale) is one below the exact floor((ix - lo) * 255 / (hi - lo)) (never more: a float64
+    rounding can only pull a whole number below itself; 12,094 keys)."""
+    lo, hi = (a.ravel() for a in np.triu_indices(256, 1))
+    ix = np.arange(256, dtype=np.float64)[None, :]
+    scale = (255.0 / (hi - lo))[:, None]
+    pil = np.trunc(ix * scale + (-lo[:, None] * scale))
+    exact = np.floor_divide((ix.astype(np.int64) - lo[:, None]) * 255, (hi - lo)[:, None])
+    rows, cols = np.nonzero((pil != exact) & (exact >= 0) & (exact <= 255))
+    return np.sort((lo[rows] * 256 + hi[rows]) * 256 + cols).astype(np.int32)
 
 
 def _equalize_lut(flat, identity):

@@ -12,7 +12,7 @@ crop and resize there. The draws follow timm 0.3.2's `RandAugment` / `AugmentOp`
 
 and each chosen op's level becomes its argument in float64 as timm's ``_LEVEL_TO_ARG`` computes
 it, the same operations as the TensorFlow encoding of the canvas path
-(`mae_jax.data.randaugment_program`; tests/test_randaugment_draws.py compares them). Only the
+(`mae_jax.data.randaugment_program`; tests/test_on_device_randaugment.py compares them). Only the
 random stream differs from the host path's (numpy's, not TensorFlow's stateless ops).
 """
 
