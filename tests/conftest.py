@@ -65,6 +65,22 @@ def tiny_pretrain_config(**changes):
     return set_fields(config, changes)
 
 
+def tiny_finetune_config(**changes):
+    """fine-tuning (every augmentation on) of a 16x16 ViT (2 blocks of width 32, patch 4) on a
+    labelled folder given as data.source."""
+    from mae_jax.classification.config import defaults
+
+    config = defaults("finetune")
+    config.model.update(variant="vit_tiny_patch16", image_size=16, patch_size=4, embed_dim=32,
+                        depth=2, num_heads=2)
+    config.data.update(eval_split="val", crop_scale=(0.5, 1.0), resize_ratio=1.0,
+                       shuffle_buffer_size=64)
+    config.update(batch_size=16, grad_accum_steps=1, lr=2e-3, total_steps=4, warmup_steps=1,
+                  eval_batch_size=16, eval_every_epochs=0.0, log_every_steps=1,
+                  checkpoint_every_steps=2, tensorboard=False, export_official=False)
+    return set_fields(config, changes)
+
+
 def tiny_segmentation_config(**changes):
     """A 16x16 ViT (2 blocks feeding the 4 levels twice) + 16-channel UPerNet, 4 classes."""
     config = segmentation_config.defaults()

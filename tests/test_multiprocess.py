@@ -20,7 +20,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import losses_of, params_of, tiny_pretrain_config, tiny_segmentation_config
+from conftest import (
+    losses_of,
+    params_of,
+    tiny_finetune_config,
+    tiny_pretrain_config,
+    tiny_segmentation_config,
+)
 
 from mae_jax.core.run_logging import read_metrics
 from mae_jax.data.generated import write_generated_images
@@ -180,6 +186,46 @@ def test_two_processes_resume_their_checkpoints_past_a_damaged_one(pretrain_runs
     assert losses_of(resumed) == losses_of(two)  # steps 3 and 4 again, the same values
     # The same processes run the same programs: bit for bit.
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(two))
+
+
+def test_two_processes_fine_tune_on_the_devices_like_one_process(tmp_path, shared_compilations):
+    """finetune.py with the training split on the devices (labels, crop, flip, RandAugment):
+    each process's examples and draws (its ExampleSchedule, its RandAugment stream) form the
+    global batch; one process whose iterator concatenates both processes' host parts trains
+    to the same losses and parameters."""
+    from mae_jax.classification import finetune
+    from mae_jax.classification import lib as classification_lib
+    from mae_jax.classification.synthetic import write_labelled_dataset
+    from mae_jax.data.on_device import ExampleSchedule, OnDeviceIterator
+
+    folder = write_labelled_dataset(str(tmp_path / "data"), num_train=64, num_val=16,
+                                    num_classes=4, size=16)
+    changes = {"data.source": f"folder:{folder}", "data.on_device": "always"}
+    config_file = write_config(tmp_path / "config.py", "tiny_finetune_config", changes)
+    outputs = launch_two("finetune.py", config_file, tmp_path / "two", tmp_path)
+    assert all("Input on device: 64 images" in output for output in outputs)
+
+    class BothProcesses(OnDeviceIterator):
+        def __init__(self, images, **kwargs):
+            super().__init__(images, **kwargs)
+            self.schedules = [ExampleSchedule(
+                len(images), global_batch_size=kwargs["global_batch_size"],
+                seed=kwargs["seed"], process_index=p, process_count=2) for p in range(2)]
+
+        def host_part(self, step, schedule=None):
+            parts = [super(BothProcesses, self).host_part(step, s) for s in self.schedules]
+            return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(classification_lib, "OnDeviceIterator", BothProcesses)
+    try:
+        finetune.train_and_evaluate(tiny_finetune_config(**changes), str(tmp_path / "one"),
+                                    devices=jax.devices()[:4])
+    finally:
+        monkeypatch.undo()
+    assert sorted(losses_of(tmp_path / "two")) == [1, 2, 3, 4]
+    assert losses_of(tmp_path / "two") == pytest.approx(losses_of(tmp_path / "one"), rel=1e-5)
+    assert_same_parameters(params_of(tmp_path / "two"), params_of(tmp_path / "one"))
 
 
 def test_two_processes_run_segment_py_like_one_process(tmp_path, shared_compilations):

@@ -348,18 +348,17 @@ class OnDeviceIterator:
     def __iter__(self) -> OnDeviceIterator:
         return self
 
-    def programs(self, step: int) -> dict[str, np.ndarray]:
-        """RandAugment's draws of step `step` on this process: {"ra_code", "ra_args"}."""
-        schedule = self.schedule
-        rng = np.random.default_rng([RANDAUGMENT_STREAM, schedule.seed, schedule.process_index,
-                                     step])
-        return draw_programs(rng, schedule.local_batch, self.image_size, **self.randaugment)
-
-    def host_part(self, step: int) -> dict[str, np.ndarray]:
-        """All the host computes for step `step`: "ids" and, with RandAugment, its draws."""
-        host = {"ids": self.schedule.ids(step)}
+    def host_part(self, step: int, schedule: ExampleSchedule | None = None
+                  ) -> dict[str, np.ndarray]:
+        """All the host computes for step `step` of this process (or of `schedule`'s): "ids"
+        and, with RandAugment, its draws "ra_code" and "ra_args"."""
+        schedule = schedule or self.schedule
+        host = {"ids": schedule.ids(step)}
         if self.randaugment is not None:
-            host.update(self.programs(step))
+            rng = np.random.default_rng([RANDAUGMENT_STREAM, schedule.seed,
+                                         schedule.process_index, step])
+            host.update(draw_programs(rng, schedule.local_batch, self.image_size,
+                                      **self.randaugment))
         return host
 
     def __next__(self) -> dict[str, jax.Array]:
