@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.data import device_resize, in_memory, on_device
+from mae_jax.data import device_resize, in_memory, on_device, pil_resample
 from mae_jax.data.generated import generate_image
 
 MESH_DEVICES = 4  # tests/conftest.py simulates 4 CPU devices
@@ -115,7 +115,7 @@ def _crops(rng, count, height, width):
 
 
 def _ours(images, boxes, flips, size):
-    fn = jax.jit(on_device.resized_crop, static_argnums=3)
+    fn = jax.jit(pil_resample.resized_crop, static_argnums=3)
     return np.asarray(fn(images, boxes, flips, size)).astype(int)
 
 
@@ -157,7 +157,7 @@ def test_downscaled_crops_equal_pil_bicubic_with_antialiasing():
 def test_center_path_equals_torchvision_resize_and_center_crop(height, width, size):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (4, height, width, 3), dtype=np.uint8)
-    ours = np.asarray(jax.jit(on_device.center_resize, static_argnums=1)(images, size))
+    ours = np.asarray(jax.jit(pil_resample.center_resize, static_argnums=1)(images, size))
     for image, out in zip(images, ours, strict=True):
         # torchvision Resize(size): shorter side = size, longer = int(size * long / short).
         new_w, new_h = ((size, int(size * height / width)) if width <= height

@@ -19,7 +19,7 @@ import tensorflow as tf
 import torch
 from PIL import Image
 
-from mae_jax.data import image_ops, on_device, photometric
+from mae_jax.data import image_ops, on_device, photometric, pil_resample
 from mae_jax.data import seg_transforms as st
 
 
@@ -45,7 +45,7 @@ RESIZES = [((45, 70), (19, 31)), ((45, 70), (96, 130)), ((64, 36), (100, 21)), (
 
 @pytest.mark.parametrize("shape,size", RESIZES)
 def test_bicubic_resize_matches_pil(shape, size):
-    """image_ops.resize_bicubic (TF path) and on_device.resized_crop over the whole image (JAX
+    """image_ops.resize_bicubic (TF path) and pil_resample.resized_crop over the whole image (JAX
     path) vs PIL.Image.resize(BICUBIC), non-square, shrinking, enlarging and mixed.
 
     Tolerance: max |diff| <= 1 uint8 level and < 1% of values off (PIL's weights are 22-bit
@@ -60,8 +60,8 @@ def test_bicubic_resize_matches_pil(shape, size):
         diff = _levels(ours, expected)
         assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
         box = np.array([[0, 0, *shape]], np.int32)
-        if size[0] == size[1]:  # on_device resizes crops to squares only
-            on_dev = on_device.resized_crop(pixels[None], box, np.array([False]), size[0])[0]
+        if size[0] == size[1]:  # pil_resample resizes crops to squares only
+            on_dev = pil_resample.resized_crop(pixels[None], box, np.array([False]), size[0])[0]
             on_dev_diff = _levels(on_dev, expected)
             assert on_dev_diff.max() <= 1 and on_dev_diff.mean() < 0.01
 

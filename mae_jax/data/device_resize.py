@@ -4,7 +4,7 @@
 decoding: each example is its crop window (JPEG: only the window is decoded) padded into a
 C x C canvas, with the crop's box and the flip (and, with RandAugment, its drawn layers). Here
 one jitted function per batch runs PIL's bicubic resize + flip on the devices
-(`mae_jax.data.on_device.resized_crop`: per-example weight matrices, static shapes), then the
+(`mae_jax.data.pil_resample.resized_crop`: per-example weight matrices, static shapes), then the
 layers (`mae_jax.data.randaugment_device`), and gives the images the host pipeline would have
 made (to rounding). No TensorFlow here.
 """
@@ -17,7 +17,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.data.on_device import resized_crop
+from mae_jax.data.pil_resample import resized_crop
 from mae_jax.data.randaugment_device import apply_layers
 
 HOST_KEYS = ("canvas", "box", "flip")

@@ -241,7 +241,7 @@ def random_crop_window(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, can
     Decodes the same crop window (same seed, same box): {"canvas": uint8 [h, w, 3] with h, w
     <= canvas (padded into the canvas's top-left corner when batched: `padded_batch` writes it
     there in one copy, a tf.pad first would cost ~0.5 ms more an image), "box": int32 [4] (top,
-    left, height, width) of the crop in it, "flip": bool}. `mae_jax.data.on_device.resized_crop`
+    left, height, width) of the crop in it, "flip": bool}. `mae_jax.data.pil_resample.resized_crop`
     of the padded canvases gives `random_resized_crop`'s images (equal in our tests: both sum
     the same products). A window larger than the canvas is resized here instead (box = the
     whole image_size square, which the device resize leaves unchanged), so no crop is cut.
