@@ -147,7 +147,8 @@ def device_part_cost(seconds: float) -> dict:
 
     # timm's 15 ops as device codes (no TensorFlow here): the 5 geometric ones are one code,
     # rotations (1 of 5) with the 16-tap warp, shears and translations with 4 taps.
-    policy = ["affine"] * 5 + [op for stage in ("statistics", "pixel") for op in STAGES[stage][0]]
+    policy = ["affine"] * 5 + [op for stage, (ops, _) in STAGES.items()
+                               if stage not in ("warp", "shift") for op in ops]
     rng = np.random.default_rng(0)
     side = np.sqrt(rng.uniform(*SCALE, BATCH) * SOURCE[0] * SOURCE[1])
     box = np.stack([np.zeros(BATCH), np.zeros(BATCH), np.minimum(side, SOURCE[0]),

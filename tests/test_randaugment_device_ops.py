@@ -1,4 +1,5 @@
-"""RandAugment's device ops (mae_jax.data.randaugment_device) against PIL, without TensorFlow.
+"""RandAugment's device ops (mae_jax.data.randaugment_device, randaugment_pixels) against PIL,
+without TensorFlow.
 
 The GPU machine has no TensorFlow, so `benchmarks/gpu_check.sh` runs this file there: the
 same ops on the accelerator (where XLA may contract a * b + c into fused multiply-adds and
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from mae_jax.data import randaugment_device as device
+from mae_jax.data import randaugment_pixels as pixels
 
 FILL = (124, 116, 104)
 SIZE = 48
@@ -92,7 +94,7 @@ def test_statistics_ops_equal_pils_on_a_blown_out_image():
     image[40:, 40:, 1] = 7
     for name, reference in (("equalize", ImageOps.equalize),
                             ("autocontrast", ImageOps.autocontrast)):
-        ours = jax.jit(lambda im, c: device.lookup(im, device.statistics_lut(im, c)))(
+        ours = jax.jit(lambda im, c: pixels.lookup(im, pixels.statistics_lut(im, c)))(
             image, device.CODE[name])
         want = np.asarray(reference(Image.fromarray(image)))
         assert not np.array_equal(want, image)
@@ -105,7 +107,7 @@ def test_autocontrast_tables_equal_pils_for_every_min_and_max():
     lo, hi = (a.ravel() for a in np.triu_indices(256, 1))
     images = np.stack([np.stack([lo, hi], 1)[:, None]] * 3, -1).astype(np.uint8)  # [P, 1, 2, 3]
     code = device.CODE["autocontrast"]
-    tables = np.asarray(jax.jit(jax.vmap(lambda im: device.statistics_lut(im, code)))(images))
+    tables = np.asarray(jax.jit(jax.vmap(lambda im: pixels.statistics_lut(im, code)))(images))
     for pair, (low, high) in enumerate(zip(lo, hi, strict=True)):
         row = Image.fromarray(np.arange(low, high + 1, dtype=np.uint8)[None, :])
         want = np.asarray(ImageOps.autocontrast(row))[0]

@@ -13,15 +13,14 @@ arrives here as an op code and up to six float32 arguments:
     degenerate image,
   * ``identity``: the layer was skipped (timm applies each layer with probability 0.5).
 
-Static shapes, no branches: a layer is four stages (`STAGES`), each computed on the images
+Static shapes, no branches: a layer is five stages (`STAGES`), each computed on the images
 that picked it, gathered into slots sized so that more picks than slots has probability below
 1e-9 (`apply_layers`). The warp's coordinates and cubic are float32 where PIL uses float64: a
 warped image can differ from the host path's by a level at some pixels, and a sample right on
 the border can take the fill colour in one and not the other (tests/test_randaugment_device.py
-bounds both). The integer ops, AutoContrast (PIL's float64 table in integers) and the blends
-give PIL's bits, their float32 products rounded as PIL's C code rounds them even where the
-compiler fuses multiply-adds (`_product`; tests/test_randaugment_device_ops.py, which
-gpu_check.sh runs on the GPU too). No TensorFlow here.
+bounds both). The tables and blends (`mae_jax.data.randaugment_pixels`) give PIL's bits
+(tests/test_randaugment_device_ops.py, which gpu_check.sh runs on the GPU too). No TensorFlow
+here.
 """
 
 from __future__ import annotations
@@ -31,13 +30,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mae_jax.data import randaugment_pixels as pixels
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 
-OPS = ("identity", "affine", "autocontrast", "equalize", "invert", "posterize", "solarize",
-       "solarize_add", "color", "contrast", "brightness", "sharpness")
-CODE = {name: code for code, name in enumerate(OPS)}
+CODE = pixels.CODE  # a layer's op
 NUM_ARGS = 6
 IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # timm's `img_mean` hparam for the ImageNet mean: the colour geometric ops fill with.
@@ -46,12 +43,12 @@ DEFAULT_FILL = IMAGENET_MEAN_UINT8
 # each layer applied with probability 0.5: "warp", Rotate (PIL's 4 x 4 bicubic taps a pixel);
 # "shift", ShearX / TranslateXRel (pixels move along rows) and ShearY / TranslateYRel (along
 # columns), 4 taps a pixel (`shift`); "statistics", AutoContrast / Equalize (tables from image
-# statistics); "pixel", 4 other tables and 4 blends.
-TABLE_OPS = ("invert", "posterize", "solarize", "solarize_add")
-BLEND_OPS = ("color", "contrast", "brightness", "sharpness")
+# statistics); "pixel", 4 other tables and 3 blends; "sharpness", the blend with PIL's
+# smoothing (25x the cost of the other blends on a CPU: on their images only).
 STAGES = {"warp": (("affine",), 1 / 30), "shift": (("affine",), 4 / 30),
           "statistics": (("autocontrast", "equalize"), 2 / 30),
-          "pixel": (TABLE_OPS + BLEND_OPS, 8 / 30)}
+          "pixel": (pixels.TABLE_OPS + pixels.BLEND_OPS[:3], 7 / 30),
+          "sharpness": (("sharpness",), 1 / 30)}
 # A stage computes on the images that picked it, gathered into a fixed number of slots: the
 # fewest for which more picks than slots has probability below this (binomial, per stage and
 # batch of a device). Picks past the slots keep that layer unapplied.
@@ -63,7 +60,7 @@ def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFA
     """images uint8 [B, H, W, 3] (H, W >= 3), codes int32 [B, L] (`CODE`), args float32
     [B, L, NUM_ARGS] -> uint8 [B, H, W, 3]: each example's L layers in order.
 
-    Each layer runs the four `STAGES`, each on the images that picked it (`stage_picks`),
+    Each layer runs the five `STAGES`, each on the images that picked it (`stage_picks`),
     gathered into `stage_slots(B, share)` slots (`slots`: that many for every stage; B: every
     image, exact). Static shapes, no branches (a conditional would make a GPU wait for the host).
     """
@@ -74,9 +71,13 @@ def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFA
     functions = {
         "warp": lambda image, code, args: warp(image, args, fill),
         "shift": lambda image, code, args: shift(image, args, fill),
-        "statistics": lambda image, code, args: lookup(image, statistics_lut(image, code)),
-        "pixel": lambda image, code, args: blend_op(
-            lookup(image, simple_lut(code, args[0])), code, args[0]),
+        "statistics": lambda image, code, args: pixels.lookup(
+            image, pixels.statistics_lut(image, code)),
+        "pixel": lambda image, code, args: pixels.blend_op(
+            pixels.lookup(image, pixels.simple_lut(code, args[0])), code, args[0],
+            pixels.BLEND_OPS[:3]),
+        "sharpness": lambda image, code, args: pixels.blend_op(image, code, args[0],
+                                                               ("sharpness",)),
     }
     batch = images.shape[0]
     for layer in range(codes.shape[1]):
@@ -96,7 +97,7 @@ def stage_picks(code: jax.Array, args: jax.Array) -> dict[str, jax.Array]:
     keeps_columns = (args[:, 0] == 1) & (args[:, 1] == 0) & (args[:, 2] == 0)
     picks = {"warp": affine & ~(keeps_rows | keeps_columns),
              "shift": affine & (keeps_rows | keeps_columns)}
-    for stage in ("statistics", "pixel"):
+    for stage in ("statistics", "pixel", "sharpness"):
         picks[stage] = jnp.isin(code, jnp.asarray([CODE[name] for name in STAGES[stage][0]]))
     return picks
 
@@ -130,6 +131,7 @@ def _on_picked(function, images, code, args, picked, size):
 
 # Points clipped to _OUTSIDE beyond the image read taps at most floor(8.5) + 1 = _TAP_REACH beyond.
 _OUTSIDE, _TAP_REACH = 8.0, 10
+
 
 def _pil_cubic(v1, v2, v3, v4, d):
     """PIL Geometry.c BICUBIC (a = -1), its operation order; d = 0 gives v2 exactly."""
@@ -200,151 +202,3 @@ def _clip_or_fill(values: jax.Array, inside: jax.Array, fill) -> jax.Array:
     """PIL's bicubic result: clamped to [0, 255] and truncated inside, `fill` outside."""
     values = jnp.where(inside[..., None], jnp.floor(jnp.clip(values, 0.0, 255.0)), fill)
     return values.astype(jnp.uint8)
-
-
-# ----------------------------------------------------------------------------- Lookup tables
-
-
-def statistics_lut(image: jax.Array, code: jax.Array) -> jax.Array:
-    """int32 [3, 256]: ``ImageOps.autocontrast`` / ``equalize``'s table of uint8 [H, W, 3]
-    `image` for those codes, the identity for the others."""
-    identity = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (3, 256))
-    # One 1-D scatter (6x faster than [3, 256] on a CPU); min / max read off the histogram.
-    bins = (image.reshape(-1, 3).astype(jnp.int32) + 256 * jnp.arange(3)).ravel()
-    hist = jnp.zeros(3 * 256, jnp.int32).at[bins].add(1).reshape(3, 256)
-    lo = jnp.min(jnp.where(hist > 0, identity, 255), axis=1, keepdims=True)
-    hi = jnp.max(jnp.where(hist > 0, identity, 0), axis=1, keepdims=True)
-    table = jnp.where(code == CODE["autocontrast"], _autocontrast_lut(lo, hi, identity), identity)
-    return jnp.where(code == CODE["equalize"], _equalize_lut(hist, hi, identity), table)
-
-
-def simple_lut(code: jax.Array, arg: jax.Array) -> jax.Array:
-    """int32 [3, 256]: the table of ``invert``, ``posterize`` (`arg` bits), ``solarize``
-    (threshold) or timm's ``solarize_add`` (addition), the identity for other codes."""
-    identity = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (3, 256))
-    value = arg.astype(jnp.int32)
-    tables = {
-        "invert": 255 - identity,
-        "posterize": _posterize_lut(identity, arg),
-        "solarize": jnp.where(identity < value, identity, 255 - identity),
-        "solarize_add": jnp.where(identity < 128, jnp.minimum(255, identity + value), identity),
-    }
-    table = identity
-    for name, values in tables.items():
-        table = jnp.where(code == CODE[name], values, table)
-    return table
-
-
-def lookup(image: jax.Array, table: jax.Array) -> jax.Array:
-    """PIL ``image.point(table)``: uint8 [H, W, 3], int32 [3, 256] -> uint8 [H, W, 3]."""
-    # Written by a scatter: computed once, not fused into the gather once a pixel (4x on a CPU).
-    table = jnp.zeros(3 * 256, jnp.uint8).at[jnp.arange(3 * 256)].set(
-        jnp.clip(table, 0, 255).astype(jnp.uint8).ravel(), unique_indices=True)
-    return table[image.astype(jnp.int32) + 256 * jnp.arange(3)]
-
-
-def _autocontrast_lut(lo, hi, identity):
-    """``ImageOps.autocontrast``'s table, PIL's bits: [lo, hi] of each channel stretched to
-    [0, 255] (constant channels unchanged). PIL computes int(ix * scale - lo * scale) in
-    float64 with scale = 255 / (hi - lo); here the exact floor((ix - lo) * 255 / (hi - lo)) in
-    integers, less one at the (lo, hi, ix) where PIL's float64 lands just below a whole number
-    (`_autocontrast_shortfalls`: e.g. lo 0, hi 25 maps 25 to 254)."""
-    stretched = jnp.floor_divide((identity - lo) * 255, jnp.maximum(hi - lo, 1))
-    shortfalls = jnp.asarray(_autocontrast_shortfalls())
-    keys = (lo * 256 + hi) * 256 + identity
-    found = shortfalls[jnp.minimum(jnp.searchsorted(shortfalls, keys), len(shortfalls) - 1)]
-    stretched = jnp.clip(stretched - (found == keys), 0, 255)
-    return jnp.where(hi > lo, stretched, identity)
-
-
-@functools.cache
-def _autocontrast_shortfalls():
-    """Sorted int32 keys (lo * 256 + hi) * 256 + ix of every lo < hi, ix in [0, 255] where
-    PIL's float64 ``int(ix * scale + offset)`` (scale = 255.0 / (hi - lo), offset = -lo *
-    scale) is one below the exact floor((ix - lo) * 255 / (hi - lo)) (never more: a float64
-    rounding can only pull a whole number below itself; 12,094 keys)."""
-    lo, hi = (a.ravel() for a in np.triu_indices(256, 1))
-    ix = np.arange(256, dtype=np.float64)[None, :]
-    scale = (255.0 / (hi - lo))[:, None]
-    pil = np.trunc(ix * scale + (-lo[:, None] * scale))
-    exact = np.floor_divide((ix.astype(np.int64) - lo[:, None]) * 255, (hi - lo)[:, None])
-    rows, cols = np.nonzero((pil != exact) & (exact >= 0) & (exact <= 255))
-    return np.sort((lo[rows] * 256 + hi[rows]) * 256 + cols).astype(np.int32)
-
-
-def _equalize_lut(hist, hi, identity):
-    """``ImageOps.equalize`` of the image with `hist` [3, 256] and maximum `hi` [3, 1]: PIL's
-    integer histogram equalisation (the same table)."""
-    top_count = jnp.take_along_axis(hist, hi, axis=1)
-    step = (hist.sum(axis=1, keepdims=True) - top_count) // 255
-    below = jnp.cumsum(hist, axis=1) - hist
-    safe_step = jnp.maximum(step, 1)
-    equalized = (safe_step // 2 + below) // safe_step
-    keep = ((hist > 0).sum(axis=1, keepdims=True) <= 1) | (step == 0)
-    return jnp.where(keep, identity, equalized)
-
-
-def _posterize_lut(identity, bits):
-    """``ImageOps.posterize``: the `bits` (0-8) most significant bits of each value."""
-    shift = 8 - jnp.clip(bits.astype(jnp.int32), 0, 8)
-    return (identity >> shift) << shift
-
-
-# ----------------------------------------------------------------------------- Blends
-
-
-def _luma(image):
-    """PIL ``convert("L")``: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16, int32 [H, W]."""
-    rgb = image.astype(jnp.int32)
-    return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
-
-
-def _product(factor: jax.Array, values: jax.Array) -> jax.Array:
-    """float32 factor * values (whole numbers, |values| <= 255) rounded once, as PIL's C
-    code rounds it before the sum it feeds, whether or not the compiler fuses that sum into a
-    multiply-add (XLA:CPU does: a level off at times). The factor is split into 15 and 9
-    significant bits: both partial products are exact, their sum rounds once either way."""
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(factor, jnp.float32), jnp.int32)
-    high = jax.lax.bitcast_convert_type(bits & ~0x1FF, jnp.float32)
-    return high * values + (factor - high) * values
-
-
-def smooth(image: jax.Array) -> jax.Array:
-    """``ImageFilter.SMOOTH`` (3 x 3 [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels
-    kept) in PIL's float32 order, as float32 values of uint8 [H, W, 3]."""
-    x = image.astype(jnp.float32)
-    edge = jnp.float32(1.0) / jnp.float32(13.0)
-    centre = jnp.float32(5.0) / jnp.float32(13.0)
-
-    def row(rows, middle):
-        return ((_product(edge, rows[:, :-2]) + _product(middle, rows[:, 1:-1]))
-                + _product(edge, rows[:, 2:]))
-
-    total = 0.5 + row(x[2:], edge)
-    total = total + row(x[1:-1], centre)
-    total = total + row(x[:-2], edge)
-    inner = jnp.floor(jnp.clip(total, 0.0, 255.0))
-    return x.at[1:-1, 1:-1].set(inner)
-
-
-def blend_op(image: jax.Array, code: jax.Array, factor: jax.Array) -> jax.Array:
-    """``ImageEnhance.<op>(image).enhance(factor)`` for the blend op `code` (PIL's ``blend``:
-    degenerate + factor * (image - degenerate) in float32, clamped and truncated); other codes
-    leave the image unchanged."""
-    x = image.astype(jnp.float32)
-    luma = _luma(image)
-    # int(mean(L) + 0.5) as integers: exact where PIL's float64 mean is.
-    mean = (2 * luma.sum() + luma.size) // (2 * luma.size)
-    degenerates = {
-        "color": jnp.broadcast_to(luma[..., None], image.shape).astype(jnp.float32),
-        "contrast": jnp.full(image.shape, mean, jnp.float32),
-        "brightness": jnp.zeros(image.shape, jnp.float32),
-        "sharpness": smooth(image),
-    }
-    degenerate, scale = x, jnp.float32(1.0)
-    for name in BLEND_OPS:
-        chosen = code == CODE[name]
-        degenerate = jnp.where(chosen, degenerates[name], degenerate)
-        scale = jnp.where(chosen, factor, scale)
-    blended = degenerate + _product(scale, x - degenerate)
-    return jnp.floor(jnp.clip(blended, 0.0, 255.0)).astype(jnp.uint8)
