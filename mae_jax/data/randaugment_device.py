@@ -39,6 +39,8 @@ NUM_ARGS = 6
 IDENTITY_MATRIX = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # timm's `img_mean` hparam for the ImageNet mean: the colour geometric ops fill with.
 DEFAULT_FILL = IMAGENET_MEAN_UINT8
+# The blends without PIL's smoothing (Sharpness has a stage of its own).
+_PLAIN_BLENDS = tuple(op for op in pixels.BLEND_OPS if op != "sharpness")
 # The stages of a layer and the share of a batch that timm's op lists (15 ops) pick for each,
 # each layer applied with probability 0.5: "warp", Rotate (PIL's 4 x 4 bicubic taps a pixel);
 # "shift", ShearX / TranslateXRel (pixels move along rows) and ShearY / TranslateYRel (along
@@ -47,7 +49,7 @@ DEFAULT_FILL = IMAGENET_MEAN_UINT8
 # smoothing (25x the cost of the other blends on a CPU: on their images only).
 STAGES = {"warp": (("affine",), 1 / 30), "shift": (("affine",), 4 / 30),
           "statistics": (("autocontrast", "equalize"), 2 / 30),
-          "pixel": (pixels.TABLE_OPS + pixels.BLEND_OPS[:3], 7 / 30),
+          "pixel": (pixels.TABLE_OPS + _PLAIN_BLENDS, 7 / 30),
           "sharpness": (("sharpness",), 1 / 30)}
 # A stage computes on the images that picked it, gathered into a fixed number of slots: the
 # fewest for which more picks than slots has probability below this (binomial, per stage and
@@ -74,8 +76,7 @@ def apply_layers(images: jax.Array, codes: jax.Array, args: jax.Array, fill=DEFA
         "statistics": lambda image, code, args: pixels.lookup(
             image, pixels.statistics_lut(image, code)),
         "pixel": lambda image, code, args: pixels.blend_op(
-            pixels.lookup(image, pixels.simple_lut(code, args[0])), code, args[0],
-            pixels.BLEND_OPS[:3]),
+            pixels.lookup(image, pixels.simple_lut(code, args[0])), code, args[0], _PLAIN_BLENDS),
         "sharpness": lambda image, code, args: pixels.blend_op(image, code, args[0],
                                                                ("sharpness",)),
     }
@@ -97,8 +98,9 @@ def stage_picks(code: jax.Array, args: jax.Array) -> dict[str, jax.Array]:
     keeps_columns = (args[:, 0] == 1) & (args[:, 1] == 0) & (args[:, 2] == 0)
     picks = {"warp": affine & ~(keeps_rows | keeps_columns),
              "shift": affine & (keeps_rows | keeps_columns)}
-    for stage in ("statistics", "pixel", "sharpness"):
-        picks[stage] = jnp.isin(code, jnp.asarray([CODE[name] for name in STAGES[stage][0]]))
+    for stage, (ops, _) in STAGES.items():
+        if stage not in picks:  # the stages of the other ops: by code
+            picks[stage] = jnp.isin(code, jnp.asarray([CODE[name] for name in ops]))
     return picks
 
 
