@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax.data import image_ops, images, sources
+from mae_jax.data import image_ops, images, sources, tf_runtime
 from mae_jax.data.constants import IMAGENET_STD, denormalize, normalize, normalize_uint8
 from mae_jax.data.stream import shuffled_stream
 
@@ -40,7 +40,8 @@ class MaeJaxTinyGray(tfds.core.GeneratorBasedBuilder):
 def tiny_tfds_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    MaeJaxTinyGray(data_dir=data_dir).download_and_prepare(download_config=config)
+    with tf_runtime.no_tfds_scratch():  # TFDS's empty scratch folder for a new dataset
+        MaeJaxTinyGray(data_dir=data_dir).download_and_prepare(download_config=config)
     return data_dir
 
 
@@ -393,8 +394,6 @@ def test_each_pipeline_module_runs_tensorflow_kernels_single_threaded_and_off_th
 
 def test_tensorflow_setup_hides_the_gpus_and_warns_when_tensorflow_started_first(monkeypatch,
                                                                                  caplog):
-    from mae_jax.data import tf_runtime
-
     calls = []
     monkeypatch.setattr(tf.config, "set_visible_devices",
                         lambda devices, kind: calls.append(("visible", devices, kind)))
@@ -411,3 +410,25 @@ def test_tensorflow_setup_hides_the_gpus_and_warns_when_tensorflow_started_first
         tf_runtime.configure()  # no error, nothing changed, the user told
     assert tf.config.threading.get_intra_op_parallelism_threads() == before
     assert "Import mae_jax.data.tf_runtime before" in caplog.text
+
+
+def test_looking_for_unprepared_datasets_leaves_no_tfds_folders_behind(tmp_path, monkeypatch):
+    """TFDS makes an empty tempfile.mkdtemp("tfds") folder for every builder of a dataset not
+    prepared yet, and keeps it; `tf_runtime.no_tfds_scratch` removes those (only new, empty
+    ones: a folder there before, or holding a file, stays)."""
+    import tempfile
+
+    from mae_jax.data import ade20k
+
+    scratch = tmp_path / "scratch"
+    (scratch / "tmpkepttfds").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        images.num_examples(source="tfds:cifar100", data_dir=str(tmp_path / "t"), download=False)
+    with pytest.raises(FileNotFoundError, match="no manual_dir"):
+        ade20k.load_ade20k_builder(data_dir=tmp_path / "a")
+    assert os.listdir(scratch) == ["tmpkepttfds"]
+    with tf_runtime.no_tfds_scratch():
+        (scratch / "tmpfulltfds").mkdir()
+        (scratch / "tmpfulltfds" / "file").write_text("kept")
+    assert sorted(os.listdir(scratch)) == ["tmpfulltfds", "tmpkepttfds"]

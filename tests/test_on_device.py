@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.data import device_resize, in_memory, on_device, pil_resample
+from mae_jax.data import device_resize, in_memory, on_device, pil_resample, tf_runtime
 from mae_jax.data.generated import generate_image
 
 MESH_DEVICES = 4  # tests/conftest.py simulates 4 CPU devices
@@ -366,7 +366,8 @@ def test_tfds_split_loads_with_its_fixed_feature_shape():
         loaded = in_memory.load_image_array(source="tfds:cifar100")
     assert shape == (12, 32, 32, 3) and loaded.shape == shape and loaded.dtype == np.uint8
     assert loaded.std() > 10  # decoded content, not zeros
-    with tfds.testing.mock_data(num_examples=12):
+    # no_tfds_scratch: the empty folder TFDS makes for a builder of an unprepared dataset.
+    with tfds.testing.mock_data(num_examples=12), tf_runtime.no_tfds_scratch():
         images, labels = in_memory.load_image_array(source="tfds:cifar100", with_labels=True)
         want = [(example["image"], example["label"]) for example in
                 tfds.as_numpy(tfds.load("cifar100", split="train", shuffle_files=False))]

@@ -16,7 +16,7 @@ import zipfile
 
 import tensorflow_datasets as tfds
 
-from mae_jax.data import tf_runtime  # noqa: F401 - sets TensorFlow up (imported for that)
+from mae_jax.data import tf_runtime  # sets TensorFlow up when imported
 
 RELEASE_NAME = "ADEChallengeData2016"
 RELEASE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
@@ -160,7 +160,8 @@ def prepare_ade20k(*, data_dir, manual_dir) -> Ade20kSemantic:
     """Converts the manual download in `manual_dir` into TFDS records under `data_dir` (once;
     later calls reuse them). Returns the prepared builder. Never downloads anything."""
     find_ade20k_release(manual_dir)  # fail early, with instructions, before TFDS does
-    builder = Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
+    with tf_runtime.no_tfds_scratch():
+        builder = Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
     builder.download_and_prepare(download_config=_download_config(manual_dir))
     return builder
 
@@ -172,7 +173,8 @@ def load_ade20k_builder(*, data_dir, manual_dir=None) -> Ade20kSemantic:
             "source='ade20k' needs data_dir: the TFDS directory that holds (or will hold) the "
             "prepared ade20k_semantic records."
         )
-    builder = Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
+    with tf_runtime.no_tfds_scratch():
+        builder = Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
     if builder.is_prepared():
         return builder
     if manual_dir is None:

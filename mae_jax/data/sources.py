@@ -31,6 +31,8 @@ from typing import NamedTuple
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mae_jax.data import tf_runtime
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"),
                  "val": ("val", "validation"), "test": ("test",)}
@@ -202,13 +204,11 @@ def _download_retries(retries: int | None):
 
 
 def tfds_builder(name: str, data_dir: str | None, download: bool):
-    """A prepared TFDS builder; prepares it (downloads) when allowed.
-
-    Without network, preparing still runs (datasets built from manual_dir files need none) but
-    with no download retries, so a dataset that must be downloaded fails in seconds, not after
-    TFDS's ~200 s of retries.
-    """
-    builder = tfds.builder(name, data_dir=data_dir)
+    """A prepared TFDS builder; prepares it (downloads) when allowed. Without network,
+    preparing still runs (datasets built from manual_dir files need none) but with no download
+    retries: a dataset that must be downloaded fails in seconds, not after TFDS's ~200 s."""
+    with tf_runtime.no_tfds_scratch():
+        builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
     where = builder.data_dir

@@ -13,9 +13,16 @@ are).
 
 No pipeline module runs a TensorFlow op when imported, so importing this one from any of them
 comes before TensorFlow starts.
+
+And `no_tfds_scratch`, around the creation of TFDS builders: it removes the empty folders
+TFDS leaves behind.
 """
 
+import contextlib
+import glob
 import logging
+import os
+import tempfile
 
 import tensorflow as tf
 
@@ -39,3 +46,23 @@ def configure() -> None:
 
 
 configure()
+
+
+@contextlib.contextmanager
+def no_tfds_scratch():
+    """Removes the empty ``tmp*tfds`` folders that appear in the temporary directory meanwhile.
+
+    TFDS (4.9) calls ``tempfile.mkdtemp("tfds")`` each time a builder is created for a dataset
+    not prepared yet (`DatasetInfo.initialize_from_bucket`, for metadata it would copy from GCS,
+    which is off by default) and never removes the folder: /tmp gathered one for every run and
+    test that looked for a missing dataset. Only empty folders go (`os.rmdir`); one another
+    process made in the same moment, empty, may go with them.
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                os.rmdir(path)
