@@ -48,6 +48,7 @@ def _load_hostmem():
 hostmem = _load_hostmem()
 CUDA = {"JAX_PLATFORMS": "cuda"}
 ALL_TOKENS = ("--encoder_all_tokens",)  # also the step with the encoder on every patch
+CPU_AUTOCAST = ("--torch_cpu_autocast",)  # torch bf16 on a CPU (official code: CUDA autocast)
 SEG_BASE = ["--config", "configs/ade20k_base.py"]
 VIT_B_EVAL = ["--variant", "vit_base_patch16", "--patch_size", "16", "--embed_dim", "768",
               "--depth", "12", "--num_heads", "12", "--channels", "768", "--aux_channels",
@@ -71,13 +72,17 @@ def _train(name, model, size, batch, steps, warmup, dtype="float32", timeout=900
 
 PRESETS = {
     # The CPU rows of README: float32 (the official code trains float32 on a CPU), each
-    # framework in its own process; and ViT-B in bfloat16 against PyTorch's CPU autocast.
+    # framework in its own process; and each model in bfloat16 against PyTorch's CPU autocast.
     "cpu": [
         _train("train_tiny", "vit_tiny_patch16", 224, 32, 2, 1, extra=ALL_TOKENS),
         _train("train_base", "vit_base_patch16", 112, 8, 3, 2, extra=ALL_TOKENS),
         _train("train_large", "vit_large_patch16", 112, 4, 2, 1, extra=ALL_TOKENS),
+        _train("train_tiny_bf16", "vit_tiny_patch16", 224, 32, 2, 1, "bfloat16",
+               extra=CPU_AUTOCAST),
         _train("train_base_bf16", "vit_base_patch16", 112, 8, 3, 2, "bfloat16",
-               extra=("--torch_cpu_autocast",)),
+               extra=CPU_AUTOCAST),
+        _train("train_large_bf16", "vit_large_patch16", 112, 4, 2, 1, "bfloat16",
+               extra=CPU_AUTOCAST),
         _entry("input", "input", "bench_input.py", ["--seconds", "6", "--rounds", "3"], 900),
         _entry("seg_input", "seg_input", "bench_seg_input.py",
                ["--seconds", "6", "--rounds", "3"], 900),
