@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark of this folder at one preset's sizes in one run, and one
 markdown table of what they measured against the project's speed targets.
 
-    python benchmarks/suite.py                           # CPU preset: ~18-26 minutes on 2 cores
+    python benchmarks/suite.py                           # CPU preset: ~18-32 minutes on 2 cores
     python benchmarks/suite.py --preset gpu --out_dir /tmp/suite    # one GPU (gpu_check.sh)
     python benchmarks/suite.py --preset smoke            # tiny sizes: checks the plumbing
     python benchmarks/suite.py --render DIR              # the table again, from DIR's reports
