@@ -10,13 +10,14 @@ markdown table of what they measured against the project's speed targets.
 Each entry runs one script of this folder in a process of its own (its output in
 DIR/<entry>.txt, its report in DIR/<entry>.json); a failed or timed-out entry is reported in
 the table and the suite goes on. The table (DIR/suite.md, also printed) names the machine,
-the date and the load average before and after every entry: compare rows of one run only.
-This script imports neither JAX nor TensorFlow.
+the frameworks' versions, the commit, the date and the load average before and after every
+entry: compare rows of one run only. This script imports neither JAX nor TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -216,7 +217,32 @@ def machine() -> dict:
     return {"cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
             "gpu": gpu.stdout.strip().replace("\n", ", ") if gpu and gpu.returncode == 0
-            else None, "malloc_hugepages": hostmem.enabled()}
+            else None, "malloc_hugepages": hostmem.enabled(), "commit": commit(),
+            "versions": versions()}
+
+
+def commit() -> str | None:
+    """The checkout's commit ("+ changes" when tracked files differ from it); None outside a
+    git checkout (the GPU machine gets a copy of the working tree, maybe without .git)."""
+    def git(*args):
+        done = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if not shutil.which("git") or not (head := git("rev-parse", "--short", "HEAD")):
+        return None
+    return head + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def versions() -> dict:
+    """The installed versions of the frameworks measured (read from the package metadata:
+    nothing imported)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("jax", "jaxlib", "flax", "torch", "tensorflow", "tensorflow-cpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name.removesuffix("-cpu")] = metadata.version(name)
+    return found
 
 
 def run(args: argparse.Namespace) -> str:

@@ -221,10 +221,13 @@ def markdown(info: dict, reports: dict[str, dict]) -> str:
     judged = info["preset"] != "smoke"  # tiny sizes: no target applies
     malloc = {True: ", glibc malloc huge pages on (mae_jax.core.hostmem)",
               False: ", glibc malloc huge pages off"}.get(m.get("malloc_hugepages"), "")
+    versions = "".join(f", {name} {version}" for name, version in m.get("versions", {}).items())
+    commit = f", at commit {m['commit']}" if m.get("commit") else ""
     lines = [f"Benchmark suite, preset `{info['preset']}`, started {info['started_utc']} UTC "
              f"on {m['cpu']} ({m['cores']} cores"
              + (f"; GPU {m['gpu']}" if m.get("gpu") else "; no GPU") + f"), Python "
-             f"{m['python']}{malloc}. Load average (1 min) {info['load_before'][0]:.2f} before, "
+             f"{m['python']}{versions}{malloc}{commit}. Load average (1 min) "
+             f"{info['load_before'][0]:.2f} before, "
              + (f"{info['load_after'][0]:.2f} after; {info['seconds'] / 60:.1f} min in all."
                 if "load_after" in info else "run not finished."), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]

@@ -92,7 +92,8 @@ def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(report))
     (tmp_path / "seg.json").write_text(json.dumps({"results": [seg]}))
     info = {"preset": "gpu", "started_utc": "now", "load_before": [0.0], "machine": {
-        "cpu": "x", "cores": 16, "gpu": "NVIDIA H200", "python": "3.12"}, "entries": [
+        "cpu": "x", "cores": 16, "gpu": "NVIDIA H200", "python": "3.12", "commit": "abc1234",
+        "versions": {"jax": "0.11.2", "torch": "2.11.0"}}, "entries": [
             {"name": "train", "kind": "train", "command": "c", "returncode": 1},
             {"name": "seg", "kind": "seg_train", "command": "c", "returncode": 0}]}
     (tmp_path / "suite.json").write_text(json.dumps(info))
@@ -105,6 +106,20 @@ def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
     assert "| 8.59 GB | - | - | <= 10 GB (2 images, 512 px) | met | peak bytes in use; " \
            "XLA's plan 8.05 GB |" in text
     assert "Did not finish: train." in text
+    assert "; GPU NVIDIA H200), Python 3.12, jax 0.11.2, torch 2.11.0, at commit abc1234. " in text
+
+
+def test_machine_names_the_commit_and_the_frameworks_versions():
+    from importlib import metadata
+
+    found = suite.machine()
+    assert found["versions"]["jax"] == metadata.version("jax")
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (.ci/run's is one)
+        assert found["commit"].split(" + ")[0] == head.stdout.strip()
+    else:
+        assert found["commit"] is None
 
 
 @pytest.mark.slow
