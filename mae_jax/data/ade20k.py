@@ -156,12 +156,16 @@ def _download_config(manual_dir) -> tfds.download.DownloadConfig:
     return tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir), try_download_gcs=False)
 
 
+def _builder(data_dir) -> Ade20kSemantic:
+    with tf_runtime.no_tfds_scratch():  # TFDS's empty scratch folder while not yet prepared
+        return Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
+
+
 def prepare_ade20k(*, data_dir, manual_dir) -> Ade20kSemantic:
     """Converts the manual download in `manual_dir` into TFDS records under `data_dir` (once;
     later calls reuse them). Returns the prepared builder. Never downloads anything."""
     find_ade20k_release(manual_dir)  # fail early, with instructions, before TFDS does
-    with tf_runtime.no_tfds_scratch():
-        builder = Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
+    builder = _builder(data_dir)
     builder.download_and_prepare(download_config=_download_config(manual_dir))
     return builder
 
@@ -173,8 +177,7 @@ def load_ade20k_builder(*, data_dir, manual_dir=None) -> Ade20kSemantic:
             "source='ade20k' needs data_dir: the TFDS directory that holds (or will hold) the "
             "prepared ade20k_semantic records."
         )
-    with tf_runtime.no_tfds_scratch():
-        builder = Ade20kSemantic(data_dir=os.path.expanduser(os.fspath(data_dir)))
+    builder = _builder(data_dir)
     if builder.is_prepared():
         return builder
     if manual_dir is None:
