@@ -32,7 +32,7 @@ from mae_jax.core.checkpointing import (
 )
 from mae_jax.core.loop import Hook, NonFiniteLossError, run_loop
 from mae_jax.core.run import Run
-from mae_jax.core.run_logging import RunLogger
+from mae_jax.core.run_logging import INPUT_BOUND, RunLogger, read_metrics
 from mae_jax.core.run_record import HISTORY_FILE, ConfigChangedError
 from mae_jax.core.state import TrainState
 from mae_jax.core.workdir import LOCK_FILE, WorkdirLockedError
@@ -256,10 +256,15 @@ def fake_step(first_bad_step):
     return train_step
 
 
-def run_fake_loop(workdir, first_bad_step, hooks=()):
+def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0):
     checkpointer = Checkpointer(workdir, save_every_steps=2)
     logger = RunLogger(workdir, total_steps=8, tensorboard=False, log_every=4)
-    batches = iter(lambda: {"x": np.zeros((1, 2), np.float32)}, None)
+
+    def batch():
+        time.sleep(seconds_per_batch)
+        return {"x": np.zeros((1, 2), np.float32)}
+
+    batches = iter(batch, None)
     try:
         run_loop(state=tiny_state(), train_step=fake_step(first_bad_step), batches=batches,
                  mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=0,
@@ -290,6 +295,25 @@ def test_pictures_and_evaluation_never_run_on_a_diverged_state(tmp_path):
     with pytest.raises(NonFiniteLossError, match="first seen by step 3"):
         run_fake_loop(tmp_path, first_bad_step=3, hooks=(hook,))
     assert calls == []
+
+
+def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, capsys):
+    """The loop times each batch's arrival (host pipeline + copy to the devices); log lines
+    carry the share of the wall time it waited (`input_wait`). Over a quarter, after the
+    first interval (which fills the pipeline's buffers), the run says once that it is
+    input-bound and names the options."""
+    run_fake_loop(tmp_path / "fast", first_bad_step=100)
+    fast = [r["input_wait"] for r in read_metrics(tmp_path / "fast")]
+    assert len(fast) == 2 and all(0 <= wait < INPUT_BOUND for wait in fast), fast
+    assert "Input-bound" not in capsys.readouterr().out
+    run_fake_loop(tmp_path / "slow", first_bad_step=100, seconds_per_batch=0.25)
+    slow = [r["input_wait"] for r in read_metrics(tmp_path / "slow")]
+    assert len(slow) == 2 and slow[1] > 0.5, slow  # steps 5-8: 1 s of waiting
+    out = capsys.readouterr().out
+    assert out.count("Input-bound: over steps 5-8 the loop waited for batches ") == 1
+    assert "data.on_device=always" in out and "data.device_resize_canvas=512" in out
+    (line,) = [line for line in out.splitlines() if line.startswith("step 8/8 | ")]
+    assert f" | input {slow[1]:.0%} | " in line  # the progress line shows the share
 
 
 def test_parameters_that_explode_but_stay_finite_count_as_a_nonfinite_step():

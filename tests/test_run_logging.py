@@ -37,6 +37,23 @@ def test_log_train_writes_json_lines_and_a_progress_line(tmp_path, capsys):
         logger.log_train(30, {"loss": np.ones(3)})
 
 
+def test_input_wait_is_the_share_of_each_interval_spent_getting_batches(tmp_path, capsys,
+                                                                       monkeypatch):
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])  # the logger's creation, then each call
+    monkeypatch.setattr(run_logging.time, "perf_counter", lambda: next(clock))
+    logger = run_logging.RunLogger(tmp_path, total_steps=40, tensorboard=False, log_every=10)
+    for step, waited in ((10, 9.0), (20, 2.0), (30, 6.0), (40, 8.0)):
+        logger.log_train(step, {"loss": 1.0}, input_seconds=waited)
+    assert [r["input_wait"] for r in read_lines(tmp_path)] == [0.9, 0.2, 0.6, 0.8]
+    out = capsys.readouterr().out.splitlines()
+    assert " | input 60% | " in out[2]
+    # Not after the first interval (buffers filling), once, at the first share over a quarter.
+    assert [line for line in out if line.startswith("Input-bound")] == [
+        "Input-bound: over steps 21-30 the loop waited for batches 60% of the time; "
+        + run_logging.INPUT_BOUND_ADVICE
+    ]
+
+
 def test_resumed_run_appends_and_readers_keep_the_latest_line_per_step(tmp_path):
     first = run_logging.RunLogger(tmp_path, total_steps=100, tensorboard=False)
     for step in (10, 20, 30):

@@ -3,12 +3,15 @@
 Host batches become global arrays, one compiled step runs with donated state, metrics are read
 back only at log steps, checkpoints are written every N steps, hooks (reconstructions,
 evaluation) run every N steps, SIGTERM / Ctrl-C saves and stops, and a non-finite step stops the
-run with a clear error before any checkpoint of bad state is written.
+run with a clear error before any checkpoint of bad state is written. The time spent getting
+each batch (the host pipeline and the copy to the devices) is reported at log steps as the share
+of the wall time the loop waited for input (`RunLogger.log_train`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 import jax
@@ -70,6 +73,7 @@ def run_loop(
     last_saved = start_step if start_step > 0 else None  # never cite a checkpoint not written
     last_metrics: dict[str, float] = {}
     preempted = False
+    input_seconds = 0.0  # waiting for batches since the last log step
     preemption.record_stop(None)
 
     def check_finite(step: int) -> None:
@@ -94,14 +98,17 @@ def run_loop(
 
     with PreemptionGuard() as guard:
         while step < total_steps:
+            waited_from = time.perf_counter()
             batch = sharding_lib.global_batch_from_host(next(batches), batch_sharding)
+            input_seconds += time.perf_counter() - waited_from
             state, metrics = train_step(state, batch)
             step += 1
             log_now = logger.should_log(step)
             if log_now:
                 check_finite(step)
                 last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                logger.log_train(step, last_metrics)
+                logger.log_train(step, last_metrics, input_seconds=input_seconds)
+                input_seconds = 0.0
             due = [hook for hook in hooks if hook.due(step, total_steps)]
             if due and not log_now:
                 check_finite(step)  # no pictures or evaluation of a diverged state

@@ -21,6 +21,14 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 _warned_no_tensorboard = False
+# Waiting for batches more than this share of the wall time: the run says it is input-bound.
+INPUT_BOUND = 0.25
+INPUT_BOUND_ADVICE = (
+    "the accelerators idle while it waits. To feed them: data.on_device=always (a training "
+    "split that fits in device memory), data.device_resize_canvas=512 (image files: the host "
+    "decodes only the crop window, the devices resize), data.device_photometric=True "
+    "(segmentation), or more CPU cores for the host (README, 'Is the input keeping up?')."
+)
 
 
 def _to_python(value: Any) -> Any:
@@ -165,6 +173,8 @@ class RunLogger:
         self.metrics_path = os.path.join(self.workdir, METRICS_FILE)
         self._last_step = start_step
         self._last_time = time.perf_counter()
+        self._intervals = 0  # log_train calls since the (re)start
+        self._said_input_bound = False
         self._writer = None
         if is_main:
             os.makedirs(self.workdir, exist_ok=True)
@@ -180,18 +190,29 @@ class RunLogger:
         with open(self.metrics_path, "a") as f:  # Append: a resumed run continues the file.
             f.write(json.dumps(record) + "\n")
 
-    def log_train(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
-        """Records one line (step, loss, lr, images_per_sec, ...) and prints a progress line."""
+    def log_train(
+        self, step: int, scalars: Mapping[str, Any], *, input_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """Records one line (step, loss, lr, images_per_sec, ...) and prints a progress line.
+
+        input_seconds: the time the loop spent getting batches since the previous call; logged
+        as `input_wait`, its share of the wall time. The first time that share exceeds
+        `INPUT_BOUND` (not counting the first interval after a (re)start, which fills the input
+        pipeline's buffers), the run says it is input-bound and how to feed it faster.
+        """
         now = time.perf_counter()
         steps_done = step - self._last_step
         seconds = now - self._last_time
         self._last_step, self._last_time = step, now
+        self._intervals += 1
         record: dict[str, Any] = {"step": int(step), "kind": "train"}
         record.update({name: _to_python(value) for name, value in scalars.items()})
         if steps_done > 0 and seconds > 0:
             record.setdefault("steps_per_sec", steps_done / seconds)
             if self.global_batch_size:
                 record.setdefault("images_per_sec", steps_done * self.global_batch_size / seconds)
+            if input_seconds is not None:
+                record["input_wait"] = min(1.0, max(0.0, input_seconds / seconds))
             eta = (self.total_steps - step) * seconds / steps_done
         else:
             eta = float("nan")
@@ -199,6 +220,11 @@ class RunLogger:
             return record
         self._append(record)
         print(self._progress_line(record, eta), flush=True)
+        wait = record.get("input_wait", 0.0)
+        if wait > INPUT_BOUND and self._intervals > 1 and not self._said_input_bound:
+            self._said_input_bound = True
+            print(f"Input-bound: over steps {step - steps_done + 1}-{step} the loop waited for "
+                  f"batches {wait:.0%} of the time; {INPUT_BOUND_ADVICE}", flush=True)
         if self._writer is not None:
             self._writer.write_scalars(step, self._numeric(record, prefix="train/"))
         return record
@@ -290,7 +316,9 @@ class RunLogger:
             parts.append(f"lr {record['lr']:.1e}")
         if "images_per_sec" in record:
             parts.append(f"{record['images_per_sec']:.1f} img/s")
-        shown = {"step", "kind", "loss", "lr", "images_per_sec", "steps_per_sec"}
+        if "input_wait" in record:
+            parts.append(f"input {record['input_wait']:.0%}")
+        shown = {"step", "kind", "loss", "lr", "images_per_sec", "steps_per_sec", "input_wait"}
         parts += [f"{k} {v:.4g}" for k, v in self._numeric(record).items() if k not in shown]
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
