@@ -25,6 +25,7 @@ from flax import nnx
 
 from mae_jax.core import checkpoint_integrity as integrity
 from mae_jax.core import checkpointing, optim, sharding
+from mae_jax.core import config as config_lib
 from mae_jax.core.checkpointing import (
     Checkpointer,
     CheckpointWriteError,
@@ -256,7 +257,8 @@ def fake_step(first_bad_step):
     return train_step
 
 
-def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0):
+def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0, start_step=0,
+                  profile=None):
     checkpointer = Checkpointer(workdir, save_every_steps=2)
     logger = RunLogger(workdir, total_steps=8, tensorboard=False, log_every=4)
 
@@ -267,8 +269,9 @@ def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0):
     batches = iter(batch, None)
     try:
         run_loop(state=tiny_state(), train_step=fake_step(first_bad_step), batches=batches,
-                 mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=0,
-                 total_steps=8, checkpointer=checkpointer, logger=logger, hooks=hooks)
+                 mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=start_step,
+                 total_steps=8, checkpointer=checkpointer, logger=logger, hooks=hooks,
+                 profile=profile, profile_dir=os.path.join(workdir, "profile"))
     finally:
         checkpointer.close()
     return checkpointer
@@ -314,6 +317,32 @@ def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, c
     assert "data.on_device=always" in out and "data.device_resize_canvas=512" in out
     (line,) = [line for line in out.splitlines() if line.startswith("step 8/8 | ")]
     assert f" | input {slow[1]:.0%} | " in line  # the progress line shows the share
+
+
+def traces(workdir):
+    return sorted(name for _, _, names in os.walk(workdir / "profile") for name in names
+                  if name.endswith((".xplane.pb", "perfetto_trace.json.gz")))
+
+
+def test_profile_steps_trace_the_steps_asked_for_and_no_others(tmp_path, capsys):
+    """config.profile_steps 'A:B' (Run.train -> run_loop's profile): a jax.profiler trace
+    (XSpace for TensorBoard, a Perfetto trace) of steps A+1..B; a run (re)started inside the
+    range traces the rest of it, one past it nothing; a run ending inside it stops the trace."""
+    cases = {"whole": (0, (2, 4), "3-4"), "resumed inside": (3, (2, 5), "4-5"),
+             "resumed past": (5, (2, 4), None), "ends inside": (0, (6, 20), "7-8")}
+    for name, (start, profile, traced) in cases.items():
+        run_fake_loop(tmp_path / name, first_bad_step=100, start_step=start, profile=profile)
+        out = capsys.readouterr().out
+        if traced is None:
+            assert "Profile" not in out and not traces(tmp_path / name), name
+            continue
+        assert [n.split(".")[-2:] for n in traces(tmp_path / name)] == [
+            ["json", "gz"], ["xplane", "pb"]], name
+        assert f"Profile of steps {traced} written to {tmp_path / name / 'profile'} " in out
+    problems = []
+    for text in ("4", "5:3", "a:b", "-1:2"):
+        config_lib.check_run(run_config(profile_steps=text), problems)
+    assert len(problems) == 4 and all("must be 'A:B' with 0 <= A < B" in p for p in problems)
 
 
 def test_parameters_that_explode_but_stay_finite_count_as_a_nonfinite_step():
@@ -420,13 +449,14 @@ def test_an_accepted_change_of_model_size_is_refused_from_metadata_naming_the_le
 
 def test_changes_that_cannot_alter_the_result_are_accepted_and_recorded(finished_run, tmp_path):
     workdir = copy_of(finished_run, tmp_path)
-    harmless = run_config(log_every_steps=1, keep_checkpoints=5, tensorboard=True)
+    harmless = run_config(log_every_steps=1, keep_checkpoints=5, tensorboard=True,
+                          profile_steps="6:8")
     harmless.mesh.data = 2
     with Run(harmless, str(workdir), devices=jax.devices()[:2]):
         pass
     (entry,) = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
     assert set(entry["changes"]) == {"log_every_steps", "keep_checkpoints", "tensorboard",
-                                     "mesh.data"}
+                                     "mesh.data", "profile_steps"}
     assert entry["accepted"] == "harmless fields only"
 
 

@@ -117,6 +117,8 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # Orbax checkpoint cadence (also at end / SIGTERM).
     config.keep_checkpoints = 3
     config.tensorboard = True
+    # "A:B": a jax.profiler trace of steps A + 1 to B in workdir/profile ("" = none).
+    config.profile_steps = ""
     return config
 
 

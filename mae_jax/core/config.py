@@ -122,11 +122,30 @@ def check_batch(
         problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
 
 
+def profile_steps(text: str) -> tuple[int, int] | None:
+    """config.profile_steps 'A:B' -> (A, B): trace steps A + 1 to B; '' -> None."""
+    if not text:
+        return None
+    first, _, last = str(text).partition(":")
+    try:
+        steps = int(first), int(last)
+    except ValueError:
+        steps = None
+    if steps is None or not 0 <= steps[0] < steps[1]:
+        raise ValueError(f"profile_steps {text!r} must be 'A:B' with 0 <= A < B, e.g. '10:15' "
+                         "(traces steps 11 to 15), or '' (no trace)")
+    return steps
+
+
 def check_run(config: ml_collections.ConfigDict, problems: list[str]) -> None:
-    """Cadences, retention and the init_from path."""
+    """Cadences, retention, the profiled steps and the init_from path."""
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if name in config and config[name] < 1:
             problems.append(f"{name} must be >= 1, got {config[name]}")
+    try:
+        profile_steps(config.get("profile_steps", ""))
+    except ValueError as error:
+        problems.append(str(error))
     init_from = config.get("init_from")
     if init_from and not os.path.exists(os.path.expanduser(init_from)):
         problems.append(

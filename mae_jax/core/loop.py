@@ -5,12 +5,14 @@ back only at log steps, checkpoints are written every N steps, hooks (reconstruc
 evaluation) run every N steps, SIGTERM / Ctrl-C saves and stops, and a non-finite step stops the
 run with a clear error before any checkpoint of bad state is written. The time spent getting
 each batch (the host pipeline and the copy to the devices) is reported at log steps as the share
-of the wall time the loop waited for input (`RunLogger.log_train`).
+of the wall time the loop waited for input (`RunLogger.log_train`). `profile` traces a few steps
+with jax.profiler (host input, dispatch and device ops) for TensorBoard or Perfetto.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -43,6 +45,37 @@ class Hook:
         return step % self.every_steps == 0 or (self.at_end and step == total_steps)
 
 
+class StepProfiler:
+    """Traces steps first + 1 to last (`profile=(first, last)`) into `directory` with
+    jax.profiler; a run (re)started inside that range traces the rest of it, one past it
+    none. Several processes write one sub-folder each."""
+
+    def __init__(self, steps: tuple[int, int] | None, directory: str):
+        self.steps, self.tracing = steps, False
+        if jax.process_count() > 1:
+            directory = os.path.join(directory, f"process_{jax.process_index()}")
+        self.directory = directory
+
+    def before_step(self, step: int) -> None:
+        """`step`: the steps done; starts the trace when the next one is in range."""
+        if self.steps and not self.tracing and self.steps[0] <= step < self.steps[1]:
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.tracing, self.first = True, step + 1
+
+    def after_step(self, step: int, state) -> None:
+        if self.tracing and step >= self.steps[1]:
+            jax.block_until_ready(state)  # the device's work of the last step inside the trace
+            self.stop(step)
+
+    def stop(self, step: int) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing, self.steps = False, None
+            print(f"Profile of steps {self.first}-{step} written to {self.directory} (TensorBoard "
+                  "with tensorboard-plugin-profile, or its perfetto_trace.json.gz in "
+                  "ui.perfetto.dev).", flush=True)
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: TrainState
@@ -63,11 +96,15 @@ def run_loop(
     logger: RunLogger,
     metadata_fn: Callable[[int], dict] = lambda step: {},
     hooks: tuple[Hook, ...] = (),
+    profile: tuple[int, int] | None = None,
+    profile_dir: str = "profile",
 ) -> LoopResult:
     """Trains from `start_step` to `total_steps` (or until a stop signal).
 
     start_step: the step of the checkpoint the state was restored from (0: a new state).
+    profile: (first, last): steps first + 1 to last traced into `profile_dir` (`StepProfiler`).
     """
+    profiler = StepProfiler(profile, profile_dir)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step = start_step
     last_saved = start_step if start_step > 0 else None  # never cite a checkpoint not written
@@ -97,35 +134,40 @@ def run_loop(
             )
 
     with PreemptionGuard() as guard:
-        while step < total_steps:
-            waited_from = time.perf_counter()
-            batch = sharding_lib.global_batch_from_host(next(batches), batch_sharding)
-            input_seconds += time.perf_counter() - waited_from
-            state, metrics = train_step(state, batch)
-            step += 1
-            log_now = logger.should_log(step)
-            if log_now:
-                check_finite(step)
-                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                logger.log_train(step, last_metrics, input_seconds=input_seconds)
-                input_seconds = 0.0
-            due = [hook for hook in hooks if hook.due(step, total_steps)]
-            if due and not log_now:
-                check_finite(step)  # no pictures or evaluation of a diverged state
-            for hook in due:
-                hook.fn(step, state)
-            # Several processes must agree on the stop step: they compare flags at log steps.
-            stop = guard.requested_anywhere() if log_now else (
-                guard.requested and jax.process_count() == 1
-            )
-            if step % checkpointer.save_every_steps == 0 or stop or step == total_steps:
-                check_finite(step)
-                checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
-                last_saved = step
-            if stop:
-                preempted = True
-                preemption.record_stop(step)
-                print(f"Stopped at step {step} on request; re-run the same command to resume.")
-                break
+        try:
+            while step < total_steps:
+                profiler.before_step(step)
+                waited_from = time.perf_counter()
+                batch = sharding_lib.global_batch_from_host(next(batches), batch_sharding)
+                input_seconds += time.perf_counter() - waited_from
+                state, metrics = train_step(state, batch)
+                step += 1
+                profiler.after_step(step, state)
+                log_now = logger.should_log(step)
+                if log_now:
+                    check_finite(step)
+                    last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    logger.log_train(step, last_metrics, input_seconds=input_seconds)
+                    input_seconds = 0.0
+                due = [hook for hook in hooks if hook.due(step, total_steps)]
+                if due and not log_now:
+                    check_finite(step)  # no pictures or evaluation of a diverged state
+                for hook in due:
+                    hook.fn(step, state)
+                # Several processes must agree on the stop step: they compare flags at log steps.
+                stop = guard.requested_anywhere() if log_now else (
+                    guard.requested and jax.process_count() == 1
+                )
+                if step % checkpointer.save_every_steps == 0 or stop or step == total_steps:
+                    check_finite(step)
+                    checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
+                    last_saved = step
+                if stop:
+                    preempted = True
+                    preemption.record_stop(step)
+                    print(f"Stopped at step {step} on request; re-run the same command to resume.")
+                    break
+        finally:
+            profiler.stop(step)  # a run that ends or stops inside the range
     checkpointer.wait()
     return LoopResult(state=state, step=step, metrics=last_metrics, preempted=preempted)

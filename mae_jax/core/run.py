@@ -10,6 +10,7 @@ loop. A task library plugs in its model, loss, data and hooks:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from mae_jax.core import config as core_config
 from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
@@ -110,12 +112,15 @@ class Run:
         hooks: tuple[loop.Hook, ...] = (),
         metadata_fn: Callable[[int], dict] = lambda step: {"step": step},
     ) -> loop.LoopResult:
-        """Compiles the step once and runs the loop to `total_steps` (or a stop signal)."""
+        """Compiles the step once and runs the loop to `total_steps` (or a stop signal);
+        `config.profile_steps` 'A:B' traces steps A + 1 to B into `workdir/profile`."""
         train_step = compile_step(step_fn, self.state_shardings, self.mesh)
         return loop.run_loop(
             state=state, train_step=train_step, batches=batches, mesh=self.mesh,
             start_step=start_step, total_steps=total_steps, checkpointer=self.checkpointer,
             logger=self.logger, hooks=hooks, metadata_fn=metadata_fn,
+            profile=core_config.profile_steps(self.config.get("profile_steps", "")),
+            profile_dir=os.path.join(self.workdir, "profile"),
         )
 
     # ------------------------------------------------------------------------- end

@@ -71,6 +71,8 @@ def defaults() -> ml_collections.ConfigDict:
     config.num_visualize_images = 8  # Fixed validation images in the grid.
     config.export_encoder = True  # At the end: export/encoder.pth + export/encoder_flax.
     config.tensorboard = True  # Write TensorBoard event files.
+    # "A:B": a jax.profiler trace of steps A + 1 to B in workdir/profile ("" = none).
+    config.profile_steps = ""
     # k-NN monitor of the encoder (weighted k-NN, k 20, T 0.07) on a labelled subset of
     # knn.source (default: data.source); knn.every_steps = 0 turns it off.
     config.knn = knn.default_config()

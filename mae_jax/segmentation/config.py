@@ -76,6 +76,8 @@ def defaults() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 4000
     config.keep_checkpoints = 3
     config.tensorboard = True
+    # "A:B": a jax.profiler trace of steps A + 1 to B in workdir/profile ("" = none).
+    config.profile_steps = ""
     return config
 
 
