@@ -13,6 +13,7 @@ import pytest
 from mae_jax.core import entry, hostmem
 from mae_jax.core.checkpoint_integrity import CheckpointWriteError
 from mae_jax.core.checkpointing import DamagedCheckpointsError
+from mae_jax.core.config import ConfigError
 from mae_jax.core.entry import default_workdir
 from mae_jax.core.loop import NonFiniteLossError
 from mae_jax.core.run_record import ConfigChangedError
@@ -60,6 +61,7 @@ def test_a_bad_huge_page_switch_is_bad_input():
         (ValueError("RESOURCE_EXHAUSTED: Error writing local file"), 74),  # orbax's full disk
         (OSError(errno.ENOSPC, "No space left on device"), 74),
         (ValueError("Invalid config:\n  - batch_size must be >= 1"), 2),
+        (ConfigError("warmup (50 steps) must be shorter than training (30 steps)"), 2),
         (FileNotFoundError("no such data"), 2),
         (ConfigChangedError("lr changed"), 2),
         (WorkdirLockedError("in use"), 2),
@@ -131,6 +133,7 @@ def test_sigterm_saves_and_exits_75_and_a_changed_resume_exits_2(tmp_path):
 
 
 def test_segment_py_bad_input_exits_2(tmp_path):
+    results = []
     for override in ("--config.keep_checkpoints=0", "--config.no_such_field=1"):
         result = subprocess.run(
             [sys.executable, "segment.py", "--config=configs/seg_demo.py",
@@ -138,7 +141,11 @@ def test_segment_py_bad_input_exits_2(tmp_path):
             capture_output=True, text=True, timeout=300, cwd=ROOT,
         )
         assert result.returncode == entry.EXIT_BAD_INPUT, result.stderr[-2000:]
-    assert "no_such_field" in result.stderr
+        results.append(result.stderr)
+    # A config check's message is the whole story (ConfigError): no traceback.
+    assert "ERROR: Invalid config:\n  - keep_checkpoints must be >= 1, got 0\n" in results[0]
+    assert "Traceback" not in results[0]
+    assert "no_such_field" in results[1]
 
 
 def test_config_change_ok_reaches_the_config():

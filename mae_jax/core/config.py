@@ -27,9 +27,14 @@ ENTRY_POINTS = {
 }
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names each problem and its fix, so the
+    entry points print it without a traceback (exit status 2)."""
+
+
 def parse_dtype(name: str):
     if name not in DTYPES:
-        raise ValueError(f"Unknown compute dtype {name!r}; use one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"Unknown compute dtype {name!r}; use one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
@@ -40,7 +45,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
         if not item:
             continue
         if "=" not in item:
-            raise ValueError(f"Config argument {item!r} is not key=value.")
+            raise ConfigError(f"Config argument {item!r} is not key=value.")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
@@ -69,7 +74,7 @@ def check_task(config: ml_collections.ConfigDict, task: str) -> None:
     if got != task:
         script = ENTRY_POINTS.get(got)
         hint = f"run it with `python {script}`" if script else "set config.task"
-        raise ValueError(
+        raise ConfigError(
             f"This config is for task {got!r}, not {task!r} ({ENTRY_POINTS[task]}): {hint}."
         )
 
@@ -183,7 +188,7 @@ def schedule_lengths(config, num_examples: int) -> dict[str, int]:
     """Epoch-denominated durations -> optimiser steps (the one place this is converted)."""
     steps_per_epoch = num_examples // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"The dataset has {num_examples} examples, fewer than one batch of "
             f"{config.batch_size}: lower batch_size."
         )
@@ -194,7 +199,7 @@ def schedule_lengths(config, num_examples: int) -> dict[str, int]:
         else int(round(config.warmup_epochs * steps_per_epoch))
     )
     if warmup >= total:
-        raise ValueError(
+        raise ConfigError(
             f"warmup ({warmup} steps) must be shorter than training ({total} steps): lower "
             "warmup_epochs / warmup_steps or train longer."
         )
@@ -203,4 +208,4 @@ def schedule_lengths(config, num_examples: int) -> dict[str, int]:
 
 def raise_problems(problems: list[str]) -> None:
     if problems:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

@@ -106,10 +106,12 @@ def _explained(error: BaseException) -> bool:
     """Errors whose message is the whole story: no traceback."""
     from mae_jax.core import checkpoint_integrity as integrity
     from mae_jax.core import checkpointing, loop, run_record, workdir
+    from mae_jax.core import config as core_config
 
     return isinstance(error, (loop.NonFiniteLossError, integrity.CheckpointWriteError,
                               checkpointing.DamagedCheckpointsError, workdir.WorkdirLockedError,
-                              run_record.ConfigChangedError, KeyboardInterrupt))
+                              run_record.ConfigChangedError, core_config.ConfigError,
+                              KeyboardInterrupt))
 
 
 class _FirstOrbaxErrorOnly(std_logging.Filter):
