@@ -65,6 +65,9 @@ from mae_jax.models.registry import VARIANTS  # noqa: E402
 from mae_jax.pretrain import config as pretrain_config  # noqa: E402
 from mae_jax.pretrain import lib as pretrain_lib  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402  (json and gzip only)
+
 FRAMEWORKS = ("jax", "torch")
 
 
@@ -94,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", default="auto", choices=("auto", "one", "each"),
                         help="each: every framework in a fresh process of its own; one: all "
                              "in this process; auto: each on a CPU, one on a GPU.")
+    parser.add_argument("--profile_dir", default="",
+                        help="After the timed regions, trace --profile_steps more JAX steps "
+                             "(masked row) with jax.profiler into this folder and report their "
+                             "ops (benchmarks/trace_summary.py).")
+    parser.add_argument("--profile_steps", type=int, default=3)
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -301,6 +309,19 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
         live["state"], live["metrics"] = train_step(live["state"], batch)
 
     regions = time_regions(step, lambda: jax.block_until_ready(live), args)
+    profile = None
+    if args.profile_dir and not encoder_all_tokens:
+        try:  # after the timing: a profiler that fails (no CUPTI) costs the trace, not the row
+            jax.profiler.start_trace(args.profile_dir, create_perfetto_trace=True)
+            for _ in range(args.profile_steps):
+                step()
+            jax.block_until_ready(live)
+            jax.profiler.stop_trace()
+            profile = trace_summary.summarize(args.profile_dir, steps=args.profile_steps)
+            print(trace_summary.format_summary(profile, args.profile_steps))
+        except Exception as error:  # noqa: BLE001
+            print(f"Profile failed: {type(error).__name__}: {error}")
+            profile = {"error": f"{type(error).__name__}: {error}"}
     state, metrics = live.pop("state"), live.pop("metrics")
     recompiles = CompileCounter.count - compiles_before - compiles
     cache_size = train_step._cache_size() if hasattr(train_step, "_cache_size") else None
@@ -323,6 +344,8 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
         "loss": float(metrics["loss"]),
         "region_seconds": regions,
     }
+    if profile is not None:
+        row["profile"] = profile
     return row
 
 

@@ -15,7 +15,8 @@
 # Then run this script there, carrying .whl:  bash benchmarks/gpu_check.sh
 # It writes into $OUT (or /tmp/gpu_check) at most 8 files (the device tool brings back no
 # more): gpu.txt (GPU, versions, backend), parity.txt, suite.txt, suite.md, suite.tgz (every
-# entry's log and JSON report), precision.txt. Nothing here imports TensorFlow (the GPU machine
+# entry's log and JSON report), precision.txt, profile_trace.json.gz (3 traced steps of ViT-B,
+# for ui.perfetto.dev). Nothing here imports TensorFlow (the GPU machine
 # has none).
 #
 # Rehearsal on a CPU machine (the same steps at the suite's smoke sizes; checks this script and
@@ -86,7 +87,16 @@ cp "$SUITE/suite.md" "$OUT/suite.md" 2>/dev/null || true
 for log in "$SUITE"/*.txt; do
   [[ -f "$log" ]] && { echo "== tail of $(basename "$log")"; tail -25 "$log"; } >> "$OUT/suite.txt"
 done
-tar czf "$OUT/suite.tgz" -C "$(dirname "$SUITE")" "$(basename "$SUITE")" 2>/dev/null || true
+# The traces stay out of the archive (XSpace files can outgrow the 16 MiB a file brings back);
+# the ViT-B step's Perfetto trace comes back on its own when small enough. Its ops, summed
+# (benchmarks/trace_summary.py), are in train_base.json / .txt either way.
+tar czf "$OUT/suite.tgz" --exclude='*_profile' -C "$(dirname "$SUITE")" "$(basename "$SUITE")" \
+  2>/dev/null || true
+TRACE=$(ls "$SUITE"/train_base_profile/plugins/profile/*/perfetto_trace.json.gz 2>/dev/null \
+  | tail -1)
+if [[ -n "$TRACE" ]] && (( $(stat -c %s "$TRACE") < 15000000 )); then
+  cp "$TRACE" "$OUT/profile_trace.json.gz"
+fi
 
 # 3. bfloat16 vs float32 drift (per-block activation error, loss after a short demo run), if
 #    there is time left.

@@ -49,6 +49,9 @@ def _load_hostmem():
 hostmem = _load_hostmem()
 CUDA = {"JAX_PLATFORMS": "cuda"}
 ALL_TOKENS = ("--encoder_all_tokens",)  # also the step with the encoder on every patch
+# Three more steps traced (jax.profiler) into the run's folder, their ops in the report: where
+# a GPU step's time goes, for the sessions after the one that ran it. {out} is the run folder.
+PROFILE = ("--profile_dir", "{out}/{name}_profile", "--profile_steps", "3")
 CPU_AUTOCAST = ("--torch_cpu_autocast",)  # torch bf16 on a CPU (official code: CUDA autocast)
 SEG_BASE = ["--config", "configs/ade20k_base.py"]
 VIT_B_EVAL = ["--variant", "vit_base_patch16", "--patch_size", "16", "--embed_dim", "768",
@@ -106,7 +109,8 @@ PRESETS = {
     # parts need TensorFlow (absent there): their device parts only. The segmentation step
     # runs without its PyTorch row (transformers' BEiT in float32 on a CPU is what it pins).
     "gpu": [  # most important first: the suite may stop starting entries (gpu_check.sh)
-        _train("train_base", "vit_base_patch16", 224, 256, 5, 2, "bfloat16", 140, ALL_TOKENS),
+        _train("train_base", "vit_base_patch16", 224, 256, 5, 2, "bfloat16", 170,
+               (*ALL_TOKENS, *PROFILE)),
         _train("train_tiny", "vit_tiny_patch16", 224, 256, 5, 2, "bfloat16", 110, ALL_TOKENS),
         _entry("seg_train_b2", "seg_train", "bench_seg_train_step.py",
                [*SEG_BASE, "--batch_size", "2", "--steps", "3", "--repeats", "2", "--warmup",
@@ -139,7 +143,7 @@ PRESETS = {
     "smoke": [
         _entry("train_tiny", "train", "bench_train_step.py",
                [*TINY_MAE, "--batch_size", "4", "--steps", "1", "--repeats", "2", "--warmup",
-                "0", "--encoder_all_tokens"], 300),
+                "0", "--encoder_all_tokens", *PROFILE], 300),
         _entry("input", "input", "bench_input.py",
                ["--seconds", "0.3", "--rounds", "1", "--images", "64", "--max_cores", "1"], 300),
         _entry("seg_input", "seg_input", "bench_seg_input.py",
@@ -185,7 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def command(entry: dict, out_dir: str) -> list[str]:
-    return [sys.executable, os.path.join(HERE, entry["script"]), *entry["args"], "--out_json",
+    args = [arg.format(out=out_dir, name=entry["name"]) for arg in entry["args"]]
+    return [sys.executable, os.path.join(HERE, entry["script"]), *args, "--out_json",
             os.path.join(out_dir, entry["name"] + ".json")]
 
 

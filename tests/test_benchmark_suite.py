@@ -26,6 +26,7 @@ def test_every_entry_is_a_command_its_script_accepts(preset):
         args = script.parse_args([*entry["args"], "--out_json", "report.json"])
         assert args.out_json == "report.json"
         assert entry["kind"] in suite_table.ROWS
+        assert "{" not in " ".join(suite.command(entry, "/runs/x"))  # placeholders filled
         if preset == "gpu" and entry["script"] in ("bench_input.py", "bench_seg_input.py"):
             assert args.device_part  # the GPU machine has no TensorFlow: device parts only
 

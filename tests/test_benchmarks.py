@@ -55,7 +55,8 @@ def test_mfu_counts_the_matmul_flops_xla_counts_and_the_known_peak():
 def test_both_frameworks_report_finite_timings_and_one_jax_compile(tmp_path, capsys):
     bench = load_bench()
     out_json = tmp_path / "bench.json"
-    report = bench.main([*TINY, "--frameworks", "jax,torch", "--out_json", str(out_json)])
+    report = bench.main([*TINY, "--frameworks", "jax,torch", "--out_json", str(out_json),
+                         "--profile_dir", str(tmp_path / "profile"), "--profile_steps", "2"])
     printed = capsys.readouterr().out
 
     assert json.loads(out_json.read_text())["results"] == json.loads(json.dumps(report["results"]))
@@ -74,7 +75,13 @@ def test_both_frameworks_report_finite_timings_and_one_jax_compile(tmp_path, cap
     assert rows["jax"]["compiles_after_first_call"] == 0
     assert rows["jax"]["jit_cache_size"] == 1
     assert rows["jax"]["compile_s"] > 0
-    assert "no recompilation" in printed
+    assert "no recompilation" in printed  # the two traced steps included
+    # --profile_dir: two more steps traced, their XLA ops summed (benchmarks/trace_summary.py).
+    profile = rows["jax"]["profile"]
+    assert profile["where"] == "host" and profile["total_ms"] > 0 and profile["rows"]
+    assert all(r["calls"] % 2 == 0 and r["total_ms"] >= 0 for r in profile["rows"])
+    assert 0 < sum(r["share"] for r in profile["kinds"]) <= 1 + 1e-9
+    assert "| kind of op | total ms | ms / step | share |" in printed
     # Same architecture on both sides.
     assert rows["jax"]["params"] == rows["torch"]["params"]
     assert report["settings"]["model_dims"]["decoder_num_heads"] == 1
