@@ -313,10 +313,12 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
     if args.profile_dir and not encoder_all_tokens:
         try:  # after the timing: a profiler that fails (no CUPTI) costs the trace, not the row
             jax.profiler.start_trace(args.profile_dir, create_perfetto_trace=True)
-            for _ in range(args.profile_steps):
-                step()
-            jax.block_until_ready(live)
-            jax.profiler.stop_trace()
+            try:
+                for _ in range(args.profile_steps):
+                    step()
+                jax.block_until_ready(live)
+            finally:  # never leave the profiler running into the next row
+                jax.profiler.stop_trace()
             profile = trace_summary.summarize(args.profile_dir, steps=args.profile_steps)
             print(trace_summary.format_summary(profile, args.profile_steps))
         except Exception as error:  # noqa: BLE001

@@ -69,16 +69,18 @@ def summarize(directory: str, *, steps: int = 1, top: int = 25) -> dict:
         totals[event["name"]] += event["dur"] / 1000.0  # microseconds -> ms
         calls[event["name"]] += 1
     total = sum(totals.values())
-    kinds = collections.Counter()  # "fusion.12" and "fusion.40" are one kind
-    for name, ms in totals.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += ms
+    kinds, kind_calls = collections.Counter(), collections.Counter()
+    for name, ms in totals.items():  # "fusion.12" and "fusion.40" are one kind
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds[kind] += ms
+        kind_calls[kind] += calls[name]
 
-    def rows(counter, n):
-        return [{"op": name, "calls": calls.get(name), "total_ms": ms, "ms_per_step": ms / steps,
+    def rows(counter, counts, n):
+        return [{"op": name, "calls": counts[name], "total_ms": ms, "ms_per_step": ms / steps,
                  "share": ms / total if total else 0.0} for name, ms in counter.most_common(n)]
 
-    return {"trace": path, "where": where, "total_ms": total, "rows": rows(totals, top),
-            "kinds": rows(kinds, 12)}
+    return {"trace": path, "where": where, "total_ms": total, "rows": rows(totals, calls, top),
+            "kinds": rows(kinds, kind_calls, 12)}
 
 
 def format_summary(summary: dict, steps: int = 1) -> str:
@@ -87,9 +89,10 @@ def format_summary(summary: dict, steps: int = 1) -> str:
              "| op | calls | total ms | ms / step | share |", "|---|---:|---:|---:|---:|"]
     lines += [f"| `{r['op'][:80]}` | {r['calls']} | {r['total_ms']:.2f} | {r['ms_per_step']:.2f} "
               f"| {r['share']:.1%} |" for r in summary["rows"]]
-    lines += ["", "| kind of op | total ms | ms / step | share |", "|---|---:|---:|---:|"]
-    lines += [f"| `{r['op'][:80]}` | {r['total_ms']:.2f} | {r['ms_per_step']:.2f} | "
-              f"{r['share']:.1%} |" for r in summary["kinds"]]
+    lines += ["", "| kind of op | calls | total ms | ms / step | share |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| `{r['op'][:80]}` | {r['calls']} | {r['total_ms']:.2f} | "
+              f"{r['ms_per_step']:.2f} | {r['share']:.1%} |" for r in summary["kinds"]]
     return "\n".join(lines)
 
 

@@ -258,8 +258,8 @@ def fake_step(first_bad_step):
 
 
 def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0, start_step=0,
-                  profile=None):
-    checkpointer = Checkpointer(workdir, save_every_steps=2)
+                  profile=None, save_every_steps=2):
+    checkpointer = Checkpointer(workdir, save_every_steps=save_every_steps)
     logger = RunLogger(workdir, total_steps=8, tensorboard=False, log_every=4)
 
     def batch():
@@ -305,13 +305,17 @@ def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, c
     carry the share of the wall time it waited (`input_wait`). Over a quarter, after the
     first interval (which fills the pipeline's buffers), the run says once that it is
     input-bound and names the options."""
-    run_fake_loop(tmp_path / "fast", first_bad_step=100)
+    # The loop's own work takes 0.05 s a step (a hook: not input); no checkpoint before the
+    # end (a save inside an interval would be neither).
+    busy = (Hook(1, lambda step, state: time.sleep(0.05)),)
+    run_fake_loop(tmp_path / "fast", first_bad_step=100, hooks=busy, save_every_steps=8)
     fast = [r["input_wait"] for r in read_metrics(tmp_path / "fast")]
     assert len(fast) == 2 and all(0 <= wait < INPUT_BOUND for wait in fast), fast
     assert "Input-bound" not in capsys.readouterr().out
-    run_fake_loop(tmp_path / "slow", first_bad_step=100, seconds_per_batch=0.25)
+    run_fake_loop(tmp_path / "slow", first_bad_step=100, hooks=busy, save_every_steps=8,
+                  seconds_per_batch=0.25)
     slow = [r["input_wait"] for r in read_metrics(tmp_path / "slow")]
-    assert len(slow) == 2 and slow[1] > 0.5, slow  # steps 5-8: 1 s of waiting
+    assert len(slow) == 2 and slow[1] > 0.6, slow  # steps 5-8: 1 s waiting, 0.2 s busy
     out = capsys.readouterr().out
     assert out.count("Input-bound: over steps 5-8 the loop waited for batches ") == 1
     assert "data.on_device=always" in out and "data.device_resize_canvas=512" in out
@@ -336,13 +340,34 @@ def test_profile_steps_trace_the_steps_asked_for_and_no_others(tmp_path, capsys)
         if traced is None:
             assert "Profile" not in out and not traces(tmp_path / name), name
             continue
-        assert [n.split(".")[-2:] for n in traces(tmp_path / name)] == [
-            ["json", "gz"], ["xplane", "pb"]], name
+        # XSpace files are named after the host: compare the kinds of file.
+        assert {".".join(n.split(".")[-2:]) for n in traces(tmp_path / name)} == {
+            "json.gz", "xplane.pb"} and len(traces(tmp_path / name)) == 2, name
         assert f"Profile of steps {traced} written to {tmp_path / name / 'profile'} " in out
+    with pytest.warns(UserWarning, match="at or past the run's 8 steps: nothing will be traced"):
+        run_fake_loop(tmp_path / "past the end", first_bad_step=100, profile=(8, 10))
     problems = []
     for text in ("4", "5:3", "a:b", "-1:2"):
         config_lib.check_run(run_config(profile_steps=text), problems)
     assert len(problems) == 4 and all("must be 'A:B' with 0 <= A < B" in p for p in problems)
+
+
+def test_a_failing_profiler_costs_the_trace_never_the_run(tmp_path, monkeypatch):
+    """No CUPTI, a full disk: the profiler's error becomes a warning; a failure to stop the
+    trace while a run is failing leaves the run's own error in charge."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(jax.profiler, "start_trace", broken)
+    with pytest.warns(UserWarning, match=r"failed to start \(RuntimeError: no CUPTI\); the run "):
+        checkpointer = run_fake_loop(tmp_path / "start", first_bad_step=100, profile=(2, 4))
+    assert checkpointer.all_steps()[-1] == 8
+    monkeypatch.undo()
+    monkeypatch.setattr(jax.profiler, "stop_trace", broken)
+    with pytest.warns(UserWarning, match="failed to stop"), pytest.raises(NonFiniteLossError):
+        run_fake_loop(tmp_path / "stop", first_bad_step=3, profile=(2, 6))
+    monkeypatch.undo()
+    jax.profiler.stop_trace()  # the trace the broken stop left running
 
 
 def test_parameters_that_explode_but_stay_finite_count_as_a_nonfinite_step():

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,9 @@ def test_log_train_writes_json_lines_and_a_progress_line(tmp_path, capsys):
 def test_input_wait_is_the_share_of_each_interval_spent_getting_batches(tmp_path, capsys,
                                                                        monkeypatch):
     clock = iter([0.0, 10.0, 20.0, 30.0, 40.0])  # the logger's creation, then each call
-    monkeypatch.setattr(run_logging.time, "perf_counter", lambda: next(clock))
+    # The logger's own clock only (time.perf_counter stays real for every other caller).
+    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(run_logging, "time", fake_time)
     logger = run_logging.RunLogger(tmp_path, total_steps=40, tensorboard=False, log_every=10)
     for step, waited in ((10, 9.0), (20, 2.0), (30, 6.0), (40, 8.0)):
         logger.log_train(step, {"loss": 1.0}, input_seconds=waited)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import jax
@@ -48,7 +49,8 @@ class Hook:
 class StepProfiler:
     """Traces steps first + 1 to last (`profile=(first, last)`) into `directory` with
     jax.profiler; a run (re)started inside that range traces the rest of it, one past it
-    none. Several processes write one sub-folder each."""
+    none. Several processes write one sub-folder each. A profiler that fails (no CUPTI, a
+    full disk) warns and costs the trace, never the run."""
 
     def __init__(self, steps: tuple[int, int] | None, directory: str):
         self.steps, self.tracing = steps, False
@@ -56,10 +58,15 @@ class StepProfiler:
             directory = os.path.join(directory, f"process_{jax.process_index()}")
         self.directory = directory
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, step: int, state) -> None:
         """`step`: the steps done; starts the trace when the next one is in range."""
         if self.steps and not self.tracing and self.steps[0] <= step < self.steps[1]:
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            jax.block_until_ready(state)  # the steps already queued stay out of the trace
+            try:
+                jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            except Exception as error:  # noqa: BLE001
+                self._failed("start", error)
+                return
             self.tracing, self.first = True, step + 1
 
     def after_step(self, step: int, state) -> None:
@@ -68,12 +75,24 @@ class StepProfiler:
             self.stop(step)
 
     def stop(self, step: int) -> None:
-        if self.tracing:
+        if not self.tracing:
+            return
+        self.tracing = False
+        try:
             jax.profiler.stop_trace()
-            self.tracing, self.steps = False, None
+        except Exception as error:  # noqa: BLE001  (never masks the error that ended a run)
+            self._failed("stop", error)
+            return
+        self.steps = None
+        if jax.process_index() == 0:
             print(f"Profile of steps {self.first}-{step} written to {self.directory} (TensorBoard "
                   "with tensorboard-plugin-profile, or its perfetto_trace.json.gz in "
                   "ui.perfetto.dev).", flush=True)
+
+    def _failed(self, what: str, error: Exception) -> None:
+        self.steps = None  # no second try
+        warnings.warn(f"config.profile_steps: the profiler failed to {what} ({type(error).__name__}"
+                      f": {error}); the run goes on without a trace.", stacklevel=3)
 
 
 @dataclasses.dataclass
@@ -105,6 +124,9 @@ def run_loop(
     profile: (first, last): steps first + 1 to last traced into `profile_dir` (`StepProfiler`).
     """
     profiler = StepProfiler(profile, profile_dir)
+    if profile and profile[0] >= total_steps:
+        warnings.warn(f"config.profile_steps starts at step {profile[0]}, at or past the run's "
+                      f"{total_steps} steps: nothing will be traced.", stacklevel=2)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step = start_step
     last_saved = start_step if start_step > 0 else None  # never cite a checkpoint not written
@@ -136,7 +158,7 @@ def run_loop(
     with PreemptionGuard() as guard:
         try:
             while step < total_steps:
-                profiler.before_step(step)
+                profiler.before_step(step, state)
                 waited_from = time.perf_counter()
                 batch = sharding_lib.global_batch_from_host(next(batches), batch_sharding)
                 input_seconds += time.perf_counter() - waited_from

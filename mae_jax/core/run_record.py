@@ -34,8 +34,9 @@ HARMLESS_FIELDS = frozenset({
 
 # Fields added after runs were recorded without them: the value that reproduces what those runs
 # did (a resume of such a run compares against it). data.on_device: fine-tuning and the linear
-# probe (and pretraining before the field) read the data through tf.data.
-LATER_FIELDS = {"data.on_device": "never"}
+# probe (and pretraining before the field) read the data through tf.data; profile_steps:
+# no trace.
+LATER_FIELDS = {"data.on_device": "never", "profile_steps": ""}
 
 
 class ConfigChangedError(ValueError):
