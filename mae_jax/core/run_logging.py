@@ -24,10 +24,11 @@ _warned_no_tensorboard = False
 # Waiting for batches more than this share of the wall time: the run says it is input-bound.
 INPUT_BOUND = 0.25
 INPUT_BOUND_ADVICE = (
-    "the input, not the step, sets the speed. To feed the accelerators faster: data.on_device=always (a training "
-    "split that fits in device memory), data.device_resize_canvas=512 (image files: the host "
-    "decodes only the crop window, the devices resize), data.device_photometric=True "
-    "(segmentation), or more CPU cores for the host (README, 'Is the input keeping up?')."
+    "the input, not the step, sets the speed. To feed the accelerators faster: "
+    "data.on_device=always (a training split that fits in device memory), "
+    "data.device_resize_canvas=512 (image files: the host decodes only the crop window, the "
+    "devices resize), data.device_photometric=True (segmentation), or more CPU cores for the "
+    "host (README, 'Is the input keeping up?')."
 )
 
 
