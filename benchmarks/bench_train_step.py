@@ -60,7 +60,7 @@ from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
 from mae_jax.data.constants import normalize_uint8  # noqa: E402
-from mae_jax.models.mae import num_visible, random_masking  # noqa: E402
+from mae_jax.models.mae import num_visible, removed_patches  # noqa: E402
 from mae_jax.models.registry import VARIANTS  # noqa: E402
 from mae_jax.pretrain import config as pretrain_config  # noqa: E402
 from mae_jax.pretrain import lib as pretrain_lib  # noqa: E402
@@ -216,28 +216,37 @@ def all_tokens_loss_fn(mask_ratio: float):
     def loss_fn(model, batch, rng):
         images = normalize_uint8(batch["image"])
         tokens = model.encoder.embed(images)
-        _, mask, _ = random_masking(tokens, model.make_noise(rng, len(images)), mask_ratio)
+        noise = model.make_noise(rng, len(images))
+        removed = removed_patches(noise, mask_ratio)
         latent, _ = model.encoder.encode(tokens)
-        in_place = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), mask.shape)
-        return model.forward_loss(images, model.forward_decoder(latent, in_place), mask), {}
+        in_place = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), noise.shape)
+        return model.loss_on(images, latent, in_place, removed), {}  # as MAE.loss
 
     return loss_fn
 
 
-def forward_matmul_flops(dims: dict[str, int], image_size: int, encoder_tokens: int) -> int:
+def forward_matmul_flops(dims: dict[str, int], image_size: int, encoder_tokens: int,
+                         decoder_rows: int | None = None) -> int:
     """Forward matmul FLOPs of the MAE (patch embed, blocks incl. attention, decoder embed and
-    head) with `encoder_tokens` patches in the encoder; norms and elementwise ops left out."""
+    head) with `encoder_tokens` patches in the encoder; norms and elementwise ops left out.
+
+    decoder_rows: the tokens the decoder's last block and head compute (`MAE.loss`: the removed
+    patches; default all 1 + L, as the official model and `MAE.__call__`)."""
     patch, length = dims["patch_size"], (image_size // dims["patch_size"]) ** 2
+    tokens = 1 + length
+    rows = tokens if decoder_rows is None else decoder_rows
 
-    def blocks(depth, tokens, width):  # qkv + proj + MLP (ratio 4), QK^T and PV
-        return depth * (12 * tokens * width**2 + 2 * tokens**2 * width)
+    def blocks(depth, tokens, width, rows=None):  # qkv + proj + MLP (ratio 4), QK^T and PV
+        rows = tokens if rows is None else rows  # queries; keys and values: all tokens
+        return depth * (3 * tokens * width**2 + 9 * rows * width**2 + 2 * rows * tokens * width)
 
-    width, decoder_width = dims["embed_dim"], dims["decoder_embed_dim"]
+    width, decoder_width, depth = dims["embed_dim"], dims["decoder_embed_dim"], dims[
+        "decoder_depth"]
     macs = (length * 3 * patch**2 * width
             + blocks(dims["depth"], 1 + encoder_tokens, width)
             + (1 + encoder_tokens) * width * decoder_width
-            + blocks(dims["decoder_depth"], 1 + length, decoder_width)
-            + (1 + length) * decoder_width * 3 * patch**2)
+            + blocks(depth - 1, tokens, decoder_width) + blocks(1, tokens, decoder_width, rows)
+            + rows * decoder_width * 3 * patch**2)
     return 2 * macs
 
 
@@ -483,7 +492,8 @@ def masking_ablation(rows: list[dict[str, Any]], args, dims) -> dict[str, float]
     by_name = {r["framework"]: r for r in rows}
     length = (args.image_size // dims["patch_size"]) ** 2
     visible = num_visible(length, args.mask_ratio)
-    flops = {k: forward_matmul_flops(dims, args.image_size, k) for k in (visible, length)}
+    flops = {k: forward_matmul_flops(dims, args.image_size, k, decoder_rows=length - visible)
+             for k in (visible, length)}
     return {
         "time_ratio": by_name["jax, encoder on all tokens"]["ms_per_step_median"]
         / by_name["jax"]["ms_per_step_median"],
@@ -575,10 +585,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
             raise RuntimeError(f"{row['framework']}: non-positive timing {row['region_seconds']}")
-        encoder_tokens = (length if row["framework"] == "jax, encoder on all tokens"
-                          else num_visible(length, args.mask_ratio))
+        visible = num_visible(length, args.mask_ratio)
+        encoder_tokens = length if row["framework"] == "jax, encoder on all tokens" else visible
+        # Ours computes the decoder's last block for the removed patches only (MAE.loss).
+        decoder_rows = length - visible if row["framework"].startswith("jax") else None
         add_utilisation(
-            row, 3 * forward_matmul_flops(dims, args.image_size, encoder_tokens),
+            row, 3 * forward_matmul_flops(dims, args.image_size, encoder_tokens, decoder_rows),
             devices=len(jax.devices()) if row["framework"].startswith("jax") else 1,
             peak=peak_tflops(row["device"], args.dtype, args.peak_tflops),
         )

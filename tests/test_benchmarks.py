@@ -43,6 +43,14 @@ def test_mfu_counts_the_matmul_flops_xla_counts_and_the_known_peak():
     xla = forward.lower(state, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
                         jax.ShapeDtypeStruct((1, 196), jnp.float32)).cost_analysis()["flops"]
     assert 0.95 * xla < ours <= xla, (ours, xla)  # measured: 19.56 vs 19.96 GFLOP
+    # The training loss (MAE.loss): the decoder's last block and head on the 147 removed
+    # patches; counted with decoder_rows, against XLA's count of that forward.
+    trained = bench.forward_matmul_flops(dims, 224, encoder_tokens=49, decoder_rows=147)
+    loss = jax.jit(lambda state, images, noise: nnx.merge(graphdef, state).loss(
+        images, noise=noise))
+    xla_loss = loss.lower(state, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1, 196), jnp.float32)).cost_analysis()["flops"]
+    assert 0.95 * xla_loss < trained <= xla_loss and trained < ours, (trained, xla_loss)
     # Peaks: NVIDIA's dense bf16 numbers by device name; float32 needs --peak_tflops.
     assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
     assert bench.peak_tflops("NVIDIA H200", "float32") is None

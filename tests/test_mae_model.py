@@ -11,7 +11,12 @@ import torch
 from flax import nnx
 
 import mae_jax
-from mae_jax.models.mae import num_visible, random_masking, reconstruction_loss
+from mae_jax.models.mae import (
+    num_visible,
+    random_masking,
+    reconstruction_loss,
+    removed_patches,
+)
 from mae_jax.reference.torch_mae import build_mae, count_params
 
 TINY = dict(
@@ -73,6 +78,33 @@ def test_loss_ignores_visible_patches():
         assert float(reconstruction_loss(target, changed_masked, mask, norm_pix_loss=norm_pix)) > (
             float(base)
         )
+
+
+@pytest.mark.parametrize("norm_pix_loss, decoder_depth", [(False, 2), (True, 1), (True, 0)])
+def test_training_loss_computes_only_the_removed_rows_and_equals_the_full_forward(
+        norm_pix_loss, decoder_depth):
+    """`MAE.loss` (what train.py optimises): the decoder's last block and head on the removed
+    patches alone give the full forward's loss and gradients (the full forward is pinned to
+    the official model by test_mae_parity), to float32 rounding."""
+    model = tiny_mae(norm_pix_loss=norm_pix_loss, decoder_depth=decoder_depth)
+    images = jax.random.normal(jax.random.key(2), (3, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(3), (3, 16))
+    graphdef, params = nnx.split(model)
+
+    fast, fast_grads = jax.value_and_grad(
+        lambda p: nnx.merge(graphdef, p).loss(images, noise=noise))(params)
+    full, full_grads = jax.value_and_grad(
+        lambda p: nnx.merge(graphdef, p)(images, noise=noise)[0])(params)
+    assert float(fast) == pytest.approx(float(full), rel=1e-6)
+    for got, want in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(full_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    # The last block's rows: the removed patches only (a visible patch's prediction would
+    # need the rows this skips).
+    removed = np.asarray(removed_patches(noise, 0.75))
+    _, _, mask = model(images, noise=noise)
+    assert removed.shape == (3, 12) and np.all(np.take_along_axis(np.asarray(mask), removed, 1))
+    with pytest.raises(ValueError, match="exactly one"):
+        model.loss(images)
 
 
 def test_no_gradient_reaches_masked_pixels_through_the_encoder():

@@ -152,10 +152,21 @@ class Attention(nnx.Module):
             self.relative_position_bias_table = None
         self.relative_grid = None if relative_grid is None else tuple(relative_grid)
 
-    def __call__(self, x: jax.Array, *, bias: jax.Array | None = None) -> jax.Array:
-        """x: [N, T, D] -> [N, T, D]; bias: optional [H, T, T] added to the logits."""
+    def __call__(
+        self, x: jax.Array, *, bias: jax.Array | None = None, queries: jax.Array | None = None
+    ) -> jax.Array:
+        """x: [N, T, D] -> [N, T, D]; bias: optional [H, T, T] added to the logits.
+
+        queries: optional [N, M] token indices: only those tokens attend (keys and values
+        still come from all T), and the output is their rows, [N, M, D].
+        """
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        query = qkv[:, :, 0]
+        if queries is not None:
+            if bias is not None or self.relative_position_bias_table is not None:
+                raise ValueError("Attention with `queries` takes no bias.")
+            query = jnp.take_along_axis(query, queries[:, :, None, None], axis=1)
         if self.relative_position_bias_table is not None:
             index = relative_position_index(self.relative_grid)
             if index.shape[0] != tokens:
@@ -167,10 +178,6 @@ class Attention(nnx.Module):
         if bias is not None:  # float32 (a float32 table), added to float32 logits
             bias = bias[None]
         out = attention(
-            qkv[:, :, 0],
-            qkv[:, :, 1],
-            qkv[:, :, 2],
-            bias=bias,
-            implementation=self.attention_impl,
+            query, qkv[:, :, 1], qkv[:, :, 2], bias=bias, implementation=self.attention_impl
         )
-        return self.proj(out.reshape(batch, tokens, dim))
+        return self.proj(out.reshape(batch, query.shape[1], dim))

@@ -73,6 +73,12 @@ def random_masking(
     return kept, mask, ids_restore
 
 
+def removed_patches(noise: jax.Array, mask_ratio: float) -> jax.Array:
+    """noise: [N, L] -> [N, L - K] int32: the patches `random_masking` removes (ascending noise)."""
+    keep = num_visible(noise.shape[1], mask_ratio)
+    return jnp.argsort(noise, axis=1)[:, keep:].astype(jnp.int32)
+
+
 def reconstruction_loss(
     target: jax.Array, pred: jax.Array, mask: jax.Array, *, norm_pix_loss: bool
 ) -> jax.Array:
@@ -125,11 +131,18 @@ class MAEDecoder(nnx.Module):
         self.norm = layer_norm(embed_dim, dtype=dtype, rngs=rngs)
         self.pred = dense(embed_dim, patch_size * patch_size * in_chans, dtype=dtype, rngs=rngs)
 
-    def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    def __call__(
+        self, latent: jax.Array, ids_restore: jax.Array, *, only: jax.Array | None = None
+    ) -> jax.Array:
         """latent: [N, 1 + K, D_enc]; ids_restore: [N, L] -> pred [N, L, P*P*C].
 
         The decoder's residual stream is float32 under mixed precision, as in torch where the
         float32 mask token and position table promote the fp16 embedding.
+
+        only: optional [N, M] patch indices -> pred [N, M, P*P*C] of those patches alone. The
+        last block then computes only their rows (attending to every token, so the values
+        are the full decoder's to float rounding): the loss needs only the removed patches,
+        and skipping the rest of that block is ~3% of the ViT-Tiny MAE step (CPU, measured).
         """
         x = self.embed(latent)
         x = x.astype(residual_dtype(x.dtype))
@@ -142,9 +155,18 @@ class MAEDecoder(nnx.Module):
         patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)
         x = jnp.concatenate([x[:, :1], patches], axis=1)
         x = x + self.pos_embed[...]
-        for block in self.blocks:
+        if only is None:
+            for block in self.blocks:
+                x = block(x)
+            return self.pred(self.norm(x))[:, 1:]
+        rows = only + 1  # after the cls token
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.pred(self.norm(x))[:, 1:]
+        if len(self.blocks):
+            x = self.blocks[-1](x, queries=rows)
+        else:
+            x = jnp.take_along_axis(x, rows[:, :, None], axis=1)
+        return self.pred(self.norm(x))
 
 
 class MAE(nnx.Module):
@@ -228,15 +250,47 @@ class MAE(nnx.Module):
         latent, _ = self.encoder.encode(kept)
         return latent, mask, ids_restore
 
-    def forward_decoder(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
-        """latent: [N, 1 + K, D], ids_restore: [N, L] -> pred [N, L, P*P*C]."""
-        return self.decoder(latent, ids_restore)
+    def forward_decoder(
+        self, latent: jax.Array, ids_restore: jax.Array, *, only: jax.Array | None = None
+    ) -> jax.Array:
+        """latent: [N, 1 + K, D], ids_restore: [N, L] -> pred [N, L, P*P*C] (with `only`
+        [N, M] patch indices: [N, M, P*P*C] of those patches, `MAEDecoder`)."""
+        return self.decoder(latent, ids_restore, only=only)
 
     def forward_loss(self, images: jax.Array, pred: jax.Array, mask: jax.Array) -> jax.Array:
         """Mean squared error on removed patches (per-patch normalised target if configured)."""
         return reconstruction_loss(
             self.patchify(images), pred, mask, norm_pix_loss=self.norm_pix_loss
         )
+
+    def loss(
+        self,
+        images: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        rng: jax.Array | None = None,
+        mask_ratio: float = 0.75,
+    ) -> jax.Array:
+        """The training loss alone: `forward`'s loss (to float rounding), with the decoder's
+        last block and prediction computed for the removed patches only."""
+        noise = self._noise(images, noise, rng, mask_ratio)
+        latent, _, ids_restore = self.forward_encoder(images, noise, mask_ratio)
+        return self.loss_on(images, latent, ids_restore, removed_patches(noise, mask_ratio))
+
+    def loss_on(self, images: jax.Array, latent: jax.Array, ids_restore: jax.Array,
+                removed: jax.Array) -> jax.Array:
+        """The decoder's loss on the patches `removed` [N, M] alone (`loss`)."""
+        pred = self.forward_decoder(latent, ids_restore, only=removed)
+        target = jnp.take_along_axis(self.patchify(images), removed[:, :, None], axis=1)
+        every = jnp.ones(removed.shape, jnp.float32)
+        return reconstruction_loss(target, pred, every, norm_pix_loss=self.norm_pix_loss)
+
+    def _noise(self, images, noise, rng, mask_ratio) -> jax.Array:
+        check_mask_ratio(mask_ratio)
+        self.encoder.check_images(images)
+        if (noise is None) == (rng is None):
+            raise ValueError("Pass exactly one of noise=[N, L] array or rng=PRNG key.")
+        return self.make_noise(rng, images.shape[0]) if noise is None else noise
 
     def forward(
         self,
@@ -247,12 +301,7 @@ class MAE(nnx.Module):
         mask_ratio: float = 0.75,
     ) -> dict[str, jax.Array]:
         """Full forward; returns loss, pred, mask and ids_restore."""
-        check_mask_ratio(mask_ratio)
-        self.encoder.check_images(images)
-        if (noise is None) == (rng is None):
-            raise ValueError("Pass exactly one of noise=[N, L] array or rng=PRNG key.")
-        if noise is None:
-            noise = self.make_noise(rng, images.shape[0])
+        noise = self._noise(images, noise, rng, mask_ratio)
         latent, mask, ids_restore = self.forward_encoder(images, noise, mask_ratio)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(images, pred, mask)

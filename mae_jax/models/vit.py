@@ -99,13 +99,18 @@ class Block(nnx.Module):
         *,
         attention_bias: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
+        queries: jax.Array | None = None,
     ) -> jax.Array:
         """x: [N, T, D] -> [N, T, D]; `rngs` (a "dropout" stream) turns drop path on.
 
         The residual stream keeps x's dtype (float32 under mixed precision): the branch
         outputs (compute dtype) are promoted before layer scale, drop path and the add.
+        queries: optional [N, M] token indices: the block computes only those rows (attending
+        to all T tokens) and returns [N, M, D].
         """
-        h = self.attn(self.norm1(x), bias=attention_bias)
+        h = self.attn(self.norm1(x), bias=attention_bias, queries=queries)
+        if queries is not None:
+            x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
         x = x + self.drop_path(_scaled(h, self.gamma_1, x.dtype), rngs=rngs)
         h = self.mlp(self.norm2(x))
         return x + self.drop_path(_scaled(h, self.gamma_2, x.dtype), rngs=rngs)

@@ -63,11 +63,11 @@ def peak_learning_rate(config) -> float:
 
 
 def make_loss_fn(mask_ratio: float):
-    """loss_fn(model, batch, rng): MSE on the removed patches; masks drawn from `rng`."""
+    """loss_fn(model, batch, rng): MSE on the removed patches; masks drawn from `rng`
+    (`MAE.loss`: the decoder's last block on the removed patches only)."""
 
     def loss_fn(model, batch, rng):
-        loss, _, _ = model(normalize_uint8(batch["image"]), rng=rng, mask_ratio=mask_ratio)
-        return loss, {}
+        return model.loss(normalize_uint8(batch["image"]), rng=rng, mask_ratio=mask_ratio), {}
 
     return loss_fn
 
