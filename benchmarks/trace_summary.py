@@ -23,7 +23,8 @@ import re
 
 # Host-side events of XLA:CPU's thread pools, not ops.
 _BOOKKEEPING = ("ThreadpoolListener::", "SlinkyThreadPool::", "ThunkExecutor::", "end: ",
-                "Wait for donation holds", "PythonRefManager::")
+                "Wait for donation holds", "PythonRefManager::", "Wait: pending_threads",
+                "Wait for rendezvous")
 
 
 def newest_trace(directory: str) -> str:
