@@ -329,7 +329,6 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
             finally:  # never leave the profiler running into the next row
                 jax.profiler.stop_trace()
             profile = trace_summary.summarize(args.profile_dir, steps=args.profile_steps)
-            print(trace_summary.format_summary(profile, args.profile_steps))
         except Exception as error:  # noqa: BLE001
             print(f"Profile failed: {type(error).__name__}: {error}")
             profile = {"error": f"{type(error).__name__}: {error}"}
@@ -595,6 +594,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             peak=peak_tflops(row["device"], args.dtype, args.peak_tflops),
         )
     print(format_table(rows))
+    for row in rows:  # printed here: a framework's own process keeps its output to itself
+        if row.get("profile") and "error" in row["profile"]:
+            print(f"{row['framework']}: no profile ({row['profile']['error']}).")
+        elif row.get("profile"):
+            print(trace_summary.format_summary(row["profile"], args.profile_steps))
     print(f"TFLOP/s: 3 x the forward matmul FLOPs ({rows[0]['train_gflop_per_image']:.3g} GFLOP "
           "per image for the masked step) x images/s. MFU: over the peak of "
           + (f"{args.peak_tflops} TFLOP/s per device (--peak_tflops)" if args.peak_tflops else
