@@ -14,6 +14,11 @@ it much faster than torch's: that is what bounds ours / official on a CPU.
 
 Not counted: the patch embedding's input gradient (the images need none), LayerNorm, softmax,
 GELU, the loss, the optimiser. float32 only.
+
+The list is the official step's: ours (`MAE.loss`) computes the decoder's last block and head
+for the removed patches only, a few percent fewer FLOPs (benchmarks/README). Products timed
+alone each write to fresh memory, which costs attention's small products more than a step
+does (benchmarks/README, 2026-12-05).
 """
 
 from __future__ import annotations

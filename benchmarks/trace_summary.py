@@ -9,6 +9,12 @@ the newest `perfetto_trace.json.gz` below it is read. On a GPU the ops are those
 counted twice); on a CPU, XLA's own threads (`tf_XLA...`) without Python frames and thread-pool
 bookkeeping. Prints two markdown tables: the ops (calls, total ms, ms per step with --steps,
 share of the listed time), then the kinds of op (names without their ".N").
+
+On a CPU, read the `dot` rows with care: XLA:CPU hands a large `dot` (its own Eigen product,
+e.g. a weight gradient) to its thread pool and ends the traced event there, so the product's
+time is not in its row but in the rows of the ops that run beside it (a YNNPACK product that
+shares the cores with it takes about twice its time alone). The summary says so when the
+trace has such ops (`note`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ import re
 _BOOKKEEPING = ("ThreadpoolListener::", "SlinkyThreadPool::", "ThunkExecutor::", "end: ",
                 "Wait for donation holds", "PythonRefManager::", "Wait: pending_threads",
                 "Wait for rendezvous")
+
+
+ASYNC_DOT_NOTE = (
+    "Note: XLA:CPU runs its `dot` ops (Eigen products, e.g. weight gradients) on its thread "
+    "pool after their traced event ends: their rows show the launch, and their time shows in "
+    "the ops that ran beside them (a product sharing the cores takes up to twice its time "
+    "alone). Time products alone with benchmarks/bench_products.py.")
+_DOT = re.compile(r"dot(_general)?(\.\d+)?")
 
 
 def newest_trace(directory: str) -> str:
@@ -59,7 +73,8 @@ def op_events(events: list[dict]) -> tuple[str, list[dict]]:
 
 def summarize(directory: str, *, steps: int = 1, top: int = 25) -> dict:
     """{"trace", "where", "total_ms", "rows": [{"op", "calls", "total_ms", "ms_per_step",
-    "share"}]}: the `top` ops by total time."""
+    "share"}], "kinds": [...], "note"}: the `top` ops by total time; `note` is
+    `ASYNC_DOT_NOTE` for a CPU trace with `dot` ops, else None."""
     path = newest_trace(directory)
     with gzip.open(path) as handle:
         data = json.load(handle)
@@ -80,8 +95,9 @@ def summarize(directory: str, *, steps: int = 1, top: int = 25) -> dict:
         return [{"op": name, "calls": counts[name], "total_ms": ms, "ms_per_step": ms / steps,
                  "share": ms / total if total else 0.0} for name, ms in counter.most_common(n)]
 
+    async_dots = where == "host" and any(_DOT.fullmatch(name) for name in totals)
     return {"trace": path, "where": where, "total_ms": total, "rows": rows(totals, calls, top),
-            "kinds": rows(kinds, kind_calls, 12)}
+            "kinds": rows(kinds, kind_calls, 12), "note": ASYNC_DOT_NOTE if async_dots else None}
 
 
 def format_summary(summary: dict, steps: int = 1) -> str:
@@ -94,6 +110,8 @@ def format_summary(summary: dict, steps: int = 1) -> str:
               "|---|---:|---:|---:|---:|"]
     lines += [f"| `{r['op'][:80]}` | {r['calls']} | {r['total_ms']:.2f} | "
               f"{r['ms_per_step']:.2f} | {r['share']:.1%} |" for r in summary["kinds"]]
+    if summary.get("note"):
+        lines += ["", summary["note"]]
     return "\n".join(lines)
 
 

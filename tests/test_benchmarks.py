@@ -1,6 +1,7 @@
 """benchmarks/bench_train_step.py and bench_seg_train_step.py: the steps train.py and
 segment.py run, timed on tiny models; both frameworks report sane rows; FLOP counts and MFU."""
 
+import gzip
 import importlib.util
 import json
 import math
@@ -216,3 +217,49 @@ def test_products_benchmark_counts_the_step_flops_and_times_both_frameworks(caps
         assert math.prod(p.get("torch mnk", p["mnk"])) == math.prod(p["mnk"])
     assert set(report["step_ms"]) == {"jax", "torch"}
     assert "| decoder fc1 weight grad | 8 |" in capsys.readouterr().out
+
+
+def test_trace_summary_sums_xla_ops_and_warns_that_cpu_dots_are_asynchronous(tmp_path):
+    """benchmarks/trace_summary.py on traces written in jax.profiler's Perfetto format (gzipped
+    JSON, thread names as metadata events): ops of XLA's threads only (not Python frames, not
+    thread-pool bookkeeping), summed by name and by kind; on a CPU trace with `dot` ops, the note
+    that their rows show only the launch (XLA:CPU hands them to its thread pool; measured in
+    benchmarks/README)."""
+    spec = importlib.util.spec_from_file_location(
+        "trace_summary", os.path.join(REPO, "benchmarks", "trace_summary.py"))
+    summary_lib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary_lib)
+
+    def write_trace(folder, ops):
+        events = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+                   "args": {"name": "tf_XLAEigen/123"}},
+                  {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8,
+                   "args": {"name": "python"}},
+                  {"ph": "X", "name": "ThunkExecutor::Execute", "pid": 1, "tid": 7, "ts": 0,
+                   "dur": 9000},
+                  {"ph": "X", "name": "$api.py:2479 block_until_ready", "pid": 1, "tid": 7,
+                   "ts": 0, "dur": 9000},
+                  {"ph": "X", "name": "PjitFunction(step)", "pid": 1, "tid": 8, "ts": 0,
+                   "dur": 500}]
+        events += [{"ph": "X", "name": name, "pid": 1, "tid": 7, "ts": 10 * i, "dur": dur}
+                   for i, (name, dur) in enumerate(ops)]
+        path = tmp_path / folder / "plugins" / "profile" / "run"
+        path.mkdir(parents=True)
+        with gzip.open(path / "perfetto_trace.json.gz", "wt") as handle:
+            json.dump({"traceEvents": events}, handle)
+        return summary_lib.summarize(str(tmp_path / folder), steps=2)
+
+    cpu = write_trace("cpu", [("ynn_fusion.3", 3000), ("ynn_fusion.3", 1000),
+                              ("ynn_fusion.7", 2000), ("dot_general.2", 100),
+                              ("dot_general.2", 100), ("multiply_add_fusion", 800)])
+    assert cpu["where"] == "host" and cpu["total_ms"] == pytest.approx(7.0)
+    assert [(r["op"], r["calls"], r["total_ms"]) for r in cpu["rows"]] == [
+        ("ynn_fusion.3", 2, 4.0), ("ynn_fusion.7", 1, 2.0), ("multiply_add_fusion", 1, 0.8),
+        ("dot_general.2", 2, 0.2)]
+    assert cpu["rows"][0]["ms_per_step"] == 2.0
+    assert [(k["op"], k["calls"], k["total_ms"]) for k in cpu["kinds"]][:2] == [
+        ("ynn_fusion", 3, 6.0), ("multiply_add_fusion", 1, 0.8)]
+    assert cpu["note"] == summary_lib.ASYNC_DOT_NOTE
+    assert summary_lib.ASYNC_DOT_NOTE in summary_lib.format_summary(cpu, 2)
+    # No dot among the ops (or a GPU trace): no note.
+    assert write_trace("no_dot", [("ynn_fusion.3", 3000)])["note"] is None
