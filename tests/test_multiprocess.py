@@ -167,6 +167,10 @@ def test_two_processes_train_like_one_process_over_the_same_global_batches(pretr
     two, one, _, _ = pretrain_runs
     assert sorted(losses_of(two)) == [1, 2, 3, 4]
     assert losses_of(two) == pytest.approx(losses_of(one), rel=1e-5)
+    # The input wait logged is the slowest process's (an all-gather at each log step), named.
+    records = read_metrics(two)
+    assert all(0 <= r["input_wait"] <= 1 and r["input_wait_process"] in (0, 1) for r in records)
+    assert all("input_wait_process" not in r for r in read_metrics(one))
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
     assert_same_parameters(params_of(two), params_of(one))
 

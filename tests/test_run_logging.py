@@ -57,6 +57,36 @@ def test_input_wait_is_the_share_of_each_interval_spent_getting_batches(tmp_path
     ]
 
 
+def test_with_several_processes_the_slowest_input_is_logged_and_named(tmp_path, capsys,
+                                                                     monkeypatch):
+    """loop.slowest_input picks the longest wait of the gathered ones (each process's own, in
+    process order) and the logger records it with its process: the step is one collective
+    program, so that process holds the others back. One process: its own wait, no process."""
+    from mae_jax.core import loop
+
+    assert loop.slowest_input(1.5) == (1.5, None)
+    gathered = []
+
+    def gather(mine):  # what process_allgather returns to every process: [processes]
+        gathered.append(mine)
+        return np.array([mine, 7.0, 3.0], np.float32)
+
+    waited, process = loop.slowest_input(2.0, gather=gather)
+    assert (waited, process) == (7.0, 1) and gathered == [np.float32(2.0)]
+    clock = iter([0.0, 10.0, 20.0])
+    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(run_logging, "time", fake_time)
+    logger = run_logging.RunLogger(tmp_path, total_steps=20, tensorboard=False, log_every=10)
+    logger.log_train(10, {"loss": 1.0}, input_seconds=1.0, input_process=0)
+    logger.log_train(20, {"loss": 1.0}, input_seconds=waited, input_process=process)
+    assert [(r["input_wait"], r["input_wait_process"]) for r in read_lines(tmp_path)] == [
+        (0.1, 0), (0.7, 1)]
+    out = capsys.readouterr().out.splitlines()
+    assert " | input 70% (process 1) | " in out[1]
+    assert out[2].startswith("Input-bound: over steps 11-20 the loop of process 1 waited for "
+                             "batches 70% of the time; ")
+
+
 def test_resumed_run_appends_and_readers_keep_the_latest_line_per_step(tmp_path):
     first = run_logging.RunLogger(tmp_path, total_steps=100, tensorboard=False)
     for step in (10, 20, 30):

@@ -5,7 +5,8 @@ back only at log steps, checkpoints are written every N steps, hooks (reconstruc
 evaluation) run every N steps, SIGTERM / Ctrl-C saves and stops, and a non-finite step stops the
 run with a clear error before any checkpoint of bad state is written. The time spent getting
 each batch (the host pipeline and the copy to the devices) is reported at log steps as the share
-of the wall time the loop waited for input (`RunLogger.log_train`). `profile` traces a few steps
+of the wall time the loop waited for input (`RunLogger.log_train`), the slowest process's when
+there are several (`slowest_input`). `profile` traces a few steps
 with jax.profiler (host input, dispatch and device ops) for TensorBoard or Perfetto.
 """
 
@@ -26,6 +27,23 @@ from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.preemption import PreemptionGuard
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.state import TrainState
+
+
+def slowest_input(seconds: float, gather: Callable | None = None) -> tuple[float, int | None]:
+    """(the longest time any process waited for its batches, that process) from this process's
+    `seconds`; (seconds, None) with one process. The step is one collective program, so the
+    process that waits longest for its input holds the others back; every process must call
+    this at the same steps (one tiny all-gather). `gather`: multihost_utils.process_allgather
+    (tests pass their own)."""
+    if gather is None:
+        if jax.process_count() == 1:
+            return seconds, None
+        from jax.experimental import multihost_utils
+
+        gather = multihost_utils.process_allgather
+    waits = np.asarray(gather(np.float32(seconds)), dtype=np.float64).reshape(-1)
+    slowest = int(np.argmax(waits))
+    return float(waits[slowest]), slowest
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -169,7 +187,9 @@ def run_loop(
                 if log_now:
                     check_finite(step)
                     last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    logger.log_train(step, last_metrics, input_seconds=input_seconds)
+                    waited, waiting = slowest_input(input_seconds)
+                    logger.log_train(step, last_metrics, input_seconds=waited,
+                                     input_process=waiting)
                     input_seconds = 0.0
                 due = [hook for hook in hooks if hook.due(step, total_steps)]
                 if due and not log_now:

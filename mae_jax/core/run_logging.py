@@ -192,7 +192,12 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
 
     def log_train(
-        self, step: int, scalars: Mapping[str, Any], *, input_seconds: float | None = None
+        self,
+        step: int,
+        scalars: Mapping[str, Any],
+        *,
+        input_seconds: float | None = None,
+        input_process: int | None = None,
     ) -> dict[str, Any]:
         """Records one line (step, loss, lr, images_per_sec, ...) and prints a progress line.
 
@@ -200,6 +205,8 @@ class RunLogger:
         as `input_wait`, its share of the wall time. The first time that share exceeds
         `INPUT_BOUND` (not counting the first interval after a (re)start, which fills the input
         pipeline's buffers), the run says it is input-bound and how to feed it faster.
+        input_process: with several processes, the one whose wait `input_seconds` is (the
+        longest, `loop.slowest_input`); logged as `input_wait_process` and named in the lines.
         """
         now = time.perf_counter()
         steps_done = step - self._last_step
@@ -214,6 +221,8 @@ class RunLogger:
                 record.setdefault("images_per_sec", steps_done * self.global_batch_size / seconds)
             if input_seconds is not None:
                 record["input_wait"] = min(1.0, max(0.0, input_seconds / seconds))
+                if input_process is not None:
+                    record["input_wait_process"] = int(input_process)
             eta = (self.total_steps - step) * seconds / steps_done
         else:
             eta = float("nan")
@@ -224,8 +233,10 @@ class RunLogger:
         wait = record.get("input_wait", 0.0)
         if wait > INPUT_BOUND and self._intervals > 1 and not self._said_input_bound:
             self._said_input_bound = True
-            print(f"Input-bound: over steps {step - steps_done + 1}-{step} the loop waited for "
-                  f"batches {wait:.0%} of the time; {INPUT_BOUND_ADVICE}", flush=True)
+            where = ("" if "input_wait_process" not in record
+                     else f" of process {record['input_wait_process']}")
+            print(f"Input-bound: over steps {step - steps_done + 1}-{step} the loop{where} "
+                  f"waited for batches {wait:.0%} of the time; {INPUT_BOUND_ADVICE}", flush=True)
         if self._writer is not None:
             self._writer.write_scalars(step, self._numeric(record, prefix="train/"))
         return record
@@ -318,8 +329,11 @@ class RunLogger:
         if "images_per_sec" in record:
             parts.append(f"{record['images_per_sec']:.1f} img/s")
         if "input_wait" in record:
-            parts.append(f"input {record['input_wait']:.0%}")
-        shown = {"step", "kind", "loss", "lr", "images_per_sec", "steps_per_sec", "input_wait"}
+            process = record.get("input_wait_process")
+            parts.append(f"input {record['input_wait']:.0%}"
+                         + ("" if process is None else f" (process {process})"))
+        shown = {"step", "kind", "loss", "lr", "images_per_sec", "steps_per_sec", "input_wait",
+                 "input_wait_process"}
         parts += [f"{k} {v:.4g}" for k, v in self._numeric(record).items() if k not in shown]
         parts.append(f"ETA {format_duration(eta)}")
         return " | ".join(parts)
