@@ -245,7 +245,8 @@ def forward_matmul_flops(dims: dict[str, int], image_size: int, encoder_tokens: 
     macs = (length * 3 * patch**2 * width
             + blocks(dims["depth"], 1 + encoder_tokens, width)
             + (1 + encoder_tokens) * width * decoder_width
-            + blocks(depth - 1, tokens, decoder_width) + blocks(1, tokens, decoder_width, rows)
+            + blocks(max(depth - 1, 0), tokens, decoder_width)
+            + (blocks(1, tokens, decoder_width, rows) if depth else 0)
             + rows * decoder_width * 3 * patch**2)
     return 2 * macs
 

@@ -10,11 +10,13 @@ counted twice); on a CPU, XLA's own threads (`tf_XLA...`) without Python frames 
 bookkeeping. Prints two markdown tables: the ops (calls, total ms, ms per step with --steps,
 share of the listed time), then the kinds of op (names without their ".N").
 
-On a CPU, read the `dot` rows with care: XLA:CPU hands a large `dot` (its own Eigen product,
-e.g. a weight gradient) to its thread pool and ends the traced event there, so the product's
-time is not in its row but in the rows of the ops that run beside it (a YNNPACK product that
-shares the cores with it takes about twice its time alone). The summary says so when the
-trace has such ops (`note`).
+On a CPU the tables count each op's own event. XLA:CPU also records when each op completes
+(`end: NAME`), and some complete long after their event: a large `dot` (its own Eigen product,
+e.g. a weight gradient) is handed to the thread pool and runs on beside the ops that follow
+(which then run slower for sharing the cores), and a loop split over the threads waits for its
+other part. Their own events miss that time, so the tables can add up to less than the wall
+time; a third table lists these ops with their time from start to end, which overlaps other
+ops' (`async` and `note`).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ _BOOKKEEPING = ("ThreadpoolListener::", "SlinkyThreadPool::", "ThunkExecutor::",
                 "Wait for rendezvous")
 
 
-ASYNC_DOT_NOTE = (
-    "Note: XLA:CPU runs its `dot` ops (Eigen products, e.g. weight gradients) on its thread "
-    "pool after their traced event ends: their rows show the launch, and their time shows in "
-    "the ops that ran beside them (a product sharing the cores takes up to twice its time "
-    "alone). Time products alone with benchmarks/bench_products.py.")
-_DOT = re.compile(r"dot(_general)?(\.\d+)?")
+ASYNC_NOTE = (
+    "Note: the ops of the last table ran on after their traced event (XLA:CPU's thread pool: "
+    "its Eigen products, e.g. weight gradients, and loops split over the threads). The first "
+    "two tables count only their events; their start-to-end times overlap the ops beside them, "
+    "which run slower for sharing the cores. Time products alone with "
+    "benchmarks/bench_products.py.")
+_END = "end: "
 
 
 def newest_trace(directory: str) -> str:
@@ -71,10 +74,30 @@ def op_events(events: list[dict]) -> tuple[str, list[dict]]:
     return "host", xla
 
 
+def host_op_ends(events: list[dict], ops: list[dict]) -> list[float | None]:
+    """Each host op's time in ms from its start to its `end: NAME` event (the first one after
+    its start, in order per name); None without one."""
+    ends = collections.defaultdict(collections.deque)
+    for event in sorted((e for e in events if e.get("ph") == "X"
+                         and str(e.get("name", "")).startswith(_END)), key=lambda e: e["ts"]):
+        ends[event["name"][len(_END):]].append(event["ts"])
+    times: list[float | None] = [None] * len(ops)
+    for index in sorted(range(len(ops)), key=lambda i: ops[i]["ts"]):
+        event = ops[index]
+        queue = ends.get(event["name"])
+        while queue and queue[0] < event["ts"]:  # an end whose start is not in the trace
+            queue.popleft()
+        if queue:
+            times[index] = (queue.popleft() - event["ts"]) / 1000.0
+    return times
+
+
 def summarize(directory: str, *, steps: int = 1, top: int = 25) -> dict:
     """{"trace", "where", "total_ms", "rows": [{"op", "calls", "total_ms", "ms_per_step",
-    "share"}], "kinds": [...], "note"}: the `top` ops by total time; `note` is
-    `ASYNC_DOT_NOTE` for a CPU trace with `dot` ops, else None."""
+    "share"}], "kinds": [...], "async": [{"op", "calls", "event_ms", "start_to_end_ms"}],
+    "note"}: the `top` ops by the time of their own events; `async` (a host trace): the ops
+    that completed over 1 ms and 10% after their event ended, by start-to-end time, and `note`
+    (`ASYNC_NOTE`) when there are any."""
     path = newest_trace(directory)
     with gzip.open(path) as handle:
         data = json.load(handle)
@@ -95,9 +118,20 @@ def summarize(directory: str, *, steps: int = 1, top: int = 25) -> dict:
         return [{"op": name, "calls": counts[name], "total_ms": ms, "ms_per_step": ms / steps,
                  "share": ms / total if total else 0.0} for name, ms in counter.most_common(n)]
 
-    async_dots = where == "host" and any(_DOT.fullmatch(name) for name in totals)
+    late = collections.defaultdict(lambda: [0, 0.0, 0.0])  # calls, event ms, start-to-end ms
+    if where == "host":
+        for event, span in zip(ops, host_op_ends(events, ops), strict=True):
+            own = event["dur"] / 1000.0
+            if span is not None and span - own > max(1.0, 0.1 * span):
+                entry = late[event["name"]]
+                entry[0] += 1
+                entry[1] += own
+                entry[2] += span
+    late_rows = [{"op": name, "calls": c, "event_ms": own, "start_to_end_ms": span}
+                 for name, (c, own, span) in sorted(late.items(), key=lambda kv: -kv[1][2])]
     return {"trace": path, "where": where, "total_ms": total, "rows": rows(totals, calls, top),
-            "kinds": rows(kinds, kind_calls, 12), "note": ASYNC_DOT_NOTE if async_dots else None}
+            "kinds": rows(kinds, kind_calls, 12), "async": late_rows[:top],
+            "note": ASYNC_NOTE if late_rows else None}
 
 
 def format_summary(summary: dict, steps: int = 1) -> str:
@@ -110,6 +144,11 @@ def format_summary(summary: dict, steps: int = 1) -> str:
               "|---|---:|---:|---:|---:|"]
     lines += [f"| `{r['op'][:80]}` | {r['calls']} | {r['total_ms']:.2f} | "
               f"{r['ms_per_step']:.2f} | {r['share']:.1%} |" for r in summary["kinds"]]
+    if summary.get("async"):
+        lines += ["", "| ran on after its event | calls | event ms | start to end ms |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| `{r['op'][:80]}` | {r['calls']} | {r['event_ms']:.2f} | "
+                  f"{r['start_to_end_ms']:.2f} |" for r in summary["async"]]
     if summary.get("note"):
         lines += ["", summary["note"]]
     return "\n".join(lines)

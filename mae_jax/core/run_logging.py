@@ -237,8 +237,10 @@ class RunLogger:
                      else f" of process {record['input_wait_process']}")
             print(f"Input-bound: over steps {step - steps_done + 1}-{step} the loop{where} "
                   f"waited for batches {wait:.0%} of the time; {INPUT_BOUND_ADVICE}", flush=True)
-        if self._writer is not None:
-            self._writer.write_scalars(step, self._numeric(record, prefix="train/"))
+        if self._writer is not None:  # a process index is no curve
+            scalars = self._numeric(record, prefix="train/")
+            scalars.pop("train/input_wait_process", None)
+            self._writer.write_scalars(step, scalars)
         return record
 
     def log_eval(self, step: int, scalars: Mapping[str, Any]) -> dict[str, Any]:
