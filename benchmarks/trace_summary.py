@@ -29,8 +29,10 @@ import json
 import os
 import re
 
+# XLA:CPU's mark of an op's completion, "end: NAME" (`host_op_ends`).
+_END = "end: "
 # Host-side events of XLA:CPU's thread pools, not ops.
-_BOOKKEEPING = ("ThreadpoolListener::", "SlinkyThreadPool::", "ThunkExecutor::", "end: ",
+_BOOKKEEPING = ("ThreadpoolListener::", "SlinkyThreadPool::", "ThunkExecutor::", _END,
                 "Wait for donation holds", "PythonRefManager::", "Wait: pending_threads",
                 "Wait for rendezvous")
 
@@ -41,7 +43,6 @@ ASYNC_NOTE = (
     "two tables count only their events; their start-to-end times overlap the ops beside them, "
     "which run slower for sharing the cores. Time products alone with "
     "benchmarks/bench_products.py.")
-_END = "end: "
 
 
 def newest_trace(directory: str) -> str:
