@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="Peak dense TFLOP/s of one device in --dtype, for MFU (0: known "
                              "GPUs in bfloat16, see PEAK_TFLOPS; else no MFU).")
+    parser.add_argument("--cpu_devices", type=int, default=0,
+                        help="train.py's mesh.cpu_devices: on a CPU, JAX's backend as N "
+                             "devices with the batch split over them (0: one device).")
     parser.add_argument("--processes", default="auto", choices=("auto", "one", "each"),
                         help="each: every framework in a fresh process of its own; one: all "
                              "in this process; auto: each on a CPU, one on a GPU.")
@@ -130,6 +133,7 @@ def build_config(args: argparse.Namespace):
     config.batch_size = args.batch_size
     config.total_steps = 1 + args.warmup + args.steps * args.repeats
     config.warmup_steps = 1  # The step also evaluates the lr schedule, as in training.
+    config.mesh.cpu_devices = args.cpu_devices
     return config
 
 
@@ -554,6 +558,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.encoder_all_tokens and "jax" not in args.frameworks:
         raise SystemExit("--encoder_all_tokens compares two JAX steps: include jax in --frameworks")
     config = build_config(args)
+    core_config.apply_cpu_devices(config)  # before anything asks JAX for its devices
     dims = model_dims(config)
     settings = vars(args) | {"model_dims": dims}
     machine = machine_info()

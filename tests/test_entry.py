@@ -8,8 +8,10 @@ import sys
 import time
 
 import jax
+import ml_collections
 import pytest
 
+from mae_jax.core import config as core_config
 from mae_jax.core import entry, hostmem
 from mae_jax.core.checkpoint_integrity import CheckpointWriteError
 from mae_jax.core.checkpointing import DamagedCheckpointsError
@@ -155,3 +157,29 @@ def test_config_change_ok_reaches_the_config():
         assert config.config_change_ok is True and config.is_locked
     finally:
         entry.FLAGS.unparse_flags()
+
+
+def test_mesh_cpu_devices_splits_the_cpu_before_jax_starts(tmp_path):
+    """`config.mesh.cpu_devices=N` reaches JAX's CPU backend (the batch check counts N devices);
+    with XLA_FLAGS also setting the count, or a bad value, it is one clear error (exit 2)."""
+    def cpu_devices(count):
+        return ml_collections.ConfigDict({"mesh": {"cpu_devices": count}})
+
+    for bad in (-1, True, "2"):
+        with pytest.raises(ConfigError, match="mesh.cpu_devices"):
+            core_config.apply_cpu_devices(cpu_devices(bad))
+    assert core_config.apply_cpu_devices(cpu_devices(0)) == 0  # JAX's default: nothing set
+
+    command = [sys.executable, "train.py", "--config=configs/demo.py", f"--workdir={tmp_path}",
+               "--config.mesh.cpu_devices=3", "--config.batch_size=16"]
+    plain = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    split = subprocess.run(command, cwd=ROOT, env=plain, capture_output=True, text=True,
+                           timeout=300)
+    assert split.returncode == entry.EXIT_BAD_INPUT, split.stderr[-2000:]
+    assert "batch_size 16 must be a multiple of the 3 devices" in split.stderr
+
+    counted = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    both = subprocess.run(command, cwd=ROOT, env=counted, capture_output=True, text=True,
+                          timeout=300)
+    assert both.returncode == entry.EXIT_BAD_INPUT, both.stderr[-2000:]
+    assert "both set the CPU device count" in both.stderr and "Traceback" not in both.stderr

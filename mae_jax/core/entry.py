@@ -177,6 +177,9 @@ def run(library: str) -> None:
         config = config_from_flags()
         workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
         try:
+            from mae_jax.core import config as core_config
+
+            core_config.apply_cpu_devices(config)  # before JAX starts its backends
             if FLAGS.multiprocess:
                 initialize_distributed()
             result = importlib.import_module(library).train_and_evaluate(config, workdir)

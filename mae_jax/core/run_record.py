@@ -29,14 +29,15 @@ HARMLESS_FIELDS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "tensorboard",
     "visualize_every_steps", "num_visualize_images", "export_encoder", "eval_every_steps",
     "num_pictures", "eval_only", "init_from", "data.data_dir", "data.manual_dir",
-    "data.download", "mesh.data", "mesh.fsdp", "model.attention_impl", "profile_steps",
+    "data.download", "mesh.data", "mesh.fsdp", "mesh.cpu_devices", "model.attention_impl",
+    "profile_steps",
 })
 
 # Fields added after runs were recorded without them: the value that reproduces what those runs
 # did (a resume of such a run compares against it). data.on_device: fine-tuning and the linear
 # probe (and pretraining before the field) read the data through tf.data; profile_steps:
-# no trace.
-LATER_FIELDS = {"data.on_device": "never", "profile_steps": ""}
+# no trace; mesh.cpu_devices: JAX's one CPU device.
+LATER_FIELDS = {"data.on_device": "never", "profile_steps": "", "mesh.cpu_devices": 0}
 
 
 class ConfigChangedError(ValueError):

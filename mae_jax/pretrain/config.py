@@ -63,6 +63,8 @@ def defaults() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Data-parallel axis size; -1: all devices left.
     config.mesh.fsdp = 1  # Parameter/optimizer sharding axis size.
+    # CPU backend only: 0 = JAX's one CPU device; N = the CPU as N devices (README).
+    config.mesh.cpu_devices = 0
 
     config.log_every_steps = 50  # Progress line, metrics.jsonl, TensorBoard.
     config.checkpoint_every_steps = 1000  # Orbax checkpoint cadence (also at end / SIGTERM).

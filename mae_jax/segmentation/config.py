@@ -71,6 +71,7 @@ def defaults() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.fsdp = 1
+    config.mesh.cpu_devices = 0  # CPU backend only: the CPU as N devices (README).
 
     config.log_every_steps = 50
     config.checkpoint_every_steps = 4000
