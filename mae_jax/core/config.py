@@ -192,9 +192,9 @@ def apply_cpu_devices(config: ml_collections.ConfigDict, environ=os.environ) -> 
     """`config.mesh.cpu_devices` N > 0: JAX's CPU backend as N devices, the batch sharded over
     them (as over GPUs); 0 (the default): JAX's one CPU device, whose ops use every core.
 
-    On a CPU, N = the core count can be faster for small models (ViT-Tiny at 224 px on 2 cores:
-    6339 ms a step against 6922-7023 ms) and slower for larger ones (ViT-B at 112 px: +25-40%),
-    so it is a choice (README, "Several GPUs and hosts"). Runs on GPUs are unaffected. Must run
+    On a CPU, N = the core count can be faster for small models and slower for larger ones
+    (measured in README, "Several GPUs and hosts"), so it is a choice. Runs on GPUs are
+    unaffected. Must run
     before JAX starts its backends (the entry points call it first); returns N.
     """
     mesh = config.get("mesh") or {}
