@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark of this folder at one preset's sizes in one run, and one
 markdown table of what they measured against the project's speed targets.
 
-    python benchmarks/suite.py                           # CPU preset: ~18-32 minutes on 2 cores
+    python benchmarks/suite.py                           # CPU preset: ~22-36 minutes on 2 cores
     python benchmarks/suite.py --preset gpu --out_dir /tmp/suite    # one GPU (gpu_check.sh)
     python benchmarks/suite.py --preset smoke            # tiny sizes: checks the plumbing
     python benchmarks/suite.py --render DIR              # the table again, from DIR's reports
@@ -53,6 +53,7 @@ ALL_TOKENS = ("--encoder_all_tokens",)  # also the step with the encoder on ever
 # a GPU step's time goes, for the sessions after the one that ran it. {out} is the run folder.
 PROFILE = ("--profile_dir", "{out}/{name}_profile", "--profile_steps", "3")
 CPU_AUTOCAST = ("--torch_cpu_autocast",)  # torch bf16 on a CPU (official code: CUDA autocast)
+CPU_DEVICES_2 = ("--cpu_devices", "2")  # train.py's mesh.cpu_devices=2 (JAX only)
 SEG_BASE = ["--config", "configs/ade20k_base.py"]
 VIT_B_EVAL = ["--variant", "vit_base_patch16", "--patch_size", "16", "--embed_dim", "768",
               "--depth", "12", "--num_heads", "12", "--channels", "768", "--aux_channels",
@@ -81,6 +82,10 @@ PRESETS = {
         _train("train_tiny", "vit_tiny_patch16", 224, 32, 2, 1, extra=ALL_TOKENS),
         _train("train_base", "vit_base_patch16", 112, 8, 3, 2, extra=ALL_TOKENS),
         _train("train_large", "vit_large_patch16", 112, 4, 2, 1, extra=ALL_TOKENS),
+        # mesh.cpu_devices=2 (one JAX device per core, the batch split): faster for ViT-Tiny,
+        # slower for ViT-B (README), so an option; both rows in every run to keep that true.
+        _train("train_tiny_2dev", "vit_tiny_patch16", 224, 32, 2, 1, extra=CPU_DEVICES_2),
+        _train("train_base_2dev", "vit_base_patch16", 112, 8, 3, 2, extra=CPU_DEVICES_2),
         _train("train_tiny_bf16", "vit_tiny_patch16", 224, 32, 2, 1, "bfloat16",
                extra=CPU_AUTOCAST),
         _train("train_base_bf16", "vit_base_patch16", 112, 8, 3, 2, "bfloat16",
