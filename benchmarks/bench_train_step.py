@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.frameworks) - set(FRAMEWORKS)
     if unknown or not args.frameworks:
         parser.error(f"--frameworks must list some of {FRAMEWORKS}, got {sorted(unknown)}")
+    if args.cpu_devices < 0:
+        parser.error(f"--cpu_devices {args.cpu_devices}: must be >= 0 (0: JAX's one CPU device)")
     if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
         parser.error("--steps, --repeats and --batch_size must be >= 1, --warmup >= 0")
     return args
@@ -558,7 +560,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.encoder_all_tokens and "jax" not in args.frameworks:
         raise SystemExit("--encoder_all_tokens compares two JAX steps: include jax in --frameworks")
     config = build_config(args)
-    core_config.apply_cpu_devices(config)  # before anything asks JAX for its devices
+    try:
+        core_config.apply_cpu_devices(config)  # before anything asks JAX for its devices
+    except core_config.ConfigError as error:  # e.g. XLA_FLAGS also sets the device count
+        raise SystemExit(f"--cpu_devices: {error}") from None
     dims = model_dims(config)
     settings = vars(args) | {"model_dims": dims}
     machine = machine_info()

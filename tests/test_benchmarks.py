@@ -32,6 +32,17 @@ def load_bench():
     return module
 
 
+def test_cpu_devices_errors_name_the_fix_before_jax_starts(monkeypatch):
+    """--cpu_devices: a negative count is a usage error, and a device count also set in
+    XLA_FLAGS exits with the conflict and its fix (no traceback) before any step is built."""
+    bench = load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu_devices", "-1"])
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    with pytest.raises(SystemExit, match="--cpu_devices: .*drop --xla_force_host_platform_dev"):
+        bench.main(["--cpu_devices", "2", "--frameworks", "jax"])
+
+
 def test_mfu_counts_the_matmul_flops_xla_counts_and_the_known_peak():
     """The MFU numerator (3 x forward matmul FLOPs, written out in the script) against XLA's own
     FLOP count of our MAE ViT-B/16 forward at 224 px (lowered abstractly, nothing runs): XLA
