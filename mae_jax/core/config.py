@@ -194,8 +194,8 @@ def apply_cpu_devices(config: ml_collections.ConfigDict, environ=os.environ) -> 
 
     On a CPU, N = the core count can be faster for small models and slower for larger ones
     (measured in README, "Several GPUs and hosts"), so it is a choice. Runs on GPUs are
-    unaffected. Must run
-    before JAX starts its backends (the entry points call it first); returns N.
+    unaffected. Must run before JAX starts its backends (the entry points call it first);
+    returns N.
     """
     mesh = config.get("mesh") or {}
     count = mesh.get("cpu_devices", 0)
