@@ -21,6 +21,10 @@
 #
 # Rehearsal on a CPU machine (the same steps at the suite's smoke sizes; checks this script and
 # what it leaves in $OUT, not the GPU):  GPU_CHECK_REHEARSAL=1 bash benchmarks/gpu_check.sh
+# Best in a Python 3.12 venv holding the GPU machine's versions and no TensorFlow (jax 0.11.2,
+# optax, orbax-checkpoint, einops, numpy, pillow, safetensors, torch, transformers, pytest, and
+# flax's own dependencies), with .whl as above: there the smoke preset's two host-input entries
+# (`input`, `seg_input`) fail for want of TensorFlow, and everything else must pass.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"

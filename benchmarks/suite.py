@@ -153,6 +153,13 @@ PRESETS = {
                ["--seconds", "0.3", "--rounds", "1", "--images", "64", "--max_cores", "1"], 300),
         _entry("seg_input", "seg_input", "bench_seg_input.py",
                ["--seconds", "0.3", "--rounds", "1", "--images", "16", "--max_cores", "1"], 300),
+        # The gpu preset's TensorFlow-free device parts too, so that a rehearsal of
+        # gpu_check.sh in an environment like the GPU machine's (no TensorFlow) runs them; the
+        # two entries above fail alone there.
+        _entry("input_device", "input", "bench_input.py", ["--device_part", "--seconds", "0.3"],
+               300),
+        _entry("seg_input_device", "seg_input", "bench_seg_input.py",
+               ["--device_part", "--seconds", "0.3"], 300),
         _entry("finetune_input_device", "finetune_input", "bench_finetune_input.py",
                ["--device_part", "--seconds", "0.5"], 300),
         _entry("on_device", "on_device", "bench_on_device.py",

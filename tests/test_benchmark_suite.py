@@ -140,6 +140,8 @@ def test_smoke_preset_runs_every_benchmark_into_one_table(tmp_path):
                                                              "only"),
             ("input", "JPEG input, images/s"), ("input", "JPEG input, device part"),
             ("seg_input", "ADE20K input, images/s"), ("seg_input", "ADE20K input, device part"),
+            ("input_device", "JPEG input, device part"),
+            ("seg_input_device", "ADE20K input, device part"),
             ("finetune_input_device", "fine-tuning input, device part"),
             ("on_device", "step fed by the on-device input"),
             ("on_device_finetune", "fine-tuning step fed by the on-device input (crop, flip, "
