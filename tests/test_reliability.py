@@ -431,6 +431,9 @@ def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_pa
     changed.config_change_ok = True
     with Run(changed, str(workdir)) as run:
         assert run.resume_step == 6
+        assert not (workdir / HISTORY_FILE).exists()  # recorded when training starts
+        run.record_config_changes()
+        run.record_config_changes()  # once
     (entry,) = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
     assert entry["step"] == 6 and entry["changes"] == {"lr": [0.001, 0.5]}
     assert entry["accepted"] == "config_change_ok"
@@ -470,6 +473,10 @@ def test_an_accepted_change_of_model_size_is_refused_from_metadata_naming_the_le
     assert "does not fit this config" in message
     assert "array(s) differ, e.g. params/decoder/embed/kernel/value: saved (32, 32), config " \
         "(64, 32)" in message
+    # The change never took effect: nothing recorded, and the run's own config still resumes.
+    assert not (workdir / HISTORY_FILE).exists()
+    with Run(run_config(), str(workdir)) as run:
+        assert run.resume_step == 6
 
 
 def test_changes_that_cannot_alter_the_result_are_accepted_and_recorded(finished_run, tmp_path):
@@ -477,8 +484,8 @@ def test_changes_that_cannot_alter_the_result_are_accepted_and_recorded(finished
     harmless = run_config(log_every_steps=1, keep_checkpoints=5, tensorboard=True,
                           profile_steps="6:8")
     harmless.mesh.data = 2
-    with Run(harmless, str(workdir), devices=jax.devices()[:2]):
-        pass
+    with Run(harmless, str(workdir), devices=jax.devices()[:2]) as run:
+        run.record_config_changes()
     (entry,) = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
     assert set(entry["changes"]) == {"log_every_steps", "keep_checkpoints", "tensorboard",
                                      "mesh.data", "profile_steps"}

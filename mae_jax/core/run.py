@@ -37,6 +37,7 @@ class Run:
     finds the newest intact checkpoint (damaged newer ones are moved aside) and checks the
     config against the run's record (`run_record`: changed hyperparameters are refused unless
     `config.config_change_ok`). `resume_step` is that checkpoint's step, None for a new run.
+    The accepted changes are recorded when training starts (`record_config_changes`).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None):
@@ -59,9 +60,10 @@ class Run:
                 keep=config.keep_checkpoints,
             )
             self.resume_step = self.checkpointer.newest_intact_step(move_damaged=True)
+            self.config_changes = run_record.ConfigChanges()
             if not config.get("eval_only", False):  # evaluating changes nothing to record
-                run_record.record_config(self.workdir, config, resume_step=self.resume_step,
-                                         write=self.is_main)
+                self.config_changes = run_record.record_config(
+                    self.workdir, config, resume_step=self.resume_step, write=self.is_main)
         except BaseException:
             self.close(quiet=True)
             raise
@@ -114,6 +116,7 @@ class Run:
     ) -> loop.LoopResult:
         """Compiles the step once and runs the loop to `total_steps` (or a stop signal);
         `config.profile_steps` 'A:B' traces steps A + 1 to B into `workdir/profile`."""
+        self.record_config_changes()
         train_step = compile_step(step_fn, self.state_shardings, self.mesh)
         return loop.run_loop(
             state=state, train_step=train_step, batches=batches, mesh=self.mesh,
@@ -122,6 +125,14 @@ class Run:
             profile=core_config.profile_steps(self.config.get("profile_steps", "")),
             profile_dir=os.path.join(self.workdir, "profile"),
         )
+
+    def record_config_changes(self) -> None:
+        """Appends this resume's accepted config changes to `config_history.jsonl` (once, on
+        process 0). Called when training starts: a resume that failed before it (a checkpoint
+        that does not fit, missing data) changed nothing, so it records nothing."""
+        if self.is_main:
+            self.config_changes.write(self.workdir)
+        self.config_changes = run_record.ConfigChanges()
 
     # ------------------------------------------------------------------------- end
     def close(self, *, quiet: bool = False) -> None:

@@ -10,6 +10,7 @@ log, checkpoint or draw pictures, where the data lives) are accepted. Both kinds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -95,13 +96,37 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfigChanges:
+    """The changes a resume makes to the run's config, checked but not yet recorded: the
+    run records them (`write`) only when training starts, so a resume that fails before
+    (the checkpoint does not fit, the data is missing) leaves the record as it was and the
+    original command still resumes."""
+
+    step: int | None = None
+    changes: dict[str, list] = dataclasses.field(default_factory=dict)
+    accepted: str = ""
+
+    def write(self, workdir: str) -> None:
+        if not self.changes:
+            return
+        entry = {"step": int(self.step), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "changes": self.changes, "accepted": self.accepted}
+        with open(os.path.join(workdir, HISTORY_FILE), "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        print(f"Config changed at step {self.step}: "
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
+              + f" (recorded in {HISTORY_FILE}).", flush=True)
+
+
 def record_config(
     workdir: str, config: ml_collections.ConfigDict, *, resume_step: int | None,
     write: bool = True,
-) -> dict[str, list]:
-    """Records the config of a run starting (resume_step None) or resuming at `resume_step`.
+) -> ConfigChanges:
+    """Checks the config of a run starting (resume_step None) or resuming at `resume_step`.
 
-    Returns the changes recorded. Raises ConfigChangedError for changes that can alter the
+    A new run's config.json is written now. A resume's changes are returned, for the caller
+    to `write` once training starts. Raises ConfigChangedError for changes that can alter the
     result unless `config.config_change_ok`. write: False on processes other than 0 (they
     check, process 0 writes).
     """
@@ -110,12 +135,12 @@ def record_config(
     if resume_step is None:
         if write:
             _start_record(workdir, config, current)
-        return {}
+        return ConfigChanges()
     recorded = effective_config(workdir)
     if recorded is None:  # checkpoints from a version that kept no record: start one now
         if write:
             _start_record(workdir, config, current)
-        return {}
+        return ConfigChanges()
     for key, value in LATER_FIELDS.items():
         if key in current and key not in recorded:
             recorded[key] = value
@@ -131,16 +156,8 @@ def record_config(
             "with the changes (recorded in "
             f"{HISTORY_FILE} with the step), or give a new --workdir to start a new run."
         )
-    if changes and write:
-        entry = {"step": int(resume_step), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                 "changes": changes, "accepted": "config_change_ok" if significant else
-                 "harmless fields only"}
-        with open(os.path.join(workdir, HISTORY_FILE), "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        print(f"Config changed at step {resume_step}: "
-              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-              + f" (recorded in {HISTORY_FILE}).", flush=True)
-    return changes
+    return ConfigChanges(int(resume_step), changes,
+                         "config_change_ok" if significant else "harmless fields only")
 
 
 def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict) -> None:
