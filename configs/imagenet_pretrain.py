@@ -10,7 +10,7 @@ Needs the ImageNet TFDS data prepared by hand (`imagenet2012`, manual download).
         --config.data.data_dir=/path/to/tfds --config.grad_accum_steps=16
 """
 
-from mae_jax.core.config import parse_arg
+from mae_jax.core.config import ConfigError, parse_arg
 from mae_jax.pretrain.config import apply_arg, defaults
 
 VARIANTS = {"base": "vit_base_patch16", "large": "vit_large_patch16", "huge": "vit_huge_patch14"}
@@ -20,7 +20,7 @@ def get_config(arg=None):
     values = parse_arg(arg)
     name = values.pop("variant", "base")
     if name not in VARIANTS:
-        raise ValueError(f"variant={name!r}: use one of {', '.join(VARIANTS)}.")
+        raise ConfigError(f"variant={name!r}: use one of {', '.join(VARIANTS)}.")
     config = defaults()
     config.model.variant = VARIANTS[name]
     config.model.norm_pix_loss = True

@@ -129,12 +129,13 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> None:
     values = core_config.parse_arg(arg)
     unknown = set(values) - {"variant"}
     if unknown:
-        raise ValueError(
+        raise core_config.ConfigError(
             f"Unknown config argument(s) {sorted(unknown)}; use variant=base|large|huge."
         )
     name = values.get("variant", "base")
     if name not in VARIANT_NAMES:
-        raise ValueError(f"variant={name!r}: use one of {', '.join(VARIANT_NAMES)}.")
+        raise core_config.ConfigError(
+            f"variant={name!r}: use one of {', '.join(VARIANT_NAMES)}.")
     config.model.variant = VARIANT_NAMES[name]
     if config.task == "finetune":
         recipe = FINETUNE_RECIPES[config.model.variant]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from mae_jax.core.errors import BadInputError
 from mae_jax.models.registry import VARIANTS, get_variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -28,7 +29,7 @@ ENTRY_POINTS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError, ValueError):
     """A config value that cannot work; the message names each problem and its fix, so the
     entry points print it without a traceback (exit status 2)."""
 
@@ -50,6 +51,15 @@ def parse_arg(arg: str | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+def int_arg(values: dict[str, str], key: str) -> int:
+    """`values[key]` (from `parse_arg`) as an int, or a ConfigError naming the argument."""
+    try:
+        return int(values[key])
+    except ValueError:
+        raise ConfigError(f"Config argument {key}={values[key]!r}: expected an integer, e.g. "
+                          f"{key}=4.") from None
 
 
 def encoder_fields(model: ml_collections.ConfigDict) -> None:

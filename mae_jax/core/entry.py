@@ -88,7 +88,7 @@ def initialize_distributed(environ=os.environ) -> dict:
 
 def exit_status(error: BaseException) -> int:
     from mae_jax.core import checkpoint_integrity as integrity
-    from mae_jax.core import loop, run_record, workdir
+    from mae_jax.core import errors, loop, run_record, workdir
 
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -98,19 +98,19 @@ def exit_status(error: BaseException) -> int:
             error):
         return EXIT_WRITE_FAILED
     bad_input = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, workdir.WorkdirLockedError, run_record.ConfigChangedError)
+                 PermissionError, workdir.WorkdirLockedError, run_record.ConfigChangedError,
+                 errors.BadInputError)
     return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED
 
 
 def _explained(error: BaseException) -> bool:
     """Errors whose message is the whole story: no traceback."""
     from mae_jax.core import checkpoint_integrity as integrity
-    from mae_jax.core import checkpointing, loop, run_record, workdir
-    from mae_jax.core import config as core_config
+    from mae_jax.core import checkpointing, errors, loop, run_record, workdir
 
     return isinstance(error, (loop.NonFiniteLossError, integrity.CheckpointWriteError,
                               checkpointing.DamagedCheckpointsError, workdir.WorkdirLockedError,
-                              run_record.ConfigChangedError, core_config.ConfigError,
+                              run_record.ConfigChangedError, errors.BadInputError,
                               KeyboardInterrupt))
 
 
@@ -142,14 +142,51 @@ def config_from_flags():
     return config
 
 
+def command_line_problem(error: BaseException, argv: list[str]) -> str:
+    """What went wrong on the command line, without the parsers' wrapping: absl re-raises a
+    config file's error inside its own, ml_collections adds the traceback to the text and
+    reports an unknown field as an AttributeError holding a KeyError."""
+    chain = [error]
+    while True:
+        last = chain[-1]
+        cause = last.__cause__ if last.__cause__ is not None else (
+            None if last.__suppress_context__ else last.__context__)
+        if cause is None or cause in chain:
+            break
+        chain.append(cause)
+    for link in chain:
+        if isinstance(link, AttributeError) and link.args:
+            detail = link.args[0]
+            if isinstance(detail, KeyError) and detail.args:
+                detail = detail.args[0]
+            field, _, hint = str(detail).partition("\n")  # "'name'" [+ "Did you mean ...?"]
+            name = field.strip("'\"")
+            given = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")
+                     and arg.split("=", 1)[0].rsplit(".", 1)[-1] == name]
+            return (f"{given[0] if given else name}: the config has no field {field}. "
+                    + (hint + " " if hint else "")
+                    + "The fields are those its config file sets.")
+    root = chain[-1]
+    if isinstance(root, OSError) and "config" in str(root):
+        lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+        return f"cannot load the --config file: {lines[-1]}"
+    text = str(error)
+    if "Error whilst parsing config file" in text:  # the config file's get_config raised
+        return f"{text.split(': Error whilst', 1)[0]}: {root}"
+    return f"{type(error).__name__}: {error}"
+
+
 def _parse_flags(argv):
     """absl's parser, but a bad flag, config file or config override (an unknown field raises
-    AttributeError while parsing) is exit status 2 (bad input)."""
+    AttributeError while parsing) is exit status 2 (bad input), explained in one message."""
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.get("task")  # a config file that failed to load raises on first use
+        return rest
     except Exception as error:  # noqa: BLE001 - everything here comes from the command line
-        sys.stderr.write(f"Bad command line: {type(error).__name__}: {error}\nPass --helpshort "
-                         "to see the flags.\n")
+        sys.stderr.write(f"Bad command line: {command_line_problem(error, argv)}\nPass "
+                         "--helpshort to see the flags.\n")
         sys.exit(EXIT_BAD_INPUT)
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer, leaf_shapes
+from mae_jax.core.errors import CheckpointMismatchError
 
 
 @flax.struct.dataclass
@@ -112,7 +113,7 @@ def init_or_restore(
                    f"{wanted.get(path, 'absent')}" for path in paths
                    if saved.get(path) != wanted.get(path)]
     if differences:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"The checkpoint at step {step} in {checkpointer.directory} does not fit this "
             f"config (another model size or optimizer?): {len(differences)} array(s) differ, "
             f"e.g. {'; '.join(differences[:3])}. Resume with the config that wrote it, or start "
@@ -121,7 +122,7 @@ def init_or_restore(
     try:
         state, _ = checkpointer.restore(step, abstract_state=target)
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"The checkpoint at step {step} in {checkpointer.directory} does not fit this "
             "config (another model size or optimizer?). Resume with the config that wrote it, "
             f"or start a new run in another --workdir. Details: {str(error)[:1000]}"

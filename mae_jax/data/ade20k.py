@@ -16,6 +16,7 @@ import zipfile
 
 import tensorflow_datasets as tfds
 
+from mae_jax.core.errors import BadDataError, DataNotFoundError
 from mae_jax.data import tf_runtime  # sets TensorFlow up when imported
 
 RELEASE_NAME = "ADEChallengeData2016"
@@ -44,7 +45,7 @@ def find_ade20k_release(manual_dir) -> pathlib.Path:
     """Locates the release in `manual_dir`: the extracted folder (or manual_dir itself being that
     folder) or the zip. Raises FileNotFoundError saying where to get it otherwise."""
     if manual_dir is None:
-        raise FileNotFoundError(f"No manual_dir given for ADE20K.\n{_HOW_TO_GET_IT}")
+        raise DataNotFoundError(f"No manual_dir given for ADE20K.\n{_HOW_TO_GET_IT}")
     root = pathlib.Path(os.path.expanduser(os.fspath(manual_dir)))
     for folder in (root / RELEASE_NAME, root):
         if (folder / "images").is_dir() and (folder / "annotations").is_dir():
@@ -52,9 +53,9 @@ def find_ade20k_release(manual_dir) -> pathlib.Path:
     archive = root / f"{RELEASE_NAME}.zip"
     if archive.is_file():
         if not zipfile.is_zipfile(archive):
-            raise ValueError(_damaged_zip(archive, "it is not a zip archive"))
+            raise BadDataError(_damaged_zip(archive, "it is not a zip archive"))
         return archive
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"ADE20K release not found in {root} (looked for {RELEASE_NAME}/ and "
         f"{RELEASE_NAME}.zip).\n{_HOW_TO_GET_IT}"
     )
@@ -65,7 +66,7 @@ def _pairs_in_folder(release: pathlib.Path, folder: str):
     for image_path in sorted((release / "images" / folder).glob("*.jpg")):
         label_path = release / "annotations" / folder / f"{image_path.stem}.png"
         if not label_path.is_file():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{image_path} has no annotation {label_path}; the release is incomplete, "
                 "extract the zip again."
             )
@@ -86,7 +87,7 @@ def _pairs_in_zip(archive: zipfile.ZipFile, folder: str):
             labels[stem] = member
     for stem in sorted(images):
         if stem not in labels:
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"{images[stem]} has no annotation in {archive.filename}; the zip is incomplete, "
                 "download it again."
             )
@@ -137,7 +138,7 @@ class Ade20kSemantic(tfds.core.GeneratorBasedBuilder):
                 # JPEG/PNG bytes are stored as they are: no re-encoding, no quality loss.
                 yield stem, {"image": read_image(), "label": read_label(), "file_name": stem}
             if count == 0:
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"No images/{folder}/*.jpg found in {release}.\n{_HOW_TO_GET_IT}"
                 )
 
@@ -146,7 +147,7 @@ class Ade20kSemantic(tfds.core.GeneratorBasedBuilder):
                 with zipfile.ZipFile(release) as archive:
                     yield from examples(_pairs_in_zip(archive, folder))
             except zipfile.BadZipFile as error:  # e.g. a member whose CRC does not match
-                raise ValueError(_damaged_zip(release, str(error))) from error
+                raise BadDataError(_damaged_zip(release, str(error))) from error
         else:
             yield from examples(_pairs_in_folder(release, folder))
 
@@ -173,7 +174,7 @@ def prepare_ade20k(*, data_dir, manual_dir) -> Ade20kSemantic:
 def load_ade20k_builder(*, data_dir, manual_dir=None) -> Ade20kSemantic:
     """The prepared builder in `data_dir`, preparing it first from `manual_dir` if needed."""
     if data_dir is None:
-        raise ValueError(
+        raise BadDataError(
             "source='ade20k' needs data_dir: the TFDS directory that holds (or will hold) the "
             "prepared ade20k_semantic records."
         )
@@ -181,7 +182,7 @@ def load_ade20k_builder(*, data_dir, manual_dir=None) -> Ade20kSemantic:
     if builder.is_prepared():
         return builder
     if manual_dir is None:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"ADE20K is not prepared in {data_dir} and no manual_dir was given. Run "
             "mae_jax.data.ade20k.prepare_ade20k(data_dir=..., manual_dir=...) or pass "
             f"manual_dir.\n{_HOW_TO_GET_IT}"

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mae_jax.core.errors import BadDataError, DataNotFoundError, DataUnavailableError
 from mae_jax.data import tf_runtime
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -50,7 +51,7 @@ def parse_source(source: str) -> Source:
     """Parses "tfds:NAME" or "folder:PATH"; anything else raises ValueError."""
     kind, sep, name = source.partition(":") if isinstance(source, str) else ("", "", "")
     if not sep or kind not in ("tfds", "folder") or not name.strip():
-        raise ValueError(f"bad data source {source!r}: expected {_SOURCE_FORMS}")
+        raise BadDataError(f"bad data source {source!r}: expected {_SOURCE_FORMS}")
     return Source(kind, name.strip())
 
 
@@ -61,22 +62,22 @@ def split_folder(path: str, split: str | None) -> str:
     """The folder holding `split` of folder source `path` (see the module docstring)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"image folder {path!r} does not exist (source 'folder:{path}')")
+        raise DataNotFoundError(f"image folder {path!r} does not exist (source 'folder:{path}')")
     has_splits = any(os.path.isdir(os.path.join(path, d)) for d in ("train", "val", "validation"))
     if not has_splits:
         if split in (None, "train"):
             return path
-        raise ValueError(f"folder {path!r} has no train/ or val/ sub-folders, so it is one split "
-                         f"('train'), not {split!r}; add PATH/val/<class>/ for evaluation data")
+        raise BadDataError(f"folder {path!r} has no train/ or val/ sub-folders, so it is one split "
+                           f"('train'), not {split!r}; add PATH/val/<class>/ for evaluation data")
     folders = SPLIT_FOLDERS.get(split or "validation")
     if folders is None:
-        raise ValueError(f"folder split {split!r} unknown: use one of {sorted(SPLIT_FOLDERS)}")
+        raise BadDataError(f"folder split {split!r} unknown: use one of {sorted(SPLIT_FOLDERS)}")
     for folder in folders:
         if os.path.isdir(os.path.join(path, folder)):
             return os.path.join(path, folder)
     if split is None:  # pictures: no validation folder, take the training one
         return os.path.join(path, "train")
-    raise FileNotFoundError(f"folder {path!r} has no {folders[0]}/ sub-folder for split {split!r}")
+    raise DataNotFoundError(f"folder {path!r} has no {folders[0]}/ sub-folder for split {split!r}")
 
 
 def _class_folders(directory: str) -> list[str]:
@@ -121,13 +122,13 @@ def list_folder(directory: str, *, with_labels: bool, shard_index: int = 0,
     listing = _list_folder(directory, with_loose, shard_index, shard_count,
                            os.stat(directory).st_mtime_ns)
     if listing.total == 0:
-        raise ValueError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in folder {directory!r}"
-                         f"{' class sub-folders' if with_labels else ''}; point the source at a "
-                         "folder of images (labelled data: one sub-folder per class)")
+        raise BadDataError(f"no {'/'.join(IMAGE_EXTENSIONS)} images in folder {directory!r}"
+                           f"{' class sub-folders' if with_labels else ''}; point the source at a "
+                           "folder of images (labelled data: one sub-folder per class)")
     empty = [name for name, count in zip(listing.classes, listing.per_class, strict=True)
              if not count]
     if with_labels and empty:
-        raise FileNotFoundError(f"class folder(s) {empty[:5]} of {directory!r} hold no images "
+        raise DataNotFoundError(f"class folder(s) {empty[:5]} of {directory!r} hold no images "
                                 "(torchvision refuses these too)")
     return listing
 
@@ -213,7 +214,7 @@ def tfds_builder(name: str, data_dir: str | None, download: bool):
         return builder
     where = builder.data_dir
     if not download:
-        raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {where} and "
+        raise DataNotFoundError(f"TFDS dataset {name!r} is not prepared in {where} and "
                                 f"download=False. {_how_to(name)}")
     hosts = (urllib.parse.urlparse(builder.info.homepage or "").hostname, *_PROBE_HOSTS)
     offline = not _reachable(hosts)
@@ -223,8 +224,8 @@ def tfds_builder(name: str, data_dir: str | None, download: bool):
     except Exception as error:
         why = (f"no network ({', '.join(h for h in hosts if h)} unreachable within "
                f"{_PROBE_TIMEOUT_S:g} s); " if offline else "")
-        raise RuntimeError(f"could not download/prepare TFDS dataset {name!r} into {where}: "
-                           f"{why}{error}. {_how_to(name)}") from error
+        raise DataUnavailableError(f"could not download/prepare TFDS dataset {name!r} into "
+                                   f"{where}: {why}{error}. {_how_to(name)}") from error
     return builder
 
 
@@ -235,7 +236,7 @@ def image_key(builder) -> str:
     for key, feature in features.items():
         if isinstance(feature, tfds.features.Image):
             return key
-    raise ValueError(f"TFDS dataset {builder.name!r} has no image feature: {list(features)}")
+    raise BadDataError(f"TFDS dataset {builder.name!r} has no image feature: {list(features)}")
 
 
 def _label_or_none(builder):
@@ -247,8 +248,8 @@ def _label_or_none(builder):
 def label_feature(builder):
     feature = _label_or_none(builder)
     if feature is None:
-        raise ValueError(f"TFDS dataset {builder.name!r} has no 'label' ClassLabel feature "
-                         f"({list(builder.info.features)}): it cannot serve labelled training")
+        raise BadDataError(f"TFDS dataset {builder.name!r} has no 'label' ClassLabel feature "
+                           f"({list(builder.info.features)}): it cannot serve labelled training")
     return feature
 
 
@@ -315,7 +316,6 @@ def local_shard(source: str, split: str, *, data_dir, download, process_index: i
 
 def _default_process() -> tuple[int, int]:
     import jax  # lazily: only the defaults need it
-
     return jax.process_index(), jax.process_count()
 
 
@@ -339,8 +339,8 @@ def class_names(*, source: str, data_dir: str | None = None, split: str = "train
         directory = split_folder(name, split)
         classes = _class_folders(directory)
         if not classes:
-            raise ValueError(f"folder {directory!r} has no class sub-folders: labelled data "
-                             "needs PATH/<class>/<image> (torchvision's ImageFolder layout)")
+            raise BadDataError(f"folder {directory!r} has no class sub-folders: labelled data "
+                               "needs PATH/<class>/<image> (torchvision's ImageFolder layout)")
         return classes
     return list(label_feature(tfds_builder(name, data_dir, download)).names)
 

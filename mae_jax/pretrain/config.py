@@ -86,17 +86,17 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> None:
     values = core_config.parse_arg(arg)
     unknown = set(values) - {"decoder_depth", "decoder_width", "decoder_heads"}
     if unknown:
-        raise ValueError(
+        raise core_config.ConfigError(
             f"Unknown config argument(s) {sorted(unknown)}; use decoder_depth=N,decoder_width=W."
         )
     if "decoder_depth" in values:
-        config.model.decoder_depth = int(values["decoder_depth"])
+        config.model.decoder_depth = core_config.int_arg(values, "decoder_depth")
     if "decoder_width" in values:
-        config.model.decoder_embed_dim = int(values["decoder_width"])
+        config.model.decoder_embed_dim = core_config.int_arg(values, "decoder_width")
         # Keep 32-wide heads (512/16) as the paper's sweeps do.
-        config.model.decoder_num_heads = max(1, int(values["decoder_width"]) // 32)
+        config.model.decoder_num_heads = max(1, config.model.decoder_embed_dim // 32)
     if "decoder_heads" in values:
-        config.model.decoder_num_heads = int(values["decoder_heads"])
+        config.model.decoder_num_heads = core_config.int_arg(values, "decoder_heads")
 
 
 def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int):
