@@ -1,5 +1,6 @@
 """Checkpointer save/restore with sharded arrays, keep-K, unfinished saves, exports, preemption."""
 
+import logging
 import os
 import signal
 
@@ -55,6 +56,33 @@ def test_roundtrip_restores_values_metadata_and_shardings(tmp_path, sharded_stat
     assert {s.data.shape for s in restored_kernel.addressable_shards} == {(64, 128)}
     mu = restored["opt_state"][0].mu["blocks"][1]["kernel"].value
     assert mu.sharding.spec == PartitionSpec(None, "fsdp")
+
+
+def test_a_resume_logs_no_warning_about_item_folders_metadata(tmp_path, sharded_state):
+    """orbax warns on every restore that `<step>/state/_CHECKPOINT_METADATA` does not exist
+    (item folders never have one); that warning is dropped, the same about a step folder is
+    kept."""
+    state, abstract = sharded_state
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addHandler(handler)
+    try:
+        with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as checkpointer:
+            assert checkpointer.save(5, state, metadata={"step": 5})
+            checkpointer.wait()
+            step = checkpointer.newest_intact_step(move_damaged=True)
+            checkpointer.saved_shapes(step)
+            checkpointer.restore(step, abstract_state=abstract)
+    finally:
+        absl_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "Metadata file does not exist" in
+                r.getMessage()]
+    step_folder = logging.LogRecord(
+        "absl", logging.WARNING, "checkpoint.py", 1, "Metadata file does not exist: %s",
+        (str(tmp_path / "checkpoints" / "5" / "_CHECKPOINT_METADATA"),), None)
+    assert absl_logger.filter(step_folder)
 
 
 def test_saves_every_n_steps_keeps_last_k_and_reports_latest(tmp_path, sharded_state):

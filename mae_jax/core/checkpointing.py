@@ -20,6 +20,7 @@ state restores straight into the shardings of an abstract target (ShapeDtypeStru
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +35,22 @@ from mae_jax.core.checkpoint_integrity import CheckpointWriteError, is_out_of_sp
 
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """orbax warns on every restore that `<step>/state/_CHECKPOINT_METADATA` does not exist:
+    item folders never hold one (the step folder does, and `checkpoint_integrity` checks it
+    with the other files). Only that warning is dropped; one about a step folder stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not str(record.msg).startswith(
+                "Metadata file does not exist"):
+            return True
+        path = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+        return os.path.basename(os.path.dirname(path)) not in (STATE_ITEM, METADATA_ITEM)
+
+
+logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 
 
 class DamagedCheckpointsError(ValueError):
