@@ -1,6 +1,6 @@
 r"""Offline segmentation demo: a tiny ViT + UPerNet on generated scenes, a few minutes on a CPU.
 
-Generated 64x64 scenes of 6 classes (shapes with class-specific colours and textures), the whole
+Generated 48x48 scenes of 6 classes (shapes with class-specific colours and textures), the whole
 ADE20K recipe at small scale (random rescale, category-ratio crop, flip, photometric distortion,
 layer decay, poly schedule, auxiliary head, sliding-window evaluation). Reaches a high mIoU;
 leaves eval_results.json, prediction pictures and a loss curve in the workdir.
