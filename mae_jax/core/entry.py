@@ -155,11 +155,10 @@ def command_line_problem(error: BaseException, argv: list[str]) -> str:
             break
         chain.append(cause)
     for link in chain:
-        if isinstance(link, AttributeError) and link.args:
-            detail = link.args[0]
-            if isinstance(detail, KeyError) and detail.args:
-                detail = detail.args[0]
-            field, _, hint = str(detail).partition("\n")  # "'name'" [+ "Did you mean ...?"]
+        if (isinstance(link, AttributeError) and link.args and isinstance(link.args[0], KeyError)
+                and link.args[0].args):
+            # "'name'" [+ "\nDid you mean ...?"]
+            field, _, hint = str(link.args[0].args[0]).partition("\n")
             name = field.strip("'\"")
             given = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")
                      and arg.split("=", 1)[0].rsplit(".", 1)[-1] == name]
@@ -170,10 +169,15 @@ def command_line_problem(error: BaseException, argv: list[str]) -> str:
     if isinstance(root, OSError) and "config" in str(root):
         lines = [line.strip() for line in str(root).splitlines() if line.strip()]
         return f"cannot load the --config file: {lines[-1]}"
+    from mae_jax.core.errors import BadInputError
+
     text = str(error)
-    if "Error whilst parsing config file" in text:  # the config file's get_config raised
-        return f"{text.split(': Error whilst', 1)[0]}: {root}"
-    return f"{type(error).__name__}: {error}"
+    if "Error whilst parsing config file" in text and isinstance(root, BadInputError):
+        return f"{text.split(': Error whilst', 1)[0]}: {root}"  # get_config refused its argument
+    if isinstance(error, flags.Error):
+        return f"{type(error).__name__}: {error}"
+    # An error in a config file's own code: where it happened.
+    return "".join(traceback.format_exception(error)).rstrip()
 
 
 def _parse_flags(argv):
