@@ -228,3 +228,56 @@ def test_the_probe_step_never_differentiates_the_frozen_encoder():
     assert not np.array_equal(state.params["head"]["kernel"].get_value(),
                               new_state.params["head"]["kernel"].get_value())
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_an_encoder_of_another_kind_is_refused_not_cut_to_fit(tmp_path):
+    """transfer_encoder (what init_from uses): a deeper source, or one with trained layer-scale
+    / relative-position weights, is refused naming the weights left over, not silently cut; a
+    plain source of the same size is copied, and only the final norm may be left over (global
+    pooling has no place for it). A segmenter file read as an encoder names its first
+    non-array entry."""
+    from mae_jax.core.errors import WeightsError
+    from mae_jax.models.vit import ViTEncoder
+    from mae_jax.weights.load import load_encoder, transfer_encoder
+
+    kwargs = dict(image_size=16, patch_size=4, embed_dim=16, num_heads=2)
+    target = ViTEncoder(depth=2, **kwargs, rngs=nnx.Rngs(0))
+    deeper = ViTEncoder(depth=3, **kwargs, rngs=nnx.Rngs(1))
+    with pytest.raises(WeightsError, match=r"has \d+ trained weight\(s\) .*blocks\.2\."):
+        transfer_encoder(deeper, target)
+    extended = ViTEncoder(depth=2, **kwargs, relative_position_bias=True, layer_scale_init=1.0,
+                          rngs=nnx.Rngs(1))
+    with pytest.raises(WeightsError, match="gamma_1"):
+        transfer_encoder(extended, target)
+    same = ViTEncoder(depth=2, **kwargs, rngs=nnx.Rngs(2))
+    assert len(transfer_encoder(same, target)) == len(nnx.to_flat_state(nnx.state(target)))
+    np.testing.assert_array_equal(target.cls_token.get_value(), same.cls_token.get_value())
+
+    path = tmp_path / "segmenter.pth"
+    torch.save({"meta": {"epoch": 1}, "state_dict": {"backbone.cls_token": torch.zeros(1, 1, 16),
+                                                     "decode_head.conv_seg.bias": torch.zeros(2),
+                                                     "meta": {"classes": 2}}}, path)
+    with pytest.raises(WeightsError, match="'meta' in the checkpoint is a dict, not an array"):
+        load_encoder(path)
+
+
+def test_official_training_checkpoints_with_their_args_load_and_code_is_still_refused(tmp_path):
+    """The official main_pretrain.py / main_finetune.py save {"model", "optimizer", "epoch",
+    "args": argparse.Namespace}: readable with weights_only=True once Namespace is allowed;
+    any other class in the pickle is still refused."""
+    import argparse
+    import fractions
+
+    from mae_jax.core.errors import WeightsError
+    from mae_jax.weights.official import read_state_dict
+
+    model = {"cls_token": torch.ones(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8)}
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": model, "optimizer": {}, "epoch": 799,
+                "args": argparse.Namespace(lr=1.5e-4, model="mae_vit_base_patch16")}, path)
+    state = read_state_dict(path)
+    assert sorted(state) == ["cls_token", "pos_embed"] and state["cls_token"].sum() == 8
+    other = tmp_path / "other.pth"
+    torch.save({"model": model, "args": fractions.Fraction(1, 3)}, other)
+    with pytest.raises(WeightsError, match="Refusing to load"):
+        read_state_dict(other)

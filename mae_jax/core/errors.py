@@ -26,3 +26,7 @@ class DataUnavailableError(BadInputError, RuntimeError):
 
 class CheckpointMismatchError(BadInputError, ValueError):
     """A checkpoint that does not fit the config (another model size or optimizer)."""
+
+
+class WeightsError(BadInputError, ValueError):
+    """A weights file or run that cannot be read, or does not fit the model it is loaded into."""

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax.core.checkpointing import Checkpointer, read_pytree, save_pytree
+from mae_jax.core.errors import DataNotFoundError, WeightsError
 from mae_jax.models.factory import MODEL_JSON, ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.vit import ViTEncoder
@@ -39,7 +40,7 @@ def source_kind(path: str | os.PathLike) -> str:
     or a Hugging Face ViTMAE folder / file)."""
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No checkpoint at {path}: give a .pth file or a run directory.")
+        raise DataNotFoundError(f"No checkpoint at {path}: give a .pth file or a run directory.")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_JSON)):
         if os.path.isdir(os.path.join(path, RUN_CHECKPOINTS)):
             return "run"
@@ -48,7 +49,7 @@ def source_kind(path: str | os.PathLike) -> str:
     if os.path.isdir(path):
         if hf.is_hf_checkpoint(path):
             return "official"
-        raise ValueError(
+        raise WeightsError(
             f"{path} is a directory but neither a run directory (model.json + checkpoints/), "
             "a Flax export (model.json + weights/) nor a Hugging Face ViTMAE folder "
             "(config.json + model.safetensors): point at a train.py / segment.py workdir, its "
@@ -79,7 +80,7 @@ def load_model(
     if kind == "run":
         with Checkpointer(path, async_save=False) as checkpointer:
             if checkpointer.latest_step() is None:
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"No finished checkpoint in {checkpointer.directory}: the run has not saved "
                     "one yet."
                 )
@@ -127,13 +128,16 @@ def save_export(model: nnx.Module, spec: ModelSpec, directory: str) -> str:
 
 
 def transfer_encoder(
-    source: ViTEncoder, target: ViTEncoder, *, allow_missing: tuple[str, ...] = ()
+    source: ViTEncoder, target: ViTEncoder, *, allow_missing: tuple[str, ...] = (),
+    allow_unused: tuple[str, ...] = (r"^norm\.",),
 ) -> list[tuple]:
     """Copies `source`'s weights into `target` in place; returns the paths copied.
 
     Position embeddings of another grid are resized bicubically (official
     `interpolate_pos_embed`). `allow_missing`: regexes of target paths the source may lack
-    (they keep their values). Any other missing or mis-shaped weight is one clear error.
+    (they keep their values); `allow_unused`: of source paths the target may lack (the final
+    norm, which global pooling replaces). Any other missing, extra (a deeper encoder, trained
+    layer-scale or relative-position weights) or mis-shaped weight is one clear error.
     """
     values = {
         _key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(source))
@@ -147,9 +151,19 @@ def transfer_encoder(
         and not any(re.search(pattern, ".".join(key)) for pattern in allow_missing)
     ]
     if missing:
-        raise ValueError(
+        raise WeightsError(
             f"The source encoder lacks {len(missing)} weight(s) of the target: "
             f"{', '.join('.'.join(k) for k in missing[:8])}. Is it the same model size?"
+        )
+    wanted = {_key(path) for path, _ in nnx.to_flat_state(nnx.state(target))}
+    unused = [name for name in (".".join(key) for key in values if key not in wanted)
+              if not any(re.search(pattern, name) for pattern in allow_unused)]
+    if unused:
+        raise WeightsError(
+            f"The source encoder has {len(unused)} trained weight(s) the target has no place "
+            f"for: {', '.join(unused[:8])}. Is it the same model size and kind (depth, "
+            "layer scale, relative position bias)? Build the target to match, or start from "
+            "a checkpoint of this model."
         )
     return _assign(target, values, where="the source encoder", strict=False)
 
@@ -185,7 +199,7 @@ def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -
         variable.set_value(jnp.asarray(value, dtype=current.dtype))
         copied.append(path)
     if (missing and strict) or misshaped:
-        raise ValueError(
+        raise WeightsError(
             f"The weights in {where} do not fit the model: "
             + "; ".join(
                 part for part in (

@@ -6,6 +6,7 @@ that would run code when unpickled is refused. torch is needed only here, and im
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax.core.errors import DataNotFoundError, WeightsError
 from mae_jax.models.layers import FixedEmbedding
 from mae_jax.models.mae import MAE
 from mae_jax.models.pos_embed import resize_pos_embed
@@ -37,18 +39,21 @@ def _import_torch():
 
 
 def safe_torch_load(path: str | os.PathLike):
-    """torch.load(weights_only=True): a pickle that would run code is refused, by name."""
+    """torch.load(weights_only=True): a pickle that would run code is refused, by name. The
+    official training code's checkpoints (`checkpoint-N.pth`) also hold its `args`, an
+    argparse.Namespace (plain attributes, no code): that one class is allowed."""
     torch = _import_torch()
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        raise DataNotFoundError(f"Checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(
+        raise WeightsError(
             f"Refusing to load {path}: it is not a plain tensor checkpoint that "
             "torch.load(weights_only=True) accepts (it may contain code that would run when "
-            f"unpickled, or be corrupt). Details: {error}"
+            f"unpickled, or be corrupt). Details: {str(error) or type(error).__name__}"
         ) from error
 
 
@@ -62,14 +67,23 @@ def read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
     else:
         checkpoint = path_or_state_dict
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"Expected a state dict (a mapping), got {type(checkpoint).__name__}.")
-    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        checkpoint = checkpoint["model"]
+        raise WeightsError(f"Expected a state dict (a mapping), got {type(checkpoint).__name__}.")
+    for wrapper in ("model", "state_dict"):  # the official and the Lightning / mmseg wrappers
+        if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
+            checkpoint = checkpoint[wrapper]
+            break
     out = {}
     for key, value in checkpoint.items():
         if hasattr(value, "detach"):
             value = value.detach().cpu().float().numpy()
-        out[key] = np.asarray(value, dtype=np.float32)
+        try:
+            out[key] = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise WeightsError(
+                f"{key!r} in the checkpoint is a {type(value).__name__}, not an array: this is "
+                "not an encoder's state dict (a segmenter? load it with load_model or "
+                "mae_jax.weights.mmseg)."
+            ) from None
     return out
 
 
@@ -142,9 +156,12 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight")
     missing = [key for key in required if key not in state_dict]
     if missing:
-        raise ValueError(
+        segmenter = any(key.startswith(("backbone.", "decode_head.")) for key in state_dict)
+        raise WeightsError(
             f"Not an official MAE/ViT checkpoint: missing {missing}. Found keys such as "
             f"{sorted(state_dict)[:5]}."
+            + (" It is a segmenter (mmseg's layout): segment.py reads it (init_from), as "
+               "does mae_jax.weights.mmseg.load_mmseg." if segmenter else "")
         )
     embed_dim = state_dict["cls_token"].shape[-1]
     weight = state_dict["patch_embed.proj.weight"]
@@ -250,7 +267,7 @@ def load_official(
             raise ValueError(f"Unknown variant {variant!r}; known: {', '.join(VARIANTS)}.")
         got = (config["embed_dim"], config["depth"], config["patch_size"])
         if got != (want.embed_dim, want.depth, want.patch_size):
-            raise ValueError(
+            raise WeightsError(
                 f"The checkpoint is not a {variant}: it has width {got[0]}, depth {got[1]}, "
                 f"patch {got[2]} (expected {want.embed_dim}, {want.depth}, {want.patch_size})."
             )
@@ -260,7 +277,7 @@ def load_official(
         raise ValueError(f"model must be 'auto', 'mae' or 'encoder', got {model!r}.")
     config |= overrides
     if "num_heads" not in config:
-        raise ValueError(
+        raise WeightsError(
             f"Width {config['embed_dim']} / depth {config['depth']} is not a named variant, so "
             "the number of heads cannot be inferred: pass num_heads=..."
         )
@@ -275,7 +292,7 @@ def load_official(
     return built
 
 
-def fit_error(title: str, missing, unexpected, misshaped, hint: str) -> ValueError:
+def fit_error(title: str, missing, unexpected, misshaped, hint: str) -> WeightsError:
     """One error naming every missing, unexpected and mis-shaped key, then what to do."""
     lines = [title]
     for what, keys, sep in (("missing keys", missing, ", "), ("unexpected keys", unexpected, ", "),
@@ -283,4 +300,4 @@ def fit_error(title: str, missing, unexpected, misshaped, hint: str) -> ValueErr
         if keys:
             lines.append(f"  {what} ({len(keys)}): {sep.join(keys)}")
     lines.append(hint)
-    return ValueError("\n".join(lines))
+    return WeightsError("\n".join(lines))
