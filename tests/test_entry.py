@@ -22,10 +22,11 @@ from mae_jax.core.errors import (
     CheckpointMismatchError,
     DataNotFoundError,
     DataUnavailableError,
+    WeightsError,
 )
 from mae_jax.core.loop import NonFiniteLossError
 from mae_jax.core.run_record import ConfigChangedError
-from mae_jax.core.workdir import WorkdirLockedError
+from mae_jax.core.workdir import WorkdirLockedError, WorkdirPathError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +79,9 @@ def test_a_bad_huge_page_switch_is_bad_input():
         (BadDataError("no images in folder '/x'"), 2),
         (DataUnavailableError("could not download/prepare TFDS dataset 'cifar100'"), 2),
         (CheckpointMismatchError("the checkpoint does not fit this config"), 2),
+        (WeightsError("the source encoder has 12 trained weight(s) the target has no place for"),
+         2),
+        (WorkdirPathError("--workdir /x is a file, not a directory"), 2),
         (RuntimeError("a bug"), 1),
         (KeyboardInterrupt(), 130),
     ],
@@ -87,9 +91,9 @@ def test_each_kind_of_failure_has_its_exit_status(error, status):
     assert status in entry.EXIT_MEANINGS
     # Bad input that names its fix is printed without a traceback; a bug keeps it.
     explained = (ConfigError, DataNotFoundError, BadDataError, DataUnavailableError,
-                 CheckpointMismatchError, ConfigChangedError, WorkdirLockedError,
-                 DamagedCheckpointsError, NonFiniteLossError, CheckpointWriteError,
-                 KeyboardInterrupt)
+                 CheckpointMismatchError, WeightsError, WorkdirPathError, ConfigChangedError,
+                 WorkdirLockedError, DamagedCheckpointsError, NonFiniteLossError,
+                 CheckpointWriteError, KeyboardInterrupt)
     assert entry._explained(error) == isinstance(error, explained)
 
 
@@ -221,3 +225,13 @@ def test_mesh_cpu_devices_splits_the_cpu_before_jax_starts(tmp_path):
                           timeout=300)
     assert both.returncode == entry.EXIT_BAD_INPUT, both.stderr[-2000:]
     assert "both set the CPU device count" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
+    from mae_jax.core.workdir import ensure_workdir
+
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(WorkdirPathError, match="is a file, not a directory"):
+        ensure_workdir(str(path))
+    assert path.read_text() == "mine"

@@ -492,6 +492,27 @@ def test_changes_that_cannot_alter_the_result_are_accepted_and_recorded(finished
     assert entry["accepted"] == "harmless fields only"
 
 
+def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_export(finished_run, tmp_path):
+    """Checkpoints deleted (or none saved): the run starts from scratch and sets the earlier
+    run's metrics.jsonl and export/ aside rather than appending to or overwriting them."""
+    workdir = copy_of(finished_run, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    (workdir / "export").mkdir(exist_ok=True)
+    (workdir / "export" / "encoder.pth").write_bytes(b"weights")
+    metrics = (workdir / "metrics.jsonl").read_text()
+    assert metrics
+    exported = sorted(p.name for p in (workdir / "export").iterdir())
+    with Run(run_config(), str(workdir)) as run:
+        assert run.resume_step is None
+        run.start_logging(total_steps=6, start_step=0)
+    kept_metrics = list(workdir.glob("metrics.replaced-*.jsonl"))
+    kept_export = list(workdir.glob("export.replaced-*"))
+    assert len(kept_metrics) == 1 and kept_metrics[0].read_text() == metrics
+    assert len(kept_export) == 1 and sorted(p.name for p in kept_export[0].iterdir()) == exported
+    assert not (workdir / "export").exists()
+    assert not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text()
+
+
 # --------------------------------------------------------------------------- Workdir lock
 HOLDER = """
 import sys, time

@@ -11,6 +11,7 @@ loop. A task library plugs in its model, loss, data and hooks:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from mae_jax.core import config as core_config
 from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
-from mae_jax.core.run_logging import RunLogger
+from mae_jax.core.run_logging import METRICS_FILE, RunLogger
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
 from mae_jax.core.workdir import ensure_workdir, lock_workdir
@@ -94,8 +95,24 @@ class Run:
             spec.save(self.workdir)
         return graphdef, state, start_step
 
+    def _set_aside_earlier_outputs(self) -> None:
+        """A run starting from scratch in a workdir that holds an earlier run's metrics or
+        export (its checkpoints deleted, or none saved yet) keeps them as
+        `<name>.replaced-<time>` instead of appending to or overwriting them."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for name in (METRICS_FILE, "export"):
+            path = os.path.join(self.workdir, name)
+            if os.path.isdir(path) or (os.path.isfile(path) and os.path.getsize(path) > 0):
+                root, ext = os.path.splitext(name)
+                kept = os.path.join(self.workdir, f"{root}.replaced-{stamp}{ext}")
+                os.replace(path, kept)
+                print(f"Starting from scratch, but {self.workdir} holds an earlier run's {name} "
+                      f"(no checkpoint to resume): kept as {kept}.", flush=True)
+
     # ------------------------------------------------------------------------- loop
     def start_logging(self, *, total_steps: int, start_step: int) -> RunLogger:
+        if start_step == 0 and self.is_main:
+            self._set_aside_earlier_outputs()
         self.logger = RunLogger(
             self.workdir, total_steps=total_steps, is_main=self.is_main,
             log_every=self.config.log_every_steps, global_batch_size=self.config.batch_size,

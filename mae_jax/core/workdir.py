@@ -17,6 +17,8 @@ import os
 import socket
 import time
 
+from mae_jax.core.errors import BadInputError
+
 LOCK_FILE = "run.lock"
 
 
@@ -24,9 +26,16 @@ class WorkdirLockedError(RuntimeError):
     """Another run holds the workdir."""
 
 
+class WorkdirPathError(BadInputError, OSError):
+    """A --workdir that is a file, or that this process cannot write to."""
+
+
 def ensure_workdir(workdir: str) -> str:
     """The absolute workdir, created if needed; a clear error when it is not writable."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirPathError(f"--workdir {workdir} is a file, not a directory: give a new "
+                                 "or existing run directory.")
     os.makedirs(workdir, exist_ok=True)
     # A name per process: several processes of one run probe the same shared directory.
     probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
@@ -35,7 +44,7 @@ def ensure_workdir(workdir: str) -> str:
             handle.write("ok")
         os.remove(probe)
     except OSError as error:
-        raise PermissionError(f"Cannot write to workdir {workdir}: {error}") from error
+        raise WorkdirPathError(f"Cannot write to workdir {workdir}: {error}") from error
     return workdir
 
 
