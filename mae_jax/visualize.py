@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax.core.errors import BadInputError, WeightsError
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from mae_jax.models.mae import MAE
 
@@ -95,9 +96,9 @@ def load_model(checkpoint: str, **overrides) -> MAE:
     """
     from mae_jax.weights.load import load_model as load
 
-    model = load(checkpoint, model="mae", **overrides)
+    model = load(checkpoint, **overrides)  # what the file holds, so a wrong kind is named
     if not isinstance(model, MAE):
-        raise ValueError(
+        raise WeightsError(
             f"{checkpoint} holds a {type(model).__name__}, not an MAE with its decoder: "
             "reconstructions need a full MAE (a train.py run or an mae_visualize_*.pth)."
         )
@@ -139,14 +140,23 @@ def main(argv=None) -> None:
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
-    ratios = [float(r) for r in args.mask_ratios.split(",")]
+    try:
+        ratios = [float(r) for r in args.mask_ratios.split(",")]
+    except ValueError:
+        parser.error(f"--mask_ratios={args.mask_ratios}: give numbers, e.g. 0.75,0.9")
+    if not all(0 <= r < 1 for r in ratios):
+        parser.error(f"--mask_ratios={args.mask_ratios}: each must be in [0, 1) (1 masks every "
+                     "patch: nothing left to reconstruct from)")
     if not os.path.exists(args.checkpoint):
         parser.error(f"checkpoint not found: {args.checkpoint}")
     overrides = {"norm_pix_loss": True} if args.norm_pix_loss else {}
     for name in ("num_heads", "decoder_num_heads"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
-    model = load_model(args.checkpoint, **overrides)
+    try:
+        model = load_model(args.checkpoint, **overrides)
+    except BadInputError as error:
+        parser.error(f"--checkpoint={args.checkpoint}: {error}")
     images = load_images(paths, model.encoder.image_size)
     figure = render(model, images, mask_ratios=ratios, seed=args.seed)
     Image.fromarray(figure).save(args.out)

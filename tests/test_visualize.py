@@ -61,3 +61,19 @@ def test_command_renders_every_image_at_every_mask_ratio(tmp_path, capsys):
 def test_command_refuses_missing_files(tmp_path):
     with pytest.raises(SystemExit):
         main([f"--checkpoint={tmp_path}/none.pth", f"--images={tmp_path}/none.png"])
+
+
+def test_command_names_a_bad_ratio_or_checkpoint_kind_in_one_line(tmp_path, capsys):
+    """argparse errors (exit 2, no traceback), before any model is built for a bad ratio."""
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    encoder = tmp_path / "encoder.pth"
+    mae_jax.save_official(mae_jax.MAE(**TINY, rngs=nnx.Rngs(0)).encoder, encoder)
+    for flags, message in (
+            (["--mask_ratios=abc"], "--mask_ratios=abc: give numbers"),
+            (["--mask_ratios=0.5,1.0"], "each must be in [0, 1)"),
+            (["--num_heads=2"], "holds a ViTEncoder, not an MAE with its decoder")):
+        with pytest.raises(SystemExit) as exit_:
+            main([f"--checkpoint={encoder}", f"--images={image}", *flags])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
