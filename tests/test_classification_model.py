@@ -281,3 +281,18 @@ def test_official_training_checkpoints_with_their_args_load_and_code_is_still_re
     torch.save({"model": model, "args": fractions.Fraction(1, 3)}, other)
     with pytest.raises(WeightsError, match="Refusing to load"):
         read_state_dict(other)
+
+
+def test_weights_holding_nan_are_refused_at_load_naming_the_arrays():
+    """Not trained on until they surface as a divergence (exit 3)."""
+    from mae_jax.core.errors import WeightsError
+    from mae_jax.models.vit import ViTEncoder
+    from mae_jax.weights.load import transfer_encoder
+
+    kwargs = dict(image_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2)
+    source = ViTEncoder(**kwargs, rngs=nnx.Rngs(1))
+    kernel = source.blocks[0].mlp.fc1.kernel
+    kernel.set_value(kernel.get_value().at[0, 0].set(jnp.nan))
+    with pytest.raises(WeightsError, match=r"NaN or inf in 1 array\(s\): blocks\.0\.mlp\.fc1\."
+                                           r"kernel"):
+        transfer_encoder(source, ViTEncoder(**kwargs, rngs=nnx.Rngs(0)))

@@ -186,7 +186,7 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
 def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -> list[tuple]:
     """Writes `flat` values into the model's variables of the same path and shape."""
     state = nnx.state(model)
-    copied, missing, misshaped = [], [], []
+    copied, missing, misshaped, nonfinite = [], [], [], []
     for path, variable in nnx.to_flat_state(state):
         key = _key(path)
         if key not in flat:
@@ -196,6 +196,8 @@ def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -
         if value.shape != tuple(current.shape):
             misshaped.append(f"{'.'.join(key)}: {value.shape} vs {tuple(current.shape)}")
             continue
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            nonfinite.append(".".join(key))
         variable.set_value(jnp.asarray(value, dtype=current.dtype))
         copied.append(path)
     if (missing and strict) or misshaped:
@@ -207,6 +209,12 @@ def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -
                     f"mis-shaped {', '.join(misshaped[:8])}" if misshaped else "",
                 ) if part
             )
+        )
+    if nonfinite:
+        raise WeightsError(
+            f"The weights in {where} hold NaN or inf in {len(nonfinite)} array(s): "
+            f"{', '.join(nonfinite[:8])}. The file is damaged, or the run that wrote it "
+            "diverged: use an earlier checkpoint."
         )
     nnx.update(model, state)
     return copied
