@@ -32,6 +32,7 @@ from flax import nnx
 
 from mae_jax.core import checkpoint_integrity as integrity
 from mae_jax.core.checkpoint_integrity import CheckpointWriteError, is_out_of_space  # noqa: F401
+from mae_jax.core.errors import BadInputError
 
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
@@ -53,7 +54,7 @@ class _NoItemMetadataWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 
 
-class DamagedCheckpointsError(ValueError):
+class DamagedCheckpointsError(BadInputError, ValueError):
     """Every checkpoint of the run failed its checksums (each was moved aside)."""
 
 

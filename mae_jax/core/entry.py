@@ -25,6 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mae_jax.core import hostmem  # noqa: E402
+from mae_jax.core.errors import BadInputError  # noqa: E402
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 EXIT_WRITE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 74, 75, 130
@@ -88,7 +89,7 @@ def initialize_distributed(environ=os.environ) -> dict:
 
 def exit_status(error: BaseException) -> int:
     from mae_jax.core import checkpoint_integrity as integrity
-    from mae_jax.core import errors, loop, run_record, workdir
+    from mae_jax.core import loop
 
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
@@ -98,20 +99,17 @@ def exit_status(error: BaseException) -> int:
             error):
         return EXIT_WRITE_FAILED
     bad_input = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, workdir.WorkdirLockedError, run_record.ConfigChangedError,
-                 errors.BadInputError)
+                 PermissionError, BadInputError)
     return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED
 
 
 def _explained(error: BaseException) -> bool:
     """Errors whose message is the whole story: no traceback."""
     from mae_jax.core import checkpoint_integrity as integrity
-    from mae_jax.core import checkpointing, errors, loop, run_record, workdir
+    from mae_jax.core import loop
 
     return isinstance(error, (loop.NonFiniteLossError, integrity.CheckpointWriteError,
-                              checkpointing.DamagedCheckpointsError, workdir.WorkdirLockedError,
-                              run_record.ConfigChangedError, errors.BadInputError,
-                              KeyboardInterrupt))
+                              BadInputError, KeyboardInterrupt))
 
 
 class _FirstOrbaxErrorOnly(std_logging.Filter):
@@ -169,8 +167,6 @@ def command_line_problem(error: BaseException, argv: list[str]) -> str:
     if isinstance(root, OSError) and "config" in str(root):
         lines = [line.strip() for line in str(root).splitlines() if line.strip()]
         return f"cannot load the --config file: {lines[-1]}"
-    from mae_jax.core.errors import BadInputError
-
     text = str(error)
     if "Error whilst parsing config file" in text and isinstance(root, BadInputError):
         return f"{text.split(': Error whilst', 1)[0]}: {root}"  # get_config refused its argument

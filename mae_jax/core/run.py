@@ -11,7 +11,6 @@ loop. A task library plugs in its model, loss, data and hooks:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.run_logging import METRICS_FILE, RunLogger
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
-from mae_jax.core.workdir import ensure_workdir, lock_workdir
+from mae_jax.core.workdir import ensure_workdir, lock_workdir, set_aside
 from mae_jax.models.factory import ModelSpec
 
 
@@ -99,13 +98,10 @@ class Run:
         """A run starting from scratch in a workdir that holds an earlier run's metrics or
         export (its checkpoints deleted, or none saved yet) keeps them as
         `<name>.replaced-<time>` instead of appending to or overwriting them."""
-        stamp = time.strftime("%Y%m%dT%H%M%S")
         for name in (METRICS_FILE, "export"):
             path = os.path.join(self.workdir, name)
             if os.path.isdir(path) or (os.path.isfile(path) and os.path.getsize(path) > 0):
-                root, ext = os.path.splitext(name)
-                kept = os.path.join(self.workdir, f"{root}.replaced-{stamp}{ext}")
-                os.replace(path, kept)
+                kept = set_aside(path)
                 print(f"Starting from scratch, but {self.workdir} holds an earlier run's {name} "
                       f"(no checkpoint to resume): kept as {kept}.", flush=True)
 

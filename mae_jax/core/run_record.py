@@ -18,6 +18,9 @@ from typing import Any
 
 import ml_collections
 
+from mae_jax.core.errors import BadInputError
+from mae_jax.core.workdir import set_aside
+
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 CHANGE_OK_FIELD = "config_change_ok"  # set by --config_change_ok; never compared
@@ -41,7 +44,7 @@ HARMLESS_FIELDS = frozenset({
 LATER_FIELDS = {"data.on_device": "never", "profile_steps": "", "mesh.cpu_devices": 0}
 
 
-class ConfigChangedError(ValueError):
+class ConfigChangedError(BadInputError, ValueError):
     """A resume with changed hyperparameters, without --config_change_ok."""
 
 
@@ -172,8 +175,7 @@ def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict
                 same = False
         if same:
             return
-        kept = os.path.join(workdir, f"config.replaced-{time.strftime('%Y%m%dT%H%M%S')}.json")
-        os.replace(path, kept)
+        kept = set_aside(path)
         print(f"Starting from scratch with another config; the previous {CONFIG_FILE} is "
               f"kept as {kept}.", flush=True)
     with open(path, "w") as handle:

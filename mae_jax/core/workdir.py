@@ -22,7 +22,7 @@ from mae_jax.core.errors import BadInputError
 LOCK_FILE = "run.lock"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(BadInputError, RuntimeError):
     """Another run holds the workdir."""
 
 
@@ -30,12 +30,21 @@ class WorkdirPathError(BadInputError, OSError):
     """A --workdir that is a file, or that this process cannot write to."""
 
 
+def set_aside(path: str) -> str:
+    """Renames `path` to `<name>.replaced-<time><ext>` beside it (kept, never deleted) and
+    returns the new path."""
+    root, ext = os.path.splitext(path)
+    kept = f"{root}.replaced-{time.strftime('%Y%m%dT%H%M%S')}{ext}"
+    os.replace(path, kept)
+    return kept
+
+
 def ensure_workdir(workdir: str) -> str:
     """The absolute workdir, created if needed; a clear error when it is not writable."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirPathError(f"--workdir {workdir} is a file, not a directory: give a new "
-                                 "or existing run directory.")
+                               "or existing run directory.")
     os.makedirs(workdir, exist_ok=True)
     # A name per process: several processes of one run probe the same shared directory.
     probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
