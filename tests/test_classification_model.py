@@ -296,3 +296,36 @@ def test_weights_holding_nan_are_refused_at_load_naming_the_arrays():
     with pytest.raises(WeightsError, match=r"NaN or inf in 1 array\(s\): blocks\.0\.mlp\.fc1\."
                                            r"kernel"):
         transfer_encoder(source, ViTEncoder(**kwargs, rngs=nnx.Rngs(0)))
+
+
+def test_a_finetuned_classifier_starts_finetuning_and_segmentation_but_not_a_probe(tmp_path):
+    """An official mae_finetuned_vit_*.pth has no final `norm` (models_vit deletes it for global
+    pooling): as init_from its encoder is copied into a fine-tuning classifier of other classes
+    and into a segmenter's backbone (both leave that norm unused); the linear probe, which
+    reads the cls token after `norm`, is refused saying the file is a fine-tuned classifier."""
+    from mae_jax.core.errors import WeightsError
+    from mae_jax.models.factory import ModelSpec
+    from mae_jax.segmentation.lib import init_backbone
+    from mae_jax.weights.load import load_encoder
+
+    source = tiny()
+    path = transfer.save_official_classifier(source, str(tmp_path / "mae_finetuned.pth"))
+    dims = {k: v for k, v in TINY.items() if k != "num_classes"}
+    other_classes = ModelSpec("ViTClassifier", dims | {"num_classes": 3, "global_pool": True})
+    values = transfer.encoder_values(path, other_classes)
+    assert ("encoder", "norm", "scale") not in values and len(values) == 28
+    np.testing.assert_array_equal(values[("encoder", "blocks", 1, "mlp", "fc2", "kernel")],
+                                  source.encoder.blocks[1].mlp.fc2.kernel.get_value())
+    segmenter = ModelSpec("MAESegmenter", dims | {"num_classes": 5, "out_indices": [0, 1, 1, 1],
+                                                  "channels": 8, "aux_channels": 8})
+    backbone = init_backbone(path, segmenter)
+    np.testing.assert_array_equal(backbone[("backbone", "cls_token")],
+                                  source.encoder.cls_token.get_value())
+    probe = ModelSpec("ViTClassifier", dims | {"num_classes": 7, "global_pool": False})
+    with pytest.raises(WeightsError, match="no final norm: it is a fine-tuned classifier"):
+        transfer.encoder_values(path, probe)
+    encoder = load_encoder(path, num_heads=2)
+    assert encoder.norm is None
+    with pytest.raises(ValueError, match="apply_norm=False"):
+        encoder(jnp.zeros((1, 16, 16, 3)))
+    assert encoder(jnp.zeros((1, 16, 16, 3)), apply_norm=False)["patches"].shape == (1, 16, 32)

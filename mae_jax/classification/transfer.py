@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mae_jax.core.errors import WeightsError
 from mae_jax.models.classifier import ViTClassifier
 from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
@@ -120,9 +121,10 @@ def load_classifier(path: str, *, spec: ModelSpec) -> ViTClassifier | None:
     if mine != theirs:
         differ = sorted(".".join(map(str, p)) for p in set(mine) ^ set(theirs)
                         | {p for p in set(mine) & set(theirs) if mine[p] != theirs[p]})
-        raise ValueError(
+        raise WeightsError(
             f"The classifier in {path} does not fit this config (classes, pooling or model "
-            f"size differ): {', '.join(differ[:6])}."
+            f"size differ): {', '.join(differ[:6])}. Evaluate it with its own config, or "
+            "train from it without eval_only (the encoder is copied, the head starts fresh)."
         )
     return model
 

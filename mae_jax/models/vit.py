@@ -266,6 +266,12 @@ class ViTEncoder(nnx.Module):
             if index in wanted:
                 outputs[index] = x
         if apply_norm:
+            if self.norm is None:
+                raise ValueError(
+                    "This encoder has no final norm (it comes from a fine-tuned classifier, whose "
+                    "global pooling deletes it): call it with apply_norm=False, or load the "
+                    "whole classifier (mae_jax.classification.transfer.load_official_classifier)."
+                )
             x = self.norm(x)
         return x, [outputs[index % self.depth] for index in return_blocks]
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
+from mae_jax.core.errors import WeightsError
 from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import make_train_step
@@ -111,7 +112,9 @@ def init_backbone(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
     # Official files do not record the head count (it does not shape any weight): ours.
     overrides = {"num_heads": target.blocks[0].attn.num_heads}
     source = load_encoder(init_from, **(overrides if source_kind(init_from) == "official" else {}))
-    copied = set(transfer_encoder(source, target, allow_missing=NOT_IN_MAE_CHECKPOINTS))
+    # The final norm is unused (features come before it); a fine-tuned classifier lacks it.
+    allow_missing = (*NOT_IN_MAE_CHECKPOINTS, r"^norm\.")
+    copied = set(transfer_encoder(source, target, allow_missing=allow_missing))
     return {("backbone", *path): np.asarray(variable.get_value())
             for path, variable in nnx.to_flat_state(nnx.state(target)) if path in copied}
 
@@ -139,7 +142,7 @@ def load_segmenter(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray] |
     differ = sorted("/".join(map(str, p)) for p in set(mine) ^ set(theirs)
                     | {p for p in set(mine) & set(theirs) if mine[p] != theirs[p].shape})
     if differ:
-        raise ValueError(
+        raise WeightsError(
             f"The segmenter in {init_from} does not fit this config (model size, classes, "
             f"image size or head widths differ): {', '.join(differ[:6])}. Use its config, or "
             "init from its encoder only by pointing init_from at the MAE pretraining run."

@@ -150,6 +150,13 @@ def transfer_encoder(
         if (key := _key(path)) not in values
         and not any(re.search(pattern, ".".join(key)) for pattern in allow_missing)
     ]
+    if missing and source.norm is None and all(key[0] == "norm" for key in missing):
+        raise WeightsError(
+            "The source encoder has no final norm: it is a fine-tuned classifier (global "
+            "pooling deletes `norm`), and this model reads the cls token after that norm (the "
+            "linear probe). Start from the pretrained encoder instead (mae_pretrain_vit_*.pth "
+            "or the train.py run), or fine-tune with global pooling."
+        )
     if missing:
         raise WeightsError(
             f"The source encoder lacks {len(missing)} weight(s) of the target: "

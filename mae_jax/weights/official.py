@@ -186,6 +186,11 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
     return config
 
 
+def is_finetuned_classifier(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """An official `models_vit` fine-tuned classifier: `fc_norm` after the pool, no final norm."""
+    return "fc_norm.weight" in state_dict and "norm.weight" not in state_dict
+
+
 def has_decoder(state_dict: Mapping[str, np.ndarray]) -> bool:
     return any(key.startswith("decoder_") or key == "mask_token" for key in state_dict)
 
@@ -286,6 +291,8 @@ def load_official(
         for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
             config.pop(key, None)
         built = ViTEncoder(**config, rngs=rngs)
+        if is_finetuned_classifier(state_dict):
+            built.norm = None  # models_vit deletes it for global pooling (fc_norm follows the pool)
     else:
         built = MAE(**(DEFAULT_DECODER | config), rngs=rngs)
     load_into(built, state_dict, strict=model == "mae")
