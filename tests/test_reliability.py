@@ -424,6 +424,21 @@ def test_resume_with_changed_hyperparameters_is_refused_with_the_differences(
     assert not (workdir / HISTORY_FILE).exists()
 
 
+def test_a_workdir_of_another_task_is_refused_in_one_line_even_with_config_change_ok(
+    finished_run, tmp_path
+):
+    """finetune.py's config given a train.py workdir: the task, not every field's difference."""
+    workdir = copy_of(finished_run, tmp_path)
+    other = run_config(task="finetune", lr=0.5)
+    other.config_change_ok = True
+    with pytest.raises(ConfigChangedError) as error:
+        Run(other, str(workdir))
+    message = str(error.value)
+    assert "holds a pretrain run (task: pretrain -> finetune" in message
+    assert "resume that run with train.py" in message and "0.5" not in message
+    assert not (workdir / HISTORY_FILE).exists()
+
+
 def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_path):
     workdir = copy_of(finished_run, tmp_path)
     original = (workdir / "config.json").read_text()

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from mae_jax.core.config import ENTRY_POINTS
 from mae_jax.core.errors import BadInputError
 from mae_jax.core.workdir import set_aside
 
@@ -144,6 +145,7 @@ def record_config(
         if write:
             _start_record(workdir, config, current)
         return ConfigChanges()
+    _check_same_task(workdir, recorded.get("task"), current.get("task"), resume_step)
     for key, value in LATER_FIELDS.items():
         if key in current and key not in recorded:
             recorded[key] = value
@@ -161,6 +163,18 @@ def record_config(
         )
     return ConfigChanges(int(resume_step), changes,
                          "config_change_ok" if significant else "harmless fields only")
+
+
+def _check_same_task(workdir: str, recorded: str | None, task: str | None, step: int) -> None:
+    """Another entry point's run (a finetune.py workdir given to train.py) is one line, not
+    the difference of every field; --config_change_ok cannot accept it."""
+    if recorded and task and recorded != task:
+        script = ENTRY_POINTS.get(recorded, f"the {recorded} entry point")
+        raise ConfigChangedError(
+            f"{workdir} holds a {recorded} run (task: {recorded} -> {task}; its checkpoint at "
+            f"step {step} is {script}'s): give this {ENTRY_POINTS.get(task, task)} run its own "
+            f"--workdir, or resume that run with {script}."
+        )
 
 
 def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict) -> None:
