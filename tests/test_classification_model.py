@@ -253,6 +253,20 @@ def test_an_encoder_of_another_kind_is_refused_not_cut_to_fit(tmp_path):
     assert len(transfer_encoder(same, target)) == len(nnx.to_flat_state(nnx.state(target)))
     np.testing.assert_array_equal(target.cls_token.get_value(), same.cls_token.get_value())
 
+    # Another width, read from an official file: the sizes and the file, whatever the heads.
+    from mae_jax.weights.load import copy_encoder_from
+    from mae_jax.weights.official import save_official
+
+    save_official(ViTEncoder(depth=2, **(kwargs | {"embed_dim": 20, "num_heads": 5}),
+                             rngs=nnx.Rngs(1)), tmp_path / "wider.pth")
+    with pytest.raises(WeightsError, match=r"start from .*wider\.pth: The source encoder is "
+                                           r"width 20, patch 4, depth 2; the model is width 16"):
+        copy_encoder_from(tmp_path / "wider.pth", target)
+    four_heads = ViTEncoder(depth=2, **(kwargs | {"embed_dim": 20, "num_heads": 4}),
+                            rngs=nnx.Rngs(0))
+    copied = copy_encoder_from(tmp_path / "wider.pth", four_heads)
+    assert len(copied) == len(nnx.to_flat_state(nnx.state(four_heads)))
+
     path = tmp_path / "segmenter.pth"
     torch.save({"meta": {"epoch": 1}, "state_dict": {"backbone.cls_token": torch.zeros(1, 1, 16),
                                                      "decode_head.conv_seg.bias": torch.zeros(2),

@@ -20,7 +20,7 @@ from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.registry import find_variant
 from mae_jax.weights import official
-from mae_jax.weights.load import load_encoder, load_model, source_kind, transfer_encoder
+from mae_jax.weights.load import copy_encoder_from, load_model, source_kind
 
 # ----------------------------------------------------------------------- official layout
 
@@ -71,7 +71,10 @@ def load_official_classifier(
         )
     dims = official.infer_config(state_dict) | overrides
     if "num_heads" not in dims:
-        raise ValueError(f"Width {dims['embed_dim']} is not a named variant: pass num_heads=.")
+        raise WeightsError(
+            f"Width {dims['embed_dim']} is not a named variant, so the head count cannot be "
+            "inferred (no weight's shape depends on it): pass num_heads=..."
+        )
     variant = find_variant(embed_dim=dims["embed_dim"], depth=dims["depth"],
                            patch_size=dims["patch_size"]) or "vit_base_patch16"
     file_size = dims.pop("image_size")
@@ -133,10 +136,7 @@ def encoder_values(path: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
     """{model path: array} of the encoder at `path`, fitted to `spec`'s encoder (position
     embedding resized; keys the target lacks, such as `norm` for global pooling, dropped)."""
     target = encoder_of(nnx.eval_shape(spec.build))
-    # Official files do not record the head count (it shapes no weight): ours.
-    overrides = {"num_heads": target.blocks[0].attn.num_heads}
-    source = load_encoder(path, **(overrides if source_kind(path) == "official" else {}))
-    copied = set(transfer_encoder(source, target))
+    copied = set(copy_encoder_from(path, target))
     return {("encoder", *p): np.asarray(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(target)) if p in copied}
 

@@ -106,15 +106,12 @@ def init_backbone(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
     segmentation grid. Leaves MAE checkpoints lack (layer-scale gammas, relative position
     tables) keep their initial values.
     """
-    from mae_jax.weights.load import load_encoder, source_kind, transfer_encoder
+    from mae_jax.weights.load import copy_encoder_from
 
     target = encoder_of(nnx.eval_shape(spec.build))
-    # Official files do not record the head count (it does not shape any weight): ours.
-    overrides = {"num_heads": target.blocks[0].attn.num_heads}
-    source = load_encoder(init_from, **(overrides if source_kind(init_from) == "official" else {}))
     # The final norm is unused (features come before it); a fine-tuned classifier lacks it.
     allow_missing = (*NOT_IN_MAE_CHECKPOINTS, r"^norm\.")
-    copied = set(transfer_encoder(source, target, allow_missing=allow_missing))
+    copied = set(copy_encoder_from(init_from, target, allow_missing=allow_missing))
     return {("backbone", *path): np.asarray(variable.get_value())
             for path, variable in nnx.to_flat_state(nnx.state(target)) if path in copied}
 

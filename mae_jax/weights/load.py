@@ -139,6 +139,15 @@ def transfer_encoder(
     norm, which global pooling replaces). Any other missing, extra (a deeper encoder, trained
     layer-scale or relative-position weights) or mis-shaped weight is one clear error.
     """
+    sizes = [(model.embed_dim, model.patch_size, model.depth) for model in (source, target)]
+    if sizes[0][:2] != sizes[1][:2]:
+        (width, patch, depth), (want_width, want_patch, want_depth) = sizes
+        raise WeightsError(
+            f"The source encoder is width {width}, patch {patch}, depth {depth}; the model is "
+            f"width {want_width}, patch {want_patch}, depth {want_depth}. Build the model at the "
+            "source's size (config model.variant, or model.embed_dim / depth / num_heads / "
+            "patch_size), or start from weights of this size."
+        )
     values = {
         _key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(source))
     }
@@ -173,6 +182,24 @@ def transfer_encoder(
             "a checkpoint of this model."
         )
     return _assign(target, values, where="the source encoder", strict=False)
+
+
+def copy_encoder_from(
+    path: str | os.PathLike, target: ViTEncoder, *, allow_missing: tuple[str, ...] = ()
+) -> list[tuple]:
+    """`transfer_encoder` from the encoder at `path` (anything `load_encoder` reads) into
+    `target` (what `init_from` does); returns the paths copied. Errors name `path`.
+
+    Official files do not record the head count; the source only lends its weights, and no
+    weight's shape depends on it, so one head reads a file of any width.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    official_file = source_kind(path) == "official"
+    try:
+        source = load_encoder(path, **({"num_heads": 1} if official_file else {}))
+        return transfer_encoder(source, target, allow_missing=allow_missing)
+    except WeightsError as error:
+        raise WeightsError(f"Cannot start from {path}: {error}") from None
 
 
 def _key(path: tuple) -> tuple[str, ...]:

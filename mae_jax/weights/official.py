@@ -284,7 +284,8 @@ def load_official(
     if "num_heads" not in config:
         raise WeightsError(
             f"Width {config['embed_dim']} / depth {config['depth']} is not a named variant, so "
-            "the number of heads cannot be inferred: pass num_heads=..."
+            "the number of heads cannot be inferred (no weight's shape depends on it): give "
+            "it, as num_heads=... in Python or --num_heads with mae_jax.visualize"
         )
     rngs = rngs or nnx.Rngs(0)
     if model == "encoder":
