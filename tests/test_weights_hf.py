@@ -21,6 +21,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from flax import nnx  # noqa: E402
 
 import mae_jax  # noqa: E402
+from mae_jax.core.errors import WeightsError  # noqa: E402
 from mae_jax.weights import hf, official  # noqa: E402
 
 CONFIG = dict(
@@ -244,8 +245,26 @@ def test_checkpoint_without_qkv_bias_gets_zero_biases(tmp_path):
     ],
 )
 def test_unsupported_config_is_refused(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(WeightsError, match=message):
         hf.config_to_kwargs(CONFIG | {field: value})
+
+
+def test_a_damaged_folder_is_one_message_naming_the_file(tmp_path):
+    """A truncated config.json or safetensors index (an interrupted download) is a
+    WeightsError naming the file (exit 2), not a bare JSONDecodeError."""
+    hf.save_hf(random_mae(), tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(WeightsError, match=r"config\.json is not valid JSON .*download it again"):
+        hf.read_hf(tmp_path)
+    config.write_text("[]")
+    with pytest.raises(WeightsError, match="holds a JSON list, not an object"):
+        hf.read_hf(tmp_path)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    index.parent.mkdir()
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(WeightsError, match="has no weight_map"):
+        hf.read_hf(index.parent)
 
 
 def test_official_pth_still_read_as_before_and_not_taken_for_hf(tmp_path):

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from mae_jax.core.errors import DataNotFoundError, WeightsError
 from mae_jax.models.mae import MAE
 from mae_jax.weights import official
 from mae_jax.weights.hf_keys import hf_to_official, official_to_hf
@@ -67,19 +68,19 @@ def config_to_kwargs(config: Mapping, *, has_decoder: bool = True) -> dict:
     ignored; `mask_ratio` is an argument of `MAE.forward`, not of the model.
     """
     if config.get("model_type", "vit_mae") != "vit_mae":
-        raise ValueError(
+        raise WeightsError(
             f"config.json has model_type {config.get('model_type')!r}, not 'vit_mae': only "
             "ViTMAE checkpoints (facebook/vit-mae-*) can be read."
         )
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
-        raise ValueError(
+        raise WeightsError(
             f"hidden_act {act!r} is not supported: the MAE blocks use the exact (erf) GELU, "
             "HF's 'gelu'. A tanh-approximate checkpoint would compute a different function."
         )
     eps = float(config.get("layer_norm_eps", 1e-12))
     if not any(np.isclose(eps, allowed, rtol=1e-3, atol=0) for allowed in ACCEPTED_LAYER_NORM_EPS):
-        raise ValueError(
+        raise WeightsError(
             f"layer_norm_eps {eps:g} is not supported: the MAE models use 1e-6 (the official "
             "value; 1e-12, the value the published facebook/vit-mae-* configs carry, is "
             "accepted too since those weights were trained with 1e-6)."
@@ -107,7 +108,7 @@ def config_to_kwargs(config: Mapping, *, has_decoder: bool = True) -> dict:
         ratio = kwargs.get("mlp_ratio", 4.0)
         inner = config.get("decoder_intermediate_size")
         if inner is not None and inner != ratio * config["decoder_hidden_size"]:
-            raise ValueError(
+            raise WeightsError(
                 f"decoder_intermediate_size {inner} is not mlp_ratio ({ratio:g}) x "
                 f"decoder_hidden_size ({config['decoder_hidden_size']}): the MAE decoder shares "
                 "the encoder's mlp_ratio, so this checkpoint cannot be represented."
@@ -126,7 +127,7 @@ def _square(value, name: str) -> int:
         return value
     values = [int(v) for v in value]
     if len(set(values)) != 1:
-        raise ValueError(f"{name} {value} is not square: the MAE models use square patches.")
+        raise WeightsError(f"{name} {value} is not square: the MAE models use square patches.")
     return values[0]
 
 
@@ -140,7 +141,7 @@ def read_hf(path) -> tuple[dict[str, np.ndarray], dict]:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Hugging Face checkpoint not found: {path}")
+        raise DataNotFoundError(f"Hugging Face checkpoint not found: {path}")
     weights, config_path = _locate(path)
     if weights.endswith(".safetensors"):
         state_dict = hf_to_official(_read_safetensors(weights))
@@ -148,10 +149,7 @@ def read_hf(path) -> tuple[dict[str, np.ndarray], dict]:
         state_dict = hf_to_official(_read_safetensors_index(weights))
     else:  # a pickle: official's torch.load(weights_only=True); it renames HF keys itself
         state_dict = hf_to_official(official.read_state_dict(weights))
-    config = {}
-    if config_path is not None:
-        with open(config_path) as handle:
-            config = json.load(handle)
+    config = _read_json(config_path) if config_path is not None else {}
     return state_dict, config_to_kwargs(config, has_decoder=official.has_decoder(state_dict))
 
 
@@ -162,7 +160,7 @@ def _locate(path: str) -> tuple[str, str | None]:
             if os.path.exists(os.path.join(path, name)):
                 config = os.path.join(path, CONFIG_FILE)
                 return os.path.join(path, name), config if os.path.exists(config) else None
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{path} holds none of {', '.join(WEIGHT_FILES)}: not a Hugging Face checkpoint "
             "folder (download all files of e.g. facebook/vit-mae-base)."
         )
@@ -182,6 +180,17 @@ def _sibling_config(path: str) -> str | None:
     return config if model_type == "vit_mae" else None
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except ValueError as error:
+        raise WeightsError(f"{path} is not valid JSON ({error}): download it again.") from None
+    if not isinstance(content, Mapping):
+        raise WeightsError(f"{path} holds a JSON {type(content).__name__}, not an object.")
+    return content
+
+
 def _import_safetensors():
     try:
         from safetensors import numpy as safetensors_numpy
@@ -199,13 +208,16 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     except ImportError:
         raise
     except Exception as error:
-        raise ValueError(f"Cannot read {path} as a safetensors file: {error}") from error
+        raise WeightsError(f"Cannot read {path} as a safetensors file: {error}") from error
 
 
 def _read_safetensors_index(path: str) -> dict[str, np.ndarray]:
     """A sharded checkpoint: the index's weight_map names the shard of every tensor."""
-    with open(path) as handle:
-        shards = sorted(set(json.load(handle)["weight_map"].values()))
+    index = _read_json(path)
+    if not isinstance(index.get("weight_map"), Mapping):
+        raise WeightsError(f"{path} has no weight_map: not a safetensors index (download it "
+                           "again).")
+    shards = sorted(set(index["weight_map"].values()))
     out = {}
     for shard in shards:
         out.update(_read_safetensors(os.path.join(os.path.dirname(path), shard)))
