@@ -300,6 +300,16 @@ def test_pictures_and_evaluation_never_run_on_a_diverged_state(tmp_path):
     assert calls == []
 
 
+def test_a_failing_evaluation_never_costs_the_checkpoint_of_its_step(tmp_path):
+    def evaluate(step, state):
+        if step == 8:
+            raise OSError("validation image 17 is truncated")
+
+    with pytest.raises(OSError, match="truncated"):
+        run_fake_loop(tmp_path, first_bad_step=99, hooks=(Hook(4, evaluate),))
+    assert Checkpointer(tmp_path).all_steps()[-1] == 8  # the final step, written before it
+
+
 def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, capsys):
     """The loop times each batch's arrival (host pipeline + copy to the devices); log lines
     carry the share of the wall time it waited (`input_wait`). Over a quarter, after the

@@ -191,16 +191,20 @@ def run_loop(
                     logger.log_train(step, last_metrics, input_seconds=waited,
                                      input_process=waiting)
                     input_seconds = 0.0
+                save = step % checkpointer.save_every_steps == 0 or step == total_steps
                 due = [hook for hook in hooks if hook.due(step, total_steps)]
-                if due and not log_now:
-                    check_finite(step)  # no pictures or evaluation of a diverged state
-                for hook in due:
+                if (due or save) and not log_now:
+                    check_finite(step)  # no checkpoint, pictures or evaluation of a bad state
+                if save:  # before the hooks: a failing evaluation cannot cost this checkpoint
+                    checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
+                    last_saved = step
+                for hook in due:  # they overlap the checkpoint's background write
                     hook.fn(step, state)
                 # Several processes must agree on the stop step: they compare flags at log steps.
                 stop = guard.requested_anywhere() if log_now else (
                     guard.requested and jax.process_count() == 1
                 )
-                if step % checkpointer.save_every_steps == 0 or stop or step == total_steps:
+                if stop and last_saved != step:
                     check_finite(step)
                     checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
                     last_saved = step
