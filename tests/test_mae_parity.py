@@ -144,10 +144,17 @@ def test_save_official_writes_a_file_torch_loads_safely(tmp_path):
     mae_jax.save_official(model, path)
     loaded = torch.load(path, weights_only=True)["model"]
     reference.load_state_dict(loaded, strict=True)
-    again = mae_jax.load_official(str(path), num_heads=2, decoder_num_heads=4)
+    # The head counts and norm_pix_loss (no weight's shape tells them) travel with the file.
+    again = mae_jax.load_official(str(path))
     np.testing.assert_array_equal(
         np.asarray(again.encoder.cls_token[...]), np.asarray(model.encoder.cls_token[...])
     )
+    assert (again.encoder.blocks[0].attn.num_heads, again.decoder.blocks[0].attn.num_heads,
+            again.norm_pix_loss) == (2, 4, False)
+    # A file without that record (another tool's) and an unofficial decoder width: not a guess.
+    with pytest.raises(ValueError, match="decoder is width 32, not the official 512.*"
+                       "decoder_num_heads"):
+        mae_jax.load_official({"model": loaded}, num_heads=2)
 
 
 def test_position_embedding_interpolation_matches_official():

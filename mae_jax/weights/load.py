@@ -105,10 +105,13 @@ def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
     if isinstance(source, str | os.PathLike) and hf.is_hf_checkpoint(source):
         state_dict, known = hf.read_hf(source)
         return official.load_official(state_dict, known=known, **kwargs)
+    if isinstance(source, str | os.PathLike):
+        source = official.safe_torch_load(source)
     state_dict = official.read_state_dict(source)
     if hf_keys.is_hf_state_dict(state_dict):  # e.g. a lone HF pytorch_model.bin
         state_dict = hf_keys.hf_to_official(state_dict)
-    return official.load_official(state_dict, **kwargs)
+    known = official.recorded(source) | kwargs.pop("known", {})  # head counts, norm_pix_loss
+    return official.load_official(state_dict, known=known, **kwargs)
 
 
 def load_encoder(path: str | os.PathLike, **overrides) -> ViTEncoder:

@@ -27,6 +27,9 @@ _DECODER_NAMES = {"embed": "decoder_embed", "norm": "decoder_norm", "pred": "dec
                   "blocks": "decoder_blocks", "pos_embed": "decoder_pos_embed"}
 
 
+ARCHITECTURE_KEY = "mae_jax_architecture"  # beside "model" in the files save_official writes
+
+
 def _import_torch():
     try:
         import torch
@@ -141,8 +144,34 @@ def save_official(model: MAE | ViTEncoder, path: str | os.PathLike) -> None:
     state = {key: torch.from_numpy(np.array(v, copy=True)) for key, v in
              export_official(model).items()}
     tmp = f"{os.fspath(path)}.tmp"
-    torch.save({"model": state}, tmp)
+    torch.save({"model": state, ARCHITECTURE_KEY: recorded_architecture(model)}, tmp)
     os.replace(tmp, path)
+
+
+def recorded_architecture(model: MAE | ViTEncoder) -> dict:
+    """What no weight's shape tells (head counts, the loss's pixel normalisation), saved
+    beside the weights so that the file reloads as the model it came from."""
+    encoder = model.encoder if isinstance(model, MAE) else model
+    out = {"num_heads": int(encoder.blocks[0].attn.num_heads)} if len(encoder.blocks) else {}
+    if isinstance(model, MAE):
+        out["norm_pix_loss"] = bool(model.norm_pix_loss)
+        if len(model.decoder.blocks):
+            out["decoder_num_heads"] = int(model.decoder.blocks[0].attn.num_heads)
+    return out
+
+
+def recorded(checkpoint) -> dict:
+    """The architecture a checkpoint records: ours (`save_official`), or the official
+    training code's `args.norm_pix_loss`."""
+    if not isinstance(checkpoint, Mapping):
+        return {}
+    record = checkpoint.get(ARCHITECTURE_KEY)
+    if isinstance(record, Mapping):
+        return dict(record)
+    args = checkpoint.get("args")
+    if isinstance(args, argparse.Namespace) and hasattr(args, "norm_pix_loss"):
+        return {"norm_pix_loss": bool(args.norm_pix_loss)}
+    return {}
 
 
 def _count_blocks(state_dict: Mapping[str, np.ndarray], prefix: str) -> int:
@@ -264,8 +293,10 @@ def load_official(
     overrides: any model argument, e.g. image_size=256 (position embeddings are interpolated),
     norm_pix_loss=True, dtype=jnp.bfloat16, num_heads for unnamed widths.
     """
+    if isinstance(path_or_state_dict, str | os.PathLike):
+        path_or_state_dict = safe_torch_load(path_or_state_dict)
     state_dict = read_state_dict(path_or_state_dict)
-    config = infer_config(state_dict) | dict(known or {})
+    config = infer_config(state_dict) | recorded(path_or_state_dict) | dict(known or {})
     if variant is not None:
         want = VARIANTS.get(variant)
         if want is None:
@@ -295,6 +326,12 @@ def load_official(
         if is_finetuned_classifier(state_dict):
             built.norm = None  # models_vit deletes it for global pooling (fc_norm follows the pool)
     else:
+        width = config.get("decoder_embed_dim", DEFAULT_DECODER["decoder_embed_dim"])
+        if "decoder_num_heads" not in config and width != DEFAULT_DECODER["decoder_embed_dim"]:
+            raise WeightsError(
+                f"The decoder is width {width}, not the official 512 (16 heads), and the file "
+                "does not record its head count (no weight's shape depends on it): give it, as "
+                "decoder_num_heads=... in Python or --decoder_num_heads with mae_jax.visualize")
         built = MAE(**(DEFAULT_DECODER | config), rngs=rngs)
     load_into(built, state_dict, strict=model == "mae")
     return built
