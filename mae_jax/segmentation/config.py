@@ -110,8 +110,10 @@ def check_config(config, *, num_devices: int, num_processes: int) -> None:
             f"eval_window {config.eval_window} must equal model.image_size {model.image_size} "
             "(the window is what the model sees)"
         )
-    if config.eval_stride < 1:
-        problems.append(f"eval_stride {config.eval_stride} must be >= 1")
+    if not 1 <= config.eval_stride <= config.eval_window:
+        problems.append(f"eval_stride {config.eval_stride} must be in [1, eval_window "
+                        f"{config.eval_window}] (windows must cover the image)")
+    check_numbers(config, problems)
     if config.data.source not in ("ade20k", "synthetic"):
         problems.append(f"data.source {config.data.source!r} must be 'ade20k' or 'synthetic'")
     elif config.data.source == "ade20k" and config.data.num_classes not in (
@@ -122,3 +124,39 @@ def check_config(config, *, num_devices: int, num_processes: int) -> None:
             "150 classes; leave data.num_classes unset (it only configures 'synthetic')"
         )
     core_config.raise_problems(problems)
+
+
+def check_numbers(config, problems: list[str]) -> None:
+    """The optimiser, loss and model numbers (each would fail deep inside the run)."""
+    model, data = config.model, config.data
+    if not config.lr > 0:
+        problems.append(f"lr {config.lr} must be > 0")
+    elif not 0 <= config.min_lr <= config.lr:
+        problems.append(f"min_lr {config.min_lr} must be in [0, lr {config.lr}]")
+    if not 0 < config.layer_decay <= 1:
+        problems.append(f"layer_decay {config.layer_decay} must be in (0, 1]")
+    for name in ("b1", "b2"):
+        if not 0 <= config[name] < 1:
+            problems.append(f"{name} {config[name]} must be in [0, 1)")
+    for name in ("weight_decay", "aux_weight", "clip_grad_norm", "poly_power", "warmup_steps"):
+        if config[name] < 0:
+            problems.append(f"{name} {config[name]} must be >= 0")
+    for name in ("drop_path_rate", "dropout"):
+        if not 0 <= model[name] < 1:
+            problems.append(f"model.{name} {model[name]} must be in [0, 1)")
+    for name in ("channels", "aux_channels"):
+        if model[name] < 1:
+            problems.append(f"model.{name} {model[name]} must be >= 1")
+    if len(data.scale) != 2 or min(data.scale) < 1:
+        problems.append(f"data.scale {tuple(data.scale)} must be (long side, short side) >= 1")
+    low, high = data.ratio_range
+    if not 0 < low <= high:
+        problems.append(f"data.ratio_range {tuple(data.ratio_range)} must be (low, high) with "
+                        "0 < low <= high")
+    if data.source == "synthetic":
+        if data.num_classes is not None and not 2 <= data.num_classes <= 254:
+            problems.append(f"data.num_classes {data.num_classes} must be in [2, 254] (labels "
+                            "are uint8 below the ignore value 255)")
+        if data.num_examples is not None and data.num_examples < config.batch_size:
+            problems.append(f"data.num_examples {data.num_examples} must be >= batch_size "
+                            f"{config.batch_size} (one batch)")
