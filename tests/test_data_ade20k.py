@@ -207,7 +207,10 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     evaluation with an error naming it."""
     release = tmp_path / "manual" / "ADEChallengeData2016"
     for folder in SIZES:
-        for stem, jpeg, png, _ in _fake_pairs(folder):
+        for stem, jpeg, png, label in _fake_pairs(folder):
+            if stem == "ADE_train_00000003":  # a raw value past class 150: a NaN loss if kept
+                label[:4, :4] = 200
+                png = _png(label)
             if stem == "ADE_train_00000002":
                 jpeg = jpeg[: len(jpeg) // 3]
             if stem == "ADE_train_00000004":
@@ -227,12 +230,13 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     with caplog.at_level("WARNING"):
         batches = [next(iterator) for _ in range(4)]  # two epochs of the 4 training pairs
     filled = [(batch["label"][i] == 255).all() for batch in batches for i in range(2)]
-    assert sum(filled) == 4  # 2 bad files x 2 epochs
+    assert sum(filled) == 6  # 3 bad files x 2 epochs
     for batch in batches:
         for i in np.flatnonzero((batch["label"] == 255).all(axis=(1, 2))):
             assert (batch["image"][i] == IMAGENET_MEAN_UINT8).all()
             np.testing.assert_array_equal(batch["photometric"][i], [0, 1, 0, 1, 0, 0, 1, 16, 16])
-    assert iterator.undecodable == {"ADE_train_00000002", "ADE_train_00000004"}
+    assert iterator.undecodable == {"ADE_train_00000002", "ADE_train_00000003",
+                                    "ADE_train_00000004"}
     assert "ADE_train_00000002" in caplog.text and "every pixel ignored" in caplog.text
     resumed = next(seg_input.create_seg_train_iterator(**options, start_step=3))
     for key in ("image", "label", "photometric"):
@@ -242,6 +246,27 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     assert next(examples)["name"] == "ADE_val_00000001"
     with pytest.raises(ValueError, match="ADE_val_00000002 of ade20k does not decode"):
         next(examples)
+
+
+def _png(image):
+    """PNG bytes of a PIL image or an array (PIL picks the mode from the dtype and shape)."""
+    data = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(data, format="PNG")
+    return data.getvalue()
+
+
+def test_label_maps_that_are_not_8_bit_grayscale_are_refused_by_name():
+    """TF's PNG decoder (TFDS's label feature) turns colours into grey levels and scales
+    16-bit values to 8 bits: such label maps would invent classes, so preparing refuses them."""
+    label = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert ade20k.check_label_png(_png(label), "ok.png") == _png(label)
+    for image, kind in ((label.astype(np.uint16) * 300, "16-bit grayscale"),
+                        (np.stack([label] * 3, -1), "8-bit RGB"),
+                        (Image.fromarray(label).convert("P"), "8-bit palette")):
+        with pytest.raises(ValueError, match=f"annotation x.png is a {kind} PNG.*8-bit gray"):
+            ade20k.check_label_png(_png(image), "x.png")
+    with pytest.raises(ValueError, match="not a PNG file"):
+        ade20k.check_label_png(b"GIF89a" + bytes(40), "x.png")
 
 
 def test_train_iterator_gives_each_process_its_own_share():

@@ -212,6 +212,13 @@ def test_labelled_folder_classes_splits_and_labels_follow_class_folders(tmp_path
     flat = _write_folder(tmp_path / "flat")
     with pytest.raises(ValueError, match="one split"):
         images.num_examples(source=flat, split="validation")
+    # Each split numbers its own sorted class folders: different sets are refused by name.
+    assert images.shared_classes(source=source, splits=("train", "validation")) == [
+        "c0", "c1", "c2"]
+    os.rename(tmp_path / "val" / "c0", tmp_path / "val" / "c9")
+    with pytest.raises(ValueError, match=r"different classes \(3 and 3 class folders; only in "
+                       r"'train': c0; only in 'validation': c9\).*same class folders"):
+        images.shared_classes(source=source, splits=("train", "validation"))
 
 
 def test_eval_pass_covers_each_example_once_with_padding_masked_in_every_process(tmp_path):

@@ -84,9 +84,13 @@ def test_pictures_and_evaluation_skip_undecodable_files(folder_with_bad_files, c
     iterator = images.create_eval_iterator(
         source=f"folder:{folder_with_bad_files / 'labelled'}", image_size=SIZE,
         global_batch_size=4, split="val", process_index=0, process_count=1)
-    batches = list(iterator)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data"):
+        batches = list(iterator)
     assert len(batches) == 3 and sum(int(b["mask"].sum()) for b in batches) == 7
     assert len(iterator.undecodable) == 2
+    assert "random.jpg" in caplog.text and "left out of the metrics" in caplog.text
+    assert "filled" not in caplog.text  # evaluation fills nothing: the log says what it does
 
 
 class MaeJaxOnlineOnly(tfds.core.GeneratorBasedBuilder):

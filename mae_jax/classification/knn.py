@@ -153,8 +153,8 @@ def make_knn_hook(
                                                     count=knn.num_train, **options)
     query_images, query_labels = load_labelled_subset(split=knn.eval_split,
                                                       count=knn.num_eval, **options)
-    num_classes = data.num_classes(source=source, data_dir=data_dir, split=knn.train_split,
-                                   download=download)
+    num_classes = len(data.shared_classes(source=source, data_dir=data_dir, download=download,
+                                          splits=(knn.train_split, knn.eval_split)))
     print(f"k-NN monitor: {len(bank_labels)} bank and {len(query_labels)} query images of "
           f"{num_classes} classes from {source}, read in {time.perf_counter() - started:.1f}s.")
     extract = FeatureExtractor(graphdef, mesh, batch_size=knn.batch_size)

@@ -94,7 +94,8 @@ def train_and_evaluate(
         source = resolve_labelled_source(config.data, run.workdir, seed=config.seed)
         options = {"source": source, "data_dir": config.data.data_dir or None,
                    "download": config.data.download}
-        num_classes = data.num_classes(**options, split=config.data.train_split)
+        num_classes = len(data.shared_classes(
+            **options, splits=(config.data.train_split, config.data.eval_split)))
         in_device_memory = None  # (images, labels) of a training split kept on the devices
         if config.eval_only:
             schedule, total_steps, eval_every = optax.constant_schedule(0.0), 0, 0

@@ -41,6 +41,28 @@ def _damaged_zip(archive, problem: str) -> str:
     )
 
 
+_PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale + alpha",
+                     6: "RGBA"}
+
+
+def check_label_png(data: bytes, where: str) -> bytes:
+    """`data` if it is an 8-bit grayscale PNG (one class index per pixel, as the release
+    ships them); else a BadDataError naming the file: the label decoder would otherwise turn
+    colours into grey levels or scale 16-bit values to 8 bits, i.e. invent classes."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise BadDataError(f"annotation {where} is not a PNG file; the release is damaged: "
+                           "extract or download it again.")
+    depth, colour = data[24], data[25]
+    if (depth, colour) != (8, 0):
+        kind = _PNG_COLOUR_TYPES.get(colour, f"colour type {colour}")
+        raise BadDataError(
+            f"annotation {where} is a {depth}-bit {kind} PNG; ADE20K labels are 8-bit "
+            "grayscale PNGs holding the class index of each pixel (0 = other, 1..150). Write "
+            "the label maps in that form (e.g. PIL: Image.fromarray(label.astype(np.uint8)), "
+            "mode 'L') or use the release as downloaded.")
+    return data
+
+
 def find_ade20k_release(manual_dir) -> pathlib.Path:
     """Locates the release in `manual_dir`: the extracted folder (or manual_dir itself being that
     folder) or the zip. Raises FileNotFoundError saying where to get it otherwise."""
@@ -136,7 +158,8 @@ class Ade20kSemantic(tfds.core.GeneratorBasedBuilder):
             for stem, read_image, read_label in pairs:
                 count += 1
                 # JPEG/PNG bytes are stored as they are: no re-encoding, no quality loss.
-                yield stem, {"image": read_image(), "label": read_label(), "file_name": stem}
+                label = check_label_png(read_label(), f"{stem}.png ({folder}, in {release})")
+                yield stem, {"image": read_image(), "label": label, "file_name": stem}
             if count == 0:
                 raise DataNotFoundError(
                     f"No images/{folder}/*.jpg found in {release}.\n{_HOW_TO_GET_IT}"

@@ -37,10 +37,10 @@ class Batches:
     """
 
     def __init__(self, dataset: tf.data.Dataset, *, what: str, num_batches: int | None = None,
-                 filled_by: str = "another image"):
+                 outcome: str = "its slot is filled by another image"):
         self._iterator = dataset.as_numpy_iterator()
         self.what = what
-        self.filled_by = filled_by
+        self.outcome = outcome  # what became of an undecodable file's example
         self.num_batches = num_batches
         self.undecodable: set[str] = set()
 
@@ -66,9 +66,9 @@ class Batches:
             for name in (n.decode() for n in names[:tries]):
                 if name not in self.undecodable:
                     self.undecodable.add(name)
-                    logger.warning("Undecodable image %s (%s): its slot is filled by %s; %d "
+                    logger.warning("Undecodable image %s (%s): %s; %d "
                                    "undecodable file(s) so far.", name, self.what,
-                                   self.filled_by, len(self.undecodable))
+                                   self.outcome, len(self.undecodable))
             if tries == len(names) and len(names) > 1:
                 logger.warning("None of %d files tried for one example of %s decodes: the "
                                "example is the mean colour. Check the data.", tries, self.what)

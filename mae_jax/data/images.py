@@ -21,6 +21,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from mae_jax.core.errors import BadDataError
 from mae_jax.data import image_ops, sources, tf_runtime  # noqa: F401 - sets TF up
 from mae_jax.data import randaugment as randaugment_lib
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
@@ -31,7 +32,7 @@ from mae_jax.data.stream import check_process, local_batch_size, shuffled_stream
 
 __all__ = ["Batches", "class_names", "create_eval_iterator", "create_pretrain_iterator",
            "create_train_iterator", "load_fixed_images", "num_classes", "num_examples",
-           "parse_source"]
+           "parse_source", "shared_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,29 @@ def _finish(ds: tf.data.Dataset, batch_size: int | None, keys, threads=None) -> 
     if threads:
         options.threading.private_threadpool_size = threads
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def shared_classes(*, source: str, splits: tuple[str, str], data_dir: str | None = None,
+                   download: bool = True) -> list[str]:
+    """The class names of `splits` (train, evaluation), refused unless they are the same: a
+    folder split numbers its own sorted class folders, so different sets would silently give
+    the same label to different classes."""
+    train, other = (class_names(source=source, data_dir=data_dir, split=split,
+                                download=download) for split in splits)
+    if train != other:
+        missing = sorted(set(train) - set(other))
+        extra = sorted(set(other) - set(train))
+        detail = "; ".join(part for part in (
+            f"only in {splits[0]!r}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            if missing else "",
+            f"only in {splits[1]!r}: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}"
+            if extra else "") if part)
+        raise BadDataError(
+            f"{source}: splits {splits[0]!r} and {splits[1]!r} hold different classes "
+            f"({len(train)} and {len(other)} class folders; {detail}). Labels are positions in "
+            "the sorted class list, so they would not match: give both splits the same class "
+            "folders.")
+    return train
 
 
 def _check_size(image_size: int) -> None:
@@ -199,7 +223,7 @@ def create_eval_iterator(
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * batch)
     ds = ds.map(lambda example: {**example, "mask": example["valid"]})
     return Batches(_finish(ds, batch, ("image", "label", "mask")), what=shard.what,
-                   num_batches=num_batches)
+                   num_batches=num_batches, outcome="left out of the metrics (not counted)")
 
 
 def load_fixed_images(*, source: str, image_size: int, count: int, data_dir: str | None = None,

@@ -17,6 +17,7 @@ from mae_jax.data import (
     synthetic_scenes,
     tf_runtime,  # noqa: F401 - sets TensorFlow up (imported for that)
 )
+from mae_jax.data.ade20k_meta import ADE20K_CLASSES
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 from mae_jax.data.decodable import Batches, no_autograph
 from mae_jax.data.photometric import neutral_params
@@ -69,10 +70,18 @@ def _split_records(
         size = builder.info.splits[split_name].num_examples
 
         def decode(record, keep_encoded=False):
+            label = features["label"].decode_example(record["label"])[..., 0]
+            # A raw value past the last class would be a NaN loss, not an error: this example
+            # fails (training: its slot is filled and it is named; evaluation: an error).
+            in_range = tf.debugging.assert_less_equal(
+                tf.reduce_max(label), tf.constant(len(ADE20K_CLASSES), tf.uint8),
+                message="ADE20K label values must be 0..150")
+            with tf.control_dependencies([in_range]):
+                label = tf.identity(label)
             return {
                 # TFDS's own decoder uses TF's default (fast, inexact) JPEG DCT.
                 "image": record["image"] if keep_encoded else image_ops.decode_rgb(record["image"]),
-                "label": features["label"].decode_example(record["label"])[..., 0],
+                "label": label,
                 "name": record["file_name"],
             }
 
@@ -225,7 +234,7 @@ def create_seg_train_iterator(
     if threads:
         options.threading.private_threadpool_size = threads
     return Batches(dataset.with_options(options).prefetch(2), what=f"{source} training split",
-                   filled_by="the mean colour with every pixel ignored")
+                   outcome="its slot is filled by the mean colour with every pixel ignored")
 
 
 def seg_eval_examples(
@@ -289,7 +298,8 @@ def seg_eval_examples(
         if not example.pop("valid"):
             raise ValueError(
                 f"Validation image {example['name']} of {source} does not decode (its image or "
-                "its label file is damaged). Evaluation needs every image (leaving one out "
-                "would change the metrics): replace the file in the release and prepare the "
-                "data again (delete the prepared ade20k_semantic folder in data_dir).")
+                "its label file is damaged, or the label holds a value past 150). Evaluation "
+                "needs every image (leaving one out would change the metrics): replace the "
+                "file in the release and prepare the data again (delete the prepared "
+                "ade20k_semantic folder in data_dir).")
         yield example
