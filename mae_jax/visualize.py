@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax.core.errors import BadInputError, WeightsError
+from mae_jax.core.errors import BadDataError, BadInputError, WeightsError
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from mae_jax.models.mae import MAE
 
@@ -74,16 +74,20 @@ def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
 
     out = []
     for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = max(size[0] / image.height, size[1] / image.width)
-            width = max(size[1], round(image.width * scale))
-            height = max(size[0], round(image.height * scale))
-            resized = image.resize((width, height), Image.BICUBIC)
-            top = (resized.height - size[0]) // 2
-            left = (resized.width - size[1]) // 2
-            crop = resized.crop((left, top, left + size[1], top + size[0]))
-            out.append(np.asarray(crop, np.float32) / 255.0)
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")  # reads every pixel: a truncated file fails here
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's unreadable / truncated
+            raise BadDataError(f"image {path} cannot be read ({error}); give an image file "
+                               "PIL opens (JPEG, PNG, ...)") from None
+        scale = max(size[0] / image.height, size[1] / image.width)
+        width = max(size[1], round(image.width * scale))
+        height = max(size[0], round(image.height * scale))
+        resized = image.resize((width, height), Image.BICUBIC)
+        top = (resized.height - size[0]) // 2
+        left = (resized.width - size[1]) // 2
+        crop = resized.crop((left, top, left + size[1], top + size[0]))
+        out.append(np.asarray(crop, np.float32) / 255.0)
     images = np.stack(out)
     return ((images - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)).astype(np.float32)
 
@@ -157,7 +161,10 @@ def main(argv=None) -> None:
         model = load_model(args.checkpoint, **overrides)
     except BadInputError as error:
         parser.error(f"--checkpoint={args.checkpoint}: {error}")
-    images = load_images(paths, model.encoder.image_size)
+    try:
+        images = load_images(paths, model.encoder.image_size)
+    except BadDataError as error:
+        parser.error(f"--images: {error}")
     figure = render(model, images, mask_ratios=ratios, seed=args.seed)
     Image.fromarray(figure).save(args.out)
     print(json.dumps({"out": args.out, "rows": len(paths) * len(ratios), "mask_ratios": ratios}))

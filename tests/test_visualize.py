@@ -1,5 +1,6 @@
 """Reconstruction figures, and the `python -m mae_jax.visualize` command."""
 
+import io
 import json
 
 import jax
@@ -77,3 +78,16 @@ def test_command_names_a_bad_ratio_or_checkpoint_kind_in_one_line(tmp_path, caps
             main([f"--checkpoint={encoder}", f"--images={image}", *flags])
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
+    # A truncated image (PIL opens its header, then fails on the pixels) or a text file.
+    full = tmp_path / "full.mae.pth"
+    mae_jax.save_official(mae_jax.MAE(**TINY, rngs=nnx.Rngs(0)), full)
+    truncated, text = tmp_path / "truncated.jpg", tmp_path / "notes.jpg"
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(data, format="JPEG")
+    truncated.write_bytes(data.getvalue()[:300])
+    text.write_text("not an image")
+    for bad in (truncated, text):
+        with pytest.raises(SystemExit) as exit_:
+            main([f"--checkpoint={full}", f"--images={image},{bad}"])
+        assert exit_.value.code == 2
+        assert f"--images: image {bad} cannot be read" in capsys.readouterr().err
