@@ -25,6 +25,7 @@ from mae_jax.core.errors import (
     WeightsError,
 )
 from mae_jax.core.loop import NonFiniteLossError
+from mae_jax.core.preemption import PreemptionGuard
 from mae_jax.core.run_record import ConfigChangedError
 from mae_jax.core.workdir import WorkdirLockedError, WorkdirPathError
 
@@ -173,6 +174,32 @@ def test_sigterm_saves_and_exits_75_and_a_changed_resume_exits_2(tmp_path):
     assert changed.returncode == entry.EXIT_BAD_INPUT
     assert "lr: 0.001 -> 0.5" in changed.stderr and "--config_change_ok" in changed.stderr
     assert "Traceback" not in changed.stderr  # the message is the whole story
+
+
+def test_a_stop_signal_outside_the_training_steps_is_a_message_not_a_silent_kill():
+    """SIGTERM during start-up (or the final evaluation / export) used to kill the process
+    with status 143 and no word; now it is an interruption (130) that says where it came."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        entry.install_stop_handlers()
+        for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            with pytest.raises(KeyboardInterrupt, match=f"{name} outside the training steps.*"
+                               "re-run the same command") as error:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler runs at the next bytecode
+            assert entry.exit_status(error.value) == entry.EXIT_INTERRUPTED
+        # Inside the loop a second Ctrl-C stops at once, with a message (was an empty line).
+        with PreemptionGuard() as guard:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+            assert guard.requested
+            with pytest.raises(KeyboardInterrupt, match="a second Ctrl-C: stopped at once"):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        assert signal.getsignal(signal.SIGTERM) is entry.stop_outside_the_loop  # put back
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_segment_py_bad_input_exits_2(tmp_path):

@@ -8,7 +8,8 @@ Exit status (for schedulers and scripts):
     3   diverged: NaN/inf loss, gradients or parameters; no bad state was saved
     74  a checkpoint could not be written (e.g. disk full); free space, re-run to resume
     75  pre-empted (SIGTERM / Ctrl-C): a checkpoint was saved; re-run the same command to resume
-    130 interrupted by a second Ctrl-C before anything was saved
+    130 interrupted by a second Ctrl-C, or by SIGTERM / Ctrl-C outside the training steps
+        (start-up, final evaluation, export): nothing more was saved
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging as std_logging
 import os
+import signal
 import sys
 import traceback
 
@@ -190,6 +192,23 @@ def _parse_flags(argv):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def stop_outside_the_loop(signum: int, frame) -> None:
+    """SIGTERM / Ctrl-C where the training loop's guard is not listening (start-up, the final
+    evaluation, the export): stop at once, saying so (SIGTERM would otherwise kill silently)."""
+    del frame
+    raise KeyboardInterrupt(
+        f"{signal.Signals(signum).name} outside the training steps (start-up, evaluation or "
+        "export): stopped at once. Checkpoints already written are intact: re-run the same "
+        "command to resume.")
+
+
+def install_stop_handlers() -> None:
+    """`stop_outside_the_loop` for SIGTERM and SIGINT; the training loop's `PreemptionGuard`
+    replaces it while it runs, then puts it back."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_outside_the_loop)
+
+
 def run(library: str) -> None:
     """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`; exits with one
     of the statuses in this module's docstring. A CPU run first restarts itself once with
@@ -199,6 +218,7 @@ def run(library: str) -> None:
     except ValueError as error:  # a bad MAE_JAX_MALLOC_HUGEPAGES
         sys.stderr.write(f"Bad environment: {error}\n")
         sys.exit(EXIT_BAD_INPUT)
+    install_stop_handlers()
 
     def main(argv):
         if len(argv) > 1:
@@ -225,7 +245,7 @@ def run(library: str) -> None:
         except BaseException as error:  # noqa: BLE001 - every failure gets its exit status
             status = exit_status(error)
             if _explained(error):
-                print(f"\nERROR: {error}", file=sys.stderr)
+                print(f"\nERROR: {error or 'interrupted (Ctrl-C)'}", file=sys.stderr)
             else:
                 traceback.print_exc()
             print(f"Exit status {status}: {EXIT_MEANINGS[status]}.", file=sys.stderr)

@@ -46,7 +46,8 @@ class PreemptionGuard:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without waiting for the "
+                                    "checkpoint being saved; the newest complete one is intact")
         self.requested = True
         self.signal_received = signum
         print(f"Received {signal.Signals(signum).name}: saving a checkpoint and stopping.")
