@@ -140,8 +140,12 @@ def finetuned(textures, tmp_path_factory):
 
 
 def test_finetune_run_leaves_results_metrics_and_official_export(finetuned):
-    workdir, _, result = finetuned
+    workdir, config, result = finetuned
     assert result["step"] == 6
+    # Running a finished run again reports its evaluation again, without a second eval line.
+    again = finetune.train_and_evaluate(config, str(workdir))
+    assert (again["step"], again["top1"]) == (6, result["top1"])
+    assert len(read_metrics(str(workdir), kind="eval")) == 1
     saved = read_results(str(workdir))
     assert saved == {k: result[k] for k in saved}
     assert set(saved) == {"top1", "top5", "loss", "num_examples", "step"}

@@ -100,14 +100,15 @@ class Evaluator:
             totals = self.step_sums(state.params, state.rest, batch, totals)
         return summarize(jax.device_get(totals))
 
-    def __call__(self, step: int, state) -> dict[str, Any]:
+    def __call__(self, step: int, state, *, log: bool = True) -> dict[str, Any]:
+        """log=False: not in metrics.jsonl (a finished run's evaluation, reported again)."""
         results = self.evaluate(state) | {"step": int(step)}
         if jax.process_index() == 0:
             path = os.path.join(self.workdir, RESULTS_FILE)
             with open(path + ".tmp", "w") as handle:
                 json.dump(results, handle, indent=2)
             os.replace(path + ".tmp", path)
-        if self.logger is not None:
+        if self.logger is not None and log:
             self.logger.log_eval(step, {k: v for k, v in results.items() if k != "step"})
         return results
 

@@ -155,7 +155,7 @@ def train_and_evaluate(
         )
         if result.step >= total_steps:
             if not results:  # the run had already finished: report its final evaluation
-                results.update(evaluator(result.step, result.state))
+                results.update(evaluator(result.step, result.state, log=False))
             logger.save_loss_curve()
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)
