@@ -28,11 +28,18 @@ def _persistent_compilation_cache(shared_compilations):
 
 
 def test_short_run_on_generated_folder_leaves_checkpoints_figures_and_exports(tmp_path):
-    config = tiny_config(export_encoder=True)
+    # The k-NN monitor on its own generated labelled data (the pretraining images have none).
+    knn = {"knn.every_steps": 6, "knn.source": "generated:64", "knn.k": 3, "knn.num_train": 16,
+           "knn.num_eval": 8, "knn.batch_size": 4}
+    config = tiny_config(export_encoder=True, **knn)
     result = pretrain_lib.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [2, 4, 6]
+    assert 0 <= read_metrics(str(tmp_path), kind="eval")[-1]["knn_top1"] <= 100
+    with pytest.raises(ValueError, match="k-NN monitor .* class sub-folders.*knn.source"):
+        pretrain_lib.train_and_evaluate(tiny_config(**knn | {"knn.source": ""}),
+                                        str(tmp_path / "unlabelled"))
     assert {"loss", "lr", "images_per_sec", "grad_norm"} <= set(records[-1])
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "6"
     assert os.path.exists(tmp_path / "images" / "reconstruction_0000006.png")

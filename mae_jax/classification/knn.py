@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.errors import BadInputError
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.models.factory import encoder_of
 
@@ -140,21 +141,35 @@ class FeatureExtractor:
 def make_knn_hook(
     knn: ml_collections.ConfigDict, *, graphdef: nnx.GraphDef, mesh, logger: RunLogger | None,
     source: str, image_size: int, data_dir: str | None = None, download: bool = True,
+    workdir: str | None = None, seed: int = 0,
 ) -> Callable[[int, object], dict[str, float]]:
     """A `loop.Hook` function `(step, state) -> {"knn_top1", "knn_seconds"}` for a model whose
-    encoder `mae_jax.models.factory.encoder_of` finds (an MAE, a classifier)."""
+    encoder `mae_jax.models.factory.encoder_of` finds (an MAE, a classifier). knn.source
+    `generated:N` writes its labelled images into `workdir` (as finetune.py's demo data)."""
+    from mae_jax.classification.synthetic import resolve_labelled_source
     from mae_jax.data import images as data
 
     source = knn.source or source
+    if workdir is not None:
+        source = resolve_labelled_source(ml_collections.ConfigDict({
+            "source": source, "train_split": knn.train_split, "eval_split": knn.eval_split,
+            "generated_classes": 8, "generated_size": image_size}), workdir, seed=seed)
     started = time.perf_counter()
     options = {"source": source, "image_size": image_size, "data_dir": data_dir,
                "download": download, "batch_size": knn.batch_size}
-    bank_images, bank_labels = load_labelled_subset(split=knn.train_split,
-                                                    count=knn.num_train, **options)
-    query_images, query_labels = load_labelled_subset(split=knn.eval_split,
-                                                      count=knn.num_eval, **options)
-    num_classes = len(data.shared_classes(source=source, data_dir=data_dir, download=download,
-                                          splits=(knn.train_split, knn.eval_split)))
+    try:
+        bank_images, bank_labels = load_labelled_subset(split=knn.train_split,
+                                                        count=knn.num_train, **options)
+        query_images, query_labels = load_labelled_subset(split=knn.eval_split,
+                                                          count=knn.num_eval, **options)
+        num_classes = len(data.shared_classes(source=source, data_dir=data_dir,
+                                              download=download,
+                                              splits=(knn.train_split, knn.eval_split)))
+    except BadInputError as error:
+        raise type(error)(
+            f"k-NN monitor (config.knn) on {source}: {error}. Give it labelled data with "
+            "knn.source (tfds:NAME, folder:PATH of class sub-folders, or generated:N), or turn "
+            "it off with knn.every_steps=0") from None
     print(f"k-NN monitor: {len(bank_labels)} bank and {len(query_labels)} query images of "
           f"{num_classes} classes from {source}, read in {time.perf_counter() - started:.1f}s.")
     extract = FeatureExtractor(graphdef, mesh, batch_size=knn.batch_size)

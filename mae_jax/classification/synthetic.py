@@ -106,7 +106,7 @@ def resolve_labelled_source(data_config, workdir: str, *, seed: int) -> str:
     if count is None:
         return data_config.source
     for split in (data_config.train_split, data_config.eval_split):
-        if split not in (TRAIN_SPLIT, VAL_SPLIT):
+        if split not in (TRAIN_SPLIT, VAL_SPLIT, "validation"):  # validation: PATH/val too
             raise ValueError(
                 f"generated data has the splits {TRAIN_SPLIT!r} and {VAL_SPLIT!r}, not {split!r}: "
                 "set data.train_split / data.eval_split."

@@ -12,10 +12,9 @@ Sources are strings:
     -> PATH/train, "validation" or "val" -> PATH/val (or PATH/validation), "test" -> PATH/test.
     Otherwise PATH is the one split, "train".
 
-Start-up cost is one directory listing, O(files) (``os.walk`` over ``os.scandir``, no ``stat``
-of files, no file opened): an undecodable file is only found when the pipeline decodes it.
-Every process lists the same sorted tree, so the global count agrees across processes without
-communication; each process keeps only the paths of its own shard.
+Start-up lists the tree once, O(files) (``os.walk`` over ``os.scandir``; no ``stat``, no file
+opened): an undecodable file is found when the pipeline decodes it. Every process lists the
+same sorted tree (the global count agrees without communication) and keeps its shard's paths.
 """
 
 import contextlib
@@ -77,7 +76,8 @@ def split_folder(path: str, split: str | None) -> str:
             return os.path.join(path, folder)
     if split is None:  # pictures: no validation folder, take the training one
         return os.path.join(path, "train")
-    raise DataNotFoundError(f"folder {path!r} has no {folders[0]}/ sub-folder for split {split!r}")
+    raise DataNotFoundError(f"folder {path!r} has no {folders[0]}/ sub-folder for split {split!r}: "
+                            f"add PATH/{folders[0]}/<class>/<image>, or name a split it has")
 
 
 def _class_folders(directory: str) -> list[str]:
@@ -129,7 +129,7 @@ def list_folder(directory: str, *, with_labels: bool, shard_index: int = 0,
              if not count]
     if with_labels and empty:
         raise DataNotFoundError(f"class folder(s) {empty[:5]} of {directory!r} hold no images "
-                                "(torchvision refuses these too)")
+                                "(torchvision refuses these too): add images or delete them")
     return listing
 
 

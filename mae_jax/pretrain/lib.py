@@ -149,7 +149,7 @@ def train_and_evaluate(
             hooks.append(loop.Hook(config.knn.every_steps, make_knn_hook(
                 config.knn, graphdef=graphdef, mesh=run.mesh, logger=logger, source=source,
                 image_size=config.model.image_size, data_dir=data_dir,
-                download=config.data.download,
+                download=config.data.download, workdir=run.workdir, seed=config.seed,
             )))
         step_fn = make_train_step(
             graphdef, make_loss_fn(config.mask_ratio), tx, schedule,
