@@ -143,6 +143,9 @@ def main() -> None:
     def run(argv):
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
         run_ablation(values.config, values.probe_config, values.finetune_config,
                      depths=[int(d) for d in values.depths],
                      widths=[int(w) for w in values.widths], workdir=values.workdir)
