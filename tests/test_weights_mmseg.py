@@ -362,6 +362,9 @@ def test_one_error_names_every_missing_unexpected_and_misshaped_key():
     assert "unexpected keys (1): decode_head.conv_cat.weight" in message
     assert "decode_head.conv_seg.weight: checkpoint (5, 16, 1, 1) vs model (7, 16, 1, 1)" in message
     assert "auxiliary_head.conv_seg.bias" in message
+    # The hint gives the checkpoint's own sizes (was: the published ViT-B model's).
+    assert (f"like the checkpoint's model (width {D}, patch {PATCH}, depth {DEPTH}, image_size "
+            f"{IMAGE}, num_classes 5, channels {C}, aux_channels {AUX};") in message
 
 
 def test_other_grid_is_refused_with_the_tables_and_index_named():

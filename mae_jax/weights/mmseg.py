@@ -104,6 +104,23 @@ def _weights_state(segmenter: nnx.Module) -> nnx.State:
     return nnx.state(segmenter, nnx.Any(nnx.Param, nnx.BatchStat))
 
 
+def checkpoint_sizes(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The model sizes an mmseg MAE UPerNet state dict's shapes tell, e.g. "width 768, depth
+    12, patch 16, image_size 512, num_classes 150, channels 768, aux_channels 256"."""
+    sizes = {}
+    if (weight := state_dict.get("backbone.patch_embed.projection.weight")) is not None:
+        sizes.update(width=weight.shape[0], patch=weight.shape[-1])
+        sizes["depth"] = len({key.split(".")[2] for key in state_dict
+                              if key.startswith("backbone.layers.")})
+        if (pos := state_dict.get("backbone.pos_embed")) is not None:
+            sizes["image_size"] = round((pos.shape[1] - 1) ** 0.5) * weight.shape[-1]
+    if (weight := state_dict.get("decode_head.conv_seg.weight")) is not None:
+        sizes.update(num_classes=weight.shape[0], channels=weight.shape[1])
+    if (weight := state_dict.get("auxiliary_head.conv_seg.weight")) is not None:
+        sizes["aux_channels"] = weight.shape[1]
+    return ", ".join(f"{name} {value}" for name, value in sizes.items()) or "sizes unknown"
+
+
 def load_mmseg(segmenter: nnx.Module, path_or_state_dict) -> None:
     """Copies an mmseg MAE + UPerNet checkpoint into a built `MAESegmenter` in place: backbone,
     neck, heads and BatchNorm running statistics.
@@ -114,7 +131,8 @@ def load_mmseg(segmenter: nnx.Module, path_or_state_dict) -> None:
     The backbone's final norm may be absent (mmseg's final_norm=False): MAESegmenter never
     applies it, so it keeps its initial value.
     """
-    leaves, indices, unknown = to_flax_leaves(read_mmseg_state_dict(path_or_state_dict))
+    raw = read_mmseg_state_dict(path_or_state_dict)
+    leaves, indices, unknown = to_flax_leaves(raw)
     state = _weights_state(segmenter)
     flat = list(nnx.to_flat_state(state))
     expected = {path: variable for path, variable in flat}
@@ -132,9 +150,8 @@ def load_mmseg(segmenter: nnx.Module, path_or_state_dict) -> None:
     if missing or unexpected or misshaped:
         raise official.fit_error(
             "The mmseg checkpoint does not fit the segmenter:", missing, unexpected, misshaped,
-            "Build MAESegmenter like the checkpoint's model (mmseg's MAE UPerNet: "
-            "variant='vit_base_patch16', image_size=512, num_classes=150, channels=768, "
-            "aux_channels=256, layer_scale_init and relative_position_bias on).",
+            f"Build MAESegmenter like the checkpoint's model ({checkpoint_sizes(raw)}; "
+            "layer_scale_init and relative_position_bias on, as mmseg's MAE UPerNet).",
         )
     if all(p in leaves for p in FINAL_NORM):
         warnings.warn(
