@@ -176,6 +176,11 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path):
         ({"model.decoder_num_heads": 5}, "decoder_num_heads"),
         ({"data.device_resize_canvas": 8}, "device_resize_canvas 8 must be 0"),
         ({"data.device_resize_canvas": 32, "data.augment": False}, "not data.augment=False"),
+        # Known before the data is counted (or generated): refused with the other problems.
+        ({"total_steps": 5, "warmup_steps": 10}, r"warmup \(10 steps\) must be shorter than "
+         r"training \(5 steps\)"),
+        ({"total_steps": 0, "warmup_steps": 0, "num_epochs": 2, "warmup_epochs": 2.0},
+         r"warmup \(2.0 epochs\).*lower warmup_epochs"),
     ],
 )
 def test_bad_configs_get_one_clear_error_before_any_work(tmp_path, changes, message):

@@ -154,6 +154,7 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
     core_config.check_batch(config, problems, num_devices=num_devices,
                             num_processes=num_processes)
     core_config.check_run(config, problems)
+    core_config.check_schedule(config, problems)
     if config.eval_batch_size < 1 or config.eval_batch_size % num_devices:
         problems.append(
             f"eval_batch_size {config.eval_batch_size} must be a positive multiple of the "

@@ -170,6 +170,21 @@ def check_run(config: ml_collections.ConfigDict, problems: list[str]) -> None:
         )
 
 
+def check_schedule(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    """warmup shorter than training, where both are known before the data is counted (both
+    in steps, or both in epochs); `schedule_lengths` checks the mixed cases."""
+    warmup_steps, total_steps = config.get("warmup_steps", 0), config.total_steps
+    if warmup_steps > 0 and total_steps > 0:
+        warmup, total, unit = warmup_steps, total_steps, "steps"
+    elif warmup_steps <= 0 and total_steps <= 0:
+        warmup, total, unit = config.warmup_epochs, config.num_epochs, "epochs"
+    else:
+        return
+    if total > 0 and warmup >= total:
+        problems.append(f"warmup ({warmup} {unit}) must be shorter than training ({total} "
+                        f"{unit}): lower warmup_{unit} or train longer")
+
+
 def check_device_resize(config: ml_collections.ConfigDict, problems: list[str], *,
                         host_only: str = "") -> None:
     """data.device_resize_canvas: 0, or an int >= model.image_size; `host_only` names an

@@ -121,6 +121,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     core_config.check_batch(config, problems, num_devices=num_devices,
                             num_processes=num_processes)
     core_config.check_run(config, problems)
+    core_config.check_schedule(config, problems)
     core_config.check_on_device(config, problems)
     core_config.check_device_resize(config, problems, host_only="" if config.data.augment
                                     else "data.augment=False (resize + centre crop)")
