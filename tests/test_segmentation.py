@@ -308,16 +308,20 @@ def test_same_losses_on_1_and_4_devices(finished_run, tmp_path):
         ({"data.ratio_range": (2.0, 0.5)}, "0 < low <= high"),
         ({"data.num_examples": 2}, "data.num_examples 2 must be >= batch_size 4"),
         ({"data.num_classes": 0}, r"data.num_classes 0 must be in \[2, 254\]"),
+        ({"mesh.data": 1, "mesh.fsdp": 3}, r"mesh.data=1 x mesh.fsdp=3 does not fit the 4 "),
+        ({"mesh.data": -1, "mesh.fsdp": 3}, "does not fit the 4 devices.*-1 \\(the rest\\)"),
         ({"data.source": "ade20k"}, "ADE20K has 150 classes; leave data.num_classes unset"),
     ],
 )
 def test_bad_configs_get_a_clear_error_before_any_work(changes, message):
     with pytest.raises(ValueError, match=message):
-        segmentation_config.check_config(tiny_config(**changes), num_devices=4, num_processes=1)
+        segmentation_config.check_config(tiny_config(**{"mesh.data": -1} | changes),
+                                         num_devices=4, num_processes=1)
 
 
 def test_config_errors_are_reported_together():
-    config = tiny_config(**{"batch_size": 6, "warmup_steps": 9, "data.source": "x"})
+    config = tiny_config(**{"batch_size": 6, "warmup_steps": 9, "data.source": "x",
+                            "mesh.data": -1})
     with pytest.raises(ValueError) as error:
         segmentation_config.check_config(config, num_devices=4, num_processes=1)
     assert str(error.value).count("\n  - ") == 3

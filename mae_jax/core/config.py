@@ -136,6 +136,18 @@ def check_batch(
         )
     if batch % num_processes:
         problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
+    mesh = config.get("mesh")
+    if mesh is not None and "fsdp" in mesh:  # `mae_jax.core.sharding.create_mesh`'s rule
+        data, fsdp = mesh.get("data", -1), mesh.fsdp
+        if (data, fsdp).count(-1) == 1:  # one size takes the rest
+            known = fsdp if data == -1 else data
+            fits = known > 0 and num_devices % known == 0
+        else:
+            fits = data > 0 and fsdp > 0 and data * fsdp == num_devices
+        if not fits:
+            problems.append(f"mesh.data={data} x mesh.fsdp={fsdp} does not fit the {num_devices} "
+                            f"devices: make data * fsdp == {num_devices}, or set one of them to "
+                            "-1 (the rest)")
 
 
 def profile_steps(text: str) -> tuple[int, int] | None:

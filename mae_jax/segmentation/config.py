@@ -60,7 +60,7 @@ def defaults() -> ml_collections.ConfigDict:
     config.aux_weight = 0.4  # Auxiliary FCN loss weight.
     config.clip_grad_norm = 0.0  # 0: no clipping.
 
-    config.eval_every_steps = 16_000  # Sliding-window evaluation cadence (and at the end).
+    config.eval_every_steps = 16_000  # Sliding-window evaluation cadence and at the end (0: never).
     config.eval_window = 512  # Sliding window size.
     config.eval_stride = 341  # Sliding window stride.
     config.num_pictures = 4  # Validation images drawn as image | prediction | ground truth.
