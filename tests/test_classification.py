@@ -142,10 +142,16 @@ def finetuned(textures, tmp_path_factory):
 def test_finetune_run_leaves_results_metrics_and_official_export(finetuned):
     workdir, config, result = finetuned
     assert result["step"] == 6
-    # Running a finished run again reports its evaluation again, without a second eval line.
+    # Running a finished run again reports its evaluation again, without a second eval line;
+    # one whose final evaluation failed (its checkpoint is written first) gets it logged then.
     again = finetune.train_and_evaluate(config, str(workdir))
     assert (again["step"], again["top1"]) == (6, result["top1"])
     assert len(read_metrics(str(workdir), kind="eval")) == 1
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(line for line in lines if '"eval"' not in line))
+    finetune.train_and_evaluate(config, str(workdir))
+    assert [r["top1"] for r in read_metrics(str(workdir), kind="eval")] == [result["top1"]]
     saved = read_results(str(workdir))
     assert saved == {k: result[k] for k in saved}
     assert set(saved) == {"top1", "top5", "loss", "num_examples", "step"}
@@ -277,8 +283,9 @@ def test_bad_finetune_configs_fail_before_any_work(textures, tmp_path, changes, 
 
 
 def test_generated_source_needs_its_own_split_names(tmp_path):
-    config = tiny_config("linprobe", "generated:40", **{"data.eval_split": "validation"})
-    with pytest.raises(ValueError, match="'val'"):
+    # "validation" reads PATH/val as for any folder source; a split it lacks is named.
+    config = tiny_config("linprobe", "generated:40", **{"data.eval_split": "test"})
+    with pytest.raises(ValueError, match="'val', not 'test'"):
         linprobe.train_and_evaluate(config, str(tmp_path))
 
 

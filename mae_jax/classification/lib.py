@@ -155,7 +155,8 @@ def train_and_evaluate(
         )
         if result.step >= total_steps:
             if not results:  # the run had already finished: report its final evaluation
-                results.update(evaluator(result.step, result.state, log=False))
+                results.update(evaluator(result.step, result.state,
+                                         log=not run.evaluated_at(result.step)))
             logger.save_loss_curve()
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)

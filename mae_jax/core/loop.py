@@ -215,5 +215,5 @@ def run_loop(
                     break
         finally:
             profiler.stop(step)  # a run that ends or stops inside the range
-    checkpointer.wait()
+        checkpointer.wait()  # still guarded: a stop signal now cannot abandon the last write
     return LoopResult(state=state, step=step, metrics=last_metrics, preempted=preempted)

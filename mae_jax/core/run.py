@@ -23,7 +23,7 @@ from mae_jax.core import config as core_config
 from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
-from mae_jax.core.run_logging import METRICS_FILE, RunLogger
+from mae_jax.core.run_logging import METRICS_FILE, RunLogger, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
 from mae_jax.core.workdir import ensure_workdir, lock_workdir, set_aside
@@ -138,6 +138,12 @@ class Run:
             profile=core_config.profile_steps(self.config.get("profile_steps", "")),
             profile_dir=os.path.join(self.workdir, "profile"),
         )
+
+    def evaluated_at(self, step: int) -> bool:
+        """Whether metrics.jsonl holds an evaluation of `step` (a finished run's final one
+        may be missing: its checkpoint is written first, so a failed evaluation loses only
+        itself, and a re-run then evaluates it)."""
+        return any(record["step"] == step for record in read_metrics(self.workdir, kind="eval"))
 
     def record_config_changes(self) -> None:
         """Appends this resume's accepted config changes to `config_history.jsonl` (once, on

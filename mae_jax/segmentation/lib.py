@@ -245,6 +245,8 @@ def train_and_evaluate(
             hooks=(loop.Hook(config.eval_every_steps, evaluate),),
         )
         if result.step >= config.total_steps:
+            if config.eval_every_steps > 0 and not results and not run.evaluated_at(result.step):
+                results.update(evaluator(result.step, result.state))
             logger.save_loss_curve()
             if config.export_mmseg:
                 results["export"] = export_mmseg(run.workdir, graphdef, result.state)
