@@ -135,8 +135,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mask_ratios", default="0.75,0.85,0.95")
     parser.add_argument("--out", default="reconstructions.png")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--norm_pix_loss", action="store_true",
-                        help="the .pth was trained on normalised pixels")
+    parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="the .pth was (not) trained on normalised pixels (default: what "
+                             "the file records, else not)")
     parser.add_argument("--num_heads", type=int, default=0, help="for unnamed encoder sizes")
     parser.add_argument("--decoder_num_heads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -153,7 +154,7 @@ def main(argv=None) -> None:
                      "patch: nothing left to reconstruct from)")
     if not os.path.exists(args.checkpoint):
         parser.error(f"checkpoint not found: {args.checkpoint}")
-    overrides = {"norm_pix_loss": True} if args.norm_pix_loss else {}
+    overrides = {} if args.norm_pix_loss is None else {"norm_pix_loss": args.norm_pix_loss}
     for name in ("num_heads", "decoder_num_heads"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)

@@ -265,8 +265,9 @@ def test_label_maps_that_are_not_8_bit_grayscale_are_refused_by_name():
                         (Image.fromarray(label).convert("P"), "8-bit palette")):
         with pytest.raises(ValueError, match=f"annotation x.png is a {kind} PNG.*8-bit gray"):
             ade20k.check_label_png(_png(image), "x.png")
-    with pytest.raises(ValueError, match="not a PNG file"):
-        ade20k.check_label_png(b"GIF89a" + bytes(40), "x.png")
+    for data in (b"GIF89a" + bytes(40), _png(label)[:20]):  # another format; cut in its header
+        with pytest.raises(ValueError, match="not a PNG file"):
+            ade20k.check_label_png(data, "x.png")
 
 
 def test_train_iterator_gives_each_process_its_own_share():

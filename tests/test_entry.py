@@ -176,14 +176,14 @@ def test_sigterm_saves_and_exits_75_and_a_changed_resume_exits_2(tmp_path):
     assert "Traceback" not in changed.stderr  # the message is the whole story
 
 
-def test_a_stop_signal_outside_the_training_steps_is_a_message_not_a_silent_kill():
-    """SIGTERM during start-up (or the final evaluation / export) used to kill the process
+def test_a_stop_signal_outside_the_training_loop_is_a_message_not_a_silent_kill():
+    """SIGTERM during start-up (or eval_only, the export) used to kill the process
     with status 143 and no word; now it is an interruption (130) that says where it came."""
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         entry.install_stop_handlers()
         for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
-            with pytest.raises(KeyboardInterrupt, match=f"{name} outside the training steps.*"
+            with pytest.raises(KeyboardInterrupt, match=f"{name} outside the training loop.*"
                                "re-run the same command") as error:
                 os.kill(os.getpid(), signum)
                 time.sleep(5)  # the handler runs at the next bytecode

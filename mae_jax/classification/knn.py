@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.errors import BadInputError
+from mae_jax.core.errors import BadDataError, BadInputError
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.models.factory import encoder_of
 
@@ -150,14 +150,18 @@ def make_knn_hook(
     from mae_jax.data import images as data
 
     source = knn.source or source
-    if workdir is not None:
-        source = resolve_labelled_source(ml_collections.ConfigDict({
-            "source": source, "train_split": knn.train_split, "eval_split": knn.eval_split,
-            "generated_classes": 8, "generated_size": image_size}), workdir, seed=seed)
     started = time.perf_counter()
-    options = {"source": source, "image_size": image_size, "data_dir": data_dir,
-               "download": download, "batch_size": knn.batch_size}
     try:
+        if workdir is not None:  # generated:N -> 8 classes of textures (N // 4 queries)
+            try:
+                source = resolve_labelled_source(ml_collections.ConfigDict({
+                    "source": source, "train_split": knn.train_split,
+                    "eval_split": knn.eval_split, "generated_classes": 8,
+                    "generated_size": image_size}), workdir, seed=seed)
+            except ValueError as error:  # the generated data's own checks
+                raise BadDataError(str(error)) from None
+        options = {"source": source, "image_size": image_size, "data_dir": data_dir,
+                   "download": download, "batch_size": knn.batch_size}
         bank_images, bank_labels = load_labelled_subset(split=knn.train_split,
                                                         count=knn.num_train, **options)
         query_images, query_labels = load_labelled_subset(split=knn.eval_split,

@@ -146,8 +146,8 @@ def check_batch(
             fits = data > 0 and fsdp > 0 and data * fsdp == num_devices
         if not fits:
             problems.append(f"mesh.data={data} x mesh.fsdp={fsdp} does not fit the {num_devices} "
-                            f"devices: make data * fsdp == {num_devices}, or set one of them to "
-                            "-1 (the rest)")
+                            f"devices: make data * fsdp == {num_devices}, or set one (at most "
+                            "one) of them to -1, the rest")
 
 
 def profile_steps(text: str) -> tuple[int, int] | None:

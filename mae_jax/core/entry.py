@@ -8,8 +8,8 @@ Exit status (for schedulers and scripts):
     3   diverged: NaN/inf loss, gradients or parameters; no bad state was saved
     74  a checkpoint could not be written (e.g. disk full); free space, re-run to resume
     75  pre-empted (SIGTERM / Ctrl-C): a checkpoint was saved; re-run the same command to resume
-    130 interrupted by a second Ctrl-C, or by SIGTERM / Ctrl-C outside the training steps
-        (start-up, final evaluation, export): nothing more was saved
+    130 interrupted by a second Ctrl-C, or by SIGTERM / Ctrl-C outside the training loop
+        (start-up, eval_only, the export): nothing more was saved
 """
 
 from __future__ import annotations
@@ -193,13 +193,13 @@ def _parse_flags(argv):
 
 
 def stop_outside_the_loop(signum: int, frame) -> None:
-    """SIGTERM / Ctrl-C where the training loop's guard is not listening (start-up, the final
-    evaluation, the export): stop at once, saying so (SIGTERM would otherwise kill silently)."""
+    """SIGTERM / Ctrl-C where the training loop's guard is not listening (start-up, eval_only,
+    the export): stop at once, saying so (SIGTERM would otherwise kill silently)."""
     del frame
     raise KeyboardInterrupt(
-        f"{signal.Signals(signum).name} outside the training steps (start-up, evaluation or "
-        "export): stopped at once. Checkpoints already written are intact: re-run the same "
-        "command to resume.")
+        f"{signal.Signals(signum).name} outside the training loop (start-up, an eval_only "
+        "evaluation, the export): stopped at once. Checkpoints already written are intact: "
+        "re-run the same command to resume.")
 
 
 def install_stop_handlers() -> None:

@@ -49,7 +49,7 @@ def check_label_png(data: bytes, where: str) -> bytes:
     """`data` if it is an 8-bit grayscale PNG (one class index per pixel, as the release
     ships them); else a BadDataError naming the file: the label decoder would otherwise turn
     colours into grey levels or scale 16-bit values to 8 bits, i.e. invent classes."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+    if len(data) < 26 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
         raise BadDataError(f"annotation {where} is not a PNG file; the release is damaged: "
                            "extract or download it again.")
     depth, colour = data[24], data[25]

@@ -110,7 +110,8 @@ def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
     state_dict = official.read_state_dict(source)
     if hf_keys.is_hf_state_dict(state_dict):  # e.g. a lone HF pytorch_model.bin
         state_dict = hf_keys.hf_to_official(state_dict)
-    known = official.recorded(source) | kwargs.pop("known", {})  # head counts, norm_pix_loss
+    # What the file records beside its weights (head counts, norm_pix_loss), then the caller's.
+    known = official.recorded(source) | (kwargs.pop("known", None) or {})
     return official.load_official(state_dict, known=known, **kwargs)
 
 
