@@ -310,6 +310,15 @@ def test_a_failing_evaluation_never_costs_the_checkpoint_of_its_step(tmp_path):
     assert Checkpointer(tmp_path).all_steps()[-1] == 8  # the final step, written before it
 
 
+def test_a_run_resumed_where_its_evaluation_failed_evaluates_that_step_first(tmp_path):
+    calls = {"failed before": [], "done before": []}
+    hooks = tuple(Hook(4, lambda step, state, name=name: calls[name].append(step),
+                       missed=lambda step, name=name: name == "failed before")
+                  for name in calls)
+    run_fake_loop(tmp_path, first_bad_step=99, hooks=hooks, start_step=4)
+    assert calls == {"failed before": [4, 8], "done before": [8]}
+
+
 def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, capsys):
     """The loop times each batch's arrival (host pipeline + copy to the devices); log lines
     carry the share of the wall time it waited (`input_wait`). Over a quarter, after the

@@ -150,13 +150,12 @@ def train_and_evaluate(
 
         result = run.train(
             state, step_fn, batches, start_step=start_step, total_steps=total_steps,
-            hooks=(loop.Hook(eval_every, evaluate),),
+            hooks=(loop.Hook(eval_every, evaluate, missed=lambda s: not run.evaluated_at(s)),),
             metadata_fn=lambda step: {"step": step, "images_seen": step * config.batch_size},
         )
         if result.step >= total_steps:
-            if not results:  # the run had already finished: report its final evaluation
-                results.update(evaluator(result.step, result.state,
-                                         log=not run.evaluated_at(result.step)))
+            if not results:  # the run had already finished: report its final evaluation again
+                results.update(evaluator(result.step, result.state, log=False))
             logger.save_loss_curve()
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)

@@ -52,11 +52,15 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass
 class Hook:
-    """Runs `fn(step, state)` every `every_steps` steps and after the last one (0: never)."""
+    """Runs `fn(step, state)` every `every_steps` steps and after the last one (0: never).
+
+    missed(step): whether its run at `step` did not finish (e.g. an evaluation that failed
+    after that step's checkpoint was written); a run resumed from `step` then runs it first."""
 
     every_steps: int
     fn: Callable[[int, TrainState], None]
     at_end: bool = True
+    missed: Callable[[int], bool] | None = None
 
     def due(self, step: int, total_steps: int) -> bool:
         if self.every_steps <= 0:
@@ -175,6 +179,9 @@ def run_loop(
 
     with PreemptionGuard() as guard:
         try:
+            for hook in hooks if start_step > 0 else ():  # a restored state is finite
+                if hook.missed and hook.due(step, total_steps) and hook.missed(step):
+                    hook.fn(step, state)
             while step < total_steps:
                 profiler.before_step(step, state)
                 waited_from = time.perf_counter()

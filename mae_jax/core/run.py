@@ -140,9 +140,9 @@ class Run:
         )
 
     def evaluated_at(self, step: int) -> bool:
-        """Whether metrics.jsonl holds an evaluation of `step` (a finished run's final one
-        may be missing: its checkpoint is written first, so a failed evaluation loses only
-        itself, and a re-run then evaluates it)."""
+        """Whether metrics.jsonl holds an evaluation of `step` (`loop.Hook.missed`: a
+        checkpoint is written before its step's evaluation, so a failed evaluation loses only
+        itself, and the resumed run evaluates that step first)."""
         return any(record["step"] == step for record in read_metrics(self.workdir, kind="eval"))
 
     def record_config_changes(self) -> None:

@@ -242,11 +242,10 @@ def train_and_evaluate(
 
         result = run.train(
             state, step_fn, batches, start_step=start_step, total_steps=config.total_steps,
-            hooks=(loop.Hook(config.eval_every_steps, evaluate),),
+            hooks=(loop.Hook(config.eval_every_steps, evaluate,
+                             missed=lambda step: not run.evaluated_at(step)),),
         )
         if result.step >= config.total_steps:
-            if config.eval_every_steps > 0 and not results and not run.evaluated_at(result.step):
-                results.update(evaluator(result.step, result.state))
             logger.save_loss_curve()
             if config.export_mmseg:
                 results["export"] = export_mmseg(run.workdir, graphdef, result.state)
