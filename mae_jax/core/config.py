@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mae_jax.core.errors import BadInputError
+from mae_jax.core.sharding import mesh_shape
 from mae_jax.models.registry import VARIANTS, get_variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -137,14 +138,11 @@ def check_batch(
     if batch % num_processes:
         problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
     mesh = config.get("mesh")
-    if mesh is not None and "fsdp" in mesh:  # `mae_jax.core.sharding.create_mesh`'s rule
+    if mesh is not None and "fsdp" in mesh:
         data, fsdp = mesh.get("data", -1), mesh.fsdp
-        if (data, fsdp).count(-1) == 1:  # one size takes the rest
-            known = fsdp if data == -1 else data
-            fits = known > 0 and num_devices % known == 0
-        else:
-            fits = data > 0 and fsdp > 0 and data * fsdp == num_devices
-        if not fits:
+        try:
+            mesh_shape(data, fsdp, num_devices)
+        except ValueError:
             problems.append(f"mesh.data={data} x mesh.fsdp={fsdp} does not fit the {num_devices} "
                             f"devices: make data * fsdp == {num_devices}, or set one (at most "
                             "one) of them to -1, the rest")

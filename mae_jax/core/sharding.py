@@ -28,7 +28,13 @@ def create_mesh(*, data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None 
     Explicit, so model code needs no sharding annotations.
     """
     devices = list(jax.devices() if devices is None else devices)
-    count = len(devices)
+    data, fsdp = mesh_shape(data, fsdp, len(devices))
+    axis_types = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=axis_types, devices=devices)
+
+
+def mesh_shape(data: int, fsdp: int, count: int) -> tuple[int, int]:
+    """(data, fsdp) sizes over `count` devices, -1 resolved; ValueError if they do not fit."""
     if data == -1 and fsdp == -1:
         raise ValueError("At most one of mesh sizes data/fsdp may be -1 (the rest).")
     if data == -1 or fsdp == -1:
@@ -44,8 +50,7 @@ def create_mesh(*, data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None 
             f"Mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices but {count} are "
             f"available; make data * fsdp == {count} or set one of them to -1."
         )
-    axis_types = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=axis_types, devices=devices)
+    return data, fsdp
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -289,14 +289,12 @@ def load_official(
     model: "auto" (MAE when the file has a decoder, else the encoder alone), "mae" or
     "encoder". variant: optional registry name the file must match (error otherwise).
     known: model arguments a file format records beside the weights (a Hugging Face
-    config.json), preferred to what the shapes tell.
+    config.json, `recorded`), preferred to what the shapes tell.
     overrides: any model argument, e.g. image_size=256 (position embeddings are interpolated),
     norm_pix_loss=True, dtype=jnp.bfloat16, num_heads for unnamed widths.
     """
-    if isinstance(path_or_state_dict, str | os.PathLike):
-        path_or_state_dict = safe_torch_load(path_or_state_dict)
     state_dict = read_state_dict(path_or_state_dict)
-    config = infer_config(state_dict) | recorded(path_or_state_dict) | dict(known or {})
+    config = infer_config(state_dict) | dict(known or {})
     if variant is not None:
         want = VARIANTS.get(variant)
         if want is None:
