@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax.core import run_logging
+from mae_jax.core import run_logging, tensorboard
 
 
 def read_lines(workdir):
@@ -133,7 +133,7 @@ def test_tensorboard_events_are_written(tmp_path, monkeypatch, backend):
         monkeypatch.setitem(sys.modules, "clu", None)
         monkeypatch.setitem(sys.modules, "clu.metric_writers", None)
     logger = run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=True)
-    expected = run_logging._TorchSummaryWriter if backend == "torch" else object
+    expected = tensorboard._TorchSummaryWriter if backend == "torch" else object
     assert isinstance(logger._writer, expected)
     logger.log_train(1, {"loss": 1.0})
     logger.log_images(1, {"x": np.zeros((2, 4, 4, 3), np.uint8)})
@@ -146,7 +146,7 @@ def test_missing_tensorflow_and_torch_warns_once_and_keeps_logging(tmp_path, mon
     # A None entry in sys.modules makes the import raise ImportError, as on a machine without TF.
     for name in ("clu", "clu.metric_writers", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setattr(run_logging, "_warned_no_tensorboard", False)
+    monkeypatch.setattr(tensorboard, "_warned_no_tensorboard", False)
     with pytest.warns(UserWarning, match="TensorBoard"):
         logger = run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=True)
     run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=True)  # No second warning.
@@ -179,3 +179,15 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_the_next_run_starts_a_ne
         path = resumed.save_loss_curve()  # the end of a run reads the file too
     assert Image.open(path).format == "PNG"
     assert f"line 2 of {tmp_path / 'metrics.jsonl'}" in capsys.readouterr().out
+
+
+def test_a_nan_or_inf_value_is_written_as_json_null(tmp_path):
+    # Python's json writes a bare NaN, which strict readers (jq, JavaScript's JSON.parse) refuse.
+    logger = run_logging.RunLogger(tmp_path, total_steps=10, tensorboard=False)
+    logger.log_eval(1, {"loss": float("nan"), "top1": float("inf"), "top5": 50.0})
+    logger.log_train(2, {"loss": 0.5})
+    text = open(os.path.join(tmp_path, "metrics.jsonl")).read()
+    assert "NaN" not in text and "Infinity" not in text
+    lines = [json.loads(line, parse_constant=pytest.fail) for line in text.splitlines()]
+    assert lines[0] == {"step": 1, "kind": "eval", "loss": None, "top1": None, "top5": 50.0}
+    assert logger.save_loss_curve() is not None

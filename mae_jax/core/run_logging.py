@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from mae_jax.core.tensorboard import create_tensorboard_writer
+
 METRICS_FILE = "metrics.jsonl"
-_warned_no_tensorboard = False
 # Waiting for batches more than this share of the wall time: the run says it is input-bound.
 INPUT_BOUND = 0.25
 INPUT_BOUND_ADVICE = (
@@ -42,6 +43,12 @@ def _to_python(value: Any) -> Any:
     return array.reshape(()).item()
 
 
+def strict_json(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN / inf values as null: JSON has no NaN, and strict readers (jq, JavaScript) refuse it."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
 def format_duration(seconds: float) -> str:
     """'1h02m' for an hour or more, '12m05s' below, '--' when unknown."""
     if not math.isfinite(seconds) or seconds < 0:
@@ -50,52 +57,6 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-class _TorchSummaryWriter:
-    """The subset of clu's MetricWriter API used here, over torch.utils.tensorboard (no TF)."""
-
-    def __init__(self, logdir: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(logdir)
-
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        for name, value in scalars.items():
-            self._writer.add_scalar(name, value, step)
-
-    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        for name, value in images.items():
-            self._writer.add_images(name, value, step, dataformats="NHWC")
-
-    def flush(self) -> None:
-        self._writer.flush()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-def create_tensorboard_writer(logdir: str) -> Any | None:
-    """clu SummaryWriter (TF), else torch's, else None with one warning."""
-    try:
-        from clu import metric_writers  # Imports TensorFlow.
-
-        return metric_writers.AsyncWriter(metric_writers.SummaryWriter(logdir))
-    except ImportError:
-        pass
-    try:
-        return _TorchSummaryWriter(logdir)
-    except ImportError:
-        global _warned_no_tensorboard
-        if not _warned_no_tensorboard:
-            _warned_no_tensorboard = True
-            message = (
-                "Neither TensorFlow (for clu) nor torch.utils.tensorboard is installed: logging "
-                "to metrics.jsonl only. Install tensorflow or tensorboard to get TensorBoard."
-            )
-            print(f"WARNING: {message}", flush=True)
-            warnings.warn(message, stacklevel=2)
-        return None
 
 
 def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dict[str, Any]]:
@@ -189,7 +150,7 @@ class RunLogger:
 
     def _append(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:  # Append: a resumed run continues the file.
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
     def log_train(
         self,
@@ -296,7 +257,7 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         path = os.fspath(path or os.path.join(self.workdir, "loss_curve.png"))
-        records = [r for r in read_metrics(self.workdir) if "loss" in r]
+        records = [r for r in read_metrics(self.workdir) if r.get("loss") is not None]
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
         ax.set_xlabel("step")

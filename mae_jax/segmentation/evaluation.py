@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.run_logging import RunLogger
+from mae_jax.core.run_logging import RunLogger, strict_json
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
 from mae_jax.segmentation.sliding_window import resize_tile, stitch_windows
@@ -123,7 +123,7 @@ class Evaluator:
             print(metrics.format_table(self.names), flush=True)
             path = os.path.join(self.workdir, "eval_results.json")
             with open(path + ".tmp", "w") as handle:
-                json.dump(results, handle, indent=2)
+                json.dump(strict_json(results), handle, indent=2, allow_nan=False)
             os.replace(path + ".tmp", path)
             self.logger.log_eval(step, summary)
             if pictures:
