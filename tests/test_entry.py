@@ -111,6 +111,10 @@ def test_command_line_mistakes_are_one_message_naming_the_fix():
                                                             "decoder_depth='x': expected an "
                                                             "integer, e.g. decoder_depth=4.",
     }
+    # --help is what was asked for: status 0 (absl's own parser exits 1).
+    helped = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env=env)
+    assert helped.returncode == 0 and "Exit status: 0 completed" in helped.stdout, helped.stderr
     for flag, message in expected.items():
         config = [] if flag.startswith("--config=") else ["--config=configs/demo.py"]
         result = subprocess.run([sys.executable, "train.py", *config, flag], capture_output=True,

@@ -182,7 +182,11 @@ def _parse_flags(argv):
     """absl's parser, but a bad flag, config file or config override (an unknown field raises
     AttributeError while parsing) is exit status 2 (bad input), explained in one message."""
     try:
-        rest = FLAGS(argv)
+        try:
+            rest = FLAGS(argv)
+        except SystemExit as stop:  # absl prints --help / --helpshort / --helpfull, exits 1
+            asked = {"--help", "-?", "--helpshort", "--helpfull", "--helpxml"} & set(argv[1:])
+            sys.exit(0 if asked and stop.code == 1 else stop.code)
         if FLAGS.config is not None:
             FLAGS.config.get("task")  # a config file that failed to load raises on first use
         return rest
