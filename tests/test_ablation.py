@@ -2,10 +2,13 @@
 probed and fine-tuned, and the markdown table written."""
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
-from conftest import set_fields, tiny_pretrain_config
+from conftest import ROOT, set_fields, tiny_pretrain_config
 
 from mae_jax.classification import ablation
 from mae_jax.classification.config import defaults
@@ -49,3 +52,16 @@ def test_ablation_pretrains_probes_and_fine_tunes_each_decoder_and_writes_the_ta
     for stage in ("pretrain", "linprobe", "finetune"):
         assert (tmp_path / "d2_w32" / stage / "checkpoints").is_dir()
     assert (tmp_path / "data" / "generated_classes" / "train").is_dir()
+
+
+def test_the_command_line_exits_0_for_help_and_2_for_a_bad_flag():
+    # absl's own parser exits 1 for both; train.py and the others say 0 and 2 (core/entry.py).
+    env = {**os.environ, "MAE_JAX_MALLOC_HUGEPAGES": "0"}
+    command = [sys.executable, "-m", "mae_jax.classification.ablation"]
+    helped = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120)
+    assert helped.returncode == 0 and "--depths" in helped.stdout, helped.stderr[-2000:]
+    wrong = subprocess.run([*command, "--config=configs/demo.py", "--depht=2"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert "Bad command line: Unknown command line flag 'depht'" in wrong.stderr

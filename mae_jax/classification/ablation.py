@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -150,7 +151,17 @@ def main() -> None:
                      depths=[int(d) for d in values.depths],
                      widths=[int(w) for w in values.widths], workdir=values.workdir)
 
-    app.run(run)
+    def parse(argv):  # as train.py's: --help is status 0, a bad flag 2 (absl: 1 for both)
+        try:
+            return values(argv)
+        except SystemExit as stop:
+            sys.exit(0 if stop.code == 1 and {"--help", "-?", "--helpshort", "--helpfull"}
+                     & set(argv[1:]) else stop.code)
+        except flags.Error as error:
+            sys.stderr.write(f"Bad command line: {error}\nPass --helpshort to see the flags.\n")
+            sys.exit(2)
+
+    app.run(run, flags_parser=parse)
 
 
 if __name__ == "__main__":
