@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a session that is lent a GPU machine (not yet run: no GPU so far).
-# Sized for one H200 and the device tool's 10-minute command limit: every step has a timeout
+# Sized for one H200 or H100 (the device tool's default kind since 2026-12; both 989.4 TFLOP/s
+# dense bf16 in bench_train_step.PEAK_TFLOPS, and the H100's 78 GiB hold every entry but
+# perhaps seg_train_b16 (batch 16 at 512 px), which fails alone if not) and the device tool's
+# 10-minute command limit: every step has a timeout
 # (preflight 60 s, parity tests 90 s, the suite 420 s and no entry started after 270 s, the
 # precision check 60 s only while under 450 s): 9.5 minutes at worst, ~6 expected.
 #

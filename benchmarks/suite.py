@@ -110,7 +110,7 @@ PRESETS = {
                 "--repeats", "3", "--warmup", "1"], 900),
         _entry("seg_eval", "seg_eval", "bench_seg_eval.py", ["--num_images", "50"], 900),
     ],
-    # One H200, bfloat16, the sizes gpu_check.sh ran before this suite; the input's host
+    # One H200 or H100, bfloat16, the sizes gpu_check.sh ran before this suite; the input's host
     # parts need TensorFlow (absent there): their device parts only. The segmentation step
     # runs without its PyTorch row (transformers' BEiT in float32 on a CPU is what it pins).
     "gpu": [  # most important first: the suite may stop starting entries (gpu_check.sh)
