@@ -11,8 +11,8 @@ import jax
 import ml_collections
 import pytest
 
+from mae_jax.core import command_line, entry, hostmem
 from mae_jax.core import config as core_config
-from mae_jax.core import entry, hostmem
 from mae_jax.core.checkpoint_integrity import CheckpointWriteError
 from mae_jax.core.checkpointing import DamagedCheckpointsError
 from mae_jax.core.config import ConfigError
@@ -121,6 +121,15 @@ def test_command_line_mistakes_are_one_message_naming_the_fix():
                                 text=True, timeout=120, cwd=ROOT, env=env)
         assert result.returncode == entry.EXIT_BAD_INPUT, result.stderr[-2000:]
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_every_spelling_of_help_counts_as_asking_for_it():
+    # absl prints the help for each of these and exits 1; the entry points then exit 0.
+    for flag in ("--help", "-help", "--help=true", "-?", "--helpshort", "--helpfull",
+                 "--helpxml"):
+        assert command_line.asked_for_help(["train.py", "--config=c.py", flag]), flag
+    for argv in (["train.py", "--config=help.py"], ["train.py", "--helper=1"], ["help"]):
+        assert not command_line.asked_for_help(argv), argv
 
 
 def test_multiprocess_reads_the_coordinator_from_the_environment(monkeypatch):

@@ -190,4 +190,11 @@ def test_a_nan_or_inf_value_is_written_as_json_null(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     lines = [json.loads(line, parse_constant=pytest.fail) for line in text.splitlines()]
     assert lines[0] == {"step": 1, "kind": "eval", "loss": None, "top1": None, "top5": 50.0}
-    assert logger.save_loss_curve() is not None
+    logger.log_train(3, {"loss": float("nan")})  # a train record too (the loop stops first)
+    assert logger.save_loss_curve() is not None  # the null loss left out of the curve
+    # eval_results.json (classification and segmentation) is strict JSON as well.
+    path = os.path.join(tmp_path, "eval_results.json")
+    run_logging.write_json(path, {"mIoU": float("nan"), "per_class": {"a": {"IoU": None}}})
+    with open(path) as handle:
+        assert json.load(handle, parse_constant=pytest.fail) == {
+            "mIoU": None, "per_class": {"a": {"IoU": None}}}

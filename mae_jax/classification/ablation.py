@@ -130,11 +130,16 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from mae_jax.core import command_line
+
     config_flags.DEFINE_config_file("config", None, "Pretraining config (configs/*.py).")
-    config_flags.DEFINE_config_file("probe_config", "configs/cifar100_linprobe.py",
-                                    "Linear-probe config.")
-    config_flags.DEFINE_config_file("finetune_config", "configs/cifar100_finetune.py",
-                                    "Fine-tuning config.")
+    try:  # a default file is loaded here, with its overrides from the command line
+        config_flags.DEFINE_config_file("probe_config", "configs/cifar100_linprobe.py",
+                                        "Linear-probe config.")
+        config_flags.DEFINE_config_file("finetune_config", "configs/cifar100_finetune.py",
+                                        "Fine-tuning config.")
+    except Exception as error:  # noqa: BLE001 - from the command line
+        command_line.bad_command_line(error, sys.argv)
     flags.DEFINE_list("depths", ["1", "2", "4", "8"], "Decoder depths.")
     flags.DEFINE_list("widths", ["512"], "Decoder widths (heads of 32 channels).")
     flags.DEFINE_string("workdir", "runs/decoder_ablation", "Directory of all runs and the table.")
@@ -151,17 +156,8 @@ def main() -> None:
                      depths=[int(d) for d in values.depths],
                      widths=[int(w) for w in values.widths], workdir=values.workdir)
 
-    def parse(argv):  # as train.py's: --help is status 0, a bad flag 2 (absl: 1 for both)
-        try:
-            return values(argv)
-        except SystemExit as stop:
-            sys.exit(0 if stop.code == 1 and {"--help", "-?", "--helpshort", "--helpfull"}
-                     & set(argv[1:]) else stop.code)
-        except flags.Error as error:
-            sys.stderr.write(f"Bad command line: {error}\nPass --helpshort to see the flags.\n")
-            sys.exit(2)
-
-    app.run(run, flags_parser=parse)
+    app.run(run, flags_parser=lambda argv: command_line.parse_flags(
+        values, argv, configs=("config", "probe_config", "finetune_config")))
 
 
 if __name__ == "__main__":

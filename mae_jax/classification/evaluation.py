@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.run_logging import RunLogger, strict_json
+from mae_jax.core.run_logging import RunLogger, write_json
 
 RESULTS_FILE = "eval_results.json"
 
@@ -105,9 +105,7 @@ class Evaluator:
         results = self.evaluate(state) | {"step": int(step)}
         if jax.process_index() == 0:
             path = os.path.join(self.workdir, RESULTS_FILE)
-            with open(path + ".tmp", "w") as handle:
-                json.dump(strict_json(results), handle, indent=2, allow_nan=False)
-            os.replace(path + ".tmp", path)
+            write_json(path, results)
         if self.logger is not None and log:
             self.logger.log_eval(step, {k: v for k, v in results.items() if k != "step"})
         return results

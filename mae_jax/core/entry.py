@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax.core import hostmem  # noqa: E402
+from mae_jax.core import command_line, hostmem  # noqa: E402
 from mae_jax.core.errors import BadInputError  # noqa: E402
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
@@ -142,58 +142,9 @@ def config_from_flags():
     return config
 
 
-def command_line_problem(error: BaseException, argv: list[str]) -> str:
-    """What went wrong on the command line, without the parsers' wrapping: absl re-raises a
-    config file's error inside its own, ml_collections adds the traceback to the text and
-    reports an unknown field as an AttributeError holding a KeyError."""
-    chain = [error]
-    while True:
-        last = chain[-1]
-        cause = last.__cause__ if last.__cause__ is not None else (
-            None if last.__suppress_context__ else last.__context__)
-        if cause is None or cause in chain:
-            break
-        chain.append(cause)
-    for link in chain:
-        if (isinstance(link, AttributeError) and link.args and isinstance(link.args[0], KeyError)
-                and link.args[0].args):
-            # "'name'" [+ "\nDid you mean ...?"]
-            field, _, hint = str(link.args[0].args[0]).partition("\n")
-            name = field.strip("'\"")
-            given = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")
-                     and arg.split("=", 1)[0].rsplit(".", 1)[-1] == name]
-            return (f"{given[0] if given else name}: the config has no field {field}. "
-                    + (hint + " " if hint else "")
-                    + "The fields are those its config file sets.")
-    root = chain[-1]
-    if isinstance(root, OSError) and "config" in str(root):
-        lines = [line.strip() for line in str(root).splitlines() if line.strip()]
-        return f"cannot load the --config file: {lines[-1]}"
-    text = str(error)
-    if "Error whilst parsing config file" in text and isinstance(root, BadInputError):
-        return f"{text.split(': Error whilst', 1)[0]}: {root}"  # get_config refused its argument
-    if isinstance(error, flags.Error):
-        return f"{type(error).__name__}: {error}"
-    # An error in a config file's own code: where it happened.
-    return "".join(traceback.format_exception(error)).rstrip()
-
-
 def _parse_flags(argv):
-    """absl's parser, but a bad flag, config file or config override (an unknown field raises
-    AttributeError while parsing) is exit status 2 (bad input), explained in one message."""
-    try:
-        try:
-            rest = FLAGS(argv)
-        except SystemExit as stop:  # absl prints --help / --helpshort / --helpfull, exits 1
-            asked = {"--help", "-?", "--helpshort", "--helpfull", "--helpxml"} & set(argv[1:])
-            sys.exit(0 if asked and stop.code == 1 else stop.code)
-        if FLAGS.config is not None:
-            FLAGS.config.get("task")  # a config file that failed to load raises on first use
-        return rest
-    except Exception as error:  # noqa: BLE001 - everything here comes from the command line
-        sys.stderr.write(f"Bad command line: {command_line_problem(error, argv)}\nPass "
-                         "--helpshort to see the flags.\n")
-        sys.exit(EXIT_BAD_INPUT)
+    """absl's parser; a bad flag, config file or override is exit status 2, in one message."""
+    return command_line.parse_flags(FLAGS, argv, configs=("config",))
 
 
 def stop_outside_the_loop(signum: int, frame) -> None:

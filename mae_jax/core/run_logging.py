@@ -49,6 +49,13 @@ def strict_json(record: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in record.items()}
 
 
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+    """`path` replaced atomically by `data` as strict JSON (`strict_json`), e.g. eval_results."""
+    with open(path + ".tmp", "w") as handle:
+        json.dump(strict_json(data), handle, indent=2, allow_nan=False)
+    os.replace(path + ".tmp", path)
+
+
 def format_duration(seconds: float) -> str:
     """'1h02m' for an hour or more, '12m05s' below, '--' when unknown."""
     if not math.isfinite(seconds) or seconds < 0:

@@ -10,7 +10,6 @@ device works; nothing is read back until the end (except the few pictures).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.run_logging import RunLogger, strict_json
+from mae_jax.core.run_logging import RunLogger, write_json
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
 from mae_jax.segmentation.sliding_window import resize_tile, stitch_windows
@@ -122,9 +121,7 @@ class Evaluator:
         if jax.process_index() == 0:
             print(metrics.format_table(self.names), flush=True)
             path = os.path.join(self.workdir, "eval_results.json")
-            with open(path + ".tmp", "w") as handle:
-                json.dump(strict_json(results), handle, indent=2, allow_nan=False)
-            os.replace(path + ".tmp", path)
+            write_json(path, results)
             self.logger.log_eval(step, summary)
             if pictures:
                 self.logger.log_images(step, {"segmentation": _stack(pictures)})

@@ -1,0 +1,86 @@
+"""Command-line parsing shared by the entry points (train.py, segment.py, linprobe.py,
+finetune.py through `core/entry.py`, and the decoder ablation): absl's parser, but --help is
+exit status 0 (absl: 1) and a bad flag, config file or config override is exit status 2 (bad
+input) explained in one message. No flags are defined here."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import NoReturn
+
+from absl import flags
+
+from mae_jax.core.errors import BadInputError
+
+EXIT_BAD_INPUT = 2
+HELP_FLAGS = {"help", "?", "helpshort", "helpfull", "helpxml"}
+
+
+def asked_for_help(argv: list[str]) -> bool:
+    """--help, -help, --help=true, -?, --helpshort, --helpfull, --helpxml: absl prints the
+    help, then exits with status 1."""
+    return any(arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in HELP_FLAGS
+               for arg in argv[1:])
+
+
+def command_line_problem(error: BaseException, argv: list[str]) -> str:
+    """What went wrong on the command line, without the parsers' wrapping: absl re-raises a
+    config file's error inside its own, ml_collections adds the traceback to the text and
+    reports an unknown field as an AttributeError holding a KeyError."""
+    chain = [error]
+    while True:
+        last = chain[-1]
+        cause = last.__cause__ if last.__cause__ is not None else (
+            None if last.__suppress_context__ else last.__context__)
+        if cause is None or cause in chain:
+            break
+        chain.append(cause)
+    for link in chain:
+        if (isinstance(link, AttributeError) and link.args and isinstance(link.args[0], KeyError)
+                and link.args[0].args):
+            # "'name'" [+ "\nDid you mean ...?"]
+            field, _, hint = str(link.args[0].args[0]).partition("\n")
+            name = field.strip("'\"")
+            given = [flag for flag in (arg.split("=", 1)[0] for arg in argv[1:])
+                     if flag.startswith("--") and flag.partition(".")[2]
+                     and flag.rsplit(".", 1)[-1] == name]  # --config.x, --probe_config.x
+            return (f"{given[0] if given else name}: the config has no field {field}. "
+                    + (hint + " " if hint else "")
+                    + "The fields are those its config file sets.")
+    root = chain[-1]
+    if isinstance(root, OSError) and "config" in str(root):
+        lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+        return f"cannot load the --config file: {lines[-1]}"
+    text = str(error)
+    if "Error whilst parsing config file" in text and isinstance(root, BadInputError):
+        return f"{text.split(': Error whilst', 1)[0]}: {root}"  # get_config refused its argument
+    if isinstance(error, flags.Error):
+        return f"{type(error).__name__}: {error}"
+    # An error in a config file's own code: where it happened.
+    return "".join(traceback.format_exception(error)).rstrip()
+
+
+def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, configs=()) -> list[str]:
+    """`flag_values(argv)`, then each config flag in `configs` loaded (a config file that
+    failed to load raises on first use). An unknown config field raises AttributeError while
+    parsing: every such mistake is "Bad command line: ..." and exit status 2."""
+    try:
+        try:
+            rest = flag_values(argv)
+        except SystemExit as stop:  # absl printed the help and exits 1
+            sys.exit(0 if stop.code == 1 and asked_for_help(argv) else stop.code)
+        for name in configs:
+            if flag_values[name].value is not None:
+                flag_values[name].value.get("task")
+        return rest
+    except Exception as error:  # noqa: BLE001 - everything here comes from the command line
+        bad_command_line(error, argv)
+
+
+def bad_command_line(error: BaseException, argv: list[str]) -> NoReturn:
+    """The one message and exit status 2. Also for a config flag with a default file, which
+    ml_collections loads with the command line's overrides while the flag is defined."""
+    sys.stderr.write(f"Bad command line: {command_line_problem(error, argv)}\nPass "
+                     "--helpshort to see the flags.\n")
+    sys.exit(EXIT_BAD_INPUT)
