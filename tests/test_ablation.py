@@ -61,13 +61,10 @@ def test_the_command_line_exits_0_for_help_and_2_for_a_bad_flag():
     helped = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=120)
     assert helped.returncode == 0 and "--depths" in helped.stdout, helped.stderr[-2000:]
-    for flags, message in ((["--config=configs/demo.py", "--depht=2"],
-                            "UnrecognizedFlagError: Unknown command line flag 'depht'. Did "
-                            "you mean: depths"),
-                           (["--config=configs/demo.py", "--probe_config.bogus=1"],
-                            "--probe_config.bogus: the config has no field 'bogus'")):
-        wrong = subprocess.run([*command, *flags], capture_output=True, text=True, env=env,
-                               cwd=ROOT, timeout=120)
-        assert wrong.returncode == 2, wrong.stderr[-2000:]
-        assert f"Bad command line: {message}" in wrong.stderr
-        assert "Traceback" not in wrong.stderr
+    # A mistake in a config flag with a default file (loaded while the flag is defined); the
+    # other mistakes go through the same parser as train.py's (tests/test_entry.py).
+    wrong = subprocess.run([*command, "--config=configs/demo.py", "--probe_config.bogus=1"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert "Bad command line: --probe_config.bogus: the config has no field 'bogus'" \
+        in wrong.stderr and "Traceback" not in wrong.stderr
