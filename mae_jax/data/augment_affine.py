@@ -118,7 +118,7 @@ def _taps_16(image, dx, x0, dy, y0):
 # One XLA program per image size and tap pattern: TensorFlow's op-by-op kernels wrote every
 # float64 intermediate of the [H, W, 4, 4, 3] neighbourhoods to memory (Rotate at 224 px:
 # 23.5 ms); XLA fuses them into one loop (3.0 ms), the same bits (tests/test_randaugment.py).
-_compiled_warp = tf.function(_warp, jit_compile=True)
+_compiled_warp = tf.function(_warp, jit_compile=True, autograph=False)
 
 
 def _round15(x):

@@ -116,7 +116,7 @@ def _pixel_op(name, image, level, negate):
 _COMPILED_PIXEL_OPS = {"AutoContrast", "Posterize", "PosterizeIncreasing", "Solarize",
                        "SolarizeIncreasing", "SolarizeAdd", "Color", "ColorIncreasing",
                        "Contrast", "ContrastIncreasing", "Brightness", "BrightnessIncreasing"}
-_xla_pixel_op = tf.function(_pixel_op, jit_compile=True)
+_xla_pixel_op = tf.function(_pixel_op, jit_compile=True, autograph=False)
 
 
 def _compiled_pixel_op(name, image, level, negate):
