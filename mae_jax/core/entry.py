@@ -29,7 +29,8 @@ from ml_collections import config_flags  # noqa: E402
 from mae_jax.core import command_line, hostmem  # noqa: E402
 from mae_jax.core.errors import BadInputError  # noqa: E402
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_COMPLETED, EXIT_FAILED, EXIT_DIVERGED = 0, 1, 3
+EXIT_BAD_INPUT = command_line.EXIT_BAD_INPUT  # 2, also what the parser exits with
 EXIT_WRITE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 74, 75, 130
 EXIT_MEANINGS = {
     EXIT_FAILED: "unexpected error",
