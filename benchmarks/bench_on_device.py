@@ -41,6 +41,7 @@ from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.state import TrainState
 from mae_jax.core.step import compile_step, make_train_step
 from mae_jax.data.on_device import OnDeviceIterator
+from mae_jax.models.layers import make_rngs
 from mae_jax.models.registry import VARIANTS
 from mae_jax.pretrain import config as pretrain_config
 from mae_jax.pretrain import lib as pretrain_lib
@@ -110,7 +111,7 @@ def build_step(config, mesh):
         # Batches arrive as uint8 and the pretraining loss normalises them inside the step.
         loss_fn = pretrain_lib.make_loss_fn(config.mask_ratio)
     state, state_shardings = sharding_lib.create_sharded(
-        lambda: TrainState.create(spec.build(nnx.Rngs(config.seed)), tx,
+        lambda: TrainState.create(spec.build(make_rngs(config.seed)), tx,
                                   rng_seed=config.seed + 1),
         mesh,
     )

@@ -37,6 +37,7 @@ import mae_jax
 from mae_jax.core import hostmem
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.data.generated import generate_image
+from mae_jax.models.layers import make_rngs
 
 
 def load_average() -> str:
@@ -111,7 +112,7 @@ def per_block_errors(
 ) -> tuple[list[float], list[float]]:
     images = jnp.asarray(generated_images(num_images, 224, seed))
     make = lambda dtype: mae_jax.create_encoder(  # noqa: E731
-        "vit_base_patch16", dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed)
+        "vit_base_patch16", dtype=dtype, attention_impl=attention_impl, rngs=make_rngs(seed)
     )
     encoder32, encoder16 = make(jnp.float32), make(jnp.bfloat16)
     if randomized:
@@ -163,7 +164,7 @@ def demo_run(
 ) -> dict:
     model = mae_jax.create_mae(
         "vit_micro_patch4", **DEMO_MODEL, dtype=dtype, attention_impl=attention_impl,
-        rngs=nnx.Rngs(seed),
+        rngs=make_rngs(seed),
     )
     optimizer = nnx.Optimizer(model, demo_optimizer(steps, max(1, steps // 12)), wrt=nnx.Param)
     order = np.random.default_rng(seed)

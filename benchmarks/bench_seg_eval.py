@@ -38,6 +38,7 @@ from mae_jax.core import config as core_config
 from mae_jax.core import hostmem
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.state import TrainState
+from mae_jax.models.layers import make_rngs
 from mae_jax.segmentation import config as segmentation_config
 from mae_jax.segmentation.evaluation import Evaluator
 from mae_jax.segmentation.lib import model_spec
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = model_spec(config, args.num_classes)
     # Built in one compiled program: eagerly, ViT-B + UPerNet's initialisers are ~50 separate
     # compilations (14 s on a CPU), a large share of a GPU run's time limit for this entry.
-    model = nnx.jit(lambda: spec.build(nnx.Rngs(args.seed)))()
+    model = nnx.jit(lambda: spec.build(make_rngs(args.seed)))()
     # Evaluation only: an empty optimiser state.
     state = TrainState.create(model, optax.set_to_zero(), rng_seed=args.seed)
     graphdef = nnx.graphdef(model)

@@ -76,6 +76,7 @@ from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
 from mae_jax.data.seg_sources import num_seg_classes  # noqa: E402
 from mae_jax.models import convolution  # noqa: E402
+from mae_jax.models.layers import make_rngs  # noqa: E402
 from mae_jax.segmentation import lib as segment_lib  # noqa: E402
 from mae_jax.segmentation.config import check_config  # noqa: E402
 
@@ -173,7 +174,7 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     spec = segment_lib.model_spec(config, num_classes)
     tx = segment_lib.create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param), schedule)
     state, state_shardings = sharding_lib.create_sharded(
-        lambda: TrainState.create(spec.build(nnx.Rngs(config.seed)), tx,
+        lambda: TrainState.create(spec.build(make_rngs(config.seed)), tx,
                                   rng_seed=config.seed + 1),
         mesh,
     )

@@ -60,6 +60,7 @@ from mae_jax.core import sharding as sharding_lib  # noqa: E402
 from mae_jax.core.state import TrainState, tree_size  # noqa: E402
 from mae_jax.core.step import compile_step, make_train_step  # noqa: E402
 from mae_jax.data.constants import normalize_uint8  # noqa: E402
+from mae_jax.models.layers import make_rngs  # noqa: E402
 from mae_jax.models.mae import num_visible, removed_patches  # noqa: E402
 from mae_jax.models.registry import VARIANTS  # noqa: E402
 from mae_jax.pretrain import config as pretrain_config  # noqa: E402
@@ -293,7 +294,7 @@ def bench_jax(args: argparse.Namespace, *, encoder_all_tokens: bool = False) -> 
     tx = pretrain_lib.create_tx(config, schedule)
     spec = pretrain_lib.model_spec(config.model)
     state, state_shardings = sharding_lib.create_sharded(
-        lambda: TrainState.create(spec.build(nnx.Rngs(config.seed)), tx,
+        lambda: TrainState.create(spec.build(make_rngs(config.seed)), tx,
                                   rng_seed=config.seed + 1),
         mesh,
     )

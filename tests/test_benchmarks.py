@@ -296,3 +296,22 @@ def test_trace_summary_sums_xla_ops_and_lists_those_that_ran_on_after_their_even
                                                                        4300)])
     assert done["async"] == [] and done["note"] is None
     assert "ran on after its event" not in summary_lib.format_summary(done, 2)
+
+
+def test_trace_benchmark_times_both_rngs_on_the_same_model(capsys):
+    """benchmarks/bench_trace.py: one row per model, both kinds of Rngs timed, the parameter
+    count the model's own."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_trace", os.path.join(REPO, "benchmarks", "bench_trace.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = bench.main(["--models", "mae:vit_micro_patch4", "--repeats", "1"])
+    row = [line for line in table.splitlines() if line.startswith("| mae:vit_micro_patch4")]
+    assert len(row) == 1
+    cells = [cell.strip() for cell in row[0].strip("|").split("|")]
+    size = sum(x.size for x in jax.tree.leaves(nnx.state(
+        nnx.eval_shape(lambda: mae_jax.create_mae("vit_micro_patch4")), nnx.Param)))
+    assert float(cells[1]) == pytest.approx(size / 1e6, abs=0.051)
+    assert float(cells[2]) > 0 and float(cells[3]) > 0
+    with pytest.raises(SystemExit, match="Unknown model"):
+        bench.main(["--models", "resnet:50"])

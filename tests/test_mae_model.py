@@ -1,5 +1,6 @@
 """MAE behaviour a user relies on: masking, loss, gradients, variants, errors."""
 
+import functools
 import os
 import pickle
 
@@ -170,6 +171,31 @@ def test_variant_parameter_counts_match_official(name):
     abstract = nnx.eval_shape(lambda: mae_jax.create_mae(name))  # shapes only, no memory
     assert _count(abstract.encoder) == encoder_count
     assert _count(abstract) == full_count
+
+
+def test_make_rngs_draws_the_keys_of_nnx_rngs_eagerly_and_inside_a_trace():
+    """`make_rngs` (host counters: tracing a model without flax's per-key `.sharding` check)
+    gives nnx.Rngs's keys, stream by stream, and so the same initialisation under jit; its
+    counter stays a host value in a trace (what makes the check go away)."""
+    from mae_jax.models.layers import make_rngs
+
+    def draw(make):
+        rngs = make(params=3, dropout=jax.random.key(4))
+        keys = [rngs.params(), rngs.dropout(), rngs.params(), rngs.params(), rngs.dropout()]
+        assert isinstance(rngs.params.count.get_value(), np.ndarray) == (make is make_rngs)
+        return [jax.random.key_data(key) for key in keys]
+
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):
+        ours, theirs = (np.asarray(run(functools.partial(draw, make))) for make in
+                        (make_rngs, nnx.Rngs))
+        np.testing.assert_array_equal(ours, theirs)
+        assert len(np.unique(ours, axis=0)) == 5
+
+    def build(make):
+        return nnx.state(mae_jax.MAE(**TINY, rngs=make(0)), nnx.Param)
+
+    ours, theirs = (nnx.jit(functools.partial(build, make))() for make in (make_rngs, nnx.Rngs))
+    jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
 def test_pinned_counts_agree_with_the_torch_reference():

@@ -22,6 +22,7 @@ from mae_jax.classification.mixup import (
 )
 from mae_jax.core import config as core_config
 from mae_jax.core import optim
+from mae_jax.models.layers import make_rngs
 
 # timm VisionTransformer.no_weight_decay(), which main_finetune.py passes to param_groups_lrd.
 NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
@@ -66,7 +67,7 @@ def make_loss_fn(config, num_classes: int):
                 switch_prob=config.mixup_switch_prob, prob=config.mixup_prob,
                 label_smoothing=config.label_smoothing,
             )
-        logits = model(images, train=True, rngs=nnx.Rngs(dropout=drop_key))
+        logits = model(images, train=True, rngs=make_rngs(dropout=drop_key))
         if mixing:
             loss = soft_target_cross_entropy(logits, targets)
         else:

@@ -17,6 +17,7 @@ from flax import nnx
 from mae_jax.core.errors import WeightsError
 from mae_jax.models.classifier import ViTClassifier
 from mae_jax.models.factory import ModelSpec, encoder_of
+from mae_jax.models.layers import make_rngs
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.registry import find_variant
 from mae_jax.weights import official
@@ -80,7 +81,7 @@ def load_official_classifier(
     file_size = dims.pop("image_size")
     model = ViTClassifier(
         variant=variant, image_size=image_size or file_size,
-        num_classes=state_dict["head.weight"].shape[0], global_pool=True, rngs=nnx.Rngs(0),
+        num_classes=state_dict["head.weight"].shape[0], global_pool=True, rngs=make_rngs(0),
         **dims,
     )
     values = {}

@@ -28,6 +28,7 @@ from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
 from mae_jax.core.workdir import ensure_workdir, lock_workdir, set_aside
 from mae_jax.models.factory import ModelSpec
+from mae_jax.models.layers import make_rngs
 
 
 class Run:
@@ -81,10 +82,10 @@ class Run:
         seed = self.config.seed
 
         def init():
-            model = spec.build(nnx.Rngs(seed))
+            model = spec.build(make_rngs(seed))
             return TrainState.create(model, tx, rng_seed=seed + 1, trainable=trainable)
 
-        graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(seed))), trainable, ...)[0]
+        graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(make_rngs(seed))), trainable, ...)[0]
         state, self.state_shardings, start_step = init_or_restore(
             init, self.mesh, self.checkpointer, self.resume_step
         )

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mae_jax.models.classifier import ViTClassifier
+from mae_jax.models.layers import make_rngs
 from mae_jax.models.mae import MAE
 from mae_jax.models.segmenter import MAESegmenter
 from mae_jax.models.vit import ViTEncoder
@@ -51,7 +52,7 @@ class ModelSpec:
         for name, value in kwargs.items():
             if isinstance(value, list):  # JSON has no tuples
                 kwargs[name] = tuple(value)
-        return MODEL_CLASSES[self.kind](**kwargs, rngs=rngs or nnx.Rngs(0))
+        return MODEL_CLASSES[self.kind](**kwargs, rngs=rngs or make_rngs(0))
 
     def save(self, directory: str) -> None:
         path = os.path.join(directory, MODEL_JSON)

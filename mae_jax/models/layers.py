@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LAYER_NORM_EPS = 1e-6
@@ -25,6 +26,33 @@ patch_embed_init = nnx.initializers.variance_scaling(
     1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
 )
 token_init = nnx.initializers.normal(stddev=0.02)
+
+
+def make_rngs(*args, **streams) -> nnx.Rngs:
+    """`nnx.Rngs(*args, **streams)` whose counters are host (numpy) integers: the same keys
+    (`fold_in(key, count)` with the same counts), cheaper to trace.
+
+    Each key drawn updates the stream's counter with `count[...] += 1`. Inside a trace (every
+    model build under jit / eval_shape, every train step with drop path) flax 0.12 then compares
+    the new value's `.sharding`, which a tracer answers by raising an error whose message walks
+    every operation traced so far: the cost grows with the program, and was ~80% of tracing a
+    model (ViT-B MAE 2.3 -> 0.4 s, ViT-H 6.0 -> 1.2 s; `benchmarks/README.md`). A numpy counter
+    is a constant of the trace, updated on the host. Build these Rngs inside the function traced.
+    """
+    rngs = nnx.Rngs(*args, **streams)
+    for _, stream in rngs.items():
+        shape = jnp.shape(stream.key[...])
+        stream.count = HostCount(np.zeros(shape, np.uint32), tag=stream.tag)
+    return rngs
+
+
+class HostCount(nnx.RngCount):
+    """A stream counter held in numpy whose reads are copies: a trace keeps a numpy constant by
+    reference until it is lowered, and `count[...] += 1` adds in place to what a read returned,
+    so a read sharing the counter's memory would give the key drawn the next count."""
+
+    def get_value(self, **index):
+        return np.array(super().get_value(**index), copy=True)
 
 
 def torch_bias_init(fan_in: int):
@@ -242,12 +270,14 @@ class BatchNorm(nnx.BatchNorm):
             var = jnp.square(x - mean).mean(axes)
             count = x.size // x.shape[-1]
             unbiased = var * (count / max(count - 1, 1))
-            self.mean[...] = jax.lax.stop_gradient(
+            # set_value, not `[...] =`: flax checks an indexed update's `.sharding`, which costs
+            # a walk over the whole traced program per call (see `make_rngs`).
+            self.mean.set_value(jax.lax.stop_gradient(
                 self.momentum * self.mean[...] + (1 - self.momentum) * mean
-            )
-            self.var[...] = jax.lax.stop_gradient(
+            ))
+            self.var.set_value(jax.lax.stop_gradient(
                 self.momentum * self.var[...] + (1 - self.momentum) * unbiased
-            )
+            ))
         # nnx's `_normalize` order, so float32 results match nnx.BatchNorm's bit for bit.
         y = x - mean
         mul = jax.lax.rsqrt(var + self.epsilon)

@@ -25,6 +25,7 @@ from mae_jax.core.step import make_train_step
 from mae_jax.data.constants import normalize_uint8
 from mae_jax.data.photometric import apply_photometric
 from mae_jax.models.factory import ModelSpec, encoder_of
+from mae_jax.models.layers import make_rngs
 from mae_jax.models.upernet import segmentation_loss
 from mae_jax.segmentation.config import check_config
 from mae_jax.segmentation.evaluation import Evaluator, data_options
@@ -89,7 +90,7 @@ def make_loss_fn(aux_weight: float):
         if "photometric" in batch:  # left to the device by the input pipeline
             images = apply_photometric(images, batch["photometric"])
         images = normalize_uint8(images)
-        logits, aux_logits = model(images, train=True, rngs=nnx.Rngs(dropout=rng))
+        logits, aux_logits = model(images, train=True, rngs=make_rngs(dropout=rng))
         decode_loss = segmentation_loss(logits, batch["label"])
         aux_loss = segmentation_loss(aux_logits, batch["label"])
         loss = decode_loss + aux_weight * aux_loss

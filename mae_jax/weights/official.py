@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mae_jax.core.errors import DataNotFoundError, WeightsError
-from mae_jax.models.layers import FixedEmbedding
+from mae_jax.models.layers import FixedEmbedding, make_rngs
 from mae_jax.models.mae import MAE
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.registry import DEFAULT_DECODER, VARIANTS, find_variant
@@ -316,7 +316,7 @@ def load_official(
             "the number of heads cannot be inferred (no weight's shape depends on it): give "
             "it, as num_heads=... in Python or --num_heads with mae_jax.visualize"
         )
-    rngs = rngs or nnx.Rngs(0)
+    rngs = rngs or make_rngs(0)
     if model == "encoder":
         for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
             config.pop(key, None)
