@@ -24,6 +24,11 @@ from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.weights.load import load_model
 
+# Module-scoped runs and compilation caches are per worker process: keep this module's tests
+# on one worker (pyproject's `--dist loadgroup`), so they are made once.
+pytestmark = pytest.mark.xdist_group("classification")
+
+
 # A 16x16 ViT (4 blocks of width 64, patch 4): big enough to learn the textures in seconds.
 ENCODER = {"variant": "vit_tiny_patch16", "image_size": 16, "patch_size": 4, "embed_dim": 64,
            "depth": 4, "num_heads": 4}

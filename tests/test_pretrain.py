@@ -20,6 +20,10 @@ from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.pretrain.config import check_config
 from mae_jax.weights.load import load_model
 
+# Module-scoped runs and compilation caches are per worker process: keep this module's tests
+# on one worker (pyproject's `--dist loadgroup`), so they are made once.
+pytestmark = pytest.mark.xdist_group("pretrain")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _persistent_compilation_cache(shared_compilations):

@@ -40,6 +40,10 @@ from mae_jax.core.workdir import LOCK_FILE, WorkdirLockedError
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.pretrain.config import check_config
 
+# Module-scoped runs and compilation caches are per worker process: keep this module's tests
+# on one worker (pyproject's `--dist loadgroup`), so they are made once.
+pytestmark = pytest.mark.xdist_group("reliability")
+
 
 def run_config(**changes):
     return tiny_pretrain_config(**{"visualize_every_steps": 0, "checkpoint_every_steps": 2,

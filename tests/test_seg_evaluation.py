@@ -22,6 +22,11 @@ from mae_jax.segmentation.evaluation import Evaluator
 from mae_jax.segmentation.metrics import SegMetrics
 from mae_jax.segmentation.sliding_window import slide_inference
 
+# Module-scoped runs and compilation caches are per worker process: keep this module's tests
+# on one worker (pyproject's `--dist loadgroup`), so they are made once.
+pytestmark = pytest.mark.xdist_group("seg_evaluation")
+
+
 CLASSES = 4
 # Test scale (40, 24): a 24x40 canvas; window 16 (the model's input), stride 11.
 CONFIG = tiny_segmentation_config(**{"data.scale": (40, 24), "eval_stride": 11})  # its model:

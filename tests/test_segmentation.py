@@ -28,6 +28,10 @@ from mae_jax.segmentation import config as segmentation_config
 from mae_jax.segmentation import lib as segment_lib
 from mae_jax.weights.load import load_encoder
 
+# Module-scoped runs and compilation caches are per worker process: keep this module's tests
+# on one worker (pyproject's `--dist loadgroup`), so they are made once.
+pytestmark = pytest.mark.xdist_group("segmentation")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _cache(shared_compilations):
