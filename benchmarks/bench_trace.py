@@ -1,13 +1,14 @@
 """Tracing a model build: flax's `nnx.Rngs` against `mae_jax.models.layers.make_rngs`.
 
 Every start of train.py, segment.py, linprobe.py and finetune.py traces the model build several
-times: `nnx.eval_shape` for the graph, the shardings and the optimiser's masks, `jax.jit` for the
-initialisation. Each parameter initialiser draws a key, and with `nnx.Rngs` each key drawn in a
-trace makes flax 0.12 check the new counter's `.sharding`; a tracer answers that by raising an
-error whose message walks every operation traced so far. `make_rngs` keeps the counters on the
-host (the same keys: tests/test_mae_model.py pins them). This script times
-`nnx.eval_shape(lambda: build(rngs(seed)))` with each, alternating in one process (after one
-warm-up build), and prints the median of `--repeats` builds per cell as a markdown table.
+times: `nnx.eval_shape` for the graph and the optimiser's masks, `jax.eval_shape` of the train
+state for the shardings, `jax.jit` for the initialisation. Each parameter initialiser draws a
+key, and with `nnx.Rngs` each key drawn in a trace makes flax 0.12 check the new counter's
+`.sharding`; a tracer answers that by raising an error whose message walks every operation
+traced so far. `make_rngs` keeps the counters on the host (the same keys: tests/test_mae_model.py
+pins them). This script times `nnx.eval_shape(lambda: build(rngs(seed)))` with each, alternating
+in one process (after one warm-up build of each model with each), and prints the median of
+`--repeats` builds per cell as a markdown table.
 
     python benchmarks/bench_trace.py
     python benchmarks/bench_trace.py --models mae:vit_base_patch16 --repeats 5
@@ -68,19 +69,21 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     builders = {model: builder(model) for model in args.models.split(",")}
     load = os.getloadavg()[0]
-    trace_seconds(builder("mae:vit_tiny_patch16"), make_rngs)  # imports, jax's own caches
     rows = []
     for model, build in builders.items():
+        for make in RNGS.values():  # warm-up: imports, jax's caches, the model's first trace
+            trace_seconds(build, make)
         seconds = {name: [] for name in RNGS}
-        for _ in range(args.repeats):
-            for name, make in RNGS.items():
+        for repeat in range(args.repeats):  # alternating, each side first in turn
+            for name, make in list(RNGS.items())[::1 if repeat % 2 == 0 else -1]:
                 seconds[name].append(trace_seconds(build, make))
         abstract = nnx.eval_shape(lambda b=build: b(make_rngs(0)))
         size = tree_size(nnx.state(abstract, nnx.Param))
         old, new = (statistics.median(seconds[name]) for name in RNGS)
         rows.append(f"| {model} | {size / 1e6:.1f} | {old:.2f} | {new:.2f} | {old / new:.1f}x |")
     table = "\n".join([
-        f"Model build traced (`nnx.eval_shape`), median of {args.repeats}, alternating; "
+        f"Model build traced (`nnx.eval_shape`), median of {args.repeats} after a warm-up, "
+        "alternating; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
         f"{load:.2f} at the start; jax {jax.__version__}, flax {flax.__version__}.",
         "",

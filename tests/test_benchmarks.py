@@ -298,7 +298,7 @@ def test_trace_summary_sums_xla_ops_and_lists_those_that_ran_on_after_their_even
     assert "ran on after its event" not in summary_lib.format_summary(done, 2)
 
 
-def test_trace_benchmark_times_both_rngs_on_the_same_model(capsys):
+def test_trace_benchmark_times_both_rngs_on_the_same_model():
     """benchmarks/bench_trace.py: one row per model, both kinds of Rngs timed, the parameter
     count the model's own."""
     spec = importlib.util.spec_from_file_location(
@@ -312,6 +312,8 @@ def test_trace_benchmark_times_both_rngs_on_the_same_model(capsys):
     size = sum(x.size for x in jax.tree.leaves(nnx.state(
         nnx.eval_shape(lambda: mae_jax.create_mae("vit_micro_patch4")), nnx.Param)))
     assert float(cells[1]) == pytest.approx(size / 1e6, abs=0.051)
-    assert float(cells[2]) > 0 and float(cells[3]) > 0
+    old, new = float(cells[2]), float(cells[3])
+    assert old > 0 and new > 0
+    assert re.fullmatch(r"\d+\.\dx", cells[4])  # nnx.Rngs's time over make_rngs's
     with pytest.raises(SystemExit, match="Unknown model"):
         bench.main(["--models", "resnet:50"])

@@ -18,6 +18,11 @@ OFFICIAL_FINETUNE = {
 }
 
 
+# Module-scoped runs and compilation caches are per worker process: keep this module's tests
+# on one worker (pyproject's `--dist loadgroup`), so they are made once.
+pytestmark = pytest.mark.xdist_group("classification_configs")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _persistent_compilation_cache(shared_compilations):
     """Runs of one tiny model compile the same programs: the second compile is a file read."""

@@ -192,6 +192,17 @@ def test_make_rngs_draws_the_keys_of_nnx_rngs_eagerly_and_inside_a_trace():
         np.testing.assert_array_equal(ours, theirs)
         assert len(np.unique(ours, axis=0)) == 5
 
+    # Copies drawn from apart (nnx.clone shares leaves), and Rngs passed into a jit.
+    for make in (make_rngs, nnx.Rngs):
+        rngs = make(params=0)
+        copy = nnx.clone(rngs)
+        first, again = rngs.params(), copy.params()
+        passed = nnx.jit(lambda rngs: (rngs.params(), rngs.params()))(make(params=0))
+        np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(again))
+        np.testing.assert_array_equal(jax.random.key_data(first),
+                                      jax.random.key_data(passed[0]))
+        assert not np.array_equal(jax.random.key_data(passed[0]), jax.random.key_data(passed[1]))
+
     def build(make):
         return nnx.state(mae_jax.MAE(**TINY, rngs=make(0)), nnx.Param)
 

@@ -36,8 +36,10 @@ def make_rngs(*args, **streams) -> nnx.Rngs:
     model build under jit / eval_shape, every train step with drop path) flax 0.12 then compares
     the new value's `.sharding`, which a tracer answers by raising an error whose message walks
     every operation traced so far: the cost grows with the program, and was ~80% of tracing a
-    model (ViT-B MAE 2.3 -> 0.4 s, ViT-H 6.0 -> 1.2 s; `benchmarks/README.md`). A numpy counter
-    is a constant of the trace, updated on the host. Build these Rngs inside the function traced.
+    model (ViT-B MAE 2.42 -> 0.43 s, ViT-H/14 5.63 -> 0.76 s; `benchmarks/bench_trace.py`). A
+    numpy counter is a constant of the trace, updated on the host. Build these Rngs inside the
+    function traced for the gain; passed into a jit (its counters then traced), they behave as
+    nnx.Rngs do.
     """
     rngs = nnx.Rngs(*args, **streams)
     for _, stream in rngs.items():
@@ -47,12 +49,22 @@ def make_rngs(*args, **streams) -> nnx.Rngs:
 
 
 class HostCount(nnx.RngCount):
-    """A stream counter held in numpy whose reads are copies: a trace keeps a numpy constant by
-    reference until it is lowered, and `count[...] += 1` adds in place to what a read returned,
-    so a read sharing the counter's memory would give the key drawn the next count."""
+    """A stream counter held in numpy, never shared: reads return copies and updates replace
+    the array. A trace keeps a numpy constant by reference until it is lowered, and
+    `count[...] += 1` adds in place to what a read returned, so a read sharing the counter's
+    memory would give the key drawn the next count; graph copies (`nnx.clone`) share leaves, so
+    an update in place would advance the copy's counter too. A traced value (the Rngs passed
+    into a jit) takes flax's own path."""
 
     def get_value(self, **index):
-        return np.array(super().get_value(**index), copy=True)
+        value = super().get_value(**index)
+        return value.copy() if isinstance(value, np.ndarray) else value
+
+    def set_value(self, value, **index):
+        whole = index.get("index", Ellipsis) is Ellipsis
+        if whole and isinstance(self._raw_value, np.ndarray) and isinstance(value, np.ndarray):
+            return super().set_value(np.array(value, copy=True))  # replaced, not written into
+        return super().set_value(value, **index)
 
 
 def torch_bias_init(fan_in: int):
