@@ -1,6 +1,8 @@
 """Every linear-probe / fine-tuning config: the official values it promises, and a short real
 run of each on mock TFDS data (tfds.testing.mock_data) or generated textures."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from conftest import load_config_file, set_fields
 
 from mae_jax.classification import finetune, linprobe
 from mae_jax.classification.config import check_config
+from mae_jax.core import run as run_lib
+from mae_jax.core.checkpointing import Checkpointer
 
 # FINETUNE.md: per-model blr, layer decay, drop path, epochs (batch 1024, 5 warmup epochs).
 OFFICIAL_FINETUNE = {
@@ -84,7 +88,11 @@ def shrink(config, **changes):
     pytest.param("imagenet_finetune", "variant=large", marks=pytest.mark.slow),
     ("probe_demo", None), ("finetune_demo", None),
 ])
-def test_every_config_runs_one_step_and_evaluates(name, arg, tmp_path):
+def test_every_config_runs_one_step_and_evaluates(name, arg, tmp_path, monkeypatch):
+    # tfds.testing.mock_data swaps epath's file system for a fake one, process-wide, while a
+    # mocked `as_dataset` runs (tfds MockFs): an orbax write finishing in the background then
+    # lands there and the checkpoint is lost. Saves here are synchronous.
+    monkeypatch.setattr(run_lib, "Checkpointer", functools.partial(Checkpointer, async_save=False))
     config = load_config_file(name, arg)
     library = linprobe if config.task == "linprobe" else finetune
     if config.data.source.startswith("generated:"):
