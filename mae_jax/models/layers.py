@@ -62,7 +62,8 @@ class HostCount(nnx.RngCount):
 
     def set_value(self, value, **index):
         whole = index.get("index", Ellipsis) is Ellipsis
-        if whole and isinstance(self._raw_value, np.ndarray) and isinstance(value, np.ndarray):
+        on_host = isinstance(value, np.ndarray | np.generic)
+        if whole and on_host and isinstance(self._raw_value, np.ndarray):
             return super().set_value(np.array(value, copy=True))  # replaced, not written into
         return super().set_value(value, **index)
 
