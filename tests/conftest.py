@@ -42,6 +42,12 @@ def pytest_configure(config):
                                     " --xla_cpu_use_fusion_emitters=false")
 
 
+def one_worker(module_name):
+    """A test module's mark keeping its tests on one worker (pyproject's `--dist loadgroup`):
+    module-scoped runs and compilation caches are per worker process, so they are made once."""
+    return pytest.mark.xdist_group(module_name)
+
+
 def set_fields(config, changes):
     """config with dotted-key changes applied: {"model.image_size": 16, "lr": 1e-3}."""
     for key, value in changes.items():

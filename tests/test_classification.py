@@ -10,7 +10,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from conftest import losses_of, params_of, set_fields, tiny_pretrain_config
+from conftest import losses_of, one_worker, params_of, set_fields, tiny_pretrain_config
 from flax import nnx
 
 from mae_jax.classification import finetune, knn, linprobe
@@ -24,9 +24,7 @@ from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.weights.load import load_model
 
-# Module-scoped runs and compilation caches are per worker process: keep this module's tests
-# on one worker (pyproject's `--dist loadgroup`), so they are made once.
-pytestmark = pytest.mark.xdist_group("classification")
+pytestmark = one_worker(__name__)
 
 
 # A 16x16 ViT (4 blocks of width 64, patch 4): big enough to learn the textures in seconds.

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import load_config_file, set_fields
+from conftest import load_config_file, one_worker, set_fields
 
 from mae_jax.classification import finetune, linprobe
 from mae_jax.classification.config import check_config
@@ -22,9 +22,7 @@ OFFICIAL_FINETUNE = {
 }
 
 
-# Module-scoped runs and compilation caches are per worker process: keep this module's tests
-# on one worker (pyproject's `--dist loadgroup`), so they are made once.
-pytestmark = pytest.mark.xdist_group("classification_configs")
+pytestmark = one_worker(__name__)
 
 
 @pytest.fixture(scope="module", autouse=True)

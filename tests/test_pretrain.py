@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import losses_of, params_of
+from conftest import losses_of, one_worker, params_of
 from conftest import tiny_pretrain_config as tiny_config
 from flax import nnx
 from PIL import Image
@@ -20,9 +20,7 @@ from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.pretrain.config import check_config
 from mae_jax.weights.load import load_model
 
-# Module-scoped runs and compilation caches are per worker process: keep this module's tests
-# on one worker (pyproject's `--dist loadgroup`), so they are made once.
-pytestmark = pytest.mark.xdist_group("pretrain")
+pytestmark = one_worker(__name__)
 
 
 @pytest.fixture(scope="module", autouse=True)

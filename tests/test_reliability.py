@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import losses_of, params_of, tiny_pretrain_config
+from conftest import losses_of, one_worker, params_of, tiny_pretrain_config
 from flax import nnx
 
 from mae_jax.core import checkpoint_integrity as integrity
@@ -40,9 +40,7 @@ from mae_jax.core.workdir import LOCK_FILE, WorkdirLockedError
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.pretrain.config import check_config
 
-# Module-scoped runs and compilation caches are per worker process: keep this module's tests
-# on one worker (pyproject's `--dist loadgroup`), so they are made once.
-pytestmark = pytest.mark.xdist_group("reliability")
+pytestmark = one_worker(__name__)
 
 
 def run_config(**changes):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_segmentation_config
+from conftest import one_worker, tiny_segmentation_config
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
@@ -22,9 +22,7 @@ from mae_jax.segmentation.evaluation import Evaluator
 from mae_jax.segmentation.metrics import SegMetrics
 from mae_jax.segmentation.sliding_window import slide_inference
 
-# Module-scoped runs and compilation caches are per worker process: keep this module's tests
-# on one worker (pyproject's `--dist loadgroup`), so they are made once.
-pytestmark = pytest.mark.xdist_group("seg_evaluation")
+pytestmark = one_worker(__name__)
 
 
 CLASSES = 4

@@ -12,7 +12,14 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import load_config_file, losses_of, params_of, set_fields, tiny_pretrain_config
+from conftest import (
+    load_config_file,
+    losses_of,
+    one_worker,
+    params_of,
+    set_fields,
+    tiny_pretrain_config,
+)
 from conftest import tiny_segmentation_config as tiny_config
 from flax import nnx
 from PIL import Image
@@ -28,9 +35,7 @@ from mae_jax.segmentation import config as segmentation_config
 from mae_jax.segmentation import lib as segment_lib
 from mae_jax.weights.load import load_encoder
 
-# Module-scoped runs and compilation caches are per worker process: keep this module's tests
-# on one worker (pyproject's `--dist loadgroup`), so they are made once.
-pytestmark = pytest.mark.xdist_group("segmentation")
+pytestmark = one_worker(__name__)
 
 
 @pytest.fixture(scope="module", autouse=True)
