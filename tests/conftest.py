@@ -11,6 +11,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # train.py / segment.py started by tests do not restart themselves for glibc's huge pages
 # (mae_jax.core.hostmem: ~2 s of imports each); tests/test_hostmem.py and test_entry.py do.
 os.environ.setdefault("MAE_JAX_MALLOC_HUGEPAGES", "0")
+# XLA flags for the default suite's compiles, and for the processes its tests start: see
+# pytest_configure.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -38,8 +41,7 @@ def pytest_configure(config):
 
     if not _XLA_FLAGS_GIVEN and config.option.markexpr == "not slow":
         assert not xla_bridge.backends_are_initialized(), "XLA_FLAGS set too late"
-        os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
-                                    " --xla_cpu_use_fusion_emitters=false")
+        os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
 
 def one_worker(module_name):

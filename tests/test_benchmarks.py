@@ -13,7 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import tiny_segmentation_config
+from conftest import FAST_COMPILE, tiny_segmentation_config
 from flax import nnx
 
 import mae_jax
@@ -146,8 +146,7 @@ import bench_seg_input  # its --device_part runs on the GPU machine
 import mae_jax.data.photometric
 """
     # Unoptimised XLA code compiles ~3x faster; this test checks imports, not speed.
-    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=fast_compile,
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE,
                PYTHONPATH=os.pathsep.join([str(tmp_path / "no_tf"), REPO]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, timeout=120)

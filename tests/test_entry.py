@@ -10,6 +10,7 @@ import time
 import jax
 import ml_collections
 import pytest
+from conftest import FAST_COMPILE
 
 from mae_jax.core import command_line, entry, hostmem
 from mae_jax.core import config as core_config
@@ -168,7 +169,7 @@ def test_sigterm_saves_and_exits_75_and_a_changed_resume_exits_2(tmp_path):
     config.write_text(CONFIG_FILE.format(tests=os.path.join(ROOT, "tests")))
     workdir = tmp_path / "run"
     command = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import FAST_COMPILE
 from PIL import Image
 
 from mae_jax.core import sharding as sharding_lib
@@ -421,8 +422,7 @@ def test_benchmark_runs_without_tensorflow_and_reports_both_inputs(tmp_path, tas
             "--batch_size", "4", "--num_images", "64", "--steps", "1", "--repeats", "2",
             "--warmup", "0", "--task", task, "--out_json", str(out_json)]
     # Unoptimised XLA code compiles ~3x faster; this checks the wiring, not the speed.
-    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=fast_compile,
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE,
                PYTHONPATH=os.pathsep.join([str(tmp_path / "no_tf"), ROOT]))
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_on_device.py"), *args],

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import one_worker, tiny_segmentation_config
+from conftest import FAST_COMPILE, one_worker, tiny_segmentation_config
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
@@ -184,9 +184,8 @@ def test_two_processes_sum_their_shares_into_the_one_process_metrics(evaluated, 
         port = probe.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
     # Unoptimised XLA code compiles faster; this test checks results, not speed.
-    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {fast}",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}",
                PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)]))
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
