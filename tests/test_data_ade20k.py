@@ -3,14 +3,17 @@
 import io
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import tiny_segmentation_config
 from PIL import Image
 
 from mae_jax.data import ade20k, seg_input, synthetic_scenes
 from mae_jax.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE, colorize
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
+from mae_jax.segmentation import lib as segment_lib
 
 SIZES = {"training": [(24, 40), (40, 24), (30, 30), (36, 52)], "validation": [(28, 44), (20, 36)]}
 PREFIX = {"training": "ADE_train", "validation": "ADE_val"}
@@ -198,7 +201,8 @@ def test_ade20k_train_iterator_resumes_exactly(prepared):
     np.testing.assert_array_equal(resumed["label"], batches[2]["label"])
 
 
-def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path, caplog):
+def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path, caplog,
+                                                                         monkeypatch):
     """A truncated JPEG and a truncated PNG label in the release: TFDS prepares them (it keeps
     the bytes), and decoding them raises. Each such example becomes the fill (the mean colour,
     every label pixel ignored, so it adds nothing to the loss; photometric parameters that
@@ -246,6 +250,28 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     assert next(examples)["name"] == "ADE_val_00000001"
     with pytest.raises(ValueError, match="ADE_val_00000002 of ade20k does not decode"):
         next(examples)
+    # segment.py finds it before any model work, not at the first evaluation: every pair is
+    # decoded first (its workdir is not even made).
+    with pytest.raises(ValueError, match=r"image ADE_val_00000002 of ade20k does not decode "
+                                         r"\(1 of 2\): .* prepare the data again"):
+        seg_input.check_validation_decodes("ade20k", data_dir=data_dir)
+    assert seg_input.check_validation_decodes("ade20k", data_dir=data_dir, limit=1) == 1
+    config = tiny_segmentation_config(**{"data.source": "ade20k", "data.data_dir": str(data_dir),
+                                         "data.num_classes": None})
+    with pytest.raises(ValueError, match="ADE_val_00000002 of ade20k does not decode"):
+        segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not (tmp_path / "run").exists()
+    config.eval_every_steps = 0  # a run that never evaluates does not look
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(segment_lib, "Run", started)
+    with pytest.raises(Started):
+        segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
 
 
 def _png(image):

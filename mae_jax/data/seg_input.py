@@ -278,28 +278,69 @@ def seg_eval_examples(
 
     def transform(record):
         example = decode(record)
-        image, label = seg_transforms.eval_transform(
-            example["image"], example["label"], scale=scale
-        )
-        return {"image": image, "label": label, "name": example["name"], "valid": True}
+        image, label = seg_transforms.eval_transform(example["image"], example["label"],
+                                                     scale=scale)
+        return {"image": image, "label": label}
 
-    failed = {"image": tf.zeros([0, 0, 3], tf.uint8), "label": tf.zeros([0, 0], tf.int32),
-              "valid": False}
-
-    @no_autograph
-    def checked(record):  # an undecodable file gives valid False, not an error without a name
-        done = tf.data.Dataset.from_tensors(record).map(no_autograph(transform)).ignore_errors()
-        fallback = tf.data.Dataset.from_tensors({**failed, "name": name(record)})
-        return done.concatenate(fallback).take(1).get_single_element()
-
-    dataset = records.map(checked, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for example in dataset.prefetch(2).as_numpy_iterator():
+    failed = {"image": tf.zeros([0, 0, 3], tf.uint8), "label": tf.zeros([0, 0], tf.int32)}
+    for example in _each_or_failed(records, transform, failed, name).as_numpy_iterator():
         example["name"] = example["name"].decode()
         if not example.pop("valid"):
-            raise ValueError(
-                f"Validation image {example['name']} of {source} does not decode (its image or "
-                "its label file is damaged, or the label holds a value past 150). Evaluation "
-                "needs every image (leaving one out would change the metrics): replace the "
-                "file in the release and prepare the data again (delete the prepared "
-                "ade20k_semantic folder in data_dir).")
+            raise ValueError(_not_decoding([example["name"]], source))
         yield example
+
+
+def check_validation_decodes(source, *, data_dir=None, manual_dir=None, limit=None) -> int:
+    """Decodes every validation image and label of an "ade20k" source (the first `limit`),
+    in parallel, before a run trains: a damaged one is an error now, naming each (evaluation
+    needs them all), not at the first evaluation hours later. Every process checks all of
+    them (ADE20K: 2000 pairs, a few seconds), so all stop together. Returns how many were
+    checked (0 for generated scenes: nothing to decode)."""
+    if source != "ade20k":
+        return 0
+    records, count, decode, name = _split_records(
+        source, "validation", data_dir=data_dir, manual_dir=manual_dir, num_classes=None,
+        image_size=None, num_examples=None, scene_seed=0, process_index=0, process_count=1,
+        drop_remainder=False)
+    if limit is not None:
+        records, count = records.take(limit), min(count, limit)
+
+    def decoded(record):  # the shapes depend on both decodes: neither is pruned
+        example = decode(record)
+        return {"shapes": tf.concat([tf.shape(example["image"]), tf.shape(example["label"])], 0)}
+
+    failed = {"shapes": tf.zeros([5], tf.int32)}
+    bad = [example["name"].decode()
+           for example in _each_or_failed(records, decoded, failed, name).as_numpy_iterator()
+           if not example["valid"]]
+    if bad:
+        raise ValueError(_not_decoding(bad, source, count))
+    return count
+
+
+def _each_or_failed(records, transform, failed, name):
+    """transform(record) | {"name", "valid": True} per record, in order, decoded in parallel;
+    `failed` | {"name", "valid": False} where it raises (a damaged file), not an error."""
+    def attempt(record):
+        return {**transform(record), "name": name(record), "valid": tf.constant(True)}
+
+    @no_autograph
+    def checked(record):
+        done = tf.data.Dataset.from_tensors(record).map(no_autograph(attempt)).ignore_errors()
+        fallback = tf.data.Dataset.from_tensors(
+            {**failed, "name": name(record), "valid": tf.constant(False)})
+        return done.concatenate(fallback).take(1).get_single_element()
+
+    return records.map(checked, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True).prefetch(2)
+
+
+def _not_decoding(names, source, count=None) -> str:
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    which = (f"Validation image {listed} of {source} does not decode" if len(names) == 1 else
+             f"Validation images {listed} of {source} do not decode")
+    of = f" ({len(names)} of {count})" if count is not None else ""
+    return (f"{which}{of}: its image or its label file is damaged, or the label holds a value "
+            "past 150. Evaluation needs every image (leaving one out would change the "
+            "metrics): replace the file in the release and prepare the data again (delete "
+            "the prepared ade20k_semantic folder in data_dir).")
