@@ -11,9 +11,21 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # train.py / segment.py started by tests do not restart themselves for glibc's huge pages
 # (mae_jax.core.hostmem: ~2 s of imports each); tests/test_hostmem.py and test_entry.py do.
 os.environ.setdefault("MAE_JAX_MALLOC_HUGEPAGES", "0")
-# XLA flags for the default suite's compiles, and for the processes its tests start: see
-# pytest_configure.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def _fast_compile_flags() -> str:
+    """XLA flags for the default suite's CPU compiles, and for the processes its tests start
+    (see pytest_configure). jaxlib 0.11 (the GPU machine's) has only the fusion emitters, and
+    XLA aborts the process on a flag it does not know, so the emitter flag is for older ones."""
+    from importlib.metadata import version
+
+    flags = "--xla_backend_optimization_level=0"
+    if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
+        flags += " --xla_cpu_use_fusion_emitters=false"
+    return flags
+
+
+FAST_COMPILE = _fast_compile_flags()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -34,12 +46,14 @@ def pytest_configure(config):
     suite ~100 s shorter on 2 cores) at the price of ~2x slower programs, so it is used there
     only; the slow suite (runs that learn) and a user's own XLA_FLAGS keep the default. The
     HLO programs XLA optimises are the same either way; only the machine code differs.
-    Likewise XLA's older elemental emitter for fusions (`xla_cpu_use_fusion_emitters=false`):
+    Likewise XLA's older elemental emitter for fusions (`xla_cpu_use_fusion_emitters=false`,
+    jaxlib < 0.11):
     the tiny MAE step compiled in 0.7-1.1 s instead of 1.3-1.9 s, the tiny segmenter's in
     3.1-4.1 s instead of 5.1-7.4 s (3 fresh processes each, alternating, 2026-12-07)."""
     from jax._src import xla_bridge
 
-    if not _XLA_FLAGS_GIVEN and config.option.markexpr == "not slow":
+    on_cpu = os.environ["JAX_PLATFORMS"] == "cpu"  # not gpu_check.sh's tests on the GPU
+    if not _XLA_FLAGS_GIVEN and on_cpu and config.option.markexpr == "not slow":
         assert not xla_bridge.backends_are_initialized(), "XLA_FLAGS set too late"
         os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
