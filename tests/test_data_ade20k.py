@@ -139,6 +139,10 @@ def test_ade20k_eval_examples_keep_the_original_label(prepared, release):
         assert example["label"].dtype == np.int32 and example["image"].dtype == np.uint8
         assert min(example["image"].shape[:2]) == 32 or max(example["image"].shape[:2]) == 64
     assert len(list(seg_input.seg_eval_examples(source="ade20k", data_dir=prepared, limit=1))) == 1
+    # segment.py's check before training: every pair decodes (the first `limit`), nothing raised
+    assert seg_input.check_validation_decodes("ade20k", data_dir=prepared) == 2
+    assert seg_input.check_validation_decodes("ade20k", data_dir=prepared, limit=1) == 1
+    assert seg_input.check_validation_decodes("synthetic") == 0  # generated: nothing to decode
 
 
 def test_ade20k_images_decode_with_the_accurate_dct_as_pil_and_opencv_do(prepared, release):
@@ -207,8 +211,9 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     the bytes), and decoding them raises. Each such example becomes the fill (the mean colour,
     every label pixel ignored, so it adds nothing to the loss; photometric parameters that
     change nothing), the run goes on, the file is named in a warning, and a resumed iterator
-    gives the same batches (the stream is unchanged). A damaged validation image stops the
-    evaluation with an error naming it."""
+    gives the same batches (the stream is unchanged). A damaged validation image or label (or
+    a label value past 150) stops the evaluation with an error naming it, and a segment.py run
+    before its model is built, naming each."""
     release = tmp_path / "manual" / "ADEChallengeData2016"
     for folder in SIZES:
         for stem, jpeg, png, label in _fake_pairs(folder):
@@ -225,6 +230,13 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
                 path = release / kind / folder / f"{stem}.{suffix}"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
+    # Two more validation pairs: a truncated label, and a label value past 150.
+    stem, jpeg, png, label = next(_fake_pairs("validation"))
+    label[:4, :4] = 200
+    for name, label_png in (("ADE_val_00000003", png[: len(png) // 2]),
+                            ("ADE_val_00000004", _png(label))):
+        (release / "images" / "validation" / f"{name}.jpg").write_bytes(jpeg)
+        (release / "annotations" / "validation" / f"{name}.png").write_bytes(label_png)
     data_dir = tmp_path / "tfds"
     ade20k.prepare_ade20k(data_dir=data_dir, manual_dir=tmp_path / "manual")
     options = dict(source="ade20k", data_dir=data_dir, global_batch_size=2, crop_size=16,
@@ -246,19 +258,20 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     for key in ("image", "label", "photometric"):
         np.testing.assert_array_equal(resumed[key], batches[3][key])
     # Evaluation cannot leave an image out without changing the metrics: it stops, naming it.
-    examples = seg_input.seg_eval_examples(source="ade20k", data_dir=data_dir)
-    assert next(examples)["name"] == "ADE_val_00000001"
-    with pytest.raises(ValueError, match="ADE_val_00000002 of ade20k does not decode"):
-        next(examples)
-    # segment.py finds it before any model work, not at the first evaluation: every pair is
+    # (in the records' order: the good pair may come first)
+    with pytest.raises(ValueError, match="image ADE_val_0000000[234] of ade20k does not decode"):
+        for example in seg_input.seg_eval_examples(source="ade20k", data_dir=data_dir):
+            assert example["name"] == "ADE_val_00000001"
+    # segment.py finds them before any model work, not at the first evaluation: every pair is
     # decoded first (its workdir is not even made).
-    with pytest.raises(ValueError, match=r"image ADE_val_00000002 of ade20k does not decode "
-                                         r"\(1 of 2\): .* prepare the data again"):
+    with pytest.raises(ValueError, match=r"images ADE_val_00000002, ADE_val_00000003, "
+                       r"ADE_val_00000004 of ade20k do not decode \(3 of 4\): .* prepare"):
         seg_input.check_validation_decodes("ade20k", data_dir=data_dir)
-    assert seg_input.check_validation_decodes("ade20k", data_dir=data_dir, limit=1) == 1
+    with pytest.raises(ValueError, match=r"\(3 of 4\)"):
+        seg_input.check_validation_decodes("ade20k", data_dir=data_dir, limit=10)
     config = tiny_segmentation_config(**{"data.source": "ade20k", "data.data_dir": str(data_dir),
-                                         "data.num_classes": None})
-    with pytest.raises(ValueError, match="ADE_val_00000002 of ade20k does not decode"):
+                                         "data.num_classes": None, "data.eval_limit": 0})
+    with pytest.raises(ValueError, match="ADE_val_00000002, ADE_val_00000003, ADE_val_00000004"):
         segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
     assert not (tmp_path / "run").exists()
     config.eval_every_steps = 0  # a run that never evaluates does not look

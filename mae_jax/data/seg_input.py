@@ -314,7 +314,7 @@ def check_validation_decodes(source, *, data_dir=None, manual_dir=None, limit=No
            for example in _each_or_failed(records, decoded, failed, name).as_numpy_iterator()
            if not example["valid"]]
     if bad:
-        raise ValueError(_not_decoding(bad, source, count))
+        raise ValueError(_not_decoding(sorted(bad), source, count))
     return count
 
 
@@ -340,7 +340,8 @@ def _not_decoding(names, source, count=None) -> str:
     which = (f"Validation image {listed} of {source} does not decode" if len(names) == 1 else
              f"Validation images {listed} of {source} do not decode")
     of = f" ({len(names)} of {count})" if count is not None else ""
-    return (f"{which}{of}: its image or its label file is damaged, or the label holds a value "
+    whose = "its" if len(names) == 1 else "each one's"
+    return (f"{which}{of}: {whose} image or label file is damaged, or the label holds a value "
             "past 150. Evaluation needs every image (leaving one out would change the "
             "metrics): replace the file in the release and prepare the data again (delete "
             "the prepared ade20k_semantic folder in data_dir).")
