@@ -17,10 +17,11 @@ def _fast_compile_flags() -> str:
     """XLA flags for the default suite's CPU compiles, and for the processes its tests start
     (see pytest_configure). jaxlib 0.11 (the GPU machine's) has only the fusion emitters, and
     XLA aborts the process on a flag it does not know, so the emitter flag is for older ones."""
+    import re
     from importlib.metadata import version
 
     flags = "--xla_backend_optimization_level=0"
-    if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
+    if tuple(map(int, re.match(r"(\d+)\.(\d+)", version("jaxlib")).groups())) < (0, 11):
         flags += " --xla_cpu_use_fusion_emitters=false"
     return flags
 
