@@ -48,9 +48,9 @@ def pytest_configure(config):
     only; the slow suite (runs that learn) and a user's own XLA_FLAGS keep the default. The
     HLO programs XLA optimises are the same either way; only the machine code differs.
     Likewise XLA's older elemental emitter for fusions (`xla_cpu_use_fusion_emitters=false`,
-    jaxlib < 0.11):
-    the tiny MAE step compiled in 0.7-1.1 s instead of 1.3-1.9 s, the tiny segmenter's in
-    3.1-4.1 s instead of 5.1-7.4 s (3 fresh processes each, alternating, 2026-12-07)."""
+    jaxlib < 0.11): the tiny MAE step compiled in 0.7-1.1 s instead of 1.3-1.9 s, the tiny
+    segmenter's in 3.1-4.1 s instead of 5.1-7.4 s (3 fresh processes each, alternating,
+    2026-12-07)."""
     from jax._src import xla_bridge
 
     on_cpu = os.environ["JAX_PLATFORMS"] == "cpu"  # not gpu_check.sh's tests on the GPU

@@ -201,13 +201,12 @@ def train_and_evaluate(
     if config.data.source == "ade20k":  # missing data fails (or is prepared) before any model work
         from mae_jax.data.ade20k import load_ade20k_builder
 
-        load_ade20k_builder(
-            data_dir=config.data.data_dir or None, manual_dir=config.data.manual_dir or None
-        )
+        folders = {"data_dir": config.data.data_dir or None,
+                   "manual_dir": config.data.manual_dir or None}
+        load_ade20k_builder(**folders)
         if not config.eval_only and config.eval_every_steps:  # a run that will evaluate
-            seg_input.check_validation_decodes(
-                "ade20k", data_dir=config.data.data_dir or None,
-                manual_dir=config.data.manual_dir or None, limit=config.data.eval_limit or None)
+            seg_input.check_validation_decodes("ade20k", **folders,
+                                               limit=config.data.eval_limit or None)
     num_classes = seg_input.num_seg_classes(config.data.source,
                                             num_classes=config.data.num_classes)
     with Run(config, workdir, devices=devices) as run:
