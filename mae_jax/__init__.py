@@ -8,13 +8,23 @@ Public API:
     load_model(path) / load_encoder(path)   a model (or its encoder) from an official file, a
                                          run directory or a Flax export
     export_official(model) / save_official(model, path)   back to the official key layout
+
+Importing the package imports none of these (nor JAX): each is imported when first used, so the
+command-line entry points (`mae_jax.core.entry`) restart and reject a bad command line before
+JAX, Flax and Orbax load.
 """
 
-from mae_jax.models.mae import MAE, patchify, random_masking, unpatchify
-from mae_jax.models.registry import VARIANTS, create_encoder, create_mae
-from mae_jax.models.vit import ViTEncoder
-from mae_jax.weights.load import load_encoder, load_model, load_official
-from mae_jax.weights.official import export_official, load_into, save_official
+import importlib
+
+_HOMES = {
+    "MAE": "mae_jax.models.mae", "patchify": "mae_jax.models.mae",
+    "random_masking": "mae_jax.models.mae", "unpatchify": "mae_jax.models.mae",
+    "VARIANTS": "mae_jax.models.variants", "create_encoder": "mae_jax.models.registry",
+    "create_mae": "mae_jax.models.registry", "ViTEncoder": "mae_jax.models.vit",
+    "load_encoder": "mae_jax.weights.load", "load_model": "mae_jax.weights.load",
+    "load_official": "mae_jax.weights.load", "export_official": "mae_jax.weights.official",
+    "load_into": "mae_jax.weights.official", "save_official": "mae_jax.weights.official",
+}
 
 __all__ = [
     "MAE",
@@ -32,3 +42,22 @@ __all__ = [
     "save_official",
     "unpatchify",
 ]
+
+
+def __getattr__(name):
+    """A public name from its home module; a subpackage (`mae_jax.models`) imported on use."""
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

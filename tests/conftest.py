@@ -9,7 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # train.py / segment.py started by tests do not restart themselves for glibc's huge pages
-# (mae_jax.core.hostmem: ~2 s of imports each); tests/test_hostmem.py and test_entry.py do.
+# (mae_jax.core.hostmem: ~0.3 s each, before the heavy imports); tests/test_hostmem.py and
+# test_entry.py do.
 os.environ.setdefault("MAE_JAX_MALLOC_HUGEPAGES", "0")
 
 

@@ -21,6 +21,7 @@ from mae_jax.core import loop
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.run_logging import read_metrics
 from mae_jax.models.factory import ModelSpec, encoder_of
+from mae_jax.pretrain import config as pretrain_config
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.weights.load import load_model
 
@@ -96,7 +97,7 @@ def test_probe_of_a_briefly_pretrained_encoder_beats_a_random_one(pretrained, te
 def knn_top1_of(model, source):
     encoder = encoder_of(model)
     graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
-    options = knn.default_config()
+    options = pretrain_config.knn_defaults()
     options.update(eval_split="val", num_train=1000, num_eval=248, batch_size=124)
     mesh = sharding_lib.create_mesh(data=1, devices=jax.devices()[:1])
     hook = knn.make_knn_hook(options, graphdef=graphdef, mesh=mesh, logger=None,

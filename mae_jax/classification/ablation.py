@@ -48,7 +48,7 @@ def encoder_knn_top1(run_dir: str, probe: ml_collections.ConfigDict, *, source: 
     graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
     devices = list(devices or jax.devices())
     mesh = sharding_lib.create_mesh(devices=devices)
-    options = knn.default_config()
+    options = pretrain_config.knn_defaults()
     options.update(train_split=probe.data.train_split, eval_split=probe.data.eval_split,
                    batch_size=len(devices) * max(1, options.batch_size // len(devices)))
     hook = knn.make_knn_hook(options, graphdef=graphdef, mesh=mesh, logger=None, source=source,

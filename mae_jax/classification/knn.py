@@ -29,33 +29,6 @@ from mae_jax.core.run_logging import RunLogger
 from mae_jax.models.factory import encoder_of
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """`config.knn` of a pretraining config (every_steps 0: off)."""
-    knn = ml_collections.ConfigDict()
-    knn.every_steps = 0  # Run the monitor every N steps (and at the end); 0 disables it.
-    knn.source = ""  # Labelled data ("" = config.data.source): tfds:NAME | folder:PATH.
-    knn.train_split = "train"  # Memory bank split ...
-    knn.eval_split = "validation"  # ... and query split (tfds:cifar100: "test"; folders "val").
-    knn.num_train = 4096  # Memory bank size (examples spread over the split).
-    knn.num_eval = 1024  # Queries.
-    knn.k = 20  # Neighbours.
-    knn.temperature = 0.07  # Vote weights exp(similarity / temperature).
-    knn.batch_size = 256  # Global images per encoder forward.
-    return knn
-
-
-def check_config(knn: ml_collections.ConfigDict, problems: list[str], *, num_devices: int):
-    if knn.every_steps <= 0:
-        return
-    if knn.num_train < knn.k:
-        problems.append(f"knn.num_train {knn.num_train} must be >= knn.k {knn.k}")
-    if knn.num_eval < 1 or knn.k < 1 or knn.temperature <= 0:
-        problems.append("knn.num_eval and knn.k must be >= 1, knn.temperature > 0")
-    if knn.batch_size < 1 or knn.batch_size % num_devices:
-        problems.append(f"knn.batch_size {knn.batch_size} must be a positive multiple of the "
-                        f"{num_devices} devices")
-
-
 def knn_scores(
     queries: jax.Array, bank: jax.Array, bank_labels: jax.Array, *, num_classes: int,
     k: int = 20, temperature: float = 0.07,

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
 from mae_jax.core.errors import BadInputError
-from mae_jax.core.sharding import mesh_shape
-from mae_jax.models.registry import VARIANTS, get_variant
+from mae_jax.models.variants import VARIANTS, get_variant
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# No JAX at import: configs/*.py load this while the command line is parsed (mae_jax.core.entry).
+DTYPES = ("float32", "bfloat16", "float16")
 ENCODER_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
 # The script that runs each task, for the wrong-entry-point error.
 ENTRY_POINTS = {
@@ -33,12 +31,6 @@ ENTRY_POINTS = {
 class ConfigError(BadInputError, ValueError):
     """A config value that cannot work; the message names each problem and its fix, so the
     entry points print it without a traceback (exit status 2)."""
-
-
-def parse_dtype(name: str):
-    if name not in DTYPES:
-        raise ConfigError(f"Unknown compute dtype {name!r}; use one of {', '.join(DTYPES)}.")
-    return DTYPES[name]
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -139,6 +131,8 @@ def check_batch(
         problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
     mesh = config.get("mesh")
     if mesh is not None and "fsdp" in mesh:
+        from mae_jax.core.sharding import mesh_shape
+
         data, fsdp = mesh.get("data", -1), mesh.fsdp
         try:
             mesh_shape(data, fsdp, num_devices)
@@ -243,6 +237,7 @@ def apply_cpu_devices(config: ml_collections.ConfigDict, environ=os.environ) -> 
         raise ConfigError(f"mesh.cpu_devices={count} and XLA_FLAGS={environ['XLA_FLAGS']!r} "
                           f"both set the CPU device count: drop --{CPU_DEVICES_FLAG} from "
                           "XLA_FLAGS or set mesh.cpu_devices=0")
+    import jax
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():

@@ -1,13 +1,12 @@
-"""MAE pretraining configs: the defaults every configs/*.py starts from, and their checks."""
+"""MAE pretraining configs: the defaults every configs/*.py starts from, and their checks.
+No JAX at import (configs load while the command line is parsed)."""
 
 from __future__ import annotations
 
 import ml_collections
 
-from mae_jax.classification import knn
 from mae_jax.core import config as core_config
-from mae_jax.models.mae import check_mask_ratio
-from mae_jax.models.registry import DEFAULT_DECODER
+from mae_jax.models.variants import DEFAULT_DECODER
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -77,7 +76,7 @@ def defaults() -> ml_collections.ConfigDict:
     config.profile_steps = ""
     # k-NN monitor of the encoder (weighted k-NN, k 20, T 0.07) on a labelled subset of
     # knn.source (default: data.source); knn.every_steps = 0 turns it off.
-    config.knn = knn.default_config()
+    config.knn = knn_defaults()
     return config
 
 
@@ -114,6 +113,8 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             f"decoder_embed_dim {model.decoder_embed_dim} is not divisible by "
             f"decoder_num_heads {model.decoder_num_heads}"
         )
+    from mae_jax.models.mae import check_mask_ratio
+
     try:
         check_mask_ratio(config.mask_ratio)
     except ValueError as error:
@@ -125,9 +126,36 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
     core_config.check_on_device(config, problems)
     core_config.check_device_resize(config, problems, host_only="" if config.data.augment
                                     else "data.augment=False (resize + centre crop)")
-    knn.check_config(config.knn, problems, num_devices=num_devices)
+    check_knn(config.knn, problems, num_devices=num_devices)
     if config.num_epochs <= 0 and config.total_steps <= 0:
         problems.append("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 and config.lr <= 0:
         problems.append("set base_lr > 0 (scaled by batch_size/256) or an absolute lr > 0")
     core_config.raise_problems(problems)
+
+
+def knn_defaults() -> ml_collections.ConfigDict:
+    """`config.knn`: the k-NN monitor (`mae_jax.classification.knn`; every_steps 0: off)."""
+    knn = ml_collections.ConfigDict()
+    knn.every_steps = 0  # Run the monitor every N steps (and at the end); 0 disables it.
+    knn.source = ""  # Labelled data ("" = config.data.source): tfds:NAME | folder:PATH.
+    knn.train_split = "train"  # Memory bank split ...
+    knn.eval_split = "validation"  # ... and query split (tfds:cifar100: "test"; folders "val").
+    knn.num_train = 4096  # Memory bank size (examples spread over the split).
+    knn.num_eval = 1024  # Queries.
+    knn.k = 20  # Neighbours.
+    knn.temperature = 0.07  # Vote weights exp(similarity / temperature).
+    knn.batch_size = 256  # Global images per encoder forward.
+    return knn
+
+
+def check_knn(knn: ml_collections.ConfigDict, problems: list[str], *, num_devices: int):
+    if knn.every_steps <= 0:
+        return
+    if knn.num_train < knn.k:
+        problems.append(f"knn.num_train {knn.num_train} must be >= knn.k {knn.k}")
+    if knn.num_eval < 1 or knn.k < 1 or knn.temperature <= 0:
+        problems.append("knn.num_eval and knn.k must be >= 1, knn.temperature > 0")
+    if knn.batch_size < 1 or knn.batch_size % num_devices:
+        problems.append(f"knn.batch_size {knn.batch_size} must be a positive multiple of the "
+                        f"{num_devices} devices")
