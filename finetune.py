@@ -13,4 +13,4 @@ checked in one command). Re-running the same command resumes from the newest che
 from mae_jax.core.entry import run
 
 if __name__ == "__main__":
-    run("mae_jax.classification.finetune")
+    run("mae_jax.classification.finetune", task="finetune")

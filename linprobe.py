@@ -11,4 +11,4 @@ evaluates without training. Add --multiprocess on multi-host jobs.
 from mae_jax.core.entry import run
 
 if __name__ == "__main__":
-    run("mae_jax.classification.linprobe")
+    run("mae_jax.classification.linprobe", task="linprobe")

@@ -16,4 +16,4 @@ Exit status: 0 completed, 75 pre-empted (saved; re-run to resume), 2 bad input, 
 from mae_jax.core.entry import run
 
 if __name__ == "__main__":
-    run("mae_jax.pretrain.lib")
+    run("mae_jax.pretrain.lib", task="pretrain")

@@ -125,14 +125,18 @@ def test_command_line_mistakes_are_one_message_naming_the_fix():
 
 
 # train.py's start in a fresh interpreter: the heavy libraries loaded when it exits, then after
-# importing numpy (so the listing itself is checked).
+# importing numpy (so the listing itself is checked). A refused config ends in os._exit, made
+# a SystemExit here so that the listing runs.
 _START_AND_LIST_IMPORTS = """
-import sys
+import os, sys
+def exit_now(status):
+    raise SystemExit(status)
+os._exit = exit_now
 HEAVY = {"jax", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "torch", "numpy"}
 loaded = lambda: sorted(HEAVY & {name.split(".")[0] for name in sys.modules})
 from mae_jax.core import entry
 try:
-    entry.run("mae_jax.pretrain.lib")
+    entry.run("mae_jax.pretrain.lib", task="pretrain")
 finally:
     print(loaded())
     import numpy
@@ -141,7 +145,8 @@ finally:
 
 
 def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
-    """`import mae_jax`, the entry module and every configs/*.py load none of the heavy
+    """A misspelt field with every configs/*.py, and a config for another script: `import
+    mae_jax`, the entry module and the config files load none of the heavy
     libraries (mae_jax/__init__.py imports its public names on first use), so the CPU restart
     for huge pages (`mae_jax.core.hostmem`) and a mistaken command line cost ~0.3 s, not the
     ~3.5 s of importing JAX, Flax and Orbax first (each time, on 2 vCPUs)."""
@@ -155,6 +160,14 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
         assert result.returncode == entry.EXIT_BAD_INPUT, (name, result.stderr[-2000:])
         assert "the config has no field 'batch_sise'" in result.stderr, name
         assert result.stdout == "[]\n['numpy']\n", (name, result.stdout)
+    # A config for another script: refused as early (train.py's task is "pretrain").
+    result = subprocess.run([sys.executable, "-c", _START_AND_LIST_IMPORTS,
+                             "--config=configs/seg_demo.py"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == entry.EXIT_BAD_INPUT, result.stderr[-2000:]
+    assert "ERROR: This config is for task 'segment', not 'pretrain' (train.py): run it with " \
+        "`python segment.py`." in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == "[]\n['numpy']\n", result.stdout
 
 
 def test_every_spelling_of_help_counts_as_asking_for_it():

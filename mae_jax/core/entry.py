@@ -90,13 +90,19 @@ def initialize_distributed(environ=os.environ) -> dict:
     return kwargs
 
 
+def _diverged(error: BaseException) -> bool:
+    """A NonFiniteLossError, without importing the loop (and JAX) to ask: where the loop
+    never loaded (a config refused before the library), the error cannot be one."""
+    loop = sys.modules.get("mae_jax.core.loop")
+    return loop is not None and isinstance(error, loop.NonFiniteLossError)
+
+
 def exit_status(error: BaseException) -> int:
     from mae_jax.core import checkpoint_integrity as integrity
-    from mae_jax.core import loop
 
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(error, loop.NonFiniteLossError):
+    if _diverged(error):
         return EXIT_DIVERGED
     if isinstance(error, integrity.CheckpointWriteError) or integrity.is_out_of_space(
             error):
@@ -109,10 +115,9 @@ def exit_status(error: BaseException) -> int:
 def _explained(error: BaseException) -> bool:
     """Errors whose message is the whole story: no traceback."""
     from mae_jax.core import checkpoint_integrity as integrity
-    from mae_jax.core import loop
 
-    return isinstance(error, (loop.NonFiniteLossError, integrity.CheckpointWriteError,
-                              BadInputError, KeyboardInterrupt))
+    return _diverged(error) or isinstance(error, (integrity.CheckpointWriteError,
+                                                  BadInputError, KeyboardInterrupt))
 
 
 class _FirstOrbaxErrorOnly(std_logging.Filter):
@@ -165,10 +170,11 @@ def install_stop_handlers() -> None:
         signal.signal(signum, stop_outside_the_loop)
 
 
-def run(library: str) -> None:
+def run(library: str, task: str) -> None:
     """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`; exits with one
     of the statuses in this module's docstring. A CPU run first restarts itself once with
-    glibc's huge-page tunable (`mae_jax.core.hostmem`)."""
+    glibc's huge-page tunable (`mae_jax.core.hostmem`). A config for another `task` (another
+    script) is refused before the library and JAX load."""
     try:
         hostmem.reexec_with_hugepages()
     except ValueError as error:  # a bad MAE_JAX_MALLOC_HUGEPAGES
@@ -185,13 +191,12 @@ def run(library: str) -> None:
             sys.stderr.write("Bad command line: --config is required, e.g. "
                              "--config=configs/demo.py.\n")
             return EXIT_BAD_INPUT
-        from mae_jax.core import preemption
-
         config = config_from_flags()
         workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
         try:
             from mae_jax.core import config as core_config
 
+            core_config.check_task(config, task)
             core_config.apply_cpu_devices(config)  # before JAX starts its backends
             if FLAGS.multiprocess:
                 initialize_distributed()
@@ -210,6 +215,8 @@ def run(library: str) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)
+        from mae_jax.core import preemption
+
         if preemption.stopped_on_request() is not None:
             print(f"Stopped early: {result}\nExit status {EXIT_PREEMPTED}: "
                   f"{EXIT_MEANINGS[EXIT_PREEMPTED]}.")
