@@ -11,11 +11,23 @@ Public API:
 
 Importing the package imports none of these (nor JAX): each is imported when first used, so the
 command-line entry points (`mae_jax.core.entry`) restart and reject a bad command line before
-JAX, Flax and Orbax load.
+JAX, Flax and Orbax load. The subpackages are imported on first use too; a module inside one is
+imported as usual (`import mae_jax.models.registry`).
 """
 
-import importlib
+import importlib as _importlib
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from mae_jax.models.mae import MAE, patchify, random_masking, unpatchify
+    from mae_jax.models.registry import create_encoder, create_mae
+    from mae_jax.models.variants import VARIANTS
+    from mae_jax.models.vit import ViTEncoder
+    from mae_jax.weights.load import load_encoder, load_model, load_official
+    from mae_jax.weights.official import export_official, load_into, save_official
+
+_SUBPACKAGES = ("classification", "core", "data", "models", "pretrain", "reference",
+                "segmentation", "visualize", "weights")
 _HOMES = {
     "MAE": "mae_jax.models.mae", "patchify": "mae_jax.models.mae",
     "random_masking": "mae_jax.models.mae", "unpatchify": "mae_jax.models.mae",
@@ -45,19 +57,15 @@ __all__ = [
 
 
 def __getattr__(name):
-    """A public name from its home module; a subpackage (`mae_jax.models`) imported on use."""
+    """A public name from its home module, or a subpackage, imported on first use."""
     if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
+        value = getattr(_importlib.import_module(_HOMES[name]), name)
         globals()[name] = value
         return value
-    if not name.startswith("_"):
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
+    if name in _SUBPACKAGES:
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(__all__) | set(_SUBPACKAGES))

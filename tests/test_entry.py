@@ -132,7 +132,8 @@ import os, sys
 def exit_now(status):
     raise SystemExit(status)
 os._exit = exit_now
-HEAVY = {"jax", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "torch", "numpy"}
+HEAVY = {"jax", "jaxlib", "flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "torch",
+         "transformers", "numpy", "scipy", "PIL", "cv2", "matplotlib", "safetensors"}
 loaded = lambda: sorted(HEAVY & {name.split(".")[0] for name in sys.modules})
 from mae_jax.core import entry
 try:

@@ -1,4 +1,5 @@
-"""The command line shared by train.py and segment.py (absl flags + ml_collections configs).
+"""The command line of train.py, segment.py, linprobe.py and finetune.py (absl flags +
+ml_collections configs).
 
 Exit status (for schedulers and scripts):
     0   completed
