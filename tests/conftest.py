@@ -139,6 +139,27 @@ def load_config_file(name, arg=None):
     return module.get_config(arg)
 
 
+# What a command must not import before it has checked its command line.
+HEAVY_LIBRARIES = frozenset({"jax", "jaxlib", "flax", "optax", "orbax", "tensorflow",
+                             "tensorflow_datasets", "torch", "transformers", "numpy", "scipy",
+                             "PIL", "cv2", "matplotlib", "safetensors"})
+
+
+def run_listing_imports(args, **kwargs):
+    """`python -X importtime *args` in the repository root; returns the finished process and
+    the heavy libraries (HEAVY_LIBRARIES) it imported, from Python's own import listing (which
+    must show absl: the listing itself is checked)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, **kwargs)
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "absl" in imported, result.stderr[-2000:]
+    return result, sorted(imported & HEAVY_LIBRARIES)
+
+
 def losses_of(workdir):
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
 
