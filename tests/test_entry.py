@@ -10,7 +10,7 @@ import time
 import jax
 import ml_collections
 import pytest
-from conftest import FAST_COMPILE, run_listing_imports
+from conftest import FAST_COMPILE, load_config_file, run_listing_imports, set_fields
 
 from mae_jax.core import command_line, entry, hostmem
 from mae_jax.core import config as core_config
@@ -125,7 +125,8 @@ def test_command_line_mistakes_are_one_message_naming_the_fix():
 
 
 def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
-    """A misspelt field with every configs/*.py, and a config for another script: `import
+    """A misspelt field with every configs/*.py, a config for another script and a config value
+    that no device count makes right: `import
     mae_jax`, the entry module and the config files load none of the heavy
     libraries (mae_jax/__init__.py imports its public names on first use), so the CPU restart
     for huge pages (`mae_jax.core.hostmem`) and a mistaken command line cost ~0.3 s, not the
@@ -145,6 +146,43 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
     assert "ERROR: This config is for task 'segment', not 'pretrain' (train.py): run it with " \
         "`python segment.py`." in result.stderr and "Traceback" not in result.stderr
     assert heavy == []
+    # A value wrong whatever the devices, one per task's check_config (core.config.check_early);
+    # those that need the device count (batch_size vs devices) wait for JAX.
+    for args, message in [
+        (["train.py", "--config=configs/demo.py", "--config.keep_checkpoints=0"],
+         "keep_checkpoints must be >= 1, got 0"),
+        (["segment.py", "--config=configs/seg_demo.py", "--config.warmup_steps=100000"],
+         "warmup_steps 100000 must be < total_steps 500"),
+        (["finetune.py", "--config=configs/finetune_demo.py", "--config.mixup=-1"],
+         "mixup -1.0 and cutmix 1.0 must be >= 0"),
+        (["linprobe.py", "--config=configs/probe_demo.py", "--config.eval_batch_size=0"],
+         "eval_batch_size 0 must be >= 1"),
+    ]:
+        result, heavy = run_listing_imports(args)
+        assert result.returncode == entry.EXIT_BAD_INPUT, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert heavy == [], args
+
+
+@pytest.mark.parametrize("name", ["demo", "seg_demo", "probe_demo", "finetune_demo"])
+def test_the_early_check_leaves_what_needs_the_device_count_to_the_library(name):
+    """core.config.check_early (before JAX: no device count) passes a batch size that only
+    some device counts refuse; the task's own check_config, with the count, refuses it. A
+    value no device count makes right is refused by both."""
+    from importlib import import_module
+
+    config = load_config_file(name)
+    module = import_module(core_config.CONFIG_CHECKS[config.task])
+    by_task = {"task": config.task} if "classification" in module.__name__ else {}
+    uneven = set_fields(config.copy_and_resolve_references(), {"batch_size": 6})
+    core_config.check_early(uneven, config.task)
+    with pytest.raises(ConfigError, match="batch_size 6 must be a multiple of the 4 devices"):
+        module.check_config(uneven, num_devices=4, num_processes=1, **by_task)
+    wrong = set_fields(config.copy_and_resolve_references(), {"log_every_steps": 0})
+    for check in (lambda: core_config.check_early(wrong, config.task),
+                  lambda: module.check_config(wrong, num_devices=1, num_processes=1, **by_task)):
+        with pytest.raises(ConfigError, match="log_every_steps must be >= 1, got 0"):
+            check()
 
 
 def test_every_spelling_of_help_counts_as_asking_for_it():

@@ -145,9 +145,10 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> None:
         config.num_epochs = recipe["num_epochs"]
 
 
-def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: int,
-                 num_processes: int) -> None:
-    """Every impossible combination, reported together before any data or compile work."""
+def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: int | None,
+                 num_processes: int | None) -> None:
+    """Every impossible combination, reported together before any data or compile work (the
+    device and process counts None: all but what depends on them, `core.config.check_early`)."""
     core_config.check_task(config, task)
     problems: list[str] = []
     core_config.check_model(config.model, problems)
@@ -155,11 +156,8 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
                             num_processes=num_processes)
     core_config.check_run(config, problems)
     core_config.check_schedule(config, problems)
-    if config.eval_batch_size < 1 or config.eval_batch_size % num_devices:
-        problems.append(
-            f"eval_batch_size {config.eval_batch_size} must be a positive multiple of the "
-            f"{num_devices} devices"
-        )
+    core_config.multiple_of_devices("eval_batch_size", config.eval_batch_size, num_devices,
+                                    problems)
     if not config.eval_only:
         if config.num_epochs <= 0 and config.total_steps <= 0:
             problems.append("set num_epochs > 0 or total_steps > 0")

@@ -8,6 +8,7 @@ clear error. Problems are collected and reported together, before any data or co
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import ml_collections
@@ -19,12 +20,20 @@ from mae_jax.models.variants import VARIANTS, get_variant
 # No JAX at import: configs/*.py load this while the command line is parsed (mae_jax.core.entry).
 DTYPES = ("float32", "bfloat16", "float16")
 ENCODER_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads")
+ON_DEVICE_MODES = ("auto", "always", "never")  # config.data.on_device (in_memory.use_on_device)
 # The script that runs each task, for the wrong-entry-point error.
 ENTRY_POINTS = {
     "pretrain": "train.py",
     "segment": "segment.py",
     "linprobe": "linprobe.py",
     "finetune": "finetune.py",
+}
+# The module whose `check_config` checks each task's config.
+CONFIG_CHECKS = {
+    "pretrain": "mae_jax.pretrain.config",
+    "segment": "mae_jax.segmentation.config",
+    "linprobe": "mae_jax.classification.config",
+    "finetune": "mae_jax.classification.config",
 }
 
 
@@ -83,6 +92,16 @@ def check_task(config: ml_collections.ConfigDict, task: str) -> None:
         )
 
 
+def check_early(config: ml_collections.ConfigDict, task: str) -> None:
+    """The task, then every check of the task's `check_config` that does not need the device
+    or process counts: the entry points run this before JAX loads, so a bad value is one
+    message in a fraction of a second. The library runs all of them once the devices are known."""
+    check_task(config, task)
+    module = importlib.import_module(CONFIG_CHECKS[task])
+    by_task = {"task": task} if CONFIG_CHECKS[task].startswith("mae_jax.classification") else {}
+    module.check_config(config, num_devices=None, num_processes=None, **by_task)
+
+
 def check_model(model: ml_collections.ConfigDict, problems: list[str]) -> dict[str, int] | None:
     """Variant, overrides, image size and dtype; returns the resolved dims when they exist."""
     if model.dtype not in DTYPES:
@@ -108,10 +127,11 @@ def check_model(model: ml_collections.ConfigDict, problems: list[str]) -> dict[s
 
 
 def check_batch(
-    config: ml_collections.ConfigDict, problems: list[str], *, num_devices: int,
-    num_processes: int,
+    config: ml_collections.ConfigDict, problems: list[str], *, num_devices: int | None,
+    num_processes: int | None,
 ) -> None:
-    """batch_size > 0, split evenly over processes and (per micro-batch) over devices."""
+    """batch_size > 0, split evenly over processes and (per micro-batch) over devices. With
+    the counts None (before JAX starts: `check_early`), only what does not depend on them."""
     batch, accum = config.batch_size, config.get("grad_accum_steps", 1)
     if batch < 1:
         problems.append(f"batch_size must be >= 1, got {batch}")
@@ -120,6 +140,8 @@ def check_batch(
         problems.append(
             f"batch_size {batch} must be a multiple of grad_accum_steps {accum} (>= 1)"
         )
+    elif num_devices is None:
+        pass
     elif accum == 1 and batch % num_devices:
         problems.append(f"batch_size {batch} must be a multiple of the {num_devices} devices")
     elif (batch // accum) % num_devices:
@@ -127,10 +149,10 @@ def check_batch(
             f"micro-batch batch_size/grad_accum_steps = {batch // accum} must be a multiple of "
             f"the {num_devices} devices; change batch_size or grad_accum_steps"
         )
-    if batch % num_processes:
+    if num_processes is not None and batch % num_processes:
         problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
     mesh = config.get("mesh")
-    if mesh is not None and "fsdp" in mesh:
+    if num_devices is not None and mesh is not None and "fsdp" in mesh:
         from mae_jax.core.sharding import mesh_shape
 
         data, fsdp = mesh.get("data", -1), mesh.fsdp
@@ -140,6 +162,15 @@ def check_batch(
             problems.append(f"mesh.data={data} x mesh.fsdp={fsdp} does not fit the {num_devices} "
                             f"devices: make data * fsdp == {num_devices}, or set one (at most "
                             "one) of them to -1, the rest")
+
+
+def multiple_of_devices(name: str, value: int, num_devices: int | None,
+                        problems: list[str]) -> None:
+    """`value` (config field `name`) >= 1 and, once the count is known, a multiple of it."""
+    if value < 1:
+        problems.append(f"{name} {value} must be >= 1")
+    elif num_devices is not None and value % num_devices:
+        problems.append(f"{name} {value} must be a multiple of the {num_devices} devices")
 
 
 def profile_steps(text: str) -> tuple[int, int] | None:
@@ -204,10 +235,8 @@ def check_device_resize(config: ml_collections.ConfigDict, problems: list[str], 
 
 def check_on_device(config: ml_collections.ConfigDict, problems: list[str]) -> None:
     """data.on_device: auto | always | never (`mae_jax.data.in_memory.use_on_device`)."""
-    from mae_jax.data.on_device import MODES
-
-    if config.data.on_device not in MODES:
-        problems.append(f"data.on_device must be one of {', '.join(MODES)}, got "
+    if config.data.on_device not in ON_DEVICE_MODES:
+        problems.append(f"data.on_device must be one of {', '.join(ON_DEVICE_MODES)}, got "
                         f"{config.data.on_device!r}")
     elif config.data.on_device != "never" and config.seed < 0:
         problems.append(f"seed {config.seed} must be >= 0 for the on-device input "

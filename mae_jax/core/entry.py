@@ -175,7 +175,8 @@ def run(library: str, task: str) -> None:
     """Parses flags and calls `<library>.train_and_evaluate(config, workdir)`; exits with one
     of the statuses in this module's docstring. A CPU run first restarts itself once with
     glibc's huge-page tunable (`mae_jax.core.hostmem`). A config for another `task` (another
-    script) is refused before the library and JAX load."""
+    script), and every config value wrong whatever the devices, are refused before the library
+    and JAX load (`core.config.check_early`)."""
     try:
         hostmem.reexec_with_hugepages()
     except ValueError as error:  # a bad MAE_JAX_MALLOC_HUGEPAGES
@@ -197,7 +198,7 @@ def run(library: str, task: str) -> None:
         try:
             from mae_jax.core import config as core_config
 
-            core_config.check_task(config, task)
+            core_config.check_early(config, task)
             core_config.apply_cpu_devices(config)  # before JAX starts its backends
             if FLAGS.multiprocess:
                 initialize_distributed()

@@ -15,12 +15,12 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from mae_jax.core import config as core_config
 from mae_jax.data import (
     image_ops,
     sources,
     tf_runtime,  # noqa: F401 - sets TensorFlow up (imported for that)
 )
-from mae_jax.data.on_device import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,9 @@ def use_on_device(mode: str, *, source: str, devices, data_dir: str | None = Non
     answered with False, and True only on accelerators (on CPU the host is the device and
     tf.data stays). Every process decides alike (same data, same kind of devices).
     """
-    if mode not in MODES:
-        raise ValueError(f"config.data.on_device must be one of {MODES}, got {mode!r}.")
+    if mode not in core_config.ON_DEVICE_MODES:
+        raise ValueError(f"config.data.on_device must be one of {core_config.ON_DEVICE_MODES}, "
+                         f"got {mode!r}.")
     if mode == "never" or (mode == "auto" and devices[0].platform == "cpu"):
         return False  # on CPU the host is the device: tf.data stays (nothing to inspect)
     limit = device_memory_bytes(devices)

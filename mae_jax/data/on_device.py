@@ -44,7 +44,6 @@ CROP_SCALE = (0.2, 1.0)  # official MAE RandomResizedCrop scale
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10  # torchvision's attempts before its center-crop fallback
 OUTPUT_DTYPES = ("uint8", "float32")
-MODES = ("auto", "always", "never")  # config.data.on_device (see in_memory.use_on_device)
 RANDAUGMENT_STREAM = 0x5241  # numpy seed prefix of the RandAugment draws ("RA")
 
 

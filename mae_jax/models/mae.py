@@ -13,6 +13,7 @@ from flax import nnx
 
 from mae_jax.models.layers import FixedEmbedding, dense, layer_norm, residual_dtype, token_init
 from mae_jax.models.pos_embed import sincos_2d
+from mae_jax.models.variants import check_mask_ratio
 from mae_jax.models.vit import Block, ViTEncoder
 
 
@@ -43,13 +44,6 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
             f"mask_ratio={mask_ratio} keeps no patch out of {num_patches}: use a smaller ratio."
         )
     return keep
-
-
-def check_mask_ratio(mask_ratio: float) -> None:
-    if not isinstance(mask_ratio, int | float) or not 0.0 < float(mask_ratio) < 1.0:
-        raise ValueError(
-            f"mask_ratio must be a Python float strictly between 0 and 1, got {mask_ratio!r}."
-        )
 
 
 def random_masking(

@@ -45,3 +45,12 @@ def find_variant(*, embed_dim: int, depth: int, patch_size: int) -> str | None:
         ):
             return name
     return None
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    """The fraction of patches removed: a float in (0, 1) (here so that configs check it
+    without JAX)."""
+    if not isinstance(mask_ratio, int | float) or not 0.0 < float(mask_ratio) < 1.0:
+        raise ValueError(
+            f"mask_ratio must be a Python float strictly between 0 and 1, got {mask_ratio!r}."
+        )

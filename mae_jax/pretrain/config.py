@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from mae_jax.core import config as core_config
-from mae_jax.models.variants import DEFAULT_DECODER
+from mae_jax.models.variants import DEFAULT_DECODER, check_mask_ratio
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -98,8 +98,10 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> None:
         config.model.decoder_num_heads = core_config.int_arg(values, "decoder_heads")
 
 
-def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int):
-    """Every impossible combination, reported together before any data or compile work."""
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None,
+                 num_processes: int | None):
+    """Every impossible combination, reported together before any data or compile work (the
+    device and process counts None: all but what depends on them, `core.config.check_early`)."""
     core_config.check_task(config, "pretrain")
     problems: list[str] = []
     model = config.model
@@ -113,8 +115,6 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int, num_pro
             f"decoder_embed_dim {model.decoder_embed_dim} is not divisible by "
             f"decoder_num_heads {model.decoder_num_heads}"
         )
-    from mae_jax.models.mae import check_mask_ratio
-
     try:
         check_mask_ratio(config.mask_ratio)
     except ValueError as error:
@@ -149,13 +149,11 @@ def knn_defaults() -> ml_collections.ConfigDict:
     return knn
 
 
-def check_knn(knn: ml_collections.ConfigDict, problems: list[str], *, num_devices: int):
+def check_knn(knn: ml_collections.ConfigDict, problems: list[str], *, num_devices: int | None):
     if knn.every_steps <= 0:
         return
     if knn.num_train < knn.k:
         problems.append(f"knn.num_train {knn.num_train} must be >= knn.k {knn.k}")
     if knn.num_eval < 1 or knn.k < 1 or knn.temperature <= 0:
         problems.append("knn.num_eval and knn.k must be >= 1, knn.temperature > 0")
-    if knn.batch_size < 1 or knn.batch_size % num_devices:
-        problems.append(f"knn.batch_size {knn.batch_size} must be a positive multiple of the "
-                        f"{num_devices} devices")
+    core_config.multiple_of_devices("knn.batch_size", knn.batch_size, num_devices, problems)

@@ -82,8 +82,9 @@ def defaults() -> ml_collections.ConfigDict:
     return config
 
 
-def check_config(config, *, num_devices: int, num_processes: int) -> None:
-    """Every impossible combination, reported together before any data or compile work."""
+def check_config(config, *, num_devices: int | None, num_processes: int | None) -> None:
+    """Every impossible combination, reported together before any data or compile work (the
+    device and process counts None: all but what depends on them, `core.config.check_early`)."""
     core_config.check_task(config, "segment")
     problems: list[str] = []
     model = config.model
