@@ -126,9 +126,9 @@ def test_command_line_mistakes_are_one_message_naming_the_fix():
 
 def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
     """A misspelt field with every configs/*.py, a config for another script and a config value
-    that no device count makes right: `import
-    mae_jax`, the entry module and the config files load none of the heavy
-    libraries (mae_jax/__init__.py imports its public names on first use), so the CPU restart
+    that no device count makes right: `import mae_jax`, the entry module and the config files
+    load none of the heavy libraries (mae_jax/__init__.py imports its public names on first
+    use), so the CPU restart
     for huge pages (`mae_jax.core.hostmem`) and a mistaken command line cost ~0.3 s, not the
     ~3.5 s of importing JAX, Flax and Orbax first (each time, on 2 vCPUs)."""
     configs = sorted(name for name in os.listdir(os.path.join(ROOT, "configs"))
@@ -166,21 +166,29 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
 
 @pytest.mark.parametrize("name", ["demo", "seg_demo", "probe_demo", "finetune_demo"])
 def test_the_early_check_leaves_what_needs_the_device_count_to_the_library(name):
-    """core.config.check_early (before JAX: no device count) passes a batch size that only
-    some device counts refuse; the task's own check_config, with the count, refuses it. A
+    """core.config.check_early (before JAX: no device count) passes batch sizes that only
+    some device counts refuse; the task's own check_config, with the count, refuses them. A
     value no device count makes right is refused by both."""
-    from importlib import import_module
-
     config = load_config_file(name)
-    module = import_module(core_config.CONFIG_CHECKS[config.task])
-    by_task = {"task": config.task} if "classification" in module.__name__ else {}
-    uneven = set_fields(config.copy_and_resolve_references(), {"batch_size": 6})
-    core_config.check_early(uneven, config.task)
-    with pytest.raises(ConfigError, match="batch_size 6 must be a multiple of the 4 devices"):
-        module.check_config(uneven, num_devices=4, num_processes=1, **by_task)
+    task = config.task
+    uneven = {"batch_size": 6}
+    messages = ["batch_size 6 must be a multiple of the 4 devices"]
+    if task == "pretrain":  # the k-NN monitor's batch too
+        uneven.update({"knn.every_steps": 1, "knn.batch_size": 6})
+        messages.append("knn.batch_size 6 must be a multiple of the 4 devices")
+    elif task in ("linprobe", "finetune"):  # and the evaluation's
+        uneven["eval_batch_size"] = 6
+        messages.append("eval_batch_size 6 must be a multiple of the 4 devices")
+    uneven = set_fields(config.copy_and_resolve_references(), uneven)
+    core_config.check_early(uneven, task)
+    with pytest.raises(ConfigError) as refused:
+        core_config.check_task_config(uneven, task, num_devices=4, num_processes=1)
+    for message in messages:
+        assert message in str(refused.value), (message, str(refused.value))
     wrong = set_fields(config.copy_and_resolve_references(), {"log_every_steps": 0})
-    for check in (lambda: core_config.check_early(wrong, config.task),
-                  lambda: module.check_config(wrong, num_devices=1, num_processes=1, **by_task)):
+    for check in (lambda: core_config.check_early(wrong, task),
+                  lambda: core_config.check_task_config(wrong, task, num_devices=1,
+                                                        num_processes=1)):
         with pytest.raises(ConfigError, match="log_every_steps must be >= 1, got 0"):
             check()
 

@@ -92,14 +92,22 @@ def check_task(config: ml_collections.ConfigDict, task: str) -> None:
         )
 
 
+def check_task_config(config: ml_collections.ConfigDict, task: str, *,
+                      num_devices: int | None, num_processes: int | None) -> None:
+    """The task's own `check_config` (the module CONFIG_CHECKS names); the counts None: every
+    check but those that depend on them."""
+    by_task = {"task": task} if task in ("linprobe", "finetune") else {}
+    importlib.import_module(CONFIG_CHECKS[task]).check_config(
+        config, num_devices=num_devices, num_processes=num_processes, **by_task)
+
+
 def check_early(config: ml_collections.ConfigDict, task: str) -> None:
     """The task, then every check of the task's `check_config` that does not need the device
     or process counts: the entry points run this before JAX loads, so a bad value is one
-    message in a fraction of a second. The library runs all of them once the devices are known."""
+    message in a fraction of a second. The library runs all of them once the devices are known
+    (a config with both kinds of problem shows this kind first)."""
     check_task(config, task)
-    module = importlib.import_module(CONFIG_CHECKS[task])
-    by_task = {"task": task} if CONFIG_CHECKS[task].startswith("mae_jax.classification") else {}
-    module.check_config(config, num_devices=None, num_processes=None, **by_task)
+    check_task_config(config, task, num_devices=None, num_processes=None)
 
 
 def check_model(model: ml_collections.ConfigDict, problems: list[str]) -> dict[str, int] | None:
