@@ -157,6 +157,8 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
          "mixup -1.0 and cutmix 1.0 must be >= 0"),
         (["linprobe.py", "--config=configs/probe_demo.py", "--config.eval_batch_size=0"],
          "eval_batch_size 0 must be >= 1"),
+        (["train.py", "--config=configs/demo.py", "--config.mesh.fsdp=0"],
+         "mesh.data=-1 x mesh.fsdp=0: each must be >= 1 or -1"),
     ]:
         result, heavy = run_listing_imports(args)
         assert result.returncode == entry.EXIT_BAD_INPUT, (args, result.stderr[-2000:])

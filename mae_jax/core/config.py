@@ -160,10 +160,16 @@ def check_batch(
     if num_processes is not None and batch % num_processes:
         problems.append(f"batch_size {batch} must be a multiple of the {num_processes} processes")
     mesh = config.get("mesh")
-    if num_devices is not None and mesh is not None and "fsdp" in mesh:
+    if mesh is None or "fsdp" not in mesh:
+        return
+    data, fsdp = mesh.get("data", -1), mesh.fsdp
+    if num_devices is None:  # what no device count makes right
+        if (data, fsdp) == (-1, -1) or not all(size == -1 or size >= 1 for size in (data, fsdp)):
+            problems.append(f"mesh.data={data} x mesh.fsdp={fsdp}: each must be >= 1 or -1 (the "
+                            "rest of the devices), at most one of them -1")
+    else:
         from mae_jax.core.sharding import mesh_shape
 
-        data, fsdp = mesh.get("data", -1), mesh.fsdp
         try:
             mesh_shape(data, fsdp, num_devices)
         except ValueError:
