@@ -128,9 +128,9 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
     """A misspelt field with every configs/*.py, a config for another script and a config value
     that no device count makes right: `import mae_jax`, the entry module and the config files
     load none of the heavy libraries (mae_jax/__init__.py imports its public names on first
-    use), so the CPU restart
-    for huge pages (`mae_jax.core.hostmem`) and a mistaken command line cost ~0.3 s, not the
-    ~3.5 s of importing JAX, Flax and Orbax first (each time, on 2 vCPUs)."""
+    use), so the CPU restart for huge pages (`mae_jax.core.hostmem`) and a mistaken command
+    line cost ~0.3 s, not the ~3.5 s of importing JAX, Flax and Orbax first (each time, on 2
+    vCPUs)."""
     configs = sorted(name for name in os.listdir(os.path.join(ROOT, "configs"))
                      if name.endswith(".py"))
     assert len(configs) >= 11
