@@ -26,6 +26,8 @@ gives both rows' TFLOP/s (the parameter counts are printed side by side).
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \\
         --batch_size 2 --out_json seg_b2.json                     # GPU: memory for 2 images
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --batch_size 16
+    python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \
+        --batch_size 2 --compile_only                             # any machine: XLA's plan
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --image_size 256 \
         --batch_size 2 --dtype float32 --frameworks jax,torch      # CPU: ours vs PyTorch
 
@@ -111,12 +113,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="Peak dense TFLOP/s of one device in the model's dtype, for MFU "
                              "(0: bench_train_step.PEAK_TFLOPS for known GPUs in bfloat16).")
+    parser.add_argument("--compile_only", action="store_true",
+                        help="Compile our step for shapes alone (no parameters, no batch made) "
+                             "and report XLA's memory plan and FLOP count without running it: "
+                             "what a config needs on a device, checked on any machine. On a "
+                             "CPU, XLA holds the bfloat16 operands of products as float32 "
+                             "copies, so a bfloat16 plan there overstates a GPU's.")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     unknown = set(args.frameworks) - set(FRAMEWORKS)
     if unknown or not args.frameworks:
         parser.error(f"--frameworks must list some of {FRAMEWORKS}, got {sorted(unknown)}")
+    if args.compile_only and args.frameworks != ["jax"]:
+        parser.error("--compile_only compiles our step only: use it with --frameworks jax")
     if min(args.steps, args.repeats) < 1 or min(args.warmup, args.batch_size, args.num_devices,
                                                 args.image_size) < 0:
         parser.error("--steps and --repeats must be >= 1; --warmup, --batch_size, "
@@ -173,11 +183,15 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     schedule = segment_lib.lr_schedule(config)
     spec = segment_lib.model_spec(config, num_classes)
     tx = segment_lib.create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param), schedule)
-    state, state_shardings = sharding_lib.create_sharded(
-        lambda: TrainState.create(spec.build(make_rngs(config.seed)), tx,
-                                  rng_seed=config.seed + 1),
-        mesh,
-    )
+
+    def init():
+        return TrainState.create(spec.build(make_rngs(config.seed)), tx, rng_seed=config.seed + 1)
+
+    if args.compile_only:  # shapes and shardings alone: nothing is allocated
+        state_shardings = sharding_lib.state_shardings(jax.eval_shape(init), mesh)
+        state = sharding_lib.abstract_with_shardings(jax.eval_shape(init), state_shardings)
+    else:
+        state, state_shardings = sharding_lib.create_sharded(init, mesh)
     graphdef = nnx.split(nnx.eval_shape(spec.build), nnx.Param, ...)[0]
     def jitted_step():
         step_fn = make_train_step(graphdef, segment_lib.make_loss_fn(config.aux_weight), tx,
@@ -201,9 +215,15 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
                 jnp.full((batch_size, 2), size, jnp.float32)], axis=1)
         return batch
 
-    batch = jax.jit(make_batch, out_shardings=sharding_lib.batch_sharding(mesh))(
-        jax.random.PRNGKey(1))
-    jax.block_until_ready((state, batch))
+    make_batch = jax.jit(make_batch, out_shardings=sharding_lib.batch_sharding(mesh))
+    if args.compile_only:
+        batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                           sharding=sharding_lib.batch_sharding(mesh)),
+            jax.eval_shape(make_batch, jax.random.PRNGKey(1)))
+    else:
+        batch = make_batch(jax.random.PRNGKey(1))
+        jax.block_until_ready((state, batch))
 
     CompileCounter.install()
     compiles_before, seconds_before = CompileCounter.count, CompileCounter.seconds
@@ -224,6 +244,15 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
             flops = step_flops(jitted_step().lower(state, batch))
         finally:
             convolution.PER_TAP_KERNEL_GRAD = True
+    if args.compile_only:
+        return {"framework": "jax, compile only", "model": model_name(config),
+                "config": args.config, "device": f"{len(devices)} x {devices[0].device_kind}",
+                "dtype": config.model.dtype, "image_size": size, "batch": batch_size,
+                "num_classes": num_classes, "compile_wall_s": compile_wall_s,
+                "compiled_memory_gib": compiled_memory_gib(compiled),
+                "memory_plan_gib": memory_plan_gib(compiled),
+                "params": tree_size(state.params),
+                "xla_tflop_per_step": flops / 1e12 if flops else None}
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(compiled(state, batch))
     first_step_s = time.perf_counter() - start
@@ -258,6 +287,20 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     }
     add_utilisation(row, devices[0].device_kind, len(devices), args.peak_tflops)
     return row
+
+
+def memory_plan_gib(compiled) -> dict[str, float] | None:
+    """XLA's plan for one device by kind (GiB): arguments, outputs, temporaries and the
+    donated bytes the outputs reuse (`compiled_memory_gib` = the first three - the last);
+    None where the backend does not report it."""
+    try:
+        stats = compiled.memory_analysis()
+        sizes = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                 stats.temp_size_in_bytes, stats.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - optional: some backends do not implement it
+        return None
+    return dict(zip(("arguments", "outputs", "temporaries", "donated"),
+                    (size / 2**30 for size in sizes), strict=True))
 
 
 def model_name(config) -> str:
@@ -416,6 +459,30 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
+def print_compile_only(row: dict[str, Any], machine: dict[str, Any],
+                       args: argparse.Namespace) -> dict[str, Any]:
+    """`--compile_only`'s table (XLA's plan, nothing run) and report."""
+    plan = row["memory_plan_gib"] or {}
+    header = ("model", "device", "dtype", "crop", "batch", "compile s", "XLA plan GiB",
+              "arguments", "outputs", "temporaries", "donated", "XLA TFLOP/step")
+    cells = (row["model"], row["device"], row["dtype"], str(row["image_size"]),
+             str(row["batch"]), f"{row['compile_wall_s']:.1f}",
+             *("-" if value is None else f"{value:.2f}"
+               for value in (row["compiled_memory_gib"], *(plan.get(kind) for kind in (
+                   "arguments", "outputs", "temporaries", "donated")))),
+             "-" if row["xla_tflop_per_step"] is None else f"{row['xla_tflop_per_step']:.4g}")
+    print("\n".join("| " + " | ".join(line) + " |"
+                    for line in (header, ("---",) * len(header), cells)))
+    print(f"Compiled only, nothing run: XLA's plan for one device = arguments + outputs + "
+          f"temporaries - donated; {row['params'] / 1e6:.3f}M trainable parameters, "
+          f"{row['num_classes']} classes."
+          + (" On a CPU, XLA holds the bfloat16 operands of products as float32 copies (the "
+             "attention probabilities, for one), so a bfloat16 plan here is not a GPU's."
+             if jax.default_backend() == "cpu" else ""))
+    return write_json({"machine": machine, "settings": vars(args), "results": [row]},
+                      args.out_json)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns {"machine", "settings", "results": [row per framework]}."""
     args = parse_args(argv)
@@ -424,6 +491,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     print("Machine:", ", ".join(f"{k}={v}" for k, v in machine.items()))
     print("Load average (1, 5, 15 min):", os.getloadavg())
+    if args.compile_only:
+        return print_compile_only(bench_jax(args), machine, args)
     benches = {"jax": bench_jax, "torch": bench_torch}
     each = args.processes == "each" or (args.processes == "auto"
                                          and jax.default_backend() == "cpu")

@@ -201,6 +201,19 @@ def test_segmentation_step_benchmark_reports_one_compile_and_xla_flops(tmp_path,
     assert ours["device"] == "1 x cpu" and theirs["framework"].startswith("torch")
     out = capsys.readouterr().out
     assert "| jax | vit_tiny_patch16 + UPerNet (32 ch)" in out and "| torch (transformers" in out
+    # --compile_only: the same step compiled for shapes alone; XLA's plan and FLOPs, no run.
+    planned = bench.main(["--config", str(config), "--num_devices", "1", "--compile_only"])
+    (plan,) = planned["results"]
+    assert plan["framework"] == "jax, compile only" and "region_seconds" not in plan
+    assert plan["params"] == ours["params"] and plan["xla_tflop_per_step"] == pytest.approx(
+        ours["xla_tflop_per_step"])
+    kinds = plan["memory_plan_gib"]
+    assert kinds["temporaries"] > 0 and kinds["donated"] > 0  # the state is donated
+    assert plan["compiled_memory_gib"] == pytest.approx(
+        kinds["arguments"] + kinds["outputs"] + kinds["temporaries"] - kinds["donated"])
+    assert "| vit_tiny_patch16 + UPerNet (32 ch) | 1 x cpu |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compile_only", "--frameworks", "jax,torch"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "configs/no_such.py"])
     with pytest.raises(SystemExit):
