@@ -26,9 +26,9 @@ gives both rows' TFLOP/s (the parameter counts are printed side by side).
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \\
         --batch_size 2 --out_json seg_b2.json                     # GPU: memory for 2 images
     python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --batch_size 16
-    python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \
+    python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py \\
         --batch_size 2 --compile_only                             # any machine: XLA's plan
-    python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --image_size 256 \
+    python benchmarks/bench_seg_train_step.py --config configs/ade20k_base.py --image_size 256 \\
         --batch_size 2 --dtype float32 --frameworks jax,torch      # CPU: ours vs PyTorch
 
 Reported per row: ms/step (median and mean over `--repeats` regions of `--steps` steps, each
@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and report XLA's memory plan and FLOP count without running it: "
                              "what a config needs on a device, checked on any machine. On a "
                              "CPU, XLA holds the bfloat16 operands of products as float32 "
-                             "copies, so a bfloat16 plan there overstates a GPU's.")
+                             "copies (the attention probabilities, for one), so a bfloat16 plan "
+                             "there is not a GPU's.")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
