@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "what a config needs on a device, checked on any machine. On a "
                              "CPU, XLA holds the bfloat16 operands of products as float32 "
                              "copies (the attention probabilities, for one), so a bfloat16 plan "
-                             "there is not a GPU's.")
+                             "there is not a GPU's. The timing options do not apply.")
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
     args.frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -246,7 +246,9 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             convolution.PER_TAP_KERNEL_GRAD = True
     if args.compile_only:
-        return {"framework": "jax, compile only", "model": model_name(config),
+        return {"framework": ("jax" + ("" if config.data.device_photometric
+                                       else ", no photometric") + ", compile only"),
+                "model": model_name(config),
                 "config": args.config, "device": f"{len(devices)} x {devices[0].device_kind}",
                 "dtype": config.model.dtype, "image_size": size, "batch": batch_size,
                 "num_classes": num_classes, "compile_wall_s": compile_wall_s,

@@ -12,7 +12,8 @@
 # ml_collections, which the configs use, and its flax version is unrecorded. Our Python 3.11
 # pin, flax 0.12.8, does not import under jax 0.11.2 (jax.experimental.hijax has no
 # HiPrimitive); flax 0.12.12, the Python 3.12 pin, does, and every script below ran with it on a
-# CPU under Python 3.12 + jax 0.11.2 (2026-12-03). Here, first (pure-Python wheels, kept out of git by .gitignore):
+# CPU under Python 3.12 + jax 0.11.2 (2026-12-03). Here, first (pure-Python wheels, kept out
+# of git by .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp -d .whl ml_collections==1.1.0 flax==0.12.12
 # Then run this script there, carrying .whl:  bash benchmarks/gpu_check.sh
