@@ -62,6 +62,7 @@ from bench_train_step import (  # noqa: E402
     compiled_memory_gib,
     in_own_process,
     machine_info,
+    memory_plan_gib,
     peak_memory_gib,
     peak_tflops,
     run_guarded,
@@ -189,8 +190,9 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
         return TrainState.create(spec.build(make_rngs(config.seed)), tx, rng_seed=config.seed + 1)
 
     if args.compile_only:  # shapes and shardings alone: nothing is allocated
-        state_shardings = sharding_lib.state_shardings(jax.eval_shape(init), mesh)
-        state = sharding_lib.abstract_with_shardings(jax.eval_shape(init), state_shardings)
+        abstract = jax.eval_shape(init)
+        state_shardings = sharding_lib.state_shardings(abstract, mesh)
+        state = sharding_lib.abstract_with_shardings(abstract, state_shardings)
     else:
         state, state_shardings = sharding_lib.create_sharded(init, mesh)
     graphdef = nnx.split(nnx.eval_shape(spec.build), nnx.Param, ...)[0]
@@ -216,11 +218,11 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
                 jnp.full((batch_size, 2), size, jnp.float32)], axis=1)
         return batch
 
-    make_batch = jax.jit(make_batch, out_shardings=sharding_lib.batch_sharding(mesh))
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    make_batch = jax.jit(make_batch, out_shardings=batch_sharding)
     if args.compile_only:
         batch = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                           sharding=sharding_lib.batch_sharding(mesh)),
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
             jax.eval_shape(make_batch, jax.random.PRNGKey(1)))
     else:
         batch = make_batch(jax.random.PRNGKey(1))
@@ -290,20 +292,6 @@ def bench_jax(args: argparse.Namespace) -> dict[str, Any]:
     }
     add_utilisation(row, devices[0].device_kind, len(devices), args.peak_tflops)
     return row
-
-
-def memory_plan_gib(compiled) -> dict[str, float] | None:
-    """XLA's plan for one device by kind (GiB): arguments, outputs, temporaries and the
-    donated bytes the outputs reuse (`compiled_memory_gib` = the first three - the last);
-    None where the backend does not report it."""
-    try:
-        stats = compiled.memory_analysis()
-        sizes = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
-                 stats.temp_size_in_bytes, stats.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - optional: some backends do not implement it
-        return None
-    return dict(zip(("arguments", "outputs", "temporaries", "donated"),
-                    (size / 2**30 for size in sizes), strict=True))
 
 
 def model_name(config) -> str:

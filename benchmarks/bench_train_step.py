@@ -174,17 +174,28 @@ def peak_memory_gib(devices) -> float | None:
     return max(peaks) / 2**30 if peaks else None
 
 
+def memory_plan_gib(compiled) -> dict[str, float] | None:
+    """XLA's plan for one device by kind (GiB): arguments, outputs, temporaries and the
+    donated (aliased) bytes the outputs reuse; None where the backend does not report it."""
+    try:
+        stats = compiled.memory_analysis()
+        sizes = (stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                 stats.temp_size_in_bytes, stats.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - optional: some backends do not implement it
+        return None
+    return dict(zip(("arguments", "outputs", "temporaries", "donated"),
+                    (size / 2**30 for size in sizes), strict=True))
+
+
 def compiled_memory_gib(compiled) -> float | None:
     """What XLA planned for one device when it compiled the step (GiB): arguments + outputs
     + temporaries - donated (aliased) bytes. Unlike the allocator's peak it excludes what else
     the process holds (e.g. the compiler's autotuning scratch); None where not reported."""
-    try:
-        stats = compiled.memory_analysis()
-        total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                 + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - optional: some backends do not implement it
+    plan = memory_plan_gib(compiled)
+    if plan is None:
         return None
-    return total / 2**30 if total > 0 else None
+    total = plan["arguments"] + plan["outputs"] + plan["temporaries"] - plan["donated"]
+    return total if total > 0 else None
 
 
 def time_regions(step, finish, args: argparse.Namespace) -> list[float]:
