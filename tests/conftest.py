@@ -1,6 +1,8 @@
 """Test setup: CPU only, several simulated devices, quiet TensorFlow."""
 
+import contextlib
 import os
+import signal
 
 # Must be set before jax is imported anywhere: tests build meshes of 1, 2 and 4 CPU devices.
 _XLA_FLAGS_GIVEN = "XLA_FLAGS" in os.environ
@@ -79,6 +81,23 @@ def pytest_sessionfinish(session):
 
         gc.collect()
         gc.freeze()
+
+
+@contextlib.contextmanager
+def sigterm_after_step(step: int):
+    """Runs started inside get a real SIGTERM after `step`, as a pre-empted job does: the
+    training loop is given one more hook, which sends it."""
+    from mae_jax.core import loop
+
+    original_run_loop = loop.run_loop
+
+    def run_loop_with_sigterm(**kwargs):
+        kill = loop.Hook(step, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
+        return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "run_loop", run_loop_with_sigterm)
+        yield
 
 
 def one_worker(module_name):

@@ -4,20 +4,25 @@ learns the task, k-NN accuracy rises with pretraining), export / eval / resume."
 
 import json
 import os
-import signal
 import types
 
 import jax
 import numpy as np
 import pytest
-from conftest import losses_of, one_worker, params_of, set_fields, tiny_pretrain_config
+from conftest import (
+    losses_of,
+    one_worker,
+    params_of,
+    set_fields,
+    sigterm_after_step,
+    tiny_pretrain_config,
+)
 from flax import nnx
 
 from mae_jax.classification import finetune, knn, linprobe
 from mae_jax.classification.config import defaults
 from mae_jax.classification.evaluation import read_results
 from mae_jax.classification.synthetic import write_labelled_dataset
-from mae_jax.core import loop
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.run_logging import read_metrics
 from mae_jax.models.factory import ModelSpec, encoder_of
@@ -182,19 +187,11 @@ def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path)
     assert finetune.train_and_evaluate(evaluation, str(workdir))["top1"] == result["top1"]
 
 
-def test_killed_finetune_resumes_to_the_same_parameters_and_losses(finetuned, tmp_path,
-                                                                   monkeypatch):
+def test_killed_finetune_resumes_to_the_same_parameters_and_losses(finetuned, tmp_path):
     straight_dir, config, _ = finetuned
-    original_run_loop = loop.run_loop
-
-    def run_loop_with_sigterm(**kwargs):
-        kill = loop.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
-        return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
-
-    monkeypatch.setattr(loop, "run_loop", run_loop_with_sigterm)
-    first = finetune.train_and_evaluate(config, str(tmp_path))
-    assert first["step"] == 3
-    monkeypatch.setattr(loop, "run_loop", original_run_loop)
+    with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets
+        first = finetune.train_and_evaluate(config, str(tmp_path))
+        assert first["step"] == 3
     assert finetune.train_and_evaluate(config, str(tmp_path))["step"] == 6
     assert losses_of(straight_dir) == pytest.approx(losses_of(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, params_of(straight_dir), params_of(tmp_path))
@@ -235,8 +232,7 @@ def test_finetune_with_randaugment_on_the_devices_trains_like_the_host_run(finet
     assert losses_of(tmp_path) == pytest.approx(losses_of(workdir), rel=1e-5, abs=1e-6)
 
 
-def test_finetune_on_the_devices_resumes_exactly_after_a_kill(textures, tmp_path, monkeypatch,
-                                                               capsys):
+def test_finetune_on_the_devices_resumes_exactly_after_a_kill(textures, tmp_path, capsys):
     """data.on_device='always' (what 'auto' picks on GPUs for CIFAR): the training split decoded
     once onto the devices with its labels, crop + flip + RandAugment there
     (tests/test_on_device_randaugment.py pins the images). A run killed at step 3 and resumed
@@ -247,16 +243,9 @@ def test_finetune_on_the_devices_resumes_exactly_after_a_kill(textures, tmp_path
     assert straight["step"] == 6
     assert "Input on device: 1000 images, 1 MB per device; crop, flip, RandAugment " \
         "rand-m9-mstd0.5-inc1 there." in capsys.readouterr().out
-    original_run_loop = loop.run_loop
-
-    def run_loop_with_sigterm(**kwargs):
-        kill = loop.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
-        return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
-
-    monkeypatch.setattr(loop, "run_loop", run_loop_with_sigterm)
-    resumed = tmp_path / "resumed"
-    assert finetune.train_and_evaluate(config, str(resumed), devices=ONE)["step"] == 3
-    monkeypatch.setattr(loop, "run_loop", original_run_loop)
+    with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets
+        resumed = tmp_path / "resumed"
+        assert finetune.train_and_evaluate(config, str(resumed), devices=ONE)["step"] == 3
     assert finetune.train_and_evaluate(config, str(resumed), devices=ONE)["step"] == 6
     assert losses_of(resumed) == losses_of(tmp_path / "straight")
     jax.tree.map(np.testing.assert_array_equal, params_of(tmp_path / "straight"),

@@ -1,14 +1,14 @@
 """train.py's library entry point: short real runs, sharding invariance, resume, bad configs."""
 
+import functools
 import json
 import os
-import signal
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import losses_of, one_worker, params_of
+from conftest import losses_of, one_worker, params_of, sigterm_after_step
 from conftest import tiny_pretrain_config as tiny_config
 from flax import nnx
 from PIL import Image
@@ -103,23 +103,34 @@ def test_tiny_mae_overfits_a_few_images(tmp_path):
 @pytest.mark.parametrize("data,fsdp", [
     (2, 2), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(1, 2, marks=pytest.mark.slow),
 ])
-def test_same_parameters_on_1_2_and_4_devices(tmp_path, data, fsdp):
-    config = tiny_config(visualize_every_steps=0, total_steps=3, checkpoint_every_steps=3)
+def test_same_parameters_on_1_2_and_4_devices_and_after_moving_to_1(tmp_path, capsys, data,
+                                                                    fsdp):
+    """The same steps on 1 device and on a data x fsdp mesh give the same losses and parameters
+    (the same sums in another order: close, not bit-equal). Then the mesh run is stopped by a
+    SIGTERM at step 3, as a pre-empted job, and resumed on ONE device, as a job that comes back
+    on another allocation: its sharded checkpoint is restored there, and the data order, masks
+    and schedule carry on as if it had never moved (the mesh is a harmless config field)."""
+    config = tiny_config(visualize_every_steps=0, checkpoint_every_steps=3)
     config.mesh.update(data=1, fsdp=1)
-    pretrain_lib.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
-    config.mesh.update(data=data, fsdp=fsdp)
-    pretrain_lib.train_and_evaluate(
-        config, str(tmp_path / "many"), devices=jax.devices()[: data * fsdp]
-    )
-    one, many = params_of(tmp_path / "one"), params_of(tmp_path / "many")
-    assert losses_of(tmp_path / "one") == pytest.approx(losses_of(tmp_path / "many"), rel=1e-5)
-    jax.tree_util.tree_map_with_path(
-        lambda path, a, b: np.testing.assert_allclose(
-            without_key_bias(path, a), without_key_bias(path, b), rtol=1e-4, atol=1e-6
-        ),
-        one,
-        many,
-    )
+    one, many = tmp_path / "one", str(tmp_path / "many")
+    pretrain_lib.train_and_evaluate(config, str(one), devices=jax.devices()[:1])
+
+    with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets
+        config.mesh.update(data=data, fsdp=fsdp)
+        assert pretrain_lib.train_and_evaluate(
+            config, many, devices=jax.devices()[: data * fsdp])["step"] == 3
+        close = functools.partial(
+            jax.tree_util.tree_map_with_path,
+            lambda path, a, b: np.testing.assert_allclose(
+                without_key_bias(path, a), without_key_bias(path, b), rtol=1e-4, atol=1e-6))
+        close(params_of(one, step=3), params_of(many, step=3))
+
+    config.mesh.update(data=1, fsdp=1)
+    capsys.readouterr()
+    assert pretrain_lib.train_and_evaluate(config, many, devices=jax.devices()[:1])["step"] == 6
+    assert "Resuming from step 3." in capsys.readouterr().out  # not a fresh start equal to `one`
+    assert losses_of(one) == pytest.approx(losses_of(many), rel=1e-5)
+    close(params_of(one), params_of(many))
 
 
 def without_key_bias(path, array):
@@ -131,22 +142,14 @@ def without_key_bias(path, array):
     return array
 
 
-def test_killed_run_resumes_to_the_same_parameters_and_losses(tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_parameters_and_losses(tmp_path):
     config = tiny_config(visualize_every_steps=0, grad_accum_steps=2)
     pretrain_lib.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    original_run_loop = loop.run_loop
-
-    def run_loop_with_sigterm(**kwargs):
-        # A real SIGTERM arriving after step 3 (e.g. a preempted job).
-        kill = loop.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
-        return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
-
-    monkeypatch.setattr(loop, "run_loop", run_loop_with_sigterm)
-    first = pretrain_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert first["step"] == 3
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
-    monkeypatch.setattr(loop, "run_loop", original_run_loop)
+    with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets
+        first = pretrain_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+        assert first["step"] == 3
+        assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
     second = pretrain_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert second["step"] == 6
     assert losses_of(tmp_path / "straight") == pytest.approx(losses_of(tmp_path / "resumed"))

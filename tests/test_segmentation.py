@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import zipfile
 
 import jax
@@ -18,6 +17,7 @@ from conftest import (
     one_worker,
     params_of,
     set_fields,
+    sigterm_after_step,
     tiny_pretrain_config,
 )
 from conftest import tiny_segmentation_config as tiny_config
@@ -25,7 +25,6 @@ from flax import nnx
 from PIL import Image
 
 import mae_jax
-from mae_jax.core import loop
 from mae_jax.core.run_logging import read_metrics
 from mae_jax.core.state import TrainState
 from mae_jax.data.ade20k_meta import ADE20K_CLASSES
@@ -136,21 +135,13 @@ def test_short_run_on_a_fake_ade20k_reports_the_150_classes(tmp_path):
 
 
 # --------------------------------------------------------------------------- Resume, eval-only
-def test_killed_run_resumes_to_the_same_parameters_and_losses(finished_run, tmp_path, monkeypatch):
+def test_killed_run_resumes_to_the_same_parameters_and_losses(finished_run, tmp_path):
     straight, _ = finished_run
-    original_run_loop = loop.run_loop
-
-    def run_loop_with_sigterm(**kwargs):
-        # A real SIGTERM arriving after step 3 (e.g. a preempted job).
-        kill = loop.Hook(3, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), False)
-        return original_run_loop(**(kwargs | {"hooks": (*kwargs["hooks"], kill)}))
-
-    monkeypatch.setattr(loop, "run_loop", run_loop_with_sigterm)
-    first = run(tiny_config(), tmp_path)
-    assert first["step"] == 3
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
-    assert not os.path.exists(tmp_path / "eval_results.json")
-    monkeypatch.setattr(loop, "run_loop", original_run_loop)
+    with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets
+        first = run(tiny_config(), tmp_path)
+        assert first["step"] == 3
+        assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+        assert not os.path.exists(tmp_path / "eval_results.json")
     second = run(tiny_config(), tmp_path)
     assert second["step"] == 6
     # Dropout / drop-path keys come from fold_in(rng, step) and BatchNorm statistics live in
