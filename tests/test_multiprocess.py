@@ -1,7 +1,8 @@
 """Two real processes (CPU backend, a local coordinator, gloo collectives, 2 simulated devices
 each) running train.py the way README launches them, against one process over
 the same 4 devices and the same global batches; checkpoints written by the two processes are
-resumed by the two processes (past a damaged newest one).
+resumed by the two processes (past a damaged newest one) and by one process (which says that
+the data order changes).
 
 Each process reads its own shard of the data with its own shuffle (mae_jax.data.stream), so
 "the same global batch" for the one-process reference is process 0's batch followed by
@@ -190,6 +191,24 @@ def test_two_processes_resume_their_checkpoints_past_a_damaged_one(pretrain_runs
     assert losses_of(resumed) == losses_of(two)  # steps 3 and 4 again, the same values
     # The same processes run the same programs: bit for bit.
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(two))
+    assert not any("process(es), this run has" in output for output in outputs)
+
+
+def test_one_process_resumes_the_two_processes_checkpoint_and_says_the_order_changes(
+        pretrain_runs, images, tmp_path, capsys):
+    """A multi-host job resumed on one host: the state carries on, but each process reads
+    its own shard in its own order, so the data order after the resume cannot be the
+    uninterrupted run's. The resume says so (the checkpoint records its process count)."""
+    two, _, _, _ = pretrain_runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    config = tiny_pretrain_config(**PRETRAIN, **{"data.source": f"folder:{images}"})
+    result = pretrain_lib.train_and_evaluate(config, str(resumed), devices=jax.devices()[:4])
+    out = capsys.readouterr().out
+    assert result["step"] == 4 and "Resuming from step 2." in out
+    assert "checkpoint of step 2 was written by 2 process(es), this run has 1" in out
+    assert sorted(losses_of(resumed)) == [1, 2, 3, 4]
 
 
 def test_two_processes_fine_tune_on_the_devices_like_one_process(tmp_path, shared_compilations):

@@ -86,11 +86,20 @@ class Run:
             return TrainState.create(model, tx, rng_seed=seed + 1, trainable=trainable)
 
         graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(make_rngs(seed))), trainable, ...)[0]
-        state, self.state_shardings, start_step = init_or_restore(
+        state, self.state_shardings, start_step, metadata = init_or_restore(
             init, self.mesh, self.checkpointer, self.resume_step
         )
         print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
               f"{tree_size(state.params) / 1e6:.2f}M trainable parameters.")
+        written_by = metadata.get("process_count")  # absent in checkpoints before 2026-12-07
+        if written_by is not None and written_by != jax.process_count():
+            print(f"Note: the checkpoint of step {start_step} was written by {written_by} "
+                  f"process(es), this run has {jax.process_count()}. Each process reads its own "
+                  "share of the data in its own order, so from here on the examples come in "
+                  "another order than in the uninterrupted run (in the current epoch some may "
+                  "come twice, others not at all). The parameters, optimizer state and "
+                  f"schedule carry on exactly; with {written_by} process(es) the data order "
+                  "would too.", flush=True)
         if self.is_main:
             spec.save(self.workdir)
         return graphdef, state, start_step
@@ -132,10 +141,12 @@ class Run:
         `config.profile_steps` 'A:B' traces steps A + 1 to B into `workdir/profile`."""
         self.record_config_changes()
         train_step = compile_step(step_fn, self.state_shardings, self.mesh)
+        processes = jax.process_count()  # read back by a resume (init_state)
         return loop.run_loop(
             state=state, train_step=train_step, batches=batches, mesh=self.mesh,
             start_step=start_step, total_steps=total_steps, checkpointer=self.checkpointer,
-            logger=self.logger, hooks=hooks, metadata_fn=metadata_fn,
+            logger=self.logger, hooks=hooks,
+            metadata_fn=lambda step: {**metadata_fn(step), "process_count": processes},
             profile=core_config.profile_steps(self.config.get("profile_steps", "")),
             profile_dir=os.path.join(self.workdir, "profile"),
         )

@@ -93,8 +93,9 @@ def sum_of_squares(tree: Any) -> jax.Array:
 
 def init_or_restore(
     init_fn: Callable[[], TrainState], mesh, checkpointer: Checkpointer, step: int | None
-) -> tuple[TrainState, Any, int]:
-    """Returns (state, shardings, start_step), the state born sharded.
+) -> tuple[TrainState, Any, int, dict[str, Any]]:
+    """Returns (state, shardings, start_step, the checkpoint's metadata), the state born
+    sharded.
 
     step: the checkpoint to restore (normally `checkpointer.newest_intact_step()`), read
     straight into the state's shardings (the initialiser only runs abstractly); None: a new
@@ -103,7 +104,7 @@ def init_or_restore(
     abstract = jax.eval_shape(init_fn)
     shardings = sharding_lib.state_shardings(abstract, mesh)
     if step is None:
-        return jax.jit(init_fn, out_shardings=shardings)(), shardings, 0
+        return jax.jit(init_fn, out_shardings=shardings)(), shardings, 0, {}
     target = sharding_lib.abstract_with_shardings(abstract, shardings)
     # Compared from metadata first: a restore that fails half-way leaves orbax's pending reads
     # calling back into a closed event loop ("Event loop is closed" tracebacks).
@@ -120,14 +121,14 @@ def init_or_restore(
             "a new run in another --workdir."
         )
     try:
-        state, _ = checkpointer.restore(step, abstract_state=target)
+        state, metadata = checkpointer.restore(step, abstract_state=target)
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointMismatchError(
             f"The checkpoint at step {step} in {checkpointer.directory} does not fit this "
             "config (another model size or optimizer?). Resume with the config that wrote it, "
             f"or start a new run in another --workdir. Details: {str(error)[:1000]}"
         ) from error
-    return state, shardings, int(step)
+    return state, shardings, int(step), metadata
 
 
 def tree_size(tree: Any) -> int:
