@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import ml_collections
@@ -97,6 +98,51 @@ def test_each_kind_of_failure_has_its_exit_status(error, status):
                  WorkdirLockedError, DamagedCheckpointsError, NonFiniteLossError,
                  CheckpointWriteError, KeyboardInterrupt)
     assert entry._explained(error) == isinstance(error, explained)
+
+
+def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fixes():
+    """XLA's out-of-memory error is RESOURCE_EXHAUSTED, as TensorStore's full disk is: it used
+    to be reported as a checkpoint that could not be written (74, "free space"). It is now bad
+    input (2) naming what to change, without XLA's buffer dump. The first error is XLA's own,
+    raised here by a 1 PiB allocation on the CPU (beyond any address space, so nothing is
+    allocated); the others are XLA's GPU wordings, as reported in jax-ml/jax#13428 and
+    google-deepmind/jax_privacy#10."""
+    from mae_jax.core import checkpoint_integrity
+    from mae_jax.core.errors import DeviceMemoryError, device_memory_error
+
+    with pytest.raises(jax.errors.JaxRuntimeError) as real:
+        jax.jit(lambda: jax.numpy.zeros((2**25, 2**25), jax.numpy.uint8))().block_until_ready()
+    gpu_buffers = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                               "6291456 bytes.\nBufferAssignment OOM Debugging.\n...")
+    gpu_allocator = RuntimeError("RESOURCE_EXHAUSTED: Failed to allocate request for 2.99GiB "
+                                 "(3206250496B) on device ordinal 0")
+    for error in (real.value, gpu_buffers, gpu_allocator):
+        assert not checkpoint_integrity.is_out_of_space(error)
+        explained = device_memory_error(error, accumulates=True)
+        assert isinstance(explained, DeviceMemoryError)
+        assert entry.exit_status(explained) == entry.EXIT_BAD_INPUT and entry._explained(explained)
+        message = str(explained)
+        assert message.startswith("The devices ran out of memory (RESOURCE_EXHAUSTED: ")
+        assert "BufferAssignment" not in message
+        for fix in ("grad_accum_steps=K", "model.dtype=bfloat16", "mesh.fsdp=K",
+                    "XLA_PYTHON_CLIENT_MEM_FRACTION", "Checkpoints already written are intact"):
+            assert fix in message
+    assert "grad_accum_steps" not in str(device_memory_error(gpu_buffers, accumulates=False))
+    # The step's error can surface where a checkpoint save reads the state (async dispatch):
+    # the write error it is wrapped in says "Fix the cause", not "free space", and the cause
+    # is found.
+    saving = types.SimpleNamespace(saving_step=4, directory="/run/checkpoints",
+                                   latest_step=lambda: 2)
+    with pytest.raises(CheckpointWriteError) as wrapped:
+        with checkpoint_integrity.WriteErrors(saving):
+            raise gpu_allocator
+    assert "Fix the cause" in str(wrapped.value) and "free space" not in str(wrapped.value)
+    assert isinstance(device_memory_error(wrapped.value, accumulates=True), DeviceMemoryError)
+    # A full disk (orbax's RESOURCE_EXHAUSTED) stays a failed write, and other errors are left.
+    disk = ValueError("RESOURCE_EXHAUSTED: Error writing local file")
+    assert device_memory_error(disk, accumulates=True) is None
+    assert entry.exit_status(disk) == entry.EXIT_WRITE_FAILED
+    assert device_memory_error(RuntimeError("a bug"), accumulates=True) is None
 
 
 def test_command_line_mistakes_are_one_message_naming_the_fix():

@@ -31,6 +31,8 @@ import time
 import zlib
 from typing import Any
 
+from mae_jax.core.errors import device_out_of_memory
+
 CHECKSUM_FILE = "checksums.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint not yet committed
 DAMAGED_INFIX = ".damaged-"
@@ -139,7 +141,10 @@ class CheckpointWriteError(OSError):
 
 def is_out_of_space(error: BaseException | None) -> bool:
     """True for ENOSPC / EDQUOT anywhere in the cause chain, or TensorStore's RESOURCE_EXHAUSTED
-    (how orbax reports a full disk: a ValueError)."""
+    (how orbax reports a full disk: a ValueError), but not XLA's RESOURCE_EXHAUSTED for memory
+    (`errors.device_out_of_memory`): a step that does not fit a GPU is no checkpoint write."""
+    if device_out_of_memory(error) is not None:
+        return False
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

@@ -5,7 +5,8 @@ Exit status (for schedulers and scripts):
     0   completed
     1   unexpected error (a bug?): the traceback says where
     2   bad input: config, command line, data, a workdir in use, checkpoints that do not fit
-        the config or are all damaged; fix it and re-run
+        the config or are all damaged, a step that does not fit the devices' memory; fix it
+        and re-run
     3   diverged: NaN/inf loss, gradients or parameters; no bad state was saved
     74  a checkpoint could not be written (e.g. disk full); free space, re-run to resume
     75  pre-empted (SIGTERM / Ctrl-C): a checkpoint was saved; re-run the same command to resume
@@ -28,7 +29,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mae_jax.core import command_line, hostmem  # noqa: E402
-from mae_jax.core.errors import BadInputError  # noqa: E402
+from mae_jax.core.errors import BadInputError, device_memory_error  # noqa: E402
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_DIVERGED = 0, 1, 3
 EXIT_BAD_INPUT = command_line.EXIT_BAD_INPUT  # 2, also what the parser exits with
@@ -206,6 +207,9 @@ def run(library: str, task: str) -> None:
         except SystemExit:
             raise
         except BaseException as error:  # noqa: BLE001 - every failure gets its exit status
+            # A step that does not fit the devices: what to change, not XLA's buffer dump.
+            error = device_memory_error(
+                error, accumulates="grad_accum_steps" in config) or error
             status = exit_status(error)
             if _explained(error):
                 print(f"\nERROR: {error or 'interrupted (Ctrl-C)'}", file=sys.stderr)

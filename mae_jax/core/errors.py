@@ -30,3 +30,46 @@ class CheckpointMismatchError(BadInputError, ValueError):
 
 class WeightsError(BadInputError, ValueError):
     """A weights file or run that cannot be read, or does not fit the model it is loaded into."""
+
+
+class DeviceMemoryError(BadInputError, RuntimeError):
+    """The step or the state does not fit the devices' memory with this config."""
+
+
+# How XLA words an allocation that failed (device or host memory, not disk): "Out of memory
+# while trying to allocate N bytes." (buffer assignment), "Failed to allocate request for
+# 2.99GiB (3206250496B) on device ordinal 0" (the GPU's BFC allocator).
+_MEMORY_PHRASES = ("out of memory", "failed to allocate request")
+
+
+def device_out_of_memory(error: BaseException | None) -> str | None:
+    """XLA's first line when `error` (or an error in its cause chain) is a failed memory
+    allocation (RESOURCE_EXHAUSTED with one of XLA's out-of-memory phrases), else None. A full
+    disk is also RESOURCE_EXHAUSTED (TensorStore's), but names no memory allocation."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" in text and any(p in text.lower() for p in _MEMORY_PHRASES):
+            return next((line.strip().rstrip(".") for line in text.splitlines()
+                         if "RESOURCE_EXHAUSTED" in line), text.splitlines()[0])
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def device_memory_error(error: BaseException, *, accumulates: bool) -> DeviceMemoryError | None:
+    """A DeviceMemoryError naming the ways to fit a run whose step ran out of device memory,
+    None for other errors. accumulates: the config has grad_accum_steps."""
+    line = device_out_of_memory(error)
+    if line is None:
+        return None
+    split = ("a smaller batch per device (batch_size, or grad_accum_steps=K: the same batch in "
+             "K micro-batches)" if accumulates else "a smaller batch per device (batch_size)")
+    fields = "batch_size, grad_accum_steps or model.dtype" if accumulates else \
+        "batch_size or model.dtype"
+    return DeviceMemoryError(
+        f"The devices ran out of memory ({line}). To fit the run: {split}; "
+        "model.dtype=bfloat16; mesh.fsdp=K (parameters and optimizer state split over K "
+        "devices); more devices; on GPUs, XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX takes 75% "
+        "of the memory by default). Checkpoints already written are intact: re-run with the "
+        f"change to resume (--config_change_ok for {fields}; the change is recorded).")
