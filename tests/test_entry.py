@@ -105,8 +105,8 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
     to be reported as a checkpoint that could not be written (74, "free space"). It is now bad
     input (2) naming what to change, without XLA's buffer dump. The first error is XLA's own,
     raised here by a 1 PiB allocation on the CPU (beyond any address space, so nothing is
-    allocated); the others are XLA's GPU wordings, as reported in jax-ml/jax#13428 and
-    google-deepmind/jax_privacy#10."""
+    allocated); the others are XLA's GPU and TPU wordings, as reported in jax-ml/jax#13428,
+    google-deepmind/jax_privacy#10 and pytorch/xla#3470."""
     from mae_jax.core import checkpoint_integrity
     from mae_jax.core.errors import DeviceMemoryError, device_memory_error
 
@@ -116,7 +116,9 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
                                "6291456 bytes.\nBufferAssignment OOM Debugging.\n...")
     gpu_allocator = RuntimeError("RESOURCE_EXHAUSTED: Failed to allocate request for 2.99GiB "
                                  "(3206250496B) on device ordinal 0")
-    for error in (real.value, gpu_buffers, gpu_allocator):
+    tpu = RuntimeError("RESOURCE_EXHAUSTED: Attempting to reserve 6.48G at the bottom of "
+                       "memory. That was not possible. There are 6.78G free.")
+    for error in (real.value, gpu_buffers, gpu_allocator, tpu):
         assert not checkpoint_integrity.is_out_of_space(error)
         explained = device_memory_error(error, accumulates=True)
         assert isinstance(explained, DeviceMemoryError)

@@ -38,8 +38,9 @@ class DeviceMemoryError(BadInputError, RuntimeError):
 
 # How XLA words an allocation that failed (device or host memory, not disk): "Out of memory
 # while trying to allocate N bytes." (buffer assignment), "Failed to allocate request for
-# 2.99GiB (3206250496B) on device ordinal 0" (the GPU's BFC allocator).
-_MEMORY_PHRASES = ("out of memory", "failed to allocate request")
+# 2.99GiB (3206250496B) on device ordinal 0" (the GPU's BFC allocator), "Attempting to reserve
+# 6.48G at the bottom of memory. That was not possible." (TPU).
+_MEMORY_PHRASES = ("out of memory", "failed to allocate request", "attempting to reserve")
 
 
 def device_out_of_memory(error: BaseException | None) -> str | None:
