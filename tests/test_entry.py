@@ -120,7 +120,7 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
                        "memory. That was not possible. There are 6.78G free.")
     for error in (real.value, gpu_buffers, gpu_allocator, tpu):
         assert not checkpoint_integrity.is_out_of_space(error)
-        explained = device_memory_error(error, accumulates=True)
+        explained = device_memory_error(error, {"batch_size": 8, "grad_accum_steps": 1})
         assert isinstance(explained, DeviceMemoryError)
         assert entry.exit_status(explained) == entry.EXIT_BAD_INPUT and entry._explained(explained)
         message = str(explained)
@@ -129,7 +129,13 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
         for fix in ("grad_accum_steps=K", "model.dtype=bfloat16", "mesh.fsdp=K",
                     "XLA_PYTHON_CLIENT_MEM_FRACTION", "Checkpoints already written are intact"):
             assert fix in message
-    assert "grad_accum_steps" not in str(device_memory_error(gpu_buffers, accumulates=False))
+    segmentation = str(device_memory_error(gpu_buffers, {"batch_size": 16}))
+    assert "grad_accum_steps" not in segmentation and "eval_batch_size" not in segmentation
+    assert "(--config_change_ok for batch_size or model.dtype;" in segmentation
+    finetuning = str(device_memory_error(gpu_buffers, {"batch_size": 8, "grad_accum_steps": 1,
+                                                        "eval_batch_size": 8}))
+    assert "eval_batch_size, for an evaluation" in finetuning
+    assert "(--config_change_ok for batch_size, grad_accum_steps or model.dtype;" in finetuning
     # The step's error can surface where a checkpoint save reads the state (async dispatch):
     # the write error it is wrapped in says "Fix the cause", not "free space", and the cause
     # is found.
@@ -139,12 +145,12 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
         with checkpoint_integrity.WriteErrors(saving):
             raise gpu_allocator
     assert "Fix the cause" in str(wrapped.value) and "free space" not in str(wrapped.value)
-    assert isinstance(device_memory_error(wrapped.value, accumulates=True), DeviceMemoryError)
+    assert isinstance(device_memory_error(wrapped.value, {}), DeviceMemoryError)
     # A full disk (orbax's RESOURCE_EXHAUSTED) stays a failed write, and other errors are left.
     disk = ValueError("RESOURCE_EXHAUSTED: Error writing local file")
-    assert device_memory_error(disk, accumulates=True) is None
+    assert device_memory_error(disk, {}) is None
     assert entry.exit_status(disk) == entry.EXIT_WRITE_FAILED
-    assert device_memory_error(RuntimeError("a bug"), accumulates=True) is None
+    assert device_memory_error(RuntimeError("a bug"), {}) is None
 
 
 def test_command_line_mistakes_are_one_message_naming_the_fix():

@@ -531,6 +531,20 @@ def test_changes_that_cannot_alter_the_result_are_accepted_and_recorded(finished
     assert entry["accepted"] == "harmless fields only"
 
 
+def test_a_smaller_evaluation_batch_is_a_harmless_change(tmp_path):
+    """What a run that ran out of device memory in an evaluation is told to lower
+    (errors.device_memory_error): it changes the rounding of the evaluation's sums only."""
+    from mae_jax.classification.config import defaults
+    from mae_jax.core.run_record import record_config
+
+    config = defaults("finetune")
+    record_config(str(tmp_path), config, resume_step=None)
+    config.eval_batch_size //= 4
+    changes = record_config(str(tmp_path), config, resume_step=2)
+    assert changes.changes == {"eval_batch_size": [1024, 256]}
+    assert changes.accepted == "harmless fields only"
+
+
 def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_export(finished_run, tmp_path):
     """Checkpoints deleted (or none saved): the run starts from scratch and sets the earlier
     run's metrics.jsonl and export/ aside rather than appending to or overwriting them."""

@@ -208,8 +208,7 @@ def run(library: str, task: str) -> None:
             raise
         except BaseException as error:  # noqa: BLE001 - every failure gets its exit status
             # A step that does not fit the devices: what to change, not XLA's buffer dump.
-            error = device_memory_error(
-                error, accumulates="grad_accum_steps" in config) or error
+            error = device_memory_error(error, config) or error
             status = exit_status(error)
             if _explained(error):
                 print(f"\nERROR: {error or 'interrupted (Ctrl-C)'}", file=sys.stderr)

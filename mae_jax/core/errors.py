@@ -58,19 +58,24 @@ def device_out_of_memory(error: BaseException | None) -> str | None:
     return None
 
 
-def device_memory_error(error: BaseException, *, accumulates: bool) -> DeviceMemoryError | None:
-    """A DeviceMemoryError naming the ways to fit a run whose step ran out of device memory,
-    None for other errors. accumulates: the config has grad_accum_steps."""
+def device_memory_error(error: BaseException, config) -> DeviceMemoryError | None:
+    """A DeviceMemoryError naming the ways to fit a run that ran out of device memory, None
+    for other errors. config: the run's (its batch fields are named where it has them)."""
     line = device_out_of_memory(error)
     if line is None:
         return None
-    split = ("a smaller batch per device (batch_size, or grad_accum_steps=K: the same batch in "
-             "K micro-batches)" if accumulates else "a smaller batch per device (batch_size)")
-    fields = "batch_size, grad_accum_steps or model.dtype" if accumulates else \
-        "batch_size or model.dtype"
+    batch = ["batch_size"]
+    if "grad_accum_steps" in config:
+        batch.append("grad_accum_steps=K: the same batch in K micro-batches")
+    if "eval_batch_size" in config:
+        batch.append("eval_batch_size, for an evaluation")
+    fields = [name.split("=")[0] for name in batch if not name.startswith("eval_")]
+    fields.append("model.dtype")  # eval_batch_size is a harmless change (run_record)
     return DeviceMemoryError(
-        f"The devices ran out of memory ({line}). To fit the run: {split}; "
+        f"The devices ran out of memory ({line}). To fit the run: a smaller batch per device "
+        f"({', or '.join(batch)}); "
         "model.dtype=bfloat16; mesh.fsdp=K (parameters and optimizer state split over K "
         "devices); more devices; on GPUs, XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX takes 75% "
         "of the memory by default). Checkpoints already written are intact: re-run with the "
-        f"change to resume (--config_change_ok for {fields}; the change is recorded).")
+        f"change to resume (--config_change_ok for {', '.join(fields[:-1])} or {fields[-1]}; "
+        "the change is recorded).")

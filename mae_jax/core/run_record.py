@@ -28,14 +28,14 @@ CHANGE_OK_FIELD = "config_change_ok"  # set by --config_change_ok; never compare
 # Fields whose value cannot change the trained parameters or the evaluation numbers: cadences
 # and retention (checks and saves happen between steps), pictures, TensorBoard, the profiled
 # steps, data locations,
-# the starting weights (read only at step 0), the mesh and attention kernel (same maths; only
-# the rounding of reductions differs, as between 1 and 4 devices).
+# the starting weights (read only at step 0), the mesh, attention kernel and evaluation batch
+# (same maths; only the rounding of reductions differs, as between 1 and 4 devices).
 HARMLESS_FIELDS = frozenset({
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "tensorboard",
     "visualize_every_steps", "num_visualize_images", "export_encoder", "eval_every_steps",
     "num_pictures", "eval_only", "init_from", "data.data_dir", "data.manual_dir",
     "data.download", "mesh.data", "mesh.fsdp", "mesh.cpu_devices", "model.attention_impl",
-    "profile_steps",
+    "profile_steps", "eval_batch_size",
 })
 
 # Fields added after runs were recorded without them: the value that reproduces what those runs
