@@ -73,20 +73,24 @@ def pytest_sessionfinish(session):
     measured with a gc callback), so the SIGINT landed inside jax's gc callback and every CI
     run printed a `KeyboardInterrupt` "exception ignored in _xla_gc_callback", attributed to
     no test. Collecting here, before the report, keeps pytest's check (an exception raised by a
-    leaked object's finaliser is reported the same way); `gc.freeze` then leaves the later
-    collections nothing to walk."""
+    leaked object's finaliser is reported the same way): up to five collections, as pytest's,
+    until one finds nothing (a finaliser can leave new garbage); `gc.freeze` then leaves the
+    later collections nothing to walk."""
     del session
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import gc
 
-        gc.collect()
+        for _ in range(5):
+            if not gc.collect():
+                break
         gc.freeze()
 
 
 @contextlib.contextmanager
 def sigterm_after_step(step: int):
     """Runs started inside get a real SIGTERM after `step`, as a pre-empted job does: the
-    training loop is given one more hook, which sends it."""
+    training loop is given one more hook, which sends it (every `step` steps; the first stops
+    the run)."""
     from mae_jax.core import loop
 
     original_run_loop = loop.run_loop

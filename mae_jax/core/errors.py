@@ -43,26 +43,33 @@ class DeviceMemoryError(BadInputError, RuntimeError):
 _MEMORY_PHRASES = ("out of memory", "failed to allocate request", "attempting to reserve")
 
 
+def is_memory_text(text: str) -> bool:
+    """Whether an error message is XLA's failed memory allocation (RESOURCE_EXHAUSTED with one
+    of its out-of-memory phrases). A full disk is also RESOURCE_EXHAUSTED (TensorStore's), but
+    names no memory allocation."""
+    return "RESOURCE_EXHAUSTED" in text and any(p in text.lower() for p in _MEMORY_PHRASES)
+
+
 def device_out_of_memory(error: BaseException | None) -> str | None:
-    """XLA's first line when `error` (or an error in its cause chain) is a failed memory
-    allocation (RESOURCE_EXHAUSTED with one of XLA's out-of-memory phrases), else None. A full
-    disk is also RESOURCE_EXHAUSTED (TensorStore's), but names no memory allocation."""
-    seen = set()
+    """XLA's line, from "RESOURCE_EXHAUSTED" on, when `error` or an error in its cause chain is
+    a failed memory allocation (the deepest such link: not the checkpoint-write error that may
+    wrap it), else None."""
+    seen, found = set(), None
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         text = str(error)
-        if "RESOURCE_EXHAUSTED" in text and any(p in text.lower() for p in _MEMORY_PHRASES):
-            return next((line.strip().rstrip(".") for line in text.splitlines()
-                         if "RESOURCE_EXHAUSTED" in line), text.splitlines()[0])
+        if is_memory_text(text):
+            line = next(line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line)
+            found = line[line.index("RESOURCE_EXHAUSTED"):].strip().rstrip(".")
         error = error.__cause__ or error.__context__
-    return None
+    return found
 
 
 def device_memory_error(error: BaseException, config) -> DeviceMemoryError | None:
     """A DeviceMemoryError naming the ways to fit a run that ran out of device memory, None
     for other errors. config: the run's (its batch fields are named where it has them)."""
-    line = device_out_of_memory(error)
-    if line is None:
+    line = device_out_of_memory(error) if isinstance(error, Exception) else None
+    if line is None:  # (a Ctrl-C while unwinding from one stays an interruption)
         return None
     batch = ["batch_size"]
     if "grad_accum_steps" in config:
@@ -71,10 +78,11 @@ def device_memory_error(error: BaseException, config) -> DeviceMemoryError | Non
         batch.append("eval_batch_size, for an evaluation")
     fields = [name.split("=")[0] for name in batch if not name.startswith("eval_")]
     fields.append("model.dtype")  # eval_batch_size is a harmless change (run_record)
+    model = config.get("model") or {}
+    dtype = "" if model.get("dtype") == "bfloat16" else "model.dtype=bfloat16; "
     return DeviceMemoryError(
         f"The devices ran out of memory ({line}). To fit the run: a smaller batch per device "
-        f"({', or '.join(batch)}); "
-        "model.dtype=bfloat16; mesh.fsdp=K (parameters and optimizer state split over K "
+        f"({', or '.join(batch)}); {dtype}mesh.fsdp=K (parameters and optimizer state split over K "
         "devices); more devices; on GPUs, XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (JAX takes 75% "
         "of the memory by default). Checkpoints already written are intact: re-run with the "
         f"change to resume (--config_change_ok for {', '.join(fields[:-1])} or {fields[-1]}; "

@@ -92,7 +92,8 @@ class Run:
         print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
               f"{tree_size(state.params) / 1e6:.2f}M trainable parameters.")
         written_by = metadata.get("process_count")  # absent in checkpoints before 2026-12-07
-        if written_by is not None and written_by != jax.process_count():
+        reads_data = not self.config.get("eval_only", False)
+        if self.is_main and reads_data and written_by not in (None, jax.process_count()):
             print(f"Note: the checkpoint of step {start_step} was written by {written_by} "
                   f"process(es), this run has {jax.process_count()}. Each process reads its own "
                   "share of the data in its own order, so from here on the examples come in "
