@@ -74,6 +74,12 @@ def initialize_distributed(environ=os.environ) -> dict:
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's own pre-emption service (on by default) installs a C++ SIGTERM handler that only
+    # sets a flag for multihost_utils.reached_preemption_sync_point, which we do not use: it
+    # replaced our stop handlers, so a SIGTERM during start-up (restore, data, compilation:
+    # minutes at scale) was swallowed and the job ran on until SIGKILL. Our own (all processes
+    # agree at log steps, core.preemption) stay in charge.
+    jax.config.update("jax_enable_preemption_service", False)
     given = {name: environ[name] for name in COORDINATOR_VARIABLES if environ.get(name)}
     kwargs = {}
     if given:
