@@ -105,6 +105,27 @@ def test_missing_data_raises_clear_error_without_downloading(tmp_path, monkeypat
         )
 
 
+def test_a_run_of_several_processes_does_not_prepare_datasets(release, tmp_path, monkeypatch):
+    """Every process of a multi-host run preparing one dataset at once raced on TFDS's final
+    rename in a shared data_dir (the first wins, the others fail while the rest wait in a
+    collective). Such a run refuses, on every process alike, before any work, naming how to
+    prepare it with one process; a prepared dataset is used as before."""
+    from mae_jax.data import preparing, sources
+
+    assert not preparing.several_processes()  # this process has no multi-process runtime
+    monkeypatch.setattr(preparing, "several_processes", lambda: True)
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(FileNotFoundError, match="several processes") as error:
+        ade20k.load_ade20k_builder(data_dir=data_dir, manual_dir=release["zip"])
+    assert "prepare_ade20k(data_dir=" in str(error.value) and not data_dir.exists()
+    with pytest.raises(FileNotFoundError, match="several processes.*tfds build cifar100"):
+        sources.tfds_builder("cifar100", str(tmp_path / "cifar"), download=True)
+    monkeypatch.undo()
+    ade20k.prepare_ade20k(data_dir=data_dir, manual_dir=release["zip"])
+    monkeypatch.setattr(preparing, "several_processes", lambda: True)
+    assert ade20k.load_ade20k_builder(data_dir=data_dir).is_prepared()
+
+
 def test_ade20k_train_batches_are_reduced_padded_and_typed(prepared):
     batches = seg_input.create_seg_train_iterator(
         source="ade20k",

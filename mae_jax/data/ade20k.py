@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from mae_jax.core.errors import BadDataError, DataNotFoundError
 from mae_jax.data import tf_runtime  # sets TensorFlow up when imported
+from mae_jax.data.preparing import refuse_to_prepare
 
 RELEASE_NAME = "ADEChallengeData2016"
 RELEASE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
@@ -210,4 +211,7 @@ def load_ade20k_builder(*, data_dir, manual_dir=None) -> Ade20kSemantic:
             "mae_jax.data.ade20k.prepare_ade20k(data_dir=..., manual_dir=...) or pass "
             f"manual_dir.\n{_HOW_TO_GET_IT}"
         )
+    refuse_to_prepare("ade20k_semantic", data_dir, how_to=(
+        "python -c 'from mae_jax.data.ade20k import prepare_ade20k; "
+        f"prepare_ade20k(data_dir=\"{data_dir}\", manual_dir=\"{manual_dir}\")'"))
     return prepare_ade20k(data_dir=data_dir, manual_dir=manual_dir)

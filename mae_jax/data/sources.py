@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from mae_jax.core.errors import BadDataError, DataNotFoundError, DataUnavailableError
 from mae_jax.data import tf_runtime
+from mae_jax.data.preparing import refuse_to_prepare
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation"),
@@ -213,9 +214,7 @@ def tfds_builder(name: str, data_dir: str | None, download: bool):
     if builder.is_prepared():
         return builder
     where = builder.data_dir
-    if not download:
-        raise DataNotFoundError(f"TFDS dataset {name!r} is not prepared in {where} and "
-                                f"download=False. {_how_to(name)}")
+    refuse_to_prepare(name, where, download=download, how_to=_how_to(name))
     hosts = (urllib.parse.urlparse(builder.info.homepage or "").hostname, *_PROBE_HOSTS)
     offline = not _reachable(hosts)
     try:

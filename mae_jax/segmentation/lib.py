@@ -204,7 +204,11 @@ def train_and_evaluate(
         folders = {"data_dir": config.data.data_dir or None,
                    "manual_dir": config.data.manual_dir or None}
         load_ade20k_builder(**folders)
-        if not config.eval_only and config.eval_every_steps:  # a run that will evaluate
+        # A run that will evaluate checks the validation pairs first. eval_only needs it only
+        # with several processes: there a damaged pair raised on the process that holds it
+        # while the others waited for it in the evaluation's collectives.
+        if (config.eval_every_steps and not config.eval_only) or (
+                config.eval_only and jax.process_count() > 1):
             seg_input.check_validation_decodes("ade20k", **folders,
                                                limit=config.data.eval_limit or None)
     num_classes = seg_input.num_seg_classes(config.data.source,
