@@ -324,6 +324,36 @@ def test_a_run_resumed_where_its_evaluation_failed_evaluates_that_step_first(tmp
     assert calls == {"failed before": [4, 8], "done before": [8]}
 
 
+def test_a_stop_asked_for_before_an_evaluation_step_stops_first_and_the_resume_evaluates(
+        tmp_path):
+    """A SIGTERM that arrives while step 4 runs, step 4 being an evaluation step: the run saves
+    and stops without evaluating (an evaluation can outlast the pre-emption's grace period),
+    and the resume evaluates step 4 first."""
+    calls = []
+    evaluation = Hook(4, lambda step, state: calls.append(step),
+                      missed=lambda step: step not in calls)
+
+    def batches(kill):
+        for index in range(8):
+            if kill and index == 3:  # the batch of step 4: the signal comes while it trains
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield {"x": np.zeros((1, 2), np.float32)}
+
+    def run(start_step):
+        with Checkpointer(tmp_path, save_every_steps=8) as checkpointer:
+            logger = RunLogger(tmp_path, total_steps=8, tensorboard=False, log_every=8)
+            return run_loop(
+                state=tiny_state(), train_step=fake_step(99), batches=batches(start_step == 0),
+                mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=start_step,
+                total_steps=8, checkpointer=checkpointer, logger=logger, hooks=(evaluation,))
+
+    first = run(0)
+    assert first.preempted and first.step == 4 and calls == []
+    assert Checkpointer(tmp_path).all_steps() == [4]
+    run(4)
+    assert calls == [4, 8]
+
+
 def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, capsys):
     """The loop times each batch's arrival (host pipeline + copy to the devices); log lines
     carry the share of the wall time it waited (`input_wait`). Over a quarter, after the

@@ -205,12 +205,15 @@ def run_loop(
                 if save:  # before the hooks: a failing evaluation cannot cost this checkpoint
                     checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
                     last_saved = step
-                for hook in due:  # they overlap the checkpoint's background write
+                # A stop asked for before this step's hooks comes first: an evaluation can
+                # outlast a pre-emption's grace period, and a resume runs the evaluations it
+                # skipped (Hook.missed). Hook steps are the same on every process.
+                stop_first = bool(due) and guard.requested_anywhere()
+                for hook in () if stop_first else due:  # they overlap the checkpoint's write
                     hook.fn(step, state)
                 # Several processes must agree on the stop step: they compare flags at log steps.
-                stop = guard.requested_anywhere() if log_now else (
-                    guard.requested and jax.process_count() == 1
-                )
+                stop = stop_first or (guard.requested_anywhere() if log_now else (
+                    guard.requested and jax.process_count() == 1))
                 if stop and last_saved != step:
                     check_finite(step)
                     checkpointer.save(step, state, metadata=metadata_fn(step), force=True)
