@@ -625,10 +625,28 @@ def test_a_second_run_on_a_workdir_fails_at_once_and_a_dead_holder_is_taken_over
     assert (tmp_path / LOCK_FILE).read_text() == ""  # released
 
 
-def test_a_lock_left_by_another_host_is_not_taken_over(tmp_path):
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+def test_a_lock_left_by_another_host_is_not_taken_over(tmp_path, monkeypatch, capsys):
+    """...unless it names this very scheduler job: a SLURM job requeued onto other nodes after
+    its processes were killed (node failure) found its own lock and refused to start."""
+    from mae_jax.core.workdir import WorkdirLock, scheduler_job
+
+    for key in ("SLURM_JOB_ID", "SLURM_STEP_ID", "PBS_JOBID", "LSB_JOBID"):
+        monkeypatch.delenv(key, raising=False)
+    left = {"host": "elsewhere", "pid": 1, "job": "SLURM_JOB_ID=77.0"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(left))
     with pytest.raises(WorkdirLockedError, match="another host .* delete the file"):
         Run(run_config(), str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(WorkdirLockedError, match="another host"):
+        WorkdirLock(str(tmp_path)).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued
+    lock = WorkdirLock(str(tmp_path)).acquire()
+    assert "an earlier incarnation of this scheduler job (SLURM_JOB_ID=77.0)" in \
+        capsys.readouterr().out
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["job"] == scheduler_job()
+    lock.release()
+    assert scheduler_job({"PBS_JOBID": "12.server"}) == "PBS_JOBID=12.server"
 
 
 # --------------------------------------------------------------------------- Data

@@ -5,7 +5,9 @@ writes the holder's host and pid into it. A second run on the same workdir fails
 naming the holder. The kernel drops the lock when its process dies, so a lock file that still
 names a process but is not locked was left by a run that died: on the same host it is taken
 over with a message; from another host (a shared filesystem, where locks may not reach across
-machines) the user is asked to check and delete it. With several processes, process 0 holds
+machines) the user is asked to check and delete it, unless it names this very scheduler job
+(a SLURM / PBS / LSF job requeued onto other nodes after its processes were killed: a
+scheduler runs one incarnation of a job at a time). With several processes, process 0 holds
 the lock and all processes get its answer.
 """
 
@@ -20,6 +22,18 @@ import time
 from mae_jax.core.errors import BadInputError
 
 LOCK_FILE = "run.lock"
+# The scheduler's job id, recorded in the lock (SLURM's with its step: two steps of one
+# allocation running at once are two runs).
+_JOB_VARIABLES = (("SLURM_JOB_ID", "SLURM_STEP_ID"), ("PBS_JOBID",), ("LSB_JOBID",))
+
+
+def scheduler_job(environ=os.environ) -> str | None:
+    """"SLURM_JOB_ID=123.0", "PBS_JOBID=..." or "LSB_JOBID=...": this job's id, None outside a
+    scheduler."""
+    for names in _JOB_VARIABLES:
+        if environ.get(names[0]):
+            return f"{names[0]}=" + ".".join(environ.get(name, "") for name in names)
+    return None
 
 
 class WorkdirLockedError(BadInputError, RuntimeError):
@@ -99,7 +113,8 @@ class WorkdirLock:
             handle.seek(0)
             handle.truncate()
             json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, handle)
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "job": scheduler_job()},
+                      handle)
             handle.flush()
         except BaseException:
             handle.close()
@@ -111,6 +126,11 @@ class WorkdirLock:
         same_host = holder.get("host") == socket.gethostname()
         pid = holder.get("pid")
         alive = isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
+        job = scheduler_job()
+        if not same_host and job is not None and holder.get("job") == job:
+            print(f"Taking over {self.path}: its holder ({_describe(holder)}) is an earlier "
+                  f"incarnation of this scheduler job ({job}), requeued.", flush=True)
+            return
         if not same_host:
             raise WorkdirLockedError(
                 f"{self.path} names a run on another host ({_describe(holder)}) that this "
