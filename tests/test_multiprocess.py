@@ -103,6 +103,41 @@ def launch_two(script, config_file, workdir, logs):
     return outputs
 
 
+PROCESS_0_WORK = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[1]))
+from mae_jax.core.processes import from_process_0
+print("answer", from_process_0(lambda: 7, "answering"), flush=True)
+def fail():
+    raise OSError("run.lock is unreadable")
+try:
+    from_process_0(fail, "locking /runs/x")
+except Exception as error:
+    print(type(error).__name__, error, flush=True)
+"""
+
+
+def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_path):
+    """The workdir lock and the checkpoint check run on process 0 alone; the others waited for
+    its answer in a broadcast, so an error there (not the one foreseen) left them waiting until
+    JAX's heartbeat timeout killed them. Now every process gets the answer or the failure."""
+    script = tmp_path / "work.py"
+    script.write_text(PROCESS_0_WORK)
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    processes = [subprocess.Popen([sys.executable, str(script), str(index), address], env=env,
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for index in range(2)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    for output in outputs:
+        assert "answer 7" in output, output[-2000:]
+    assert "OSError run.lock is unreadable" in outputs[0]
+    assert "ProcessZeroError Process 0 failed locking /runs/x; its log says why" in outputs[1]
+
+
 def two_process_stream(original):
     """The global batches of a 2-process run, in one process: process 0's then process 1's."""
 

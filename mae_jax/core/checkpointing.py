@@ -33,6 +33,7 @@ from flax import nnx
 from mae_jax.core import checkpoint_integrity as integrity
 from mae_jax.core.checkpoint_integrity import CheckpointWriteError, is_out_of_space  # noqa: F401
 from mae_jax.core.errors import BadInputError
+from mae_jax.core.processes import from_process_0
 
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
@@ -176,16 +177,17 @@ class Checkpointer:
         """
         if not move_damaged:
             return self._check_steps(move_damaged=False)[0]
-        found, moved = (self._check_steps(move_damaged=True) if jax.process_index() == 0
-                        else (None, []))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        checked = {"moved": []}
 
-            answer = -2 if moved and found is None else (-1 if found is None else found)
-            answer = int(multihost_utils.broadcast_one_to_all(np.int32(answer)))
+        def check() -> int:  # process 0: -2 every one damaged, -1 none, else the step
+            found, checked["moved"] = self._check_steps(move_damaged=True)
+            return -2 if checked["moved"] and found is None else (-1 if found is None else found)
+
+        answer = from_process_0(check, f"checking the checkpoints in {self.directory}")
+        if jax.process_count() > 1:
             self._manager.reload()
-            found = None if answer < 0 else answer
-            moved = moved or (["(see process 0's log)"] if answer == -2 else [])
+        found = None if answer < 0 else answer
+        moved = checked["moved"] or (["(see process 0's log)"] if answer == -2 else [])
         if found is None and moved:
             raise DamagedCheckpointsError(
                 f"Every checkpoint in {self.directory} is damaged; each was moved aside "

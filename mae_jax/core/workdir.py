@@ -177,23 +177,22 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
 
     Returns the lock on process 0, None on the others.
     """
-    import jax
+    from mae_jax.core.processes import from_process_0
 
-    lock, error = None, None
-    if jax.process_index() == 0:
+    held: list[WorkdirLock] = []
+
+    def acquire() -> int:
         try:
-            lock = WorkdirLock(workdir).acquire()
+            held.append(WorkdirLock(workdir).acquire())
         except WorkdirLockedError as caught:
-            error = caught
-    if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
+            held.append(caught)
+            return 1
+        return 0
 
-        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
-        if failed and error is None:
-            error = WorkdirLockedError(
-                f"Process 0 could not lock {workdir}: another run holds it (see its log)."
-            )
-    if error is not None:
-        raise error
-    return lock
+    # Process 0's other errors (the lock file unreadable, ...) reach every process too.
+    if from_process_0(acquire, f"locking {workdir}"):
+        if held and isinstance(held[0], WorkdirLockedError):
+            raise held[0]
+        raise WorkdirLockedError(
+            f"Process 0 could not lock {workdir}: another run holds it (see its log).")
+    return held[0] if held else None

@@ -1,0 +1,42 @@
+"""Work that process 0 does alone, whose answer every process needs.
+
+With several processes the others wait for process 0's answer in a broadcast. If process 0
+raised instead, they waited there until JAX's heartbeat timeout killed them, with no word of
+why. `from_process_0` broadcasts the failure too: process 0 raises its own error and every
+other process a short one pointing at process 0's log, at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+class ProcessZeroError(RuntimeError):
+    """Process 0 failed at something every process waits for."""
+
+
+def from_process_0(compute: Callable[[], int], what: str) -> int:
+    """compute() on process 0 (an int32 answer), broadcast to every process.
+
+    what: the work, for the other processes' error ("locking /runs/x")."""
+    answer, error = 0, None
+    if jax.process_index() == 0:
+        try:
+            answer = int(compute())
+        except Exception as caught:  # noqa: BLE001 - every process must hear of it
+            error = caught
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        shared = multihost_utils.broadcast_one_to_all(
+            np.array([answer, error is not None], np.int32))
+        answer, failed = (int(value) for value in shared)
+        if failed and error is None:
+            raise ProcessZeroError(f"Process 0 failed {what}; its log says why. This process "
+                                   "stops too instead of waiting for it.")
+    if error is not None:
+        raise error
+    return answer
