@@ -156,7 +156,13 @@ class Run:
         """Whether metrics.jsonl holds an evaluation of `step` (`loop.Hook.missed`: a
         checkpoint is written before its step's evaluation, so a failed evaluation loses only
         itself, and the resumed run evaluates that step first)."""
-        return any(record["step"] == step for record in read_metrics(self.workdir, kind="eval"))
+        from mae_jax.core.processes import from_process_0
+
+        # Process 0's reading for every process: they must agree on running the evaluation's
+        # collectives, whatever each host's view of the shared file.
+        return bool(from_process_0(lambda: any(
+            record["step"] == step for record in read_metrics(self.workdir, kind="eval")),
+            "reading metrics.jsonl"))
 
     def record_config_changes(self) -> None:
         """Appends this resume's accepted config changes to `config_history.jsonl` (once, on

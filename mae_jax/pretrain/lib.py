@@ -219,7 +219,11 @@ def reconstruction_hook(config, graphdef, source, data_dir, logger: RunLogger):
         return reconstruct(model, images, noise=noise, mask_ratio=config.mask_ratio)
 
     def hook(step, state):
-        parts = jax.device_get(run(state.params, state.rest))
+        # Gathered, not device_get: with parameters sharded over several hosts (fsdp) the
+        # partitioner may shard the pictures too, and device_get refuses such arrays.
+        from jax.experimental import multihost_utils
+
+        parts = multihost_utils.process_allgather(run(state.params, state.rest), tiled=True)
         logger.log_images(step, {"reconstruction": figure_rows(parts)})
 
     return hook
