@@ -117,13 +117,21 @@ try:
     from_process_0(fail, "locking /runs/x")
 except Exception as error:
     print(type(error).__name__, error, flush=True)
+from mae_jax.core.processes import same_on_every_process
+same_on_every_process(1281167, "the number of training images")
+try:  # process 1's copy of the dataset lacks an image
+    same_on_every_process(1281167 - int(sys.argv[1]), "the number of training images")
+except Exception as error:
+    print(type(error).__name__, error, flush=True)
 """
 
 
 def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_path):
     """The workdir lock and the checkpoint check run on process 0 alone; the others waited for
     its answer in a broadcast, so an error there (not the one foreseen) left them waiting until
-    JAX's heartbeat timeout killed them. Now every process gets the answer or the failure."""
+    JAX's heartbeat timeout killed them. Now every process gets the answer or the failure. And
+    the training-image counts each process makes on its own are compared: every process stops
+    when they differ."""
     script = tmp_path / "work.py"
     script.write_text(PROCESS_0_WORK)
     address = f"127.0.0.1:{free_port()}"
@@ -136,6 +144,10 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
         assert "answer 7" in output, output[-2000:]
     assert "OSError run.lock is unreadable" in outputs[0]
     assert "ProcessZeroError Process 0 failed locking /runs/x; its log says why" in outputs[1]
+    # Counts each process made on its own (its copy of the dataset) are compared.
+    for output in outputs:
+        assert ("BadDataError The processes disagree on the number of training images "
+                "(process 0: 1281167, process 1: 1281166)") in output, output[-2000:]
 
 
 def two_process_stream(original):

@@ -21,6 +21,7 @@ from mae_jax.classification.evaluation import Evaluator
 from mae_jax.classification.synthetic import resolve_labelled_source
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
+from mae_jax.core.processes import same_on_every_process
 from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import LossFn, make_train_step
@@ -108,6 +109,7 @@ def train_and_evaluate(
             else:
                 num_examples = data.num_examples(**options, split=config.data.train_split,
                                                  with_labels=True)
+            same_on_every_process(num_examples, "the number of training images")
             lengths = core_config.schedule_lengths(config, num_examples)
             total_steps = lengths["total_steps"]
             schedule = optim.warmup_cosine_schedule(

@@ -40,3 +40,22 @@ def from_process_0(compute: Callable[[], int], what: str) -> int:
     if error is not None:
         raise error
     return answer
+
+
+def same_on_every_process(value: int, what: str) -> None:
+    """Raises BadDataError on every process when `value` differs between processes (e.g. the
+    training images each process counted in its own copy of the dataset: an incomplete copy
+    on one host gave it another schedule and another share of the data, and the processes
+    with the shorter run then left the others waiting in a collective at its end)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    from mae_jax.core.errors import BadDataError
+
+    values = [int(v) for v in np.asarray(multihost_utils.process_allgather(
+        np.int32(value))).reshape(-1)]
+    if len(set(values)) > 1:
+        listed = ", ".join(f"process {index}: {seen}" for index, seen in enumerate(values))
+        raise BadDataError(f"The processes disagree on {what} ({listed}): each host must see "
+                           "the same dataset (a shared data_dir, or identical complete copies).")

@@ -17,6 +17,7 @@ from flax import nnx
 
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
+from mae_jax.core.processes import same_on_every_process
 from mae_jax.core.run import Run
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.step import make_train_step
@@ -98,6 +99,7 @@ def train_and_evaluate(
             num_examples = len(in_device_memory)
         else:
             num_examples = data.num_examples(**where)
+        same_on_every_process(num_examples, "the number of training images")
         lengths = core_config.schedule_lengths(config, num_examples)
         total_steps, warmup_steps = lengths["total_steps"], lengths["warmup_steps"]
         peak_lr = peak_learning_rate(config)
