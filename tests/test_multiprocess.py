@@ -119,6 +119,10 @@ except Exception as error:
     print(type(error).__name__, error, flush=True)
 from mae_jax.core.processes import same_on_every_process
 same_on_every_process(1281167, "the number of training images")
+import numpy as np
+from mae_jax.core.processes import sum_over_processes
+counts = np.array([[3_000_000_000 + int(sys.argv[1]), 5]], np.int64)
+print("summed", sum_over_processes(counts).tolist(), flush=True)
 try:  # process 1's copy of the dataset lacks an image
     same_on_every_process(1281167 - int(sys.argv[1]), "the number of training images")
 except Exception as error:
@@ -144,6 +148,8 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
         assert "answer 7" in output, output[-2000:]
     assert "OSError run.lock is unreadable" in outputs[0]
     assert "ProcessZeroError Process 0 failed locking /runs/x; its log says why" in outputs[1]
+    # Pixel counts past 2**31 (a class over a large validation set) summed exactly.
+    assert all("summed [[6000000001, 10]]" in output for output in outputs)
     # Counts each process made on its own (its copy of the dataset) are compared.
     for output in outputs:
         assert ("BadDataError The processes disagree on the number of training images "

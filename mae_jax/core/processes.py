@@ -59,3 +59,17 @@ def same_on_every_process(value: int, what: str) -> None:
         listed = ", ".join(f"process {index}: {seen}" for index, seen in enumerate(values))
         raise BadDataError(f"The processes disagree on {what} ({listed}): each host must see "
                            "the same dataset (a shared data_dir, or identical complete copies).")
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+    """The element-wise int64 sum of every process's `counts` (exact beyond 2**31: JAX without
+    x64 would carry int64 as int32, so each count travels as two 31-bit words)."""
+    counts = np.asarray(counts, np.int64)
+    if jax.process_count() == 1:
+        return counts
+    from jax.experimental import multihost_utils
+
+    words = np.stack(np.divmod(counts, 2**31)).astype(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(words), np.int64)
+    gathered = gathered.reshape(-1, *words.shape)
+    return (gathered[:, 0] * 2**31 + gathered[:, 1]).sum(axis=0)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.processes import sum_over_processes
 from mae_jax.core.run_logging import RunLogger, write_json
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
@@ -163,14 +164,8 @@ class Evaluator:
                 self._collect(predictions, owners, num_pictures, pictures)
         metrics = SegMetrics(self.num_classes)
         metrics.add_areas(areas.host_total())
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            metrics.areas = (
-                np.asarray(multihost_utils.process_allgather(metrics.areas))
-                .reshape(-1, *metrics.areas.shape)
-                .sum(axis=0)
-            )
+        # Pixel counts past 2**31 a class stay exact (int64 would travel as int32).
+        metrics.areas = sum_over_processes(metrics.areas)
         return metrics, [pictures[index] for index in sorted(pictures)]
 
     def _global(self, inputs: dict[str, np.ndarray]) -> list[jax.Array]:
