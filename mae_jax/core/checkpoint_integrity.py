@@ -31,7 +31,7 @@ import time
 import zlib
 from typing import Any
 
-from mae_jax.core.errors import is_memory_text
+from mae_jax.core.errors import cause_chain, is_memory_text
 
 CHECKSUM_FILE = "checksums.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint not yet committed
@@ -143,16 +143,13 @@ def is_out_of_space(error: BaseException | None) -> bool:
     """True for ENOSPC / EDQUOT anywhere in the cause chain, or TensorStore's RESOURCE_EXHAUSTED
     (how orbax reports a full disk: a ValueError), but not XLA's RESOURCE_EXHAUSTED for memory
     (`errors.is_memory_text`): a step that does not fit a GPU is no full disk."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+    for link in cause_chain(error):
+        if getattr(link, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(error)
+        text = str(link)
         if "No space left on device" in text or (
                 "RESOURCE_EXHAUSTED" in text and not is_memory_text(text)):
             return True
-        error = error.__cause__ or error.__context__
     return False
 
 

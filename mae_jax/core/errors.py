@@ -7,6 +7,8 @@ status 2 (bad input). Each class also derives from the builtin a caller would ca
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class BadInputError(Exception):
     """Base: the message names the problem and the fix."""
@@ -50,18 +52,25 @@ def is_memory_text(text: str) -> bool:
     return "RESOURCE_EXHAUSTED" in text and any(p in text.lower() for p in _MEMORY_PHRASES)
 
 
+def cause_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then what it was raised from or while handling, and so on (cycles end it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def device_out_of_memory(error: BaseException | None) -> str | None:
     """XLA's line, from "RESOURCE_EXHAUSTED" on, when `error` or an error in its cause chain is
     a failed memory allocation (the deepest such link: not the checkpoint-write error that may
     wrap it), else None."""
-    seen, found = set(), None
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error)
+    found = None
+    for link in cause_chain(error):
+        text = str(link)
         if is_memory_text(text):
             line = next(line for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line)
             found = line[line.index("RESOURCE_EXHAUSTED"):].strip().rstrip(".")
-        error = error.__cause__ or error.__context__
     return found
 
 

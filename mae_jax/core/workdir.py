@@ -179,7 +179,7 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
     """
     from mae_jax.core.processes import from_process_0
 
-    held: list[WorkdirLock] = []
+    held: list[WorkdirLock | WorkdirLockedError] = []  # process 0's lock, or why not
 
     def acquire() -> int:
         try:
@@ -191,8 +191,6 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
 
     # Process 0's other errors (the lock file unreadable, ...) reach every process too.
     if from_process_0(acquire, f"locking {workdir}"):
-        if held and isinstance(held[0], WorkdirLockedError):
-            raise held[0]
-        raise WorkdirLockedError(
+        raise held[0] if held else WorkdirLockedError(
             f"Process 0 could not lock {workdir}: another run holds it (see its log).")
     return held[0] if held else None
