@@ -126,6 +126,28 @@ def test_a_run_of_several_processes_does_not_prepare_datasets(release, tmp_path,
     assert ade20k.load_ade20k_builder(data_dir=data_dir).is_prepared()
 
 
+def test_processes_whose_ade20k_copies_differ_stop_before_any_model_work(prepared, tmp_path,
+                                                                         monkeypatch):
+    """Each host reads its own copy of the prepared records, and each process takes its share
+    of what its copy holds: an incomplete copy on one host made the shares overlap or skip
+    records, and evaluated another validation set, without a word. The processes compare the
+    counts (process 1's copy lacks a training record here; the two-process comparison itself
+    is pinned in test_multiprocess.py) and every process stops, naming them."""
+    from jax.experimental import multihost_utils
+
+    from mae_jax.core.errors import BadDataError
+
+    config = tiny_segmentation_config(**{"data.source": "ade20k", "data.data_dir": str(prepared),
+                                         "data.num_classes": 150, "batch_size": 2})
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda count: np.array([count, count - 1]))
+    with pytest.raises(BadDataError, match=r"disagree on the number of ADE20K train examples "
+                                           r"\(process 0: 4, process 1: 3\)"):
+        segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not (tmp_path / "run").exists()  # before the workdir is touched
+
+
 def test_ade20k_train_batches_are_reduced_padded_and_typed(prepared):
     batches = seg_input.create_seg_train_iterator(
         source="ade20k",

@@ -25,6 +25,7 @@ from mae_jax.core.errors import (
     CheckpointMismatchError,
     DataNotFoundError,
     DataUnavailableError,
+    ProcessFailedError,
     WeightsError,
 )
 from mae_jax.core.loop import NonFiniteLossError
@@ -88,6 +89,9 @@ def test_a_bad_huge_page_switch_is_bad_input():
         (WorkdirPathError("--workdir /x is a file, not a directory"), 2),
         (RuntimeError("a bug"), 1),
         (KeyboardInterrupt(), 130),
+        # Another process's failure: its status (mae_jax.core.processes).
+        (ProcessFailedError("Process 0 failed writing metrics.jsonl", 74), 74),
+        (ProcessFailedError("Process 1 failed writing config.json", 2), 2),
     ],
 )
 def test_each_kind_of_failure_has_its_exit_status(error, status):
@@ -97,8 +101,12 @@ def test_each_kind_of_failure_has_its_exit_status(error, status):
     explained = (ConfigError, DataNotFoundError, BadDataError, DataUnavailableError,
                  CheckpointMismatchError, WeightsError, WorkdirPathError, ConfigChangedError,
                  WorkdirLockedError, DamagedCheckpointsError, NonFiniteLossError,
-                 CheckpointWriteError, KeyboardInterrupt)
-    assert entry._explained(error) == isinstance(error, explained)
+                 CheckpointWriteError, KeyboardInterrupt, ProcessFailedError)
+    message = entry.explanation(error)
+    # A full disk outside a checkpoint (metrics.jsonl, eval_results.json) is one line too.
+    assert (message is not None) == (isinstance(error, explained) or status == 74)
+    if status == 74 and not isinstance(error, (CheckpointWriteError, ProcessFailedError)):
+        assert message.startswith("The disk is full: ") and "free space" in message
 
 
 def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fixes():
@@ -123,7 +131,8 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
         assert not checkpoint_integrity.is_out_of_space(error)
         explained = device_memory_error(error, {"batch_size": 8, "grad_accum_steps": 1})
         assert isinstance(explained, DeviceMemoryError)
-        assert entry.exit_status(explained) == entry.EXIT_BAD_INPUT and entry._explained(explained)
+        assert entry.exit_status(explained) == entry.EXIT_BAD_INPUT
+        assert entry.explanation(explained)
         message = str(explained)
         assert message.startswith("The devices ran out of memory (RESOURCE_EXHAUSTED: ")
         assert "BufferAssignment" not in message

@@ -69,8 +69,9 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def launch_two(script, config_file, workdir, logs):
-    """Both processes of README's launch; returns their output (both must exit 0).
+def launch_two(script, config_file, workdir, logs, statuses_wanted=(0, 0)):
+    """Both processes of README's launch; returns their output (both must exit with
+    `statuses_wanted`).
 
     The launches of one module share a compilation cache (`logs`/xla_cache): a resume reuses
     the programs its first run compiled."""
@@ -83,7 +84,8 @@ def launch_two(script, config_file, workdir, logs):
                "JAX_PROCESS_ID": str(index),
                "JAX_COMPILATION_CACHE_DIR": str(logs / "xla_cache"),
                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-        log = open(logs / f"{script}_{os.path.basename(workdir)}_{index}.log", "w")  # noqa: SIM115
+        name = f"{os.path.basename(script)}_{os.path.basename(workdir)}_{index}.log"
+        log = open(logs / name, "w")  # noqa: SIM115
         command = [sys.executable, script, f"--config={config_file}", f"--workdir={workdir}",
                    "--multiprocess"]
         processes.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
@@ -99,7 +101,7 @@ def launch_two(script, config_file, workdir, logs):
             statuses.append("timeout")
         log.close()
     outputs = [open(log.name).read() for _, log in processes]
-    assert statuses == [0, 0], "\n\n".join(output[-4000:] for output in outputs)
+    assert statuses == list(statuses_wanted), "\n\n".join(output[-4000:] for output in outputs)
     return outputs
 
 
@@ -117,6 +119,17 @@ try:
     from_process_0(fail, "locking /runs/x")
 except Exception as error:
     print(type(error).__name__, error, flush=True)
+import errno
+from mae_jax.core.processes import failing_together
+for failing in (0, 1):  # a block every process enters, whose writes only process 0 does
+    try:
+        with failing_together(f"writing metrics.jsonl ({failing})"):
+            if int(sys.argv[1]) == failing:
+                raise OSError(errno.ENOSPC, "No space left on device")
+    except Exception as error:
+        print(type(error).__name__, error, getattr(error, "status", ""), flush=True)
+with failing_together("writing nothing"):
+    print("no failure", flush=True)
 from mae_jax.core.processes import same_on_every_process
 same_on_every_process(1281167, "the number of training images")
 import numpy as np
@@ -147,7 +160,16 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
     for output in outputs:
         assert "answer 7" in output, output[-2000:]
     assert "OSError run.lock is unreadable" in outputs[0]
-    assert "ProcessZeroError Process 0 failed locking /runs/x; its log says why" in outputs[1]
+    assert ("ProcessFailedError Process 0 failed locking /runs/x (exit status 1); its log says "
+            "why") in outputs[1]
+    # A failure in a block every process enters reaches the others, with its exit status
+    # (74: a full disk), whichever process it happened on.
+    for failing in (0, 1):
+        assert "OSError [Errno 28] No space left on device " in outputs[failing]
+        assert (f"ProcessFailedError Process {failing} failed writing metrics.jsonl ({failing}) "
+                "(exit status 74); its log says why. This process stops too instead of waiting "
+                "for it. 74") in outputs[1 - failing], outputs[1 - failing][-2000:]
+    assert all("no failure" in output for output in outputs)
     # Pixel counts past 2**31 (a class over a large validation set) summed exactly.
     assert all("summed [[6000000001, 10]]" in output for output in outputs)
     # Counts each process made on its own (its copy of the dataset) are compared.
@@ -245,6 +267,43 @@ def test_two_processes_resume_their_checkpoints_past_a_damaged_one(pretrain_runs
     # The same processes run the same programs: bit for bit.
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(two))
     assert not any("process(es), this run has" in output for output in outputs)
+
+
+FULL_DISK_AT_STEP_3 = """
+import errno
+from mae_jax.core import run_logging
+append = run_logging.RunLogger._append
+def full_disk_at_step_3(self, record):  # process 0 alone writes metrics.jsonl
+    if record["step"] == 3:
+        raise OSError(errno.ENOSPC, "No space left on device", self.metrics_path)
+    append(self, record)
+run_logging.RunLogger._append = full_disk_at_step_3
+from mae_jax.core.entry import run
+run("mae_jax.pretrain.lib", task="pretrain")
+"""
+
+
+def test_a_log_write_that_fails_on_process_0_stops_both_processes_with_its_status(
+        pretrain_runs, tmp_path):
+    """Process 0 alone writes metrics.jsonl. When that write failed (a full disk), process 0
+    exited while process 1 went on into the next step's collective: on CPUs gloo then failed
+    with "connection closed by peer" (exit status 1, naming nothing), on GPUs NCCL waited
+    until JAX's heartbeat timeout. Now both stop at that step with process 0's status (74)
+    and the checkpoint before it intact; process 0's error names the full disk in one line."""
+    two, _, logs, config_file = pretrain_runs
+    resumed = tmp_path / "full_disk"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")  # resumes from step 2
+    runner = tmp_path / "train_full_disk.py"
+    runner.write_text(FULL_DISK_AT_STEP_3)
+    outputs = launch_two(str(runner), config_file, resumed, logs, statuses_wanted=(74, 74))
+    metrics = resumed / "metrics.jsonl"
+    assert ("ERROR: The disk is full: [Errno 28] No space left on device: "
+            f"'{metrics}'. The checkpoints already written are intact") in outputs[0]
+    assert ("ERROR: Process 0 failed writing the log of step 3 (exit status 74); its log says "
+            "why.") in outputs[1], outputs[1][-3000:]
+    assert "Traceback" not in outputs[0] + outputs[1]
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["2"]
 
 
 def test_one_process_resumes_the_two_processes_checkpoint_and_says_the_order_changes(

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.processes import failing_together
 from mae_jax.core.run_logging import RunLogger, write_json
 
 RESULTS_FILE = "eval_results.json"
@@ -103,11 +104,11 @@ class Evaluator:
     def __call__(self, step: int, state, *, log: bool = True) -> dict[str, Any]:
         """log=False: not in metrics.jsonl (a finished run's evaluation, reported again)."""
         results = self.evaluate(state) | {"step": int(step)}
-        if jax.process_index() == 0:
-            path = os.path.join(self.workdir, RESULTS_FILE)
-            write_json(path, results)
-        if self.logger is not None and log:
-            self.logger.log_eval(step, {k: v for k, v in results.items() if k != "step"})
+        with failing_together(f"writing the evaluation of step {step}"):  # process 0
+            if jax.process_index() == 0:
+                write_json(os.path.join(self.workdir, RESULTS_FILE), results)
+            if self.logger is not None and log:
+                self.logger.log_eval(step, {k: v for k, v in results.items() if k != "step"})
         return results
 
 

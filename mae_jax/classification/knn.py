@@ -25,6 +25,7 @@ from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.errors import BadDataError, BadInputError
+from mae_jax.core.processes import failing_together
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.models.factory import encoder_of
 
@@ -164,7 +165,8 @@ def make_knn_hook(
         accuracy = float(top1(extract(state, query_images), extract(state, bank_images)))
         record = {"knn_top1": accuracy, "knn_seconds": time.perf_counter() - started}
         if logger is not None:
-            logger.log_eval(step, record)
+            with failing_together(f"writing the k-NN accuracy of step {step}"):  # process 0
+                logger.log_eval(step, record)
         return record
 
     return hook

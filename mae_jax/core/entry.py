@@ -8,7 +8,7 @@ Exit status (for schedulers and scripts):
         the config or are all damaged, a step that does not fit the devices' memory; fix it
         and re-run
     3   diverged: NaN/inf loss, gradients or parameters; no bad state was saved
-    74  a checkpoint could not be written (e.g. disk full); free space, re-run to resume
+    74  a checkpoint or log could not be written (e.g. disk full); free space, re-run to resume
     75  pre-empted (SIGTERM / Ctrl-C): a checkpoint was saved; re-run the same command to resume
     130 interrupted by a second Ctrl-C, or by SIGTERM / Ctrl-C outside the training loop
         (start-up, eval_only, the export): nothing more was saved
@@ -29,7 +29,11 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mae_jax.core import command_line, hostmem  # noqa: E402
-from mae_jax.core.errors import BadInputError, device_memory_error  # noqa: E402
+from mae_jax.core.errors import (  # noqa: E402
+    BadInputError,
+    ProcessFailedError,
+    device_memory_error,
+)
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_DIVERGED = 0, 1, 3
 EXIT_BAD_INPUT = command_line.EXIT_BAD_INPUT  # 2, also what the parser exits with
@@ -38,7 +42,8 @@ EXIT_MEANINGS = {
     EXIT_FAILED: "unexpected error",
     EXIT_BAD_INPUT: "bad input; fix it and re-run",
     EXIT_DIVERGED: "diverged; checkpoints hold only states that passed the finiteness check",
-    EXIT_WRITE_FAILED: "a checkpoint could not be written; fix the cause and re-run to resume",
+    EXIT_WRITE_FAILED: "a checkpoint or log could not be written; fix the cause and re-run to "
+                       "resume",
     EXIT_PREEMPTED: "pre-empted after saving; re-run the same command to resume",
     EXIT_INTERRUPTED: "interrupted",
 }
@@ -110,6 +115,8 @@ def exit_status(error: BaseException) -> int:
 
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if isinstance(error, ProcessFailedError):  # the status of the process that failed
+        return error.status
     if _diverged(error):
         return EXIT_DIVERGED
     if isinstance(error, integrity.CheckpointWriteError) or integrity.is_out_of_space(
@@ -120,12 +127,17 @@ def exit_status(error: BaseException) -> int:
     return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED
 
 
-def _explained(error: BaseException) -> bool:
-    """Errors whose message is the whole story: no traceback."""
+def explanation(error: BaseException) -> str | None:
+    """The message of an error that is the whole story (no traceback), else None."""
     from mae_jax.core import checkpoint_integrity as integrity
 
-    return _diverged(error) or isinstance(error, (integrity.CheckpointWriteError,
-                                                  BadInputError, KeyboardInterrupt))
+    if _diverged(error) or isinstance(error, (integrity.CheckpointWriteError, BadInputError,
+                                              KeyboardInterrupt, ProcessFailedError)):
+        return str(error) or "interrupted (Ctrl-C)"
+    if integrity.is_out_of_space(error):  # metrics.jsonl, eval_results.json, an export
+        return (f"The disk is full: {error}. The checkpoints already written are intact: "
+                "free space, then re-run the same command to resume.")
+    return None
 
 
 class _FirstOrbaxErrorOnly(std_logging.Filter):
@@ -216,8 +228,9 @@ def run(library: str, task: str) -> None:
             # A step that does not fit the devices: what to change, not XLA's buffer dump.
             error = device_memory_error(error, config) or error
             status = exit_status(error)
-            if _explained(error):
-                print(f"\nERROR: {error or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+            message = explanation(error)
+            if message:
+                print(f"\nERROR: {message}", file=sys.stderr)
             else:
                 traceback.print_exc()
             print(f"Exit status {status}: {EXIT_MEANINGS[status]}.", file=sys.stderr)

@@ -38,6 +38,17 @@ class DeviceMemoryError(BadInputError, RuntimeError):
     """The step or the state does not fit the devices' memory with this config."""
 
 
+class ProcessFailedError(RuntimeError):
+    """Another process failed at something every process does at the same point
+    (`mae_jax.core.processes`); the message points at its log.
+
+    status: that process's exit status, which this one exits with too."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 # How XLA words an allocation that failed (device or host memory, not disk): "Out of memory
 # while trying to allocate N bytes." (buffer assignment), "Failed to allocate request for
 # 2.99GiB (3206250496B) on device ordinal 0" (the GPU's BFC allocator), "Attempting to reserve

@@ -25,6 +25,7 @@ from mae_jax.core import preemption
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.preemption import PreemptionGuard
+from mae_jax.core.processes import failing_together
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.state import TrainState
 
@@ -195,8 +196,9 @@ def run_loop(
                     check_finite(step)
                     last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     waited, waiting = slowest_input(input_seconds)
-                    logger.log_train(step, last_metrics, input_seconds=waited,
-                                     input_process=waiting)
+                    with failing_together(f"writing the log of step {step}"):  # process 0
+                        logger.log_train(step, last_metrics, input_seconds=waited,
+                                         input_process=waiting)
                     input_seconds = 0.0
                 save = step % checkpointer.save_every_steps == 0 or step == total_steps
                 due = [hook for hook in hooks if hook.due(step, total_steps)]

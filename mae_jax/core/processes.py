@@ -1,9 +1,19 @@
-"""Work that process 0 does alone, whose answer every process needs.
+"""Work whose failure on one process every process must hear of.
 
-With several processes the others wait for process 0's answer in a broadcast. If process 0
-raised instead, they waited there until JAX's heartbeat timeout killed them, with no word of
-why. `from_process_0` broadcasts the failure too: process 0 raises its own error and every
-other process a short one pointing at process 0's log, at once.
+A process that raised while the others went on to their next collective left them waiting in
+it: on GPUs until JAX's heartbeat timeout killed them, with no word of why; on CPUs gloo failed
+at once with "connection closed by peer", an unexpected error (exit status 1) that names
+nothing. Two tools share the failure instead, with the failed process's exit status:
+
+- `from_process_0`: work process 0 does alone (the workdir lock, the checkpoint check), whose
+  answer every process needs (one broadcast).
+- `failing_together`: a block every process enters at the same point, holding no collective,
+  whose writes only process 0 does (metrics.jsonl, the evaluation's results, the model spec,
+  the config record). One all-gather of each process's status at its end.
+
+Every other process then raises `ProcessFailedError`: one line pointing at the failed
+process's log, exiting with that process's status (74 for a full disk, 2 for bad input, ...),
+at once.
 """
 
 from __future__ import annotations
@@ -13,9 +23,23 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from mae_jax.core.errors import ProcessFailedError
 
-class ProcessZeroError(RuntimeError):
-    """Process 0 failed at something every process waits for."""
+
+def failure_status(error: BaseException) -> int:
+    """The exit status `error` ends a run with (never 0)."""
+    from mae_jax.core.entry import exit_status
+
+    return exit_status(error) or 1
+
+
+def _raise_for(statuses: list[int], what: str) -> None:
+    failed = [index for index, status in enumerate(statuses) if status]
+    if failed:
+        index = failed[0]
+        raise ProcessFailedError(
+            f"Process {index} failed {what} (exit status {statuses[index]}); its log says why. "
+            "This process stops too instead of waiting for it.", statuses[index])
 
 
 def from_process_0(compute: Callable[[], int], what: str) -> int:
@@ -31,15 +55,40 @@ def from_process_0(compute: Callable[[], int], what: str) -> int:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        shared = multihost_utils.broadcast_one_to_all(
-            np.array([answer, error is not None], np.int32))
-        answer, failed = (int(value) for value in shared)
-        if failed and error is None:
-            raise ProcessZeroError(f"Process 0 failed {what}; its log says why. This process "
-                                   "stops too instead of waiting for it.")
+        status = 0 if error is None else failure_status(error)
+        shared = multihost_utils.broadcast_one_to_all(np.array([answer, status], np.int32))
+        answer, status = (int(value) for value in shared)
+        if error is None:
+            _raise_for([status], what)
     if error is not None:
         raise error
     return answer
+
+
+class failing_together:  # noqa: N801 - used as a statement: `with failing_together(...):`
+    """A block every process enters at the same point and that holds no collective (nor
+    another such block): an exception in it on any process is raised on every process, its
+    own error where it happened, `ProcessFailedError` elsewhere.
+
+    what: the block's work, for the other processes' error ("writing metrics.jsonl")."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if jax.process_count() == 1 or (error is not None and not isinstance(error, Exception)):
+            return False  # a second Ctrl-C stops this process at once
+        from jax.experimental import multihost_utils
+
+        status = 0 if error is None else failure_status(error)
+        statuses = [int(value) for value in np.asarray(
+            multihost_utils.process_allgather(np.int32(status))).reshape(-1)]
+        if error is None:
+            _raise_for(statuses, self.what)
+        return False
 
 
 def same_on_every_process(value: int, what: str) -> None:

@@ -23,6 +23,7 @@ from mae_jax.core import config as core_config
 from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
+from mae_jax.core.processes import failing_together
 from mae_jax.core.run_logging import METRICS_FILE, RunLogger, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
@@ -63,8 +64,9 @@ class Run:
             self.resume_step = self.checkpointer.newest_intact_step(move_damaged=True)
             self.config_changes = run_record.ConfigChanges()
             if not config.get("eval_only", False):  # evaluating changes nothing to record
-                self.config_changes = run_record.record_config(
-                    self.workdir, config, resume_step=self.resume_step, write=self.is_main)
+                with failing_together("checking or writing the config record"):
+                    self.config_changes = run_record.record_config(
+                        self.workdir, config, resume_step=self.resume_step, write=self.is_main)
         except BaseException:
             self.close(quiet=True)
             raise
@@ -101,8 +103,9 @@ class Run:
                   "come twice, others not at all). The parameters, optimizer state and "
                   f"schedule carry on exactly; with {written_by} process(es) the data order "
                   "would too.", flush=True)
-        if self.is_main:
-            spec.save(self.workdir)
+        with failing_together(f"writing {self.workdir}/model.json"):
+            if self.is_main:
+                spec.save(self.workdir)
         return graphdef, state, start_step
 
     def _set_aside_earlier_outputs(self) -> None:
@@ -118,13 +121,14 @@ class Run:
 
     # ------------------------------------------------------------------------- loop
     def start_logging(self, *, total_steps: int, start_step: int) -> RunLogger:
-        if start_step == 0 and self.is_main:
-            self._set_aside_earlier_outputs()
-        self.logger = RunLogger(
-            self.workdir, total_steps=total_steps, is_main=self.is_main,
-            log_every=self.config.log_every_steps, global_batch_size=self.config.batch_size,
-            start_step=start_step, tensorboard=self.config.get("tensorboard", True),
-        )
+        with failing_together("starting the run's logs"):  # process 0 writes
+            if start_step == 0 and self.is_main:
+                self._set_aside_earlier_outputs()
+            self.logger = RunLogger(
+                self.workdir, total_steps=total_steps, is_main=self.is_main,
+                log_every=self.config.log_every_steps, global_batch_size=self.config.batch_size,
+                start_step=start_step, tensorboard=self.config.get("tensorboard", True),
+            )
         return self.logger
 
     def train(
@@ -168,8 +172,9 @@ class Run:
         """Appends this resume's accepted config changes to `config_history.jsonl` (once, on
         process 0). Called when training starts: a resume that failed before it (a checkpoint
         that does not fit, missing data) changed nothing, so it records nothing."""
-        if self.is_main:
-            self.config_changes.write(self.workdir)
+        with failing_together("writing config_history.jsonl"):
+            if self.is_main:
+                self.config_changes.write(self.workdir)
         self.config_changes = run_record.ConfigChanges()
 
     # ------------------------------------------------------------------------- end

@@ -17,7 +17,7 @@ from flax import nnx
 
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
-from mae_jax.core.processes import same_on_every_process
+from mae_jax.core.processes import failing_together, same_on_every_process
 from mae_jax.core.run import Run
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.step import make_train_step
@@ -170,7 +170,8 @@ def train_and_evaluate(
         if result.step >= total_steps:
             if config.export_encoder:
                 out["export"] = export_encoder(run.workdir, spec, graphdef, result.state)
-            out["loss_curve"] = logger.save_loss_curve()
+            with failing_together("writing the loss curve"):  # process 0
+                out["loss_curve"] = logger.save_loss_curve()
     return out
 
 
@@ -191,13 +192,14 @@ def export_encoder(workdir: str, spec: ModelSpec, graphdef, state) -> dict[str, 
         model.encoder, ModelSpec("ViTEncoder", encoder_kwargs),
         os.path.join(export_dir, "encoder_flax"),
     )
-    if jax.process_index() == 0:
-        try:
-            save_official(model.encoder, os.path.join(export_dir, "encoder.pth"))
-            save_official(model, os.path.join(export_dir, "mae_full.pth"))
-            paths["pth"] = os.path.join(export_dir, "encoder.pth")
-        except ImportError as error:
-            print(f"Skipping the .pth export: {error}")
+    with failing_together(f"writing the .pth export in {export_dir}"):
+        if jax.process_index() == 0:
+            try:
+                save_official(model.encoder, os.path.join(export_dir, "encoder.pth"))
+                save_official(model, os.path.join(export_dir, "mae_full.pth"))
+                paths["pth"] = os.path.join(export_dir, "encoder.pth")
+            except ImportError as error:
+                print(f"Skipping the .pth export: {error}")
     return paths
 
 
@@ -226,6 +228,7 @@ def reconstruction_hook(config, graphdef, source, data_dir, logger: RunLogger):
         from jax.experimental import multihost_utils
 
         parts = multihost_utils.process_allgather(run(state.params, state.rest), tiled=True)
-        logger.log_images(step, {"reconstruction": figure_rows(parts)})
+        with failing_together(f"writing the reconstructions of step {step}"):  # process 0
+            logger.log_images(step, {"reconstruction": figure_rows(parts)})
 
     return hook

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.processes import sum_over_processes
+from mae_jax.core.processes import failing_together, sum_over_processes
 from mae_jax.core.run_logging import RunLogger, write_json
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
@@ -119,13 +119,14 @@ class Evaluator:
             for name, iou, acc in zip(self.names, per_class["IoU"], per_class["Acc"], strict=True)
         }
         results["step"] = int(step)
-        if jax.process_index() == 0:
-            print(metrics.format_table(self.names), flush=True)
-            path = os.path.join(self.workdir, "eval_results.json")
-            write_json(path, results)
-            self.logger.log_eval(step, summary)
-            if pictures:
-                self.logger.log_images(step, {"segmentation": _stack(pictures)})
+        with failing_together(f"writing the evaluation of step {step}"):
+            if jax.process_index() == 0:
+                print(metrics.format_table(self.names), flush=True)
+                path = os.path.join(self.workdir, "eval_results.json")
+                write_json(path, results)
+                self.logger.log_eval(step, summary)
+                if pictures:
+                    self.logger.log_images(step, {"segmentation": _stack(pictures)})
         return results
 
     def evaluate(self, state, examples, *, num_pictures: int = 0):

@@ -19,6 +19,7 @@ from flax import nnx
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
 from mae_jax.core.errors import WeightsError
+from mae_jax.core.processes import failing_together, same_on_every_process
 from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import make_train_step
@@ -175,15 +176,16 @@ def export_mmseg(workdir: str, graphdef, state: TrainState) -> str | None:
         from jax.experimental import multihost_utils
 
         params, rest = multihost_utils.process_allgather((params, rest), tiled=True)
-    if jax.process_index() != 0:
-        return None
     path = os.path.join(workdir, "export", "segmenter_mmseg.pth")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        mmseg.save_mmseg(nnx.merge(graphdef, params, rest), path)
-    except ImportError as error:
-        print(f"Skipping the mmseg export: {error}")
-        return None
+    with failing_together(f"writing {path}"):
+        if jax.process_index() != 0:
+            return None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            mmseg.save_mmseg(nnx.merge(graphdef, params, rest), path)
+        except ImportError as error:
+            print(f"Skipping the mmseg export: {error}")
+            return None
     return path
 
 
@@ -203,7 +205,10 @@ def train_and_evaluate(
 
         folders = {"data_dir": config.data.data_dir or None,
                    "manual_dir": config.data.manual_dir or None}
-        load_ade20k_builder(**folders)
+        splits = load_ade20k_builder(**folders).info.splits
+        for split in ("train", "validation"):  # each host's copy: the same records
+            same_on_every_process(splits[split].num_examples, f"the number of ADE20K {split} "
+                                  "examples")
         # A run that will evaluate checks the validation pairs first. eval_only needs it only
         # with several processes: there a damaged pair raised on the process that holds it
         # while the others waited for it in the evaluation's collectives.
@@ -254,7 +259,8 @@ def train_and_evaluate(
                              missed=lambda step: not run.evaluated_at(step)),),
         )
         if result.step >= config.total_steps:
-            logger.save_loss_curve()
+            with failing_together("writing the loss curve"):  # process 0
+                logger.save_loss_curve()
             if config.export_mmseg:
                 results["export"] = export_mmseg(run.workdir, graphdef, result.state)
     return results | {"step": result.step}

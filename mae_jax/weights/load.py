@@ -26,6 +26,7 @@ from flax import nnx
 
 from mae_jax.core.checkpointing import Checkpointer, read_pytree, save_pytree
 from mae_jax.core.errors import DataNotFoundError, WeightsError
+from mae_jax.core.processes import failing_together
 from mae_jax.models.factory import MODEL_JSON, ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.vit import ViTEncoder
@@ -126,8 +127,9 @@ def save_export(model: nnx.Module, spec: ModelSpec, directory: str) -> str:
     """A Flax export that `load_model` reads back: `model.json` + `weights/` (all model state)."""
     os.makedirs(directory, exist_ok=True)
     save_pytree(os.path.join(directory, EXPORT_WEIGHTS), nnx.state(model), force=True)
-    if jax.process_index() == 0:
-        spec.save(directory)
+    with failing_together(f"writing {directory}/model.json"):
+        if jax.process_index() == 0:
+            spec.save(directory)
     return directory
 
 
