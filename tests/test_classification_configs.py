@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from conftest import load_config_file, one_worker, set_fields
 
 from mae_jax.classification import finetune, linprobe
-from mae_jax.classification.config import check_config
+from mae_jax.classification.config import check_config, resolve_resize_ratio
 from mae_jax.core import run as run_lib
 from mae_jax.core.checkpointing import Checkpointer
 
@@ -43,8 +43,16 @@ def test_imagenet_finetune_configs_carry_the_official_per_model_values(size):
     assert (config.label_smoothing, config.mixup, config.cutmix, config.mixup_switch_prob,
             config.reprob, config.data.randaugment) == (0.1, 0.8, 1.0, 0.5, 0.25,
                                                         "rand-m9-mstd0.5-inc1")
-    assert config.data.crop_scale == (0.08, 1.0) and config.data.resize_ratio == 224 / 256
+    assert config.data.crop_scale == (0.08, 1.0)
     check_config(config, task="finetune", num_devices=8, num_processes=1)
+    # The evaluation's resize (util/datasets.py build_transform): crop_pct 224/256 up to
+    # 224 px, 1.0 above (ViT-H's 448 px fine-tune: the input size, nothing cropped away).
+    for image_size, ratio, short_side in ((224, 224 / 256, 256), (448, 1.0, 448)):
+        sized = load_config_file("imagenet_finetune", f"variant={size}")
+        sized.model.image_size = image_size
+        resolve_resize_ratio(sized)
+        assert sized.data.resize_ratio == ratio
+        assert int(image_size / sized.data.resize_ratio) == short_side
 
 
 @pytest.mark.parametrize("size", sorted(OFFICIAL_FINETUNE))

@@ -56,7 +56,9 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     config.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop scale (torchvision's default).
     # timm RandAugment policy ("" = off): fine-tuning uses rand-m9-mstd0.5-inc1.
     config.data.randaugment = "" if probe else "rand-m9-mstd0.5-inc1"
-    config.data.resize_ratio = 224 / 256  # Eval: resize to image_size / ratio, centre crop.
+    # Eval: resize the shorter side to image_size / ratio, centre crop. 0 (fine-tuning): the
+    # official rule for the model's size (`official_resize_ratio`); the probe's is fixed.
+    config.data.resize_ratio = 224 / 256 if probe else 0.0
     # > 0 = the host decodes each training crop window into a canvas of this side and the
     # devices resize + flip it (train.py's option; larger windows are resized on the host),
     # then apply RandAugment's layers, whose random draws the host makes
@@ -145,6 +147,20 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> None:
         config.num_epochs = recipe["num_epochs"]
 
 
+def official_resize_ratio(image_size: int) -> float:
+    """The official evaluation's crop ratio (MAE's util/datasets.py `build_transform`):
+    crop_pct 224 / 256 up to 224 px, 1.0 above, i.e. at 384 or 448 px the shorter side is
+    resized to the input size and nothing is cropped away."""
+    return 224 / 256 if image_size <= 224 else 1.0
+
+
+def resolve_resize_ratio(config: ml_collections.ConfigDict) -> None:
+    """data.resize_ratio 0 -> `official_resize_ratio` of the model's size, before the run
+    records its config (so the record holds the ratio the evaluation uses)."""
+    if not config.data.resize_ratio:
+        config.data.resize_ratio = official_resize_ratio(config.model.image_size)
+
+
 def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: int | None,
                  num_processes: int | None) -> None:
     """Every impossible combination, reported together before any data or compile work (the
@@ -167,8 +183,9 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
     if not 0 < low <= high <= 1:
         problems.append(f"data.crop_scale {tuple(config.data.crop_scale)} must satisfy "
                         "0 < low <= high <= 1")
-    if not 0 < config.data.resize_ratio <= 1:
-        problems.append(f"data.resize_ratio {config.data.resize_ratio} must be in (0, 1]")
+    if not 0 <= config.data.resize_ratio <= 1:
+        problems.append(f"data.resize_ratio {config.data.resize_ratio} must be in (0, 1] (0: "
+                        "the official fine-tuning rule for the image size)")
     core_config.check_device_resize(config, problems)
     core_config.check_on_device(config, problems)
     if task == "finetune":

@@ -16,12 +16,12 @@ import optax
 from flax import nnx
 
 from mae_jax.classification import transfer
-from mae_jax.classification.config import check_config
+from mae_jax.classification.config import check_config, resolve_resize_ratio
 from mae_jax.classification.evaluation import Evaluator
 from mae_jax.classification.synthetic import resolve_labelled_source
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
-from mae_jax.core.processes import same_on_every_process
+from mae_jax.core.processes import failing_together, same_on_every_process
 from mae_jax.core.run import Run
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import LossFn, make_train_step
@@ -90,6 +90,7 @@ def train_and_evaluate(
     devices = list(devices or jax.devices())
     check_config(config, task=recipe.task, num_devices=len(devices),
                  num_processes=jax.process_count())
+    resolve_resize_ratio(config)
     with Run(config, workdir, devices=devices) as run:
         # ------------------------------------------------------------- Data and schedule
         source = resolve_labelled_source(config.data, run.workdir, seed=config.seed)
@@ -158,7 +159,8 @@ def train_and_evaluate(
         if result.step >= total_steps:
             if not results:  # the run had already finished: report its final evaluation again
                 results.update(evaluator(result.step, result.state, log=False))
-            logger.save_loss_curve()
+            with failing_together("writing the loss curve"):  # process 0
+                logger.save_loss_curve()
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)
     return results | {"step": result.step}
