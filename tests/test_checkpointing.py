@@ -145,3 +145,17 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         assert guard.requested and guard.signal_received == signal.SIGTERM
         assert guard.requested_anywhere()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_processes_agree_on_a_stop_every_few_steps_from_answers_already_computed():
+    """The agreement of several processes (here the devices of one, over a 2 x 2 data x fsdp
+    mesh; tests/test_multiprocess.py runs it over two processes): a flag handed in at a check
+    step is the answer at the next one, so a stop comes within 2 * every steps, at the same
+    step on every process, and the host never waits for the step just queued."""
+    from mae_jax.core import sharding as sharding_lib
+
+    mesh = sharding_lib.create_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+    agreement = preemption.StopAgreement(mesh, every=5)
+    requested = {step: step >= 7 for step in range(1, 21)}  # the signal came during step 7
+    stops = [step for step in range(1, 21) if agreement.check(step, requested[step])]
+    assert stops == [15, 20]  # handed in at 10, read at 15

@@ -306,6 +306,44 @@ def test_a_log_write_that_fails_on_process_0_stops_both_processes_with_its_statu
     assert sorted(os.listdir(resumed / "checkpoints")) == ["2"]
 
 
+SIGTERM_TO_PROCESS_1_IN_STEP_3 = """
+import os, signal
+import jax
+from mae_jax.core import run
+compile_step = run.compile_step
+def compile_step_with_sigterm(*args, **kwargs):
+    step, calls = compile_step(*args, **kwargs), []
+    def counted(state, batch):
+        calls.append(1)
+        if len(calls) == 3 and jax.process_index() == 1:  # pre-empted: one host hears it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(state, batch)
+    return counted
+run.compile_step = compile_step_with_sigterm
+from mae_jax.core.entry import run
+run("mae_jax.pretrain.lib", task="pretrain")
+"""
+
+
+def test_a_stop_signal_to_one_process_stops_both_within_a_few_steps(images, tmp_path):
+    """The processes used to compare their stop flags only at log steps (every 50 by default:
+    a minute for a large model, past a pre-emption's grace period). They now agree every
+    STOP_CHECK_EVERY_STEPS (5) steps without waiting for the devices: a SIGTERM to process 1
+    during step 3 is handed in at step 5 and read at step 10, where both save and stop, long
+    before the log step at the end (12)."""
+    changes = {**PRETRAIN, "data.source": f"folder:{images}", "total_steps": 12,
+               "log_every_steps": 12, "checkpoint_every_steps": 12}
+    config_file = write_config(tmp_path / "config.py", "tiny_pretrain_config", changes)
+    runner = tmp_path / "train_sigterm.py"
+    runner.write_text(SIGTERM_TO_PROCESS_1_IN_STEP_3)
+    outputs = launch_two(str(runner), config_file, tmp_path / "run", tmp_path,
+                         statuses_wanted=(75, 75))
+    assert "Received SIGTERM" in outputs[1] and "Received SIGTERM" not in outputs[0]
+    for output in outputs:
+        assert "Stopped at step 10 on request" in output, output[-3000:]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10"]
+
+
 def test_one_process_resumes_the_two_processes_checkpoint_and_says_the_order_changes(
         pretrain_runs, images, tmp_path, capsys):
     """A multi-host job resumed on one host: the state carries on, but each process reads

@@ -157,6 +157,7 @@ def run_loop(
     preempted = False
     input_seconds = 0.0  # waiting for batches since the last log step
     preemption.record_stop(None)
+    agreement = preemption.StopAgreement(mesh) if jax.process_count() > 1 else None
 
     def check_finite(step: int) -> None:
         # Read only at log, hook and checkpoint steps: no per-step host sync.
@@ -213,9 +214,11 @@ def run_loop(
                 stop_first = bool(due) and guard.requested_anywhere()
                 for hook in () if stop_first else due:  # they overlap the checkpoint's write
                     hook.fn(step, state)
-                # Several processes must agree on the stop step: they compare flags at log steps.
-                stop = stop_first or (guard.requested_anywhere() if log_now else (
-                    guard.requested and jax.process_count() == 1))
+                # Several processes must agree on the stop step: they compare flags at log
+                # steps and, without waiting for the devices, every few steps (StopAgreement).
+                agreed = (guard.requested if agreement is None
+                          else agreement.check(step, guard.requested))
+                stop = stop_first or agreed or (log_now and guard.requested_anywhere())
                 if stop and last_saved != step:
                     check_finite(step)
                     checkpointer.save(step, state, metadata=metadata_fn(step), force=True)

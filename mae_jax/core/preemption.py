@@ -71,3 +71,49 @@ class PreemptionGuard:
 
         flags = multihost_utils.process_allgather(int(self.requested))
         return bool(max(flags.reshape(-1)))
+
+
+# Steps between two stop agreements of a multi-process loop (`StopAgreement`).
+STOP_CHECK_EVERY_STEPS = 5
+
+
+class StopAgreement:
+    """Several processes agree on a stop signal every `every` steps without waiting for the
+    devices.
+
+    `requested_anywhere` reads its answer at once, so the host waits for every step already
+    queued: done at log steps only, a signal could wait `log_every_steps` steps (50 by
+    default, a minute for a large model) while a pre-emption's grace period is often 30 s.
+    Here, at every `every`-th step each process hands its flag to a tiny collective (the
+    maximum over all devices), queued behind that step like the next one, and reads the
+    answer it handed in `every` steps before, long computed. Every process reads the same
+    answers at the same steps, so all stop at the same step: within 2 * `every` steps of the
+    signal. The host then runs at most `every` steps ahead of the devices, plenty to keep them
+    busy.
+    """
+
+    def __init__(self, mesh, every: int = STOP_CHECK_EVERY_STEPS):
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self.every = every
+        self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        self.shape = (mesh.devices.size,)
+        self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._pending: jax.Array | None = None
+
+    def check(self, step: int, requested: bool) -> bool:
+        """At every `every`-th step: hands in `requested`, returns whether any process had
+        asked at the previous such step (False at other steps)."""
+        if step % self.every:
+            return False
+        import numpy as np
+
+        stop = self._pending is not None and bool(np.asarray(
+            self._pending.addressable_data(0)))
+        flag = np.full((1,), int(requested), np.int32)
+        shards = [jax.device_put(flag, device) for device in
+                  self.sharding.addressable_devices_indices_map(self.shape)]
+        self._pending = self._any(jax.make_array_from_single_device_arrays(
+            self.shape, self.sharding, shards))
+        return stop
