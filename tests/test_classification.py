@@ -187,6 +187,25 @@ def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path)
     assert finetune.train_and_evaluate(evaluation, str(workdir))["top1"] == result["top1"]
 
 
+def test_a_run_of_several_processes_starts_every_process_from_process_0s_newest_step(
+        finetuned, monkeypatch):
+    """init_from a run directory: each process found its own newest checkpoint, so a source
+    run committing a newer one between two hosts' readings gave them different weights.
+    Process 0's step is now every process's (here this process plays process 1 of 2, and
+    process 0 found step 3 where this one would find 6)."""
+    from jax.experimental import multihost_utils
+
+    from mae_jax.weights.load import newest_step_everywhere
+
+    workdir = finetuned[0]
+    assert newest_step_everywhere(workdir) == 6
+    assert newest_step_everywhere(workdir / "export" / "mae_finetuned.pth") is None
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda mine: np.array([3, 0]))
+    assert newest_step_everywhere(workdir) == 3
+
+
 def test_killed_finetune_resumes_to_the_same_parameters_and_losses(finetuned, tmp_path):
     straight_dir, config, _ = finetuned
     with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets

@@ -28,6 +28,7 @@ from mae_jax.core.step import LossFn, make_train_step
 from mae_jax.data.device_resize import resize_on_devices
 from mae_jax.data.on_device import OnDeviceIterator
 from mae_jax.models.factory import ModelSpec
+from mae_jax.weights.load import newest_step_everywhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +68,15 @@ def initialise(config, spec: ModelSpec, state: TrainState, shardings) -> TrainSt
     if not config.init_from:
         print("Encoder initialised at random (set init_from for MAE weights).")
         return state
+    step = newest_step_everywhere(config.init_from)  # a run directory's, the same everywhere
     if config.eval_only:
-        model = transfer.load_classifier(config.init_from, spec=spec)
+        model = transfer.load_classifier(config.init_from, spec=spec, step=step)
         if model is not None:
             print(f"Classifier loaded from {config.init_from}.")
             return place_values(state, shardings, transfer.model_values(model))
         print(f"WARNING: {config.init_from} holds an encoder, not a classifier: the head is "
               "untrained, so these metrics only check the pipeline.")
-    values = transfer.encoder_values(config.init_from, spec)
+    values = transfer.encoder_values(config.init_from, spec, step=step)
     print(f"Encoder initialised from {config.init_from} ({len(values)} arrays).")
     return place_values(state, shardings, values)
 

@@ -103,10 +103,11 @@ def load_official_classifier(
 # ----------------------------------------------------------------------- init_from
 
 
-def load_classifier(path: str, *, spec: ModelSpec) -> ViTClassifier | None:
+def load_classifier(path: str, *, spec: ModelSpec, step: int | None = None
+                    ) -> ViTClassifier | None:
     """The whole classifier at `path` (an official fine-tuned .pth, a finetune.py / linprobe.py
     run directory or export) when it has the architecture of `spec`; None when `path` holds
-    only an encoder (a pretrained MAE)."""
+    only an encoder (a pretrained MAE). step: a run directory's checkpoint (default: newest)."""
     target = nnx.eval_shape(spec.build)
     if source_kind(path) == "official":
         state_dict = official.read_state_dict(os.path.expanduser(path))
@@ -117,7 +118,7 @@ def load_classifier(path: str, *, spec: ModelSpec) -> ViTClassifier | None:
             num_heads=target.encoder.blocks[0].attn.num_heads,
         )
     else:
-        model = load_model(path)
+        model = load_model(path, step=step)
         if not isinstance(model, ViTClassifier):
             return None
     mine = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(target))}
@@ -133,11 +134,12 @@ def load_classifier(path: str, *, spec: ModelSpec) -> ViTClassifier | None:
     return model
 
 
-def encoder_values(path: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
+def encoder_values(path: str, spec: ModelSpec, step: int | None = None
+                   ) -> dict[tuple, np.ndarray]:
     """{model path: array} of the encoder at `path`, fitted to `spec`'s encoder (position
     embedding resized; keys the target lacks, such as `norm` for global pooling, dropped)."""
     target = encoder_of(nnx.eval_shape(spec.build))
-    copied = set(copy_encoder_from(path, target))
+    copied = set(copy_encoder_from(path, target, step=step))
     return {("encoder", *p): np.asarray(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(target)) if p in copied}
 

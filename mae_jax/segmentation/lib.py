@@ -100,7 +100,8 @@ def make_loss_fn(aux_weight: float):
     return loss_fn
 
 
-def init_backbone(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
+def init_backbone(init_from: str, spec: ModelSpec, step: int | None = None
+                  ) -> dict[tuple, np.ndarray]:
     """{state path: host array} of the backbone leaves an encoder checkpoint provides.
 
     The source is any checkpoint `mae_jax.weights.load.load_encoder` reads (an official .pth,
@@ -113,12 +114,13 @@ def init_backbone(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray]:
     target = encoder_of(nnx.eval_shape(spec.build))
     # The final norm is unused (features come before it); a fine-tuned classifier lacks it.
     allow_missing = (*NOT_IN_MAE_CHECKPOINTS, r"^norm\.")
-    copied = set(copy_encoder_from(init_from, target, allow_missing=allow_missing))
+    copied = set(copy_encoder_from(init_from, target, allow_missing=allow_missing, step=step))
     return {("backbone", *path): np.asarray(variable.get_value())
             for path, variable in nnx.to_flat_state(nnx.state(target)) if path in copied}
 
 
-def load_segmenter(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray] | None:
+def load_segmenter(init_from: str, spec: ModelSpec, step: int | None = None
+                   ) -> dict[tuple, np.ndarray] | None:
     """{state path: host array} of a whole segmenter at `init_from` (mmseg's MAE UPerNet .pth,
     a segment.py run directory or export) fitted to `spec`, or None when it holds only an
     encoder. A segmenter of another shape is an error naming the differences."""
@@ -133,7 +135,7 @@ def load_segmenter(init_from: str, spec: ModelSpec) -> dict[tuple, np.ndarray] |
                 if isinstance(variable.get_value(), np.ndarray | jax.Array)}
     if source_kind(init_from) == "official":
         return None
-    model = load_model(init_from)
+    model = load_model(init_from, step=step)
     if type(model).__name__ != type(target).__name__:
         return None
     mine = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(target))}
@@ -155,13 +157,16 @@ def initialise(config, spec: ModelSpec, state: TrainState, shardings) -> tuple[T
     if not config.init_from:
         print("Backbone initialised at random (set init_from for MAE weights).")
         return state, False
-    values = load_segmenter(config.init_from, spec)
+    from mae_jax.weights.load import newest_step_everywhere
+
+    step = newest_step_everywhere(config.init_from)  # a run directory's, the same everywhere
+    values = load_segmenter(config.init_from, spec, step)
     whole = values is not None
     if whole:
         print(f"Segmenter (backbone, neck, heads, BatchNorm statistics) initialised from "
               f"{config.init_from}.")
     else:
-        values = init_backbone(config.init_from, spec)
+        values = init_backbone(config.init_from, spec, step)
         print(f"Backbone initialised from {config.init_from} ({len(values)} arrays).")
     return place_values(state, shardings, values), whole
 

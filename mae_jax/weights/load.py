@@ -26,7 +26,7 @@ from flax import nnx
 
 from mae_jax.core.checkpointing import Checkpointer, read_pytree, save_pytree
 from mae_jax.core.errors import DataNotFoundError, WeightsError
-from mae_jax.core.processes import failing_together
+from mae_jax.core.processes import failing_together, from_process_0
 from mae_jax.models.factory import MODEL_JSON, ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.vit import ViTEncoder
@@ -92,6 +92,24 @@ def load_model(
     model = spec.build()
     _assign(model, flat, where=path)
     return model
+
+
+def newest_step_everywhere(path: str | os.PathLike) -> int | None:
+    """For a run of several processes starting from `path` (`init_from`): a run directory's
+    newest intact checkpoint step as process 0 finds it, the same on every process; None for
+    any other source. Each process finding its own could give the hosts different weights
+    (a source run still saving commits a newer step between their readings)."""
+    path = os.path.expanduser(os.fspath(path))
+    if source_kind(path) != "run":
+        return None
+
+    def newest() -> int:
+        with Checkpointer(path, async_save=False) as checkpointer:
+            step = checkpointer.newest_intact_step()
+        return -1 if step is None else step
+
+    step = from_process_0(newest, f"finding the newest checkpoint in {path}")
+    return None if step < 0 else step
 
 
 def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
@@ -191,18 +209,21 @@ def transfer_encoder(
 
 
 def copy_encoder_from(
-    path: str | os.PathLike, target: ViTEncoder, *, allow_missing: tuple[str, ...] = ()
+    path: str | os.PathLike, target: ViTEncoder, *, allow_missing: tuple[str, ...] = (),
+    step: int | None = None,
 ) -> list[tuple]:
     """`transfer_encoder` from the encoder at `path` (anything `load_encoder` reads) into
     `target` (what `init_from` does); returns the paths copied. Errors name `path`.
 
     Official files do not record the head count; the source only lends its weights, and no
-    weight's shape depends on it, so one head reads a file of any width.
+    weight's shape depends on it, so one head reads a file of any width. step: a run
+    directory's checkpoint (default: its newest; `newest_step_everywhere` for a run of
+    several processes).
     """
     path = os.path.expanduser(os.fspath(path))
     official_file = source_kind(path) == "official"
     try:
-        source = load_encoder(path, **({"num_heads": 1} if official_file else {}))
+        source = load_encoder(path, **({"num_heads": 1} if official_file else {"step": step}))
         return transfer_encoder(source, target, allow_missing=allow_missing)
     except WeightsError as error:
         raise WeightsError(f"Cannot start from {path}: {error}") from None
