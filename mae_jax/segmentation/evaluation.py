@@ -136,7 +136,8 @@ class Evaluator:
         examples: any iterable (read lazily, one call at a time) of {"image": [h, w, 3] at test
         scale, float32 normalised or uint8 (normalised on the device), "label": [H, W] int at
         the original size, 255 ignored}. pictures: image | prediction | ground truth of the
-        first `num_pictures` examples, on process 0 (empty elsewhere).
+        first `num_pictures` examples of process 0's share (with P processes, validation
+        records 0, P, 2P, ...; empty on the other processes).
         """
         layout = self.layout
         areas = DeviceAreas(self._zeros, num_classes=self.num_classes,
