@@ -174,6 +174,15 @@ share = examples[:6] if process_id == 0 else examples[6:]
 metrics, pictures = evaluator.evaluate(state, share, num_pictures=2)
 np.save(os.path.join(out, f"areas_{process_id}.npy"), metrics.areas)
 assert len(pictures) == (2 if process_id == 0 else 0), len(pictures)
+
+def unreadable_after_one(share):  # process 1's file server fails after its first example
+    yield share[0]
+    raise OSError("Input/output error: validation/ADE_val_00000007.jpg")
+
+try:
+    evaluator.evaluate(state, share if process_id == 0 else unreadable_after_one(share))
+except Exception as error:
+    print("failed:", type(error).__name__, error, getattr(error, "status", ""), flush=True)
 """
 
 
@@ -190,9 +199,17 @@ def test_two_processes_sum_their_shares_into_the_one_process_metrics(evaluated, 
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for i in range(2)]
+    outputs = []
     for worker in workers:
         output, _ = worker.communicate(timeout=600)
         assert worker.returncode == 0, output[-3000:]
+        outputs.append(output)
+    # An error on one process mid-evaluation (reading its share) reaches the other, which used
+    # to wait for it in the next collective until JAX's heartbeat timeout.
+    assert ("failed: OSError Input/output error: validation/ADE_val_00000007.jpg"
+            in outputs[1]), outputs[1][-3000:]
+    assert ("failed: ProcessFailedError Process 1 failed evaluating its share of the validation "
+            "set (exit status 1)") in outputs[0], outputs[0][-3000:]
     for process_id in range(2):  # every process holds the sum over both
         np.testing.assert_array_equal(np.load(tmp_path / f"areas_{process_id}.npy"),
                                       metrics.areas)

@@ -33,7 +33,8 @@ def failure_status(error: BaseException) -> int:
     return exit_status(error) or 1
 
 
-def _raise_for(statuses: list[int], what: str) -> None:
+def raise_for(statuses: list[int], what: str) -> None:
+    """ProcessFailedError for the first process whose exit status is not 0, if any."""
     failed = [index for index, status in enumerate(statuses) if status]
     if failed:
         index = failed[0]
@@ -59,7 +60,7 @@ def from_process_0(compute: Callable[[], int], what: str) -> int:
         shared = multihost_utils.broadcast_one_to_all(np.array([answer, status], np.int32))
         answer, status = (int(value) for value in shared)
         if error is None:
-            _raise_for([status], what)
+            raise_for([status], what)
     if error is not None:
         raise error
     return answer
@@ -87,7 +88,7 @@ class failing_together:  # noqa: N801 - used as a statement: `with failing_toget
         statuses = [int(value) for value in np.asarray(
             multihost_utils.process_allgather(np.int32(status))).reshape(-1)]
         if error is None:
-            _raise_for(statuses, self.what)
+            raise_for(statuses, self.what)
         return False
 
 

@@ -144,14 +144,21 @@ class Evaluator:
                             max_pixels_per_call=layout.tiles * layout.tile**2)
         pictures: dict[int, np.ndarray] = {}
         calls = canvas.pack(examples, layout, self.local_devices)
-        dtype = None
+        dtype, several = None, jax.process_count() > 1
+        failed: Exception | None = None  # this process's, told to the others at `_agree`
         while True:
-            call = next(calls, None)
+            call = None
+            try:  # reading the examples (a file server's error), this process's pictures
+                call = None if failed else next(calls, None)
+            except Exception as error:  # noqa: BLE001 - the other processes must hear of it
+                if not several:
+                    raise
+                failed = error
             dtype = (canvas.image_dtype(call) if call else None) or dtype
             score_calls = canvas.num_score_calls(call, layout) if call else 0
             more = call is not None
-            if jax.process_count() > 1:  # every process runs the same programs, in step
-                more, score_calls, dtype = _agree(more, score_calls, dtype)
+            if several:  # every process runs the same programs, in step
+                more, score_calls, dtype = _agree(more, score_calls, dtype, failed)
                 call = call or [[] for _ in range(self.local_devices)]
             if not more:
                 break
@@ -163,7 +170,12 @@ class Evaluator:
                     canvases, areas.current(), *self._global(inputs)
                 )
                 areas.update(new_areas)
-                self._collect(predictions, owners, num_pictures, pictures)
+                try:
+                    self._collect(predictions, owners, num_pictures, pictures)
+                except Exception as error:  # noqa: BLE001 - told at the next `_agree`
+                    if not several:
+                        raise
+                    failed = failed or error
         metrics = SegMetrics(self.num_classes)
         metrics.add_areas(areas.host_total())
         # Pixel counts past 2**31 a class stay exact (int64 would travel as int32).
@@ -248,13 +260,23 @@ def _programs(graphdef, mesh, layout: canvas.CanvasLayout, num_classes: int):
     return stitch, score, zeros
 
 
-def _agree(has_call: bool, score_calls: int, dtype) -> tuple[bool, int, Any]:
-    """Across processes: whether any has a call left, the most score calls, the image dtype."""
+def _agree(has_call: bool, score_calls: int, dtype, failed: Exception | None = None
+           ) -> tuple[bool, int, Any]:
+    """Across processes: whether any has a call left, the most score calls, the image dtype.
+
+    failed: this process's error since the last call; every process then raises (the others
+    `ProcessFailedError`), where they used to wait for it in the next collective."""
     from jax.experimental import multihost_utils
 
+    from mae_jax.core.processes import failure_status, raise_for
+
     code = {None: 0, np.uint8: 1, np.float32: 2}[dtype]
-    mine = np.asarray([has_call, score_calls, code], np.int32)
-    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
+    status = 0 if failed is None else failure_status(failed)
+    mine = np.asarray([has_call, score_calls, code, status], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 4)
+    if failed is not None:
+        raise failed
+    raise_for(everyone[:, 3].tolist(), "evaluating its share of the validation set")
     codes = set(everyone[:, 2].tolist()) - {0}
     if len(codes) > 1:
         raise ValueError("processes disagree on the eval image dtype (uint8 vs float)")
