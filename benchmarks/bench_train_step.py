@@ -271,7 +271,10 @@ def forward_matmul_flops(dims: dict[str, int], image_size: int, encoder_tokens: 
 
 # Dense bfloat16 tensor-core peaks (TFLOP/s per device, no sparsity) from NVIDIA's data sheets,
 # matched against the device name. float32 and unlisted devices need --peak_tflops.
-PEAK_TFLOPS = {"bfloat16": {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.05}}
+# Dense bf16 per device, by a substring of its device_kind; the first match wins, so the H100
+# PCIe (756) and NVL (835) come before the SXM's "NVIDIA H100 80GB HBM3".
+PEAK_TFLOPS = {"bfloat16": {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4,
+                            "A100": 312.0, "L40S": 362.05}}
 
 
 def peak_tflops(device_name: str, dtype: str, override: float = 0.0) -> float | None:
@@ -521,11 +524,27 @@ def masking_ablation(rows: list[dict[str, Any]], args, dims) -> dict[str, float]
     }
 
 
-def run_guarded(benches: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def utilisation(row: dict[str, Any], args: argparse.Namespace, dims: dict) -> dict[str, Any]:
+    """`add_utilisation` of one row: 3 x the forward matmul FLOPs of the step it ran."""
+    length = (args.image_size // dims["patch_size"]) ** 2
+    visible = num_visible(length, args.mask_ratio)
+    encoder_tokens = length if row["framework"] == "jax, encoder on all tokens" else visible
+    # Ours computes the decoder's last block for the removed patches only (MAE.loss).
+    decoder_rows = length - visible if row["framework"].startswith("jax") else None
+    return add_utilisation(
+        row, 3 * forward_matmul_flops(dims, args.image_size, encoder_tokens, decoder_rows),
+        devices=len(jax.devices()) if row["framework"].startswith("jax") else 1,
+        peak=peak_tflops(row["device"], args.dtype, args.peak_tflops),
+    )
+
+
+def run_guarded(benches: dict[str, Any], after_each=None
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Calls each of `benches` ({name: no-argument function returning a row}) in turn. One that
     raises (an out-of-memory, a kernel the GPU rejects) leaves its error and traceback, and the
     others' rows are kept: a one-shot GPU run loses one row, not the report. Returns
-    ({name: row}, {name: error})."""
+    ({name: row}, {name: error}). after_each(rows, errors): called after each, e.g. to write
+    the report so far (a run killed at its time limit keeps the rows it finished)."""
     rows, errors = {}, {}
     for name, bench in benches.items():
         try:
@@ -534,15 +553,19 @@ def run_guarded(benches: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dic
             traceback.print_exc()
             errors[name] = f"{type(error).__name__}: {error}"[:2000]
             print(f"{name}: FAILED ({errors[name][:300]}); the other rows are kept", flush=True)
+        if after_each is not None:
+            after_each(rows, errors)
     return rows, errors
 
 
-def write_json(report: dict[str, Any], path: str) -> dict[str, Any]:
-    """Writes `report` to `path` as JSON ('' writes nothing); returns it."""
+def write_json(report: dict[str, Any], path: str, *, quiet: bool = False) -> dict[str, Any]:
+    """Writes `report` to `path` as JSON ('' writes nothing), atomically; returns it."""
     if path:
-        with open(path, "w") as handle:
+        with open(path + ".tmp", "w") as handle:
             json.dump(report, handle, indent=2)
-        print("Wrote", path)
+        os.replace(path + ".tmp", path)
+        if not quiet:
+            print("Wrote", path)
     return report
 
 
@@ -596,26 +619,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.encoder_all_tokens:
             calls["jax, encoder on all tokens"] = functools.partial(
                 bench_jax, args, encoder_all_tokens=True)
-        results, errors = run_guarded(calls)
+
+        def so_far(results, errors):  # the rows finished, should the entry be killed later
+            done = [dict(row) for row in results.values()]
+            for row in done:
+                utilisation(row, args, dims)
+            write_json({"machine": machine, "settings": settings, "results": done,
+                        "errors": errors, "partial": True}, args.out_json, quiet=True)
+
+        results, errors = run_guarded(calls, after_each=so_far if len(calls) > 1 else None)
         rows = [results[name] for name in [*args.frameworks, "jax, encoder on all tokens"]
                 if name in results]
     if not rows:
         write_json({"machine": machine, "settings": settings, "results": [], "errors": errors},
                    args.out_json)
         raise SystemExit(f"Every row failed: {errors}")
-    length = (args.image_size // dims["patch_size"]) ** 2
     for row in rows:
         if not all(math.isfinite(t) and t > 0 for t in row["region_seconds"]):
             raise RuntimeError(f"{row['framework']}: non-positive timing {row['region_seconds']}")
-        visible = num_visible(length, args.mask_ratio)
-        encoder_tokens = length if row["framework"] == "jax, encoder on all tokens" else visible
-        # Ours computes the decoder's last block for the removed patches only (MAE.loss).
-        decoder_rows = length - visible if row["framework"].startswith("jax") else None
-        add_utilisation(
-            row, 3 * forward_matmul_flops(dims, args.image_size, encoder_tokens, decoder_rows),
-            devices=len(jax.devices()) if row["framework"].startswith("jax") else 1,
-            peak=peak_tflops(row["device"], args.dtype, args.peak_tflops),
-        )
+        utilisation(row, args, dims)
     print(format_table(rows))
     for row in rows:  # printed here: a framework's own process keeps its output to itself
         if row.get("profile") and "error" in row["profile"]:

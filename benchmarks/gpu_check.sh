@@ -76,20 +76,23 @@ JAX_DEFAULT_MATMUL_PRECISION=highest \
 tail -3 "$OUT/parity.txt"
 
 # 2. The benchmark suite's GPU preset (benchmarks/suite.py; most important entries first): MAE
-#    train step JAX vs PyTorch in bf16 at batch 256 for ViT-B and ViT-Tiny with the encoder on
-#    all tokens too (MFU; the masking speed-up vs its FLOP ratio), the segmentation step's
-#    device memory for 2 images (target <= 10 GB), evaluation images/s (ADE20K's protocol,
-#    fixed-canvas path), the on-device CIFAR input vs a synthetic batch, the device parts of
-#    the JPEG and ADE20K inputs and of fine-tuning's RandAugment, the segmentation step at the
-#    recipe's batch 16. Each entry has
-#    its own timeout; none starts after 270 s, so the suite ends within 7 minutes. One
-#    table: $OUT/suite.md; every entry's report and log in $OUT/suite.tgz.
+#    train step JAX vs PyTorch in bf16 at batch 256 for ViT-B with the encoder on all tokens
+#    too (MFU; the masking speed-up vs its FLOP ratio), the segmentation step's device memory
+#    for 2 images (target <= 10 GB), evaluation images/s (ADE20K's protocol, fixed-canvas
+#    path), the same MAE rows for ViT-Tiny, the on-device CIFAR input vs a synthetic batch, the
+#    device parts of the JPEG and ADE20K inputs and of fine-tuning's RandAugment, the
+#    segmentation step at the recipe's batch 16. Each entry has its own timeout; none starts
+#    after 270 s, so the suite ends within 7 minutes. One table: $OUT/suite.md; every entry's
+#    report and log in $OUT/suite.tgz.
+#    The table is rewritten into $OUT after every entry (and each train entry's report after
+#    every row), so a run stopped at the device tool's limit still brings back what finished.
 SUITE=/tmp/gpu_check_suite
+rm -rf "$SUITE"  # a rerun on the same warm machine: no earlier run's reports
 timeout 420 python3 benchmarks/suite.py --preset "$PRESET" --out_dir "$SUITE" \
-  --stop_starting_after 270 2>&1 | tee "$OUT/suite.txt"
-# Killed by the timeout: the table of what finished, from suite.json (kept up to date).
-[[ -f "$SUITE/suite.md" ]] || python3 benchmarks/suite.py --render "$SUITE" \
-  >> "$OUT/suite.txt" 2>&1
+  --stop_starting_after 270 --table_copy "$OUT/suite.md" 2>&1 | tee "$OUT/suite.txt"
+# The table again from suite.json (kept up to date): after a timeout it also holds the rows the
+# killed entry had written.
+python3 benchmarks/suite.py --render "$SUITE" > /dev/null 2>> "$OUT/suite.txt"
 cp "$SUITE/suite.md" "$OUT/suite.md" 2>/dev/null || true
 # The end of every entry's log in suite.txt (a crash's traceback), all of them in one archive.
 for log in "$SUITE"/*.txt; do

@@ -36,8 +36,22 @@ def test_a_failed_entry_is_reported_and_later_ones_skipped_past_the_deadline(tmp
     bad = suite._entry("bad_input", "input", "bench_input.py", ["--images", "1"], 60)
     late = suite._entry("late", "input", "bench_input.py", ["--images", "1"], 60)
     monkeypatch.setitem(suite.PRESETS, "smoke", [bad, late])
+    (tmp_path / "late.json").write_text("{}")  # an earlier run's report in a reused folder
+    seen_while_running = []
+    run_entry = suite.run_entry
+
+    def watched(entry, out_dir):  # what a suite stopped during this entry would leave
+        seen_while_running.append(json.loads((tmp_path / "suite.json").read_text()))
+        return run_entry(entry, out_dir)
+
+    monkeypatch.setattr(suite, "run_entry", watched)
     text = suite.main(["--preset", "smoke", "--out_dir", str(tmp_path),
-                       "--stop_starting_after", "0.01"])
+                       "--stop_starting_after", "0.01", "--table_copy",
+                       str(tmp_path / "copy.md")])
+    assert [r["returncode"] for r in seen_while_running[0]["entries"]] == [
+        "did not finish: the suite stopped"]
+    assert not (tmp_path / "late.json").exists()
+    assert (tmp_path / "copy.md").read_text() == text  # written after every entry
     info = json.loads((tmp_path / "suite.json").read_text())
     assert [r["returncode"] for r in info["entries"]] == [2, "skipped: out of time"]
     assert "--images 1: the pipelines batch 64 images" in (tmp_path / "bad_input.txt").read_text()

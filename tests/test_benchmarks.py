@@ -71,6 +71,9 @@ def test_mfu_counts_the_matmul_flops_xla_counts_and_the_known_peak():
     assert skipped == 2 * 50 * dims["decoder_embed_dim"] * 3 * 16 * 16
     # Peaks: NVIDIA's dense bf16 numbers by device name; float32 needs --peak_tflops.
     assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4  # SXM
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert bench.peak_tflops("NVIDIA H100 NVL", "bfloat16") == 835.0
     assert bench.peak_tflops("NVIDIA H200", "float32") is None
     assert bench.peak_tflops("cpu", "float32", override=2.0) == 2.0
     row = bench.add_utilisation({"images_per_s": 8000.0}, 3 * ours, devices=1, peak=989.4)
@@ -119,6 +122,28 @@ def test_both_frameworks_report_finite_timings_and_one_jax_compile(tmp_path, cap
     assert rows["jax"]["params"] == rows["torch"]["params"]
     assert report["settings"]["model_dims"]["decoder_num_heads"] == 1
     assert "framework | device" in printed
+
+
+def test_a_run_killed_after_its_first_row_leaves_that_row_in_its_report(tmp_path,
+                                                                         monkeypatch):
+    """On a GPU every row runs in one process (PyTorch's, JAX's masked, JAX's on all tokens)
+    and the report was written only at the end: an entry killed at its time limit in its last
+    compile lost every row, the MFU target's too. The report now holds each row as it ends."""
+    bench = load_bench()
+    out_json = tmp_path / "bench.json"
+    finished = {"framework": "torch", "device": "cpu", "images_per_s": 50.0}
+    monkeypatch.setattr(bench, "bench_torch", lambda args: dict(finished))
+
+    def killed(args, **kwargs):
+        raise SystemExit("killed at the entry's time limit")
+
+    monkeypatch.setattr(bench, "bench_jax", killed)
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--frameworks", "jax,torch", "--processes", "one",
+                    "--encoder_all_tokens", "--out_json", str(out_json)])
+    report = json.loads(out_json.read_text())
+    assert report["partial"] and [r["framework"] for r in report["results"]] == ["torch"]
+    assert report["results"][0]["model_tflops"] > 0  # with its utilisation
 
 
 def test_benchmark_never_imports_tensorflow(tmp_path):

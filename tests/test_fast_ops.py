@@ -194,18 +194,23 @@ def test_xla_attention_bf16_with_float32_bias_matches_float32_formula():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu",
                     reason="cuDNN attention needs an NVIDIA GPU (benchmarks/gpu_check.sh runs it)")
-@pytest.mark.parametrize("shape, with_bias, train", [
-    ((8, 50, 12, 64), False, True),  # MAE ViT-B/16 encoder at 224 px: 49 visible + cls
-    ((8, 197, 16, 32), False, True),  # the MAE decoder (512 wide, 16 heads)
-    ((2, 1025, 12, 64), True, False),  # ViT-B + UPerNet's 512 px window, relative position bias
-    ((2, 1025, 12, 64), True, True),  # ... and its train step
+@pytest.mark.parametrize("shape, with_bias, train, kv_tokens", [
+    ((8, 50, 12, 64), False, True, None),  # MAE ViT-B/16 encoder at 224 px: 49 visible + cls
+    ((8, 197, 16, 32), False, True, None),  # the MAE decoder (512 wide, 16 heads)
+    # Its last block in MAE.loss: the 147 removed patches' queries against all 197 tokens.
+    ((8, 147, 16, 32), False, True, 197),
+    ((2, 1025, 12, 64), True, False, None),  # ViT-B + UPerNet's 512 px window, relative bias
+    ((2, 1025, 12, 64), True, True, None),  # ... and its train step
 ])
-def test_auto_attention_compiles_on_the_gpu_and_matches_xla_attention(shape, with_bias, train):
+def test_auto_attention_compiles_on_the_gpu_and_matches_xla_attention(shape, with_bias, train,
+                                                                      kv_tokens):
     """The bf16 steps use implementation="auto": cuDNN's fused kernel where it takes the shape.
     Its fallback catches what cuDNN rejects while tracing; a rejection when XLA compiles would
     crash the step instead, so each shape the benchmarks run is compiled here, forward and
     (where trained) backward, against xla_attention on the same bf16 inputs."""
-    q, k, v = (normal(seed, shape, jnp.bfloat16) for seed in (20, 21, 22))
+    kv_shape = shape if kv_tokens is None else (shape[0], kv_tokens, *shape[2:])
+    q = normal(20, shape, jnp.bfloat16)
+    k, v = (normal(seed, kv_shape, jnp.bfloat16) for seed in (21, 22))
     bias = normal(23, (1, shape[2], shape[1], shape[1])) if with_bias else None
     auto = functools.partial(attention, implementation="auto")
 
