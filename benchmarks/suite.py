@@ -124,8 +124,8 @@ PRESETS = {
                [*SEG_BASE, "--batch_size", "2", "--steps", "3", "--repeats", "2", "--warmup",
                 "1"], 90),
         _entry("seg_eval", "seg_eval", "bench_seg_eval.py",
-               [*VIT_B_EVAL, "--dtype", "bfloat16", "--uint8", "--num_images", "20",
-                "--repeats", "1", "--paths", "after"], 90),
+               [*VIT_B_EVAL, "--dtype", "bfloat16", "--uint8", "--num_images", "24",
+                "--repeats", "1", "--paths", "after"], 90),  # 3 full calls of 8 images
         _train("train_tiny", "vit_tiny_patch16", 224, 256, 5, 2, "bfloat16", 110, ALL_TOKENS),
         _entry("on_device", "on_device", "bench_on_device.py",
                ["--batch_size", "256", "--dtype", "bfloat16", "--num_images", "10000",
