@@ -174,12 +174,17 @@ def seg_train_rows(report: dict) -> list[tuple]:
                                               is not None else ""))]
     if ours["batch"] == 2 or not on_gpu:
         peak = ours.get("peak_memory_gib")
+        status = "GPU only"
+        if peak is not None and on_gpu and ours["image_size"] == 512:
+            status = _status(peak * 2**30 / 1e9 <= SEG_MEMORY_TARGET_GB)
+            plan = ours.get("compiled_memory_gib")
+            if status != "met" and plan is not None and plan * 2**30 / 1e9 <= (
+                    SEG_MEMORY_TARGET_GB):  # the allocator's peak also holds compile scratch
+                status += " by the peak; XLA's plan meets it"
         out.append(_row("segmentation train step, device memory", setting,
                         "-" if peak is None else f"{peak * 2**30 / 1e9:.2f} GB",
                         target=f"<= {SEG_MEMORY_TARGET_GB:g} GB (2 images, 512 px)",
-                        status=_status(peak * 2**30 / 1e9 <= SEG_MEMORY_TARGET_GB)
-                        if peak is not None and on_gpu and ours["image_size"] == 512
-                        else "GPU only", notes="peak bytes in use" + (
+                        status=status, notes="peak bytes in use" + (
                             f"; XLA's plan {ours['compiled_memory_gib'] * 2**30 / 1e9:.2f} GB"
                             if ours.get("compiled_memory_gib") is not None else "")))
     return out

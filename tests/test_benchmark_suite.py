@@ -91,6 +91,18 @@ def test_targets_are_judged_where_they_apply():
     # The MFU targets are bfloat16's: a float32 step on the GPU is reported, not judged.
     rows = suite_table.train_rows(_train_report("1 x NVIDIA H200", 81.0, 100.0, mfu=0.2))
     assert rows[1][2] == "20.0%" and rows[1][6] == "- (not bf16)"
+    # The UPerNet step's memory on the GPU: the allocator's peak, with XLA's plan beside it
+    # (the peak also holds what the compiler's autotuning allocated).
+    def seg(peak_gib, plan_gib):
+        row = {"framework": "jax", "device": "1 x NVIDIA H200", "model": "vit_base_patch16",
+               "image_size": 512, "batch": 2, "dtype": "bfloat16", "compile_s": 30.0,
+               "xla_tflop_per_step": 1.0, "ms_per_step_median": 100.0, "mfu": 0.3,
+               "peak_memory_gib": peak_gib, "compiled_memory_gib": plan_gib}
+        return suite_table.seg_train_rows({"results": [row]})[1][6]
+
+    assert seg(8.0, 7.0) == "met"
+    assert seg(12.0, 7.0) == "**not met** by the peak; XLA's plan meets it"
+    assert seg(12.0, 11.0) == "**not met**"
 
 
 def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
