@@ -186,11 +186,21 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
     assert device_memory_error(RuntimeError("a bug"), {}) is None
 
 
-def test_command_line_mistakes_are_one_message_naming_the_fix():
+def test_command_line_mistakes_are_one_message_naming_the_fix(tmp_path):
     """What absl and ml_collections raise for a missing config file, a misspelt field and a
-    config argument of the wrong type, unwrapped: exit 2, no traceback."""
+    config argument of the wrong type, unwrapped: exit 2, no traceback. And what they let
+    through: a stray argument (absl's usage text, exit 1), an empty --workdir (an unset
+    variable: the run went to runs/<config> of the current directory, resuming whatever was
+    there) and a config file whose get_config() returns nothing ("--config is required")."""
     env = {**os.environ, hostmem.SWITCH: "0"}
+    empty = tmp_path / "empty.py"
+    empty.write_text("def get_config(arg=None):\n    pass\n")
     expected = {
+        "extra_positional": "Bad command line: unexpected arguments ['extra_positional']: "
+                            "every setting is a flag",
+        "--workdir=": "Bad command line: --workdir is empty (an unset variable?)",
+        f"--config={empty}": f"Bad command line: --config={empty}: its get_config() returned "
+                             "None",
         "--config=configs/nope.py": "Bad command line: cannot load the --config file: [Errno 2] "
                                     "No such file or directory: 'configs/nope.py'",
         "--config.batch_sise=32": "Bad command line: --config.batch_sise: the config has no "
@@ -246,6 +256,9 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
          "eval_batch_size 0 must be >= 1"),
         (["train.py", "--config=configs/demo.py", "--config.mesh.fsdp=0"],
          "mesh.data=-1 x mesh.fsdp=0: each must be >= 1 or -1"),
+        # A negative lr was taken for "not set" and base_lr used instead.
+        (["train.py", "--config=configs/demo.py", "--config.lr=-1"],
+         "lr -1.0 must be >= 0 (0: not set)"),
     ]:
         result, heavy = run_listing_imports(args)
         assert result.returncode == entry.EXIT_BAD_INPUT, (args, result.stderr[-2000:])
@@ -462,3 +475,7 @@ def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
     with pytest.raises(WorkdirPathError, match="is a file, not a directory"):
         ensure_workdir(str(path))
     assert path.read_text() == "mine"
+    # A directory that cannot be made (here under /sys, which no one may write): the same one
+    # line as one that cannot be written, not makedirs' traceback.
+    with pytest.raises(WorkdirPathError, match="Cannot write to workdir /sys/mae_jax_run"):
+        ensure_workdir("/sys/mae_jax_run")

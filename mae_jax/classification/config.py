@@ -179,6 +179,7 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
             problems.append("set num_epochs > 0 or total_steps > 0")
         if config.base_lr <= 0 and config.lr <= 0:
             problems.append("set base_lr > 0 (scaled by batch_size/256) or an absolute lr > 0")
+        core_config.check_learning_rates(config, problems)
     low, high = config.data.crop_scale
     if not 0 < low <= high <= 1:
         problems.append(f"data.crop_scale {tuple(config.data.crop_scale)} must satisfy "

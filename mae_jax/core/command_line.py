@@ -24,10 +24,16 @@ def asked_for_help(argv: list[str]) -> bool:
                for arg in argv[1:])
 
 
+class CommandLineError(ValueError):
+    """A mistake `parse_flags` finds itself; its message is the whole story."""
+
+
 def command_line_problem(error: BaseException, argv: list[str]) -> str:
     """What went wrong on the command line, without the parsers' wrapping: absl re-raises a
     config file's error inside its own, ml_collections adds the traceback to the text and
     reports an unknown field as an AttributeError holding a KeyError."""
+    if isinstance(error, CommandLineError):
+        return str(error)
     chain = [error]
     while True:
         last = chain[-1]
@@ -73,6 +79,17 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, configs=()) -
         for name in configs:
             if flag_values[name].value is not None:
                 flag_values[name].value.get("task")
+            elif flag_values[name].present:  # a file whose get_config() returns nothing
+                raise CommandLineError(f"--{name}={flag_values[name].config_filename}: its "
+                                       "get_config() returned None; it must return the "
+                                       "ConfigDict.")
+        if len(rest) > 1:
+            raise CommandLineError(f"unexpected arguments {rest[1:]}: every setting is a flag, "
+                                   "e.g. --workdir=DIR or --config.total_steps=N.")
+        if "workdir" in flag_values and flag_values["workdir"].present and not (
+                flag_values["workdir"].value or "").strip():
+            raise CommandLineError("--workdir is empty (an unset variable?): give the run "
+                                   "directory, or leave the flag out for runs/<config name>.")
         return rest
     except Exception as error:  # noqa: BLE001 - everything here comes from the command line
         bad_command_line(error, argv)

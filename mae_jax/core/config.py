@@ -311,6 +311,14 @@ def schedule_lengths(config, num_examples: int) -> dict[str, int]:
     return {"steps_per_epoch": steps_per_epoch, "total_steps": int(total), "warmup_steps": warmup}
 
 
+def check_learning_rates(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    """lr / base_lr: 0 means "not set" (base_lr then scales with the batch); a negative value
+    is a mistake, not "use the other one"."""
+    for name in ("lr", "base_lr"):
+        if config.get(name, 0.0) < 0:
+            problems.append(f"{name} {config.get(name)} must be >= 0 (0: not set)")
+
+
 def raise_problems(problems: list[str]) -> None:
     if problems:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))

@@ -59,10 +59,10 @@ def ensure_workdir(workdir: str) -> str:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirPathError(f"--workdir {workdir} is a file, not a directory: give a new "
                                "or existing run directory.")
-    os.makedirs(workdir, exist_ok=True)
     # A name per process: several processes of one run probe the same shared directory.
     probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     try:
+        os.makedirs(workdir, exist_ok=True)
         with open(probe, "w") as handle:
             handle.write("ok")
         os.remove(probe)

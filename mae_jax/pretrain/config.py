@@ -131,6 +131,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None,
         problems.append("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 and config.lr <= 0:
         problems.append("set base_lr > 0 (scaled by batch_size/256) or an absolute lr > 0")
+    core_config.check_learning_rates(config, problems)
     core_config.raise_problems(problems)
 
 
