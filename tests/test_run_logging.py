@@ -95,12 +95,26 @@ def test_resumed_run_appends_and_readers_keep_the_latest_line_per_step(tmp_path)
     resumed = run_logging.RunLogger(tmp_path, total_steps=100, tensorboard=False, start_step=20)
     resumed.log_train(30, {"loss": 0.5})
     resumed.log_eval(30, {"miou": 12.5})
-    assert [line["step"] for line in read_lines(tmp_path)] == [10, 20, 30, 30, 30]
+    assert [(line["step"], line["kind"]) for line in read_lines(tmp_path)] == [
+        (10, "train"), (20, "train"), (30, "train"), (20, "resume"), (30, "train"), (30, "eval")]
     train = run_logging.read_metrics(tmp_path)
     assert [r["step"] for r in train] == [10, 20, 30] and train[-1]["loss"] == 0.5
     assert run_logging.read_metrics(tmp_path, kind="eval") == [
         {"step": 30, "kind": "eval", "miou": 12.5}
     ]
+    # Killed at step 50 (its lines for 40 and 50 written, no checkpoint after 30), resumed from
+    # 30 with another log cadence: the killed run's 40 and 50 were redone, so the curve leaves
+    # them out (they used to sit between the resumed run's 45 and 60, from another lr).
+    first.log_train(40, {"loss": 9.0})
+    first.log_eval(40, {"miou": 99.0})
+    first.log_train(50, {"loss": 9.0})
+    again = run_logging.RunLogger(tmp_path, total_steps=100, tensorboard=False, start_step=30)
+    for step in (45, 60):
+        again.log_train(step, {"loss": 0.25})
+    assert [(r["step"], r["loss"]) for r in run_logging.read_metrics(tmp_path)] == [
+        (10, 0.1), (20, 0.05), (30, 0.5), (45, 0.25), (60, 0.25)]
+    assert [r["step"] for r in run_logging.read_metrics(tmp_path, kind="eval")] == [30]
+    assert sum(1 for line in read_lines(tmp_path) if line["step"] == 40) == 2  # kept in the file
     path = resumed.save_loss_curve()
     assert os.path.getsize(path) > 1000
     assert Image.open(path).format == "PNG"

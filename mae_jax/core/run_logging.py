@@ -69,8 +69,11 @@ def format_duration(seconds: float) -> str:
 def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dict[str, Any]]:
     """Lines of `workdir/metrics.jsonl` of one kind, sorted by step, last line per step wins.
 
-    A line that is not a JSON record with a step (e.g. torn by a crash or a full disk) is
-    skipped with a warning naming the file and line.
+    A resume from step S writes a line of kind "resume": the lines before it past step S came
+    from a run that stopped before its next checkpoint (killed), whose steps after S were
+    redone, so they are left out (kept in the file). A line that is not a JSON record with a
+    step (e.g. torn by a crash or a full disk) is skipped with a warning naming the file and
+    line.
     """
     path = os.path.join(workdir, METRICS_FILE)
     by_step: dict[int, dict[str, Any]] = {}
@@ -87,7 +90,9 @@ def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dic
                     print(f"WARNING: {message}", flush=True)
                     warnings.warn(message, stacklevel=2)
                     continue
-                if record.get("kind", "train") == kind:
+                if record.get("kind") == "resume":  # the steps after it were redone
+                    by_step = {s: r for s, r in by_step.items() if s <= step}
+                elif record.get("kind", "train") == kind:
                     by_step[step] = record
     return [by_step[step] for step in sorted(by_step)]
 
@@ -148,6 +153,8 @@ class RunLogger:
         if is_main:
             os.makedirs(self.workdir, exist_ok=True)
             _end_with_newline(self.metrics_path)
+            if start_step > 0:  # readers drop the lines past it written before (read_metrics)
+                self._append({"step": int(start_step), "kind": "resume"})
             if tensorboard:
                 self._writer = create_tensorboard_writer(os.path.join(self.workdir, "tensorboard"))
 
