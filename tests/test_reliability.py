@@ -575,6 +575,42 @@ def test_a_smaller_evaluation_batch_is_a_harmless_change(tmp_path):
     assert changes.accepted == "harmless fields only"
 
 
+def test_a_damaged_or_missing_config_record_is_refused_and_a_fresh_start_starts_a_new_one(
+        tmp_path, capsys):
+    """From a QA pass: with config.json deleted, a resume adopted the command's config without
+    a word (a changed lr trained on), and the next identical command was then refused against
+    the old history; a truncated config.json was a JSON traceback; and a fresh start (every
+    checkpoint damaged, "re-run to start from scratch") kept the earlier run's history, which
+    refused the same command the time after."""
+    from mae_jax.classification.config import defaults
+    from mae_jax.core.run_record import (
+        CONFIG_FILE,
+        HISTORY_FILE,
+        ConfigChangedError,
+        record_config,
+    )
+
+    workdir, config = str(tmp_path), defaults("finetune")
+    record_config(workdir, config, resume_step=None)
+    config.lr = 1e-3
+    config.config_change_ok = True
+    record_config(workdir, config, resume_step=2).write(workdir)  # a history line
+    config.config_change_ok = False
+    text = (tmp_path / CONFIG_FILE).read_text()
+    (tmp_path / CONFIG_FILE).write_text(text[:200])  # torn by a crash
+    with pytest.raises(ConfigChangedError, match=rf"{CONFIG_FILE} is not a readable config"):
+        record_config(workdir, config, resume_step=4)
+    (tmp_path / CONFIG_FILE).unlink()
+    with pytest.raises(ConfigChangedError, match=rf"{HISTORY_FILE} but no {CONFIG_FILE}"):
+        record_config(workdir, config, resume_step=4)
+    # Starting from scratch sets the earlier run's history aside with its config.
+    record_config(workdir, config, resume_step=None)
+    assert not (tmp_path / HISTORY_FILE).exists()
+    assert any(name.startswith(HISTORY_FILE.split(".")[0]) for name in os.listdir(tmp_path))
+    assert record_config(workdir, config, resume_step=4).changes == {}
+    assert f"the earlier run's {HISTORY_FILE} is kept as" in capsys.readouterr().out
+
+
 def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_export(finished_run, tmp_path):
     """Checkpoints deleted (or none saved): the run starts from scratch and sets the earlier
     run's metrics.jsonl and export/ aside rather than appending to or overwriting them."""

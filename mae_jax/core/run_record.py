@@ -68,13 +68,26 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
 
 
 def effective_config(workdir: str) -> dict[str, Any] | None:
-    """The recorded config with every recorded change applied, flat; None before a first run."""
+    """The recorded config with every recorded change applied, flat; None before a first run
+    (and in a run of a version that kept no record). Raises ConfigChangedError when the record
+    is unusable: config.json unreadable, or gone while its history is still there."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        flat = flat_config(json.load(handle))
     history = os.path.join(workdir, HISTORY_FILE)
+    if not os.path.exists(path):
+        if os.path.exists(history):  # deleted: adopting this command's config would be silent
+            raise ConfigChangedError(
+                f"{workdir} holds checkpoints and {HISTORY_FILE} but no {CONFIG_FILE}: the "
+                "run's config cannot be checked. Restore config.json; or, to make this "
+                f"command's config the run's from now on, move {HISTORY_FILE} aside.")
+        return None
+    try:
+        with open(path) as handle:
+            flat = flat_config(json.load(handle))
+    except ValueError as error:  # truncated by a crash or a full disk
+        raise ConfigChangedError(
+            f"{path} is not a readable config ({error}): the run's config cannot be checked. "
+            f"Restore it; or, to make this command's config the run's from now on, move it "
+            f"and {HISTORY_FILE} aside.") from None
     if os.path.exists(history):
         with open(history) as handle:
             for number, line in enumerate(handle, 1):
@@ -139,10 +152,17 @@ def record_config(
     if resume_step is None:
         if write:
             _start_record(workdir, config, current)
+            history = os.path.join(workdir, HISTORY_FILE)
+            if os.path.exists(history):  # an earlier run's (its checkpoints gone or damaged)
+                kept = set_aside(history)
+                print(f"Starting from scratch: the earlier run's {HISTORY_FILE} is kept as "
+                      f"{kept}.", flush=True)
         return ConfigChanges()
     recorded = effective_config(workdir)
     if recorded is None:  # checkpoints from a version that kept no record: start one now
         if write:
+            print(f"No config record in {workdir} (a run of an older version): this "
+                  f"command's config is recorded as the run's ({CONFIG_FILE}).", flush=True)
             _start_record(workdir, config, current)
         return ConfigChanges()
     _check_same_task(workdir, recorded.get("task"), current.get("task"), resume_step)
@@ -192,5 +212,6 @@ def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict
         kept = set_aside(path)
         print(f"Starting from scratch with another config; the previous {CONFIG_FILE} is "
               f"kept as {kept}.", flush=True)
-    with open(path, "w") as handle:
+    with open(path + ".tmp", "w") as handle:  # whole or not at all: a crash cannot truncate it
         handle.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
