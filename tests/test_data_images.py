@@ -194,6 +194,27 @@ def test_folder_shards_are_disjoint_equal_sized_and_count_globally(tmp_path):
     assert not set(ids[0]) & set(ids[1])
 
 
+def test_generated_data_of_other_settings_replaces_the_earlier_files(tmp_path):
+    """From a QA pass: `generated:512` in a workdir that held `generated:2048` trained on all
+    2048 (the earlier PNGs stayed beside a second marker); fewer generated classes would have
+    left the earlier class folders, read as classes too. Other files are kept."""
+    from mae_jax.classification.synthetic import write_labelled_dataset
+    from mae_jax.data.generated import write_generated_images
+
+    folder = str(tmp_path / "generated_images")
+    write_generated_images(folder, count=8, size=8)
+    (tmp_path / "generated_images" / "notes.txt").write_text("mine")
+    write_generated_images(folder, count=3, size=8)
+    assert sorted(os.listdir(folder)) == [".complete_3_8_0", "000000.png", "000001.png",
+                                          "000002.png", "notes.txt"]
+    classes = str(tmp_path / "generated_classes")
+    write_labelled_dataset(classes, num_train=8, num_val=4, num_classes=4, size=8)
+    write_labelled_dataset(classes, num_train=4, num_val=2, num_classes=2, size=8)
+    for split, count in (("train", 4), ("val", 2)):
+        assert sorted(os.listdir(os.path.join(classes, split))) == ["class_00", "class_01"]
+        assert sum(len(files) for _, _, files in os.walk(os.path.join(classes, split))) == count
+
+
 def test_labelled_folder_classes_splits_and_labels_follow_class_folders(tmp_path):
     source = _write_classes(tmp_path, {"train": 4, "val": 2})
     assert images.class_names(source=source) == ["c0", "c1", "c2"]

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from mae_jax.data.generated import generated_count
+from mae_jax.data.generated import clear_generated, generated_count
 
 TEXTURES = ("vertical_stripes", "horizontal_stripes", "checkerboard", "diagonal_checkerboard",
             "dots", "rings", "grid", "crosshatch")
@@ -86,6 +86,7 @@ def write_labelled_dataset(
     marker = os.path.join(folder, f".complete_{num_train}_{num_val}_{num_classes}_{size}_{seed}")
     if os.path.exists(marker):
         return folder
+    clear_generated(folder)  # fewer images or classes than an earlier run's
     for split, count, split_seed in ((TRAIN_SPLIT, num_train, seed), (VAL_SPLIT, num_val,
                                                                       seed + 1)):
         rng = np.random.default_rng([split_seed, 7])

@@ -34,6 +34,23 @@ def generate_image(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def clear_generated(folder: str) -> None:
+    """Removes what an earlier `generated:N` of other settings wrote into `folder` (its PNGs,
+    class folders and markers), so a smaller N is not read together with the earlier extra
+    images. Other files are left alone."""
+    import re
+    import shutil
+
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            if re.fullmatch(r"\d{6}\.png|\.complete_[\d_]+", name):
+                os.remove(os.path.join(root, name))
+        for name in dirs:  # class folders left empty
+            path = os.path.join(root, name)
+            if not os.listdir(path):
+                shutil.rmtree(path)
+
+
 def write_generated_images(folder: str, *, count: int, size: int = 64, seed: int = 0) -> str:
     """Writes `count` PNGs into `folder` once (kept if already complete); returns the folder."""
     from PIL import Image
@@ -44,6 +61,7 @@ def write_generated_images(folder: str, *, count: int, size: int = 64, seed: int
     marker = os.path.join(folder, f".complete_{count}_{size}_{seed}")
     if os.path.exists(marker):
         return folder
+    clear_generated(folder)
     rng = np.random.default_rng(seed)
     for index in range(count):
         Image.fromarray(generate_image(rng, size)).save(os.path.join(folder, f"{index:06d}.png"))
