@@ -24,7 +24,7 @@ from conftest import losses_of, one_worker, params_of, tiny_pretrain_config
 from flax import nnx
 
 from mae_jax.core import checkpoint_integrity as integrity
-from mae_jax.core import checkpointing, optim, sharding
+from mae_jax.core import checkpointing, optim, preemption, sharding
 from mae_jax.core import config as config_lib
 from mae_jax.core.checkpointing import (
     Checkpointer,
@@ -352,6 +352,34 @@ def test_a_stop_asked_for_before_an_evaluation_step_stops_first_and_the_resume_e
     assert Checkpointer(tmp_path).all_steps() == [4]
     run(4)
     assert calls == [4, 8]
+
+
+def test_a_stop_signal_after_the_last_step_stops_before_the_work_after_training(tmp_path,
+                                                                              capsys):
+    """From a QA pass: a SIGTERM while the last checkpoint was being finished (after the
+    loop's last check) printed "saving a checkpoint and stopping", yet the export ran and
+    the run said it completed. It now stops there too: pre-empted (exit status 75), the
+    checkpoint written, the export left to the re-run."""
+    with Checkpointer(tmp_path, save_every_steps=8) as checkpointer:
+        finish = checkpointer.wait
+        calls = []
+
+        def wait():  # the save of step 8 waits too; the second call is the loop's last
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finish()
+
+        checkpointer.wait = wait
+        logger = RunLogger(tmp_path, total_steps=8, tensorboard=False, log_every=8)
+        result = run_loop(
+            state=tiny_state(), train_step=fake_step(99),
+            batches=iter(lambda: {"x": np.zeros((1, 2), np.float32)}, None),
+            mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=0, total_steps=8,
+            checkpointer=checkpointer, logger=logger)
+    assert result.preempted and result.step == 8 and preemption.stopped_on_request() == 8
+    assert "Stopped after step 8 on request (its checkpoint is saved)" in capsys.readouterr().out
+    assert Checkpointer(tmp_path).all_steps() == [8]
 
 
 def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, capsys):

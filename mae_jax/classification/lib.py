@@ -158,7 +158,7 @@ def train_and_evaluate(
             hooks=(loop.Hook(eval_every, evaluate, missed=lambda s: not run.evaluated_at(s)),),
             metadata_fn=lambda step: {"step": step, "images_seen": step * config.batch_size},
         )
-        if result.step >= total_steps:
+        if result.step >= total_steps and not result.preempted:  # else the re-run does it
             if not results:  # the run had already finished: report its final evaluation again
                 results.update(evaluator(result.step, result.state, log=False))
             with failing_together("writing the loss curve"):  # process 0

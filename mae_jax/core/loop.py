@@ -231,4 +231,9 @@ def run_loop(
         finally:
             profiler.stop(step)  # a run that ends or stops inside the range
         checkpointer.wait()  # still guarded: a stop signal now cannot abandon the last write
+        if not preempted and guard.requested_anywhere():  # it came after the last check
+            preempted = True
+            preemption.record_stop(step)
+            print(f"Stopped after step {step} on request (its checkpoint is saved); re-run the "
+                  "same command to finish (the export, the loss curve).", flush=True)
     return LoopResult(state=state, step=step, metrics=last_metrics, preempted=preempted)

@@ -167,7 +167,7 @@ def train_and_evaluate(
         out: dict[str, Any] = {"total_steps": total_steps, "step": result.step,
                                **result.metrics}
         # ------------------------------------------------------------- Export
-        if result.step >= total_steps:
+        if result.step >= total_steps and not result.preempted:  # else the re-run does it
             if config.export_encoder:
                 out["export"] = export_encoder(run.workdir, spec, graphdef, result.state)
             with failing_together("writing the loss curve"):  # process 0

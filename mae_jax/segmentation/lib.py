@@ -263,7 +263,7 @@ def train_and_evaluate(
             hooks=(loop.Hook(config.eval_every_steps, evaluate,
                              missed=lambda step: not run.evaluated_at(step)),),
         )
-        if result.step >= config.total_steps:
+        if result.step >= config.total_steps and not result.preempted:  # else the re-run does it
             with failing_together("writing the loss curve"):  # process 0
                 logger.save_loss_curve()
             if config.export_mmseg:
