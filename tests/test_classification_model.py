@@ -295,6 +295,13 @@ def test_official_training_checkpoints_with_their_args_load_and_code_is_still_re
     torch.save({"model": model, "args": fractions.Fraction(1, 3)}, other)
     with pytest.raises(WeightsError, match="Refusing to load"):
         read_state_dict(other)
+    # Not a checkpoint at all (QA: init_from=metrics.jsonl got torch's advice to retry with
+    # weights_only=False, which would run whatever a pickle holds).
+    notes = tmp_path / "metrics.jsonl"
+    notes.write_text('{"step": 1, "loss": 0.5}\n')
+    with pytest.raises(WeightsError, match="is not a PyTorch checkpoint") as error:
+        read_state_dict(notes)
+    assert "weights_only" not in str(error.value)
 
 
 def test_weights_holding_nan_are_refused_at_load_naming_the_arrays():

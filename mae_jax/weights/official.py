@@ -49,6 +49,13 @@ def safe_torch_load(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataNotFoundError(f"Checkpoint file not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip, or a legacy pickle
+        raise WeightsError(
+            f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a "
+            "pickle; empty, or another kind of file?): give an official .pth, a run "
+            "directory, its export/ folder or a Hugging Face folder.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
