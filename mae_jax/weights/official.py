@@ -25,8 +25,6 @@ from mae_jax.models.vit import ViTEncoder
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 _DECODER_NAMES = {"embed": "decoder_embed", "norm": "decoder_norm", "pred": "decoder_pred",
                   "blocks": "decoder_blocks", "pos_embed": "decoder_pos_embed"}
-
-
 ARCHITECTURE_KEY = "mae_jax_architecture"  # beside "model" in the files save_official writes
 
 
@@ -49,13 +47,11 @@ def safe_torch_load(path: str | os.PathLike):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataNotFoundError(f"Checkpoint file not found: {path}")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip, or a legacy pickle
-        raise WeightsError(
-            f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a "
-            "pickle; empty, or another kind of file?): give an official .pth, a run "
-            "directory, its export/ folder or a Hugging Face folder.")
+    with open(path, "rb") as handle:  # torch.save's zip archive, or a legacy pickle
+        if not (head := handle.read(4)).startswith(b"\x80") and head != b"PK\x03\x04":
+            raise WeightsError(f"{path} is not a PyTorch checkpoint (empty, or another kind of "
+                               "file?): give an official .pth, a run directory, its export/ "
+                               "folder or a Hugging Face folder.")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
