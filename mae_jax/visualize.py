@@ -154,13 +154,18 @@ def main(argv=None) -> None:
                      "patch: nothing left to reconstruct from)")
     if not os.path.exists(args.checkpoint):
         parser.error(f"checkpoint not found: {args.checkpoint}")
+    # --out is checked before the model is loaded and run (minutes for a large one on a CPU).
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        parser.error(f"--out={args.out}: give an image file name, e.g. reconstructions.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        parser.error(f"--out={args.out}: the folder {os.path.dirname(args.out)} does not exist")
     overrides = {} if args.norm_pix_loss is None else {"norm_pix_loss": args.norm_pix_loss}
     for name in ("num_heads", "decoder_num_heads"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
     try:
         model = load_model(args.checkpoint, **overrides)
-    except BadInputError as error:
+    except (BadInputError, ValueError) as error:  # incl. official-only options for a run
         parser.error(f"--checkpoint={args.checkpoint}: {error}")
     try:
         images = load_images(paths, model.encoder.image_size)

@@ -172,7 +172,7 @@ def test_finetune_run_leaves_results_metrics_and_official_export(finetuned):
     assert os.path.isdir(workdir / "export" / "classifier_flax")
 
 
-def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path):
+def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path, capsys):
     workdir, config, result = finetuned
     for init_from in (workdir / "export" / "mae_finetuned.pth", workdir / "export" /
                       "classifier_flax", workdir):
@@ -182,9 +182,15 @@ def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path)
         for key in ("top1", "top5", "num_examples"):
             assert again[key] == result[key], (init_from, key)
         assert again["loss"] == pytest.approx(result["loss"], rel=1e-5)
-    # eval_only in the run's own directory evaluates its newest checkpoint.
-    evaluation = set_fields(config.copy_and_resolve_references(), {"eval_only": True})
+    # eval_only in the run's own directory evaluates its newest checkpoint, and says that an
+    # init_from given too is not what it evaluates (QA: it was ignored without a word).
+    pretrained = str(workdir / "export" / "mae_finetuned.pth")
+    evaluation = set_fields(config.copy_and_resolve_references(),
+                            {"eval_only": True, "init_from": pretrained})
+    capsys.readouterr()
     assert finetune.train_and_evaluate(evaluation, str(workdir))["top1"] == result["top1"]
+    assert (f"eval_only evaluates this workdir's checkpoint of step 6; init_from ({pretrained}) "
+            "only starts a new run") in capsys.readouterr().out
 
 
 def test_a_run_of_several_processes_starts_every_process_from_process_0s_newest_step(
@@ -204,6 +210,26 @@ def test_a_run_of_several_processes_starts_every_process_from_process_0s_newest_
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda mine: np.array([3, 0]))
     assert newest_step_everywhere(workdir) == 3
+
+
+def test_weights_of_another_head_count_are_refused_naming_it(finetuned):
+    """From a QA pass: the head count changes no weight's shape, so a run directory recording
+    4 heads loaded into a 2-head model without a word (trained, or evaluated with other
+    numbers). Sources that record it (model.json) are now checked."""
+    from mae_jax.classification import lib as classification_lib
+    from mae_jax.classification import transfer
+    from mae_jax.core.errors import WeightsError
+
+    workdir, config, _ = finetuned
+    other = config.copy_and_resolve_references()
+    other.model.num_heads = 2
+    spec = classification_lib.model_spec(other, 4, global_pool=True)
+    with pytest.raises(WeightsError, match="has 4 attention heads, the model 2 .*"
+                                           "model.num_heads=4"):
+        transfer.load_classifier(str(workdir), spec=spec)
+    with pytest.raises(WeightsError, match=f"Cannot start from {workdir}: The source encoder "
+                                           "has 4 attention heads"):
+        transfer.encoder_values(str(workdir), spec)
 
 
 def test_killed_finetune_resumes_to_the_same_parameters_and_losses(finetuned, tmp_path):

@@ -70,10 +70,21 @@ def test_command_names_a_bad_ratio_or_checkpoint_kind_in_one_line(tmp_path, caps
     Image.new("RGB", (32, 32)).save(image)
     encoder = tmp_path / "encoder.pth"
     mae_jax.save_official(mae_jax.MAE(**TINY, rngs=nnx.Rngs(0)).encoder, encoder)
+    from mae_jax.models.factory import ModelSpec
+    from mae_jax.weights.load import save_export
+
+    # A Flax export records its architecture: official-only options are refused for it.
+    save_export(mae_jax.MAE(**TINY, rngs=nnx.Rngs(0)), ModelSpec("MAE", TINY),
+                str(tmp_path / "run"))
     for flags, message in (
             (["--mask_ratios=abc"], "--mask_ratios=abc: give numbers"),
             (["--mask_ratios=0.5,1.0"], "each must be in [0, 1)"),
-            (["--num_heads=2"], "holds a ViTEncoder, not an MAE with its decoder")):
+            (["--num_heads=2"], "holds a ViTEncoder, not an MAE with its decoder"),
+            # Checked before the model runs (they were tracebacks after it, exit 1; QA).
+            ([f"--out={tmp_path}/none/figure.png"], "none does not exist"),
+            ([f"--out={tmp_path}/figure"], "give an image file name"),
+            ([f"--checkpoint={tmp_path}/run", "--norm_pix_loss"],
+             "only apply to official checkpoint files")):
         with pytest.raises(SystemExit) as exit_:
             main([f"--checkpoint={encoder}", f"--images={image}", *flags])
         assert exit_.value.code == 2

@@ -165,7 +165,10 @@ def train_and_evaluate(
                 logger.save_loss_curve()
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)
-    return results | {"step": result.step}
+    # The step trained to, and (when it differs, e.g. stopped early) the evaluation's own.
+    return results | {"step": result.step} | (
+        {"evaluated_step": results["step"]} if results.get("step", result.step) != result.step
+        else {})
 
 
 def train_batches(config, options: dict, mesh, start_step: int, in_device_memory):

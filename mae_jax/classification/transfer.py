@@ -21,7 +21,7 @@ from mae_jax.models.layers import make_rngs
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.registry import find_variant
 from mae_jax.weights import official
-from mae_jax.weights.load import copy_encoder_from, load_model, source_kind
+from mae_jax.weights.load import check_heads, copy_encoder_from, load_model, source_kind
 
 # ----------------------------------------------------------------------- official layout
 
@@ -121,6 +121,7 @@ def load_classifier(path: str, *, spec: ModelSpec, step: int | None = None
         model = load_model(path, step=step)
         if not isinstance(model, ViTClassifier):
             return None
+        check_heads(model, target)
     mine = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(target))}
     theirs = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))}
     if mine != theirs:
@@ -129,7 +130,8 @@ def load_classifier(path: str, *, spec: ModelSpec, step: int | None = None
         raise WeightsError(
             f"The classifier in {path} does not fit this config (classes, pooling or model "
             f"size differ): {', '.join(differ[:6])}. Evaluate it with its own config, or "
-            "train from it without eval_only (the encoder is copied, the head starts fresh)."
+            "fine-tune from it (finetune.py without eval_only: the encoder is copied, the "
+            "head starts fresh; a linear probe needs a pretrained encoder)."
         )
     return model
 

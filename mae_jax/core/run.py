@@ -93,6 +93,10 @@ class Run:
         )
         print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
               f"{tree_size(state.params) / 1e6:.2f}M trainable parameters.")
+        if start_step and self.config.get("eval_only") and self.config.get("init_from"):
+            print(f"Note: eval_only evaluates this workdir's checkpoint of step {start_step}; "
+                  f"init_from ({self.config.init_from}) only starts a new run. To evaluate it, "
+                  "give a --workdir without checkpoints.", flush=True)
         written_by = metadata.get("process_count")  # absent in checkpoints before 2026-12-07
         reads_data = not self.config.get("eval_only", False)
         if self.is_main and reads_data and written_by not in (None, jax.process_count()):

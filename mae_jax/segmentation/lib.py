@@ -125,7 +125,7 @@ def load_segmenter(init_from: str, spec: ModelSpec, step: int | None = None
     a segment.py run directory or export) fitted to `spec`, or None when it holds only an
     encoder. A segmenter of another shape is an error naming the differences."""
     from mae_jax.weights import mmseg
-    from mae_jax.weights.load import load_model, source_kind
+    from mae_jax.weights.load import check_heads, load_model, source_kind
 
     target = nnx.eval_shape(spec.build)
     if mmseg.is_mmseg_checkpoint(init_from):
@@ -138,6 +138,7 @@ def load_segmenter(init_from: str, spec: ModelSpec, step: int | None = None
     model = load_model(init_from, step=step)
     if type(model).__name__ != type(target).__name__:
         return None
+    check_heads(model, target)
     mine = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(target))}
     theirs = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
     differ = sorted("/".join(map(str, p)) for p in set(mine) ^ set(theirs)
@@ -268,4 +269,7 @@ def train_and_evaluate(
                 logger.save_loss_curve()
             if config.export_mmseg:
                 results["export"] = export_mmseg(run.workdir, graphdef, result.state)
-    return results | {"step": result.step}
+    # The step trained to, and (when it differs, e.g. stopped early) the evaluation's own.
+    return results | {"step": result.step} | (
+        {"evaluated_step": results["step"]} if results.get("step", result.step) != result.step
+        else {})

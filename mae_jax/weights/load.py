@@ -50,11 +50,16 @@ def source_kind(path: str | os.PathLike) -> str:
     if os.path.isdir(path):
         if hf.is_hf_checkpoint(path):
             return "official"
+        inside = sorted(name for name in os.listdir(path)
+                        if os.path.exists(os.path.join(path, name, MODEL_JSON)))
         raise WeightsError(
             f"{path} is a directory but neither a run directory (model.json + checkpoints/), "
             "a Flax export (model.json + weights/) nor a Hugging Face ViTMAE folder "
-            "(config.json + model.safetensors): point at a train.py / segment.py workdir, its "
-            "export/ folder, an HF folder or an official .pth file."
+            "(config.json + model.safetensors): point at a train.py / segment.py workdir, a "
+            "Flax export folder (a run's export/encoder_flax or export/classifier_flax), an "
+            "HF folder or an official .pth file."
+            + (f" Here: {', '.join(os.path.join(path, name) for name in inside)}."
+               if inside else "")
         )
     return "official"
 
@@ -208,6 +213,19 @@ def transfer_encoder(
     return _assign(target, values, where="the source encoder", strict=False)
 
 
+def check_heads(source: nnx.Module, target: nnx.Module) -> None:
+    """WeightsError when two models' encoders (a source that records its architecture, and the
+    model it is loaded into) have other attention head counts: no weight's shape depends on
+    it, so the weights would load without a word and compute another attention."""
+    have, want = (encoder_of(model).blocks[0].attn.num_heads if len(encoder_of(model).blocks)
+                  else None for model in (source, target))
+    if have and want and have != want:
+        raise WeightsError(
+            f"The source encoder has {have} attention heads, the model {want} (no weight's "
+            f"shape tells them apart): set model.num_heads={have}, or start from weights of "
+            "this model.")
+
+
 def copy_encoder_from(
     path: str | os.PathLike, target: ViTEncoder, *, allow_missing: tuple[str, ...] = (),
     step: int | None = None,
@@ -224,6 +242,8 @@ def copy_encoder_from(
     official_file = source_kind(path) == "official"
     try:
         source = load_encoder(path, **({"num_heads": 1} if official_file else {"step": step}))
+        if not official_file:  # the others record no head count
+            check_heads(source, target)
         return transfer_encoder(source, target, allow_missing=allow_missing)
     except WeightsError as error:
         raise WeightsError(f"Cannot start from {path}: {error}") from None
