@@ -22,7 +22,7 @@ from mae_jax.classification.synthetic import resolve_labelled_source
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
 from mae_jax.core.processes import failing_together, same_on_every_process
-from mae_jax.core.run import Run
+from mae_jax.core.run import Run, with_step
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import LossFn, make_train_step
 from mae_jax.data.device_resize import resize_on_devices
@@ -165,10 +165,7 @@ def train_and_evaluate(
                 logger.save_loss_curve()
             if config.get("export_official"):
                 results["export"] = export(run.workdir, spec, graphdef, result.state)
-    # The step trained to, and (when it differs, e.g. stopped early) the evaluation's own.
-    return results | {"step": result.step} | (
-        {"evaluated_step": results["step"]} if results.get("step", result.step) != result.step
-        else {})
+    return with_step(results, result.step)
 
 
 def train_batches(config, options: dict, mesh, start_step: int, in_device_memory):

@@ -11,9 +11,8 @@ from typing import NoReturn
 
 from absl import flags
 
-from mae_jax.core.errors import BadInputError
+from mae_jax.core.errors import EXIT_BAD_INPUT, BadInputError
 
-EXIT_BAD_INPUT = 2
 HELP_FLAGS = {"help", "?", "helpshort", "helpfull", "helpxml"}
 
 

@@ -30,14 +30,20 @@ from ml_collections import config_flags  # noqa: E402
 
 from mae_jax.core import command_line, hostmem  # noqa: E402
 from mae_jax.core.errors import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_COMPLETED,
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_WRITE_FAILED,
     BadInputError,
     ProcessFailedError,
     device_memory_error,
+    diverged,
+    exit_status,
 )
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_DIVERGED = 0, 1, 3
-EXIT_BAD_INPUT = command_line.EXIT_BAD_INPUT  # 2, also what the parser exits with
-EXIT_WRITE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 74, 75, 130
 EXIT_MEANINGS = {
     EXIT_FAILED: "unexpected error",
     EXIT_BAD_INPUT: "bad input; fix it and re-run",
@@ -103,35 +109,11 @@ def initialize_distributed(environ=os.environ) -> dict:
     return kwargs
 
 
-def _diverged(error: BaseException) -> bool:
-    """A NonFiniteLossError, without importing the loop (and JAX) to ask: where the loop
-    never loaded (a config refused before the library), the error cannot be one."""
-    loop = sys.modules.get("mae_jax.core.loop")
-    return loop is not None and isinstance(error, loop.NonFiniteLossError)
-
-
-def exit_status(error: BaseException) -> int:
-    from mae_jax.core import checkpoint_integrity as integrity
-
-    if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
-    if isinstance(error, ProcessFailedError):  # the status of the process that failed
-        return error.status
-    if _diverged(error):
-        return EXIT_DIVERGED
-    if isinstance(error, integrity.CheckpointWriteError) or integrity.is_out_of_space(
-            error):
-        return EXIT_WRITE_FAILED
-    bad_input = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, BadInputError)
-    return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED
-
-
 def explanation(error: BaseException) -> str | None:
     """The message of an error that is the whole story (no traceback), else None."""
     from mae_jax.core import checkpoint_integrity as integrity
 
-    if _diverged(error) or isinstance(error, (integrity.CheckpointWriteError, BadInputError,
+    if diverged(error) or isinstance(error, (integrity.CheckpointWriteError, BadInputError,
                                               KeyboardInterrupt, ProcessFailedError)):
         return str(error) or "interrupted (Ctrl-C)"
     if integrity.is_out_of_space(error):  # metrics.jsonl, eval_results.json, an export

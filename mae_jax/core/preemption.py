@@ -13,6 +13,9 @@ from types import FrameType
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 _stopped_at_step: int | None = None
 
@@ -93,9 +96,6 @@ class StopAgreement:
     """
 
     def __init__(self, mesh, every: int = STOP_CHECK_EVERY_STEPS):
-        import jax.numpy as jnp
-        from jax.sharding import NamedSharding, PartitionSpec
-
         self.every = every
         self.sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
         self.shape = (mesh.devices.size,)
@@ -107,8 +107,6 @@ class StopAgreement:
         asked at the previous such step (False at other steps)."""
         if step % self.every:
             return False
-        import numpy as np
-
         stop = self._pending is not None and bool(np.asarray(
             self._pending.addressable_data(0)))
         flag = np.full((1,), int(requested), np.int32)

@@ -23,13 +23,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mae_jax.core.errors import ProcessFailedError
+from mae_jax.core.errors import ProcessFailedError, exit_status
 
 
 def failure_status(error: BaseException) -> int:
     """The exit status `error` ends a run with (never 0)."""
-    from mae_jax.core.entry import exit_status
-
     return exit_status(error) or 1
 
 

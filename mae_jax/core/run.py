@@ -32,6 +32,14 @@ from mae_jax.models.factory import ModelSpec
 from mae_jax.models.layers import make_rngs
 
 
+def with_step(results: dict, step: int) -> dict:
+    """A task's last evaluation with `step`, the step it trained to; the evaluation's own step
+    as `evaluated_step` when it differs (a run stopped early, after an earlier evaluation)."""
+    evaluated = results.get("step", step)
+    return results | {"step": step} | ({"evaluated_step": evaluated} if evaluated != step
+                                       else {})
+
+
 class Run:
     """One run in `workdir` over `devices` (default: all devices of all processes).
 

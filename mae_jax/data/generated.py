@@ -7,6 +7,7 @@ structure that a tiny MAE learns to fill in masked patches within minutes on a C
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -38,17 +39,13 @@ def clear_generated(folder: str) -> None:
     """Removes what an earlier `generated:N` of other settings wrote into `folder` (its PNGs,
     class folders and markers), so a smaller N is not read together with the earlier extra
     images. Other files are left alone."""
-    import re
-    import shutil
-
     for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
             if re.fullmatch(r"\d{6}\.png|\.complete_[\d_]+", name):
                 os.remove(os.path.join(root, name))
         for name in dirs:  # class folders left empty
-            path = os.path.join(root, name)
-            if not os.listdir(path):
-                shutil.rmtree(path)
+            if not os.listdir(os.path.join(root, name)):
+                os.rmdir(os.path.join(root, name))
 
 
 def write_generated_images(folder: str, *, count: int, size: int = 64, seed: int = 0) -> str:

@@ -20,7 +20,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mae_jax.core import sharding as sharding_lib
-from mae_jax.core.processes import failing_together, sum_over_processes
+from mae_jax.core.processes import (
+    failing_together,
+    failure_status,
+    raise_for,
+    sum_over_processes,
+)
 from mae_jax.core.run_logging import RunLogger, write_json
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
@@ -267,8 +272,6 @@ def _agree(has_call: bool, score_calls: int, dtype, failed: Exception | None = N
     failed: this process's error since the last call; every process then raises (the others
     `ProcessFailedError`), where they used to wait for it in the next collective."""
     from jax.experimental import multihost_utils
-
-    from mae_jax.core.processes import failure_status, raise_for
 
     code = {None: 0, np.uint8: 1, np.float32: 2}[dtype]
     status = 0 if failed is None else failure_status(failed)

@@ -20,7 +20,7 @@ from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
 from mae_jax.core.errors import WeightsError
 from mae_jax.core.processes import failing_together, same_on_every_process
-from mae_jax.core.run import Run
+from mae_jax.core.run import Run, with_step
 from mae_jax.core.state import TrainState, place_values
 from mae_jax.core.step import make_train_step
 from mae_jax.data.constants import normalize_uint8
@@ -269,7 +269,4 @@ def train_and_evaluate(
                 logger.save_loss_curve()
             if config.export_mmseg:
                 results["export"] = export_mmseg(run.workdir, graphdef, result.state)
-    # The step trained to, and (when it differs, e.g. stopped early) the evaluation's own.
-    return results | {"step": result.step} | (
-        {"evaluated_step": results["step"]} if results.get("step", result.step) != result.step
-        else {})
+    return with_step(results, result.step)
