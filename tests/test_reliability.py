@@ -382,6 +382,16 @@ def test_a_stop_signal_after_the_last_step_stops_before_the_work_after_training(
     assert Checkpointer(tmp_path).all_steps() == [8]
 
 
+def test_a_run_stopped_after_an_evaluation_reports_that_evaluation_with_its_own_step():
+    """From a QA pass: "Stopped early: {... 'step': 60}" showed step 50's evaluation."""
+    from mae_jax.core.run import with_step
+
+    assert with_step({"top1": 11.8, "step": 50}, 60) == {"top1": 11.8, "step": 60,
+                                                         "evaluated_step": 50}
+    assert with_step({"top1": 11.5, "step": 60}, 60) == {"top1": 11.5, "step": 60}
+    assert with_step({}, 3) == {"step": 3}
+
+
 def test_a_run_waiting_for_its_input_says_so_once_and_how_to_feed_it(tmp_path, capsys):
     """The loop times each batch's arrival (host pipeline + copy to the devices); log lines
     carry the share of the wall time it waited (`input_wait`). Over a quarter, after the
