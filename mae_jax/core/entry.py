@@ -40,9 +40,8 @@ from mae_jax.core.errors import (  # noqa: E402
     BadInputError,
     ProcessFailedError,
     device_memory_error,
-    diverged,
-    exit_status,
 )
+from mae_jax.core.statuses import diverged, exit_status  # noqa: E402
 
 EXIT_MEANINGS = {
     EXIT_FAILED: "unexpected error",

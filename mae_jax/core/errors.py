@@ -1,5 +1,5 @@
 """Bad input whose message is the whole story: what is wrong and how to fix it; and the exit
-status each error ends a run with (`exit_status`).
+statuses (`mae_jax.core.statuses` says which error ends a run with which).
 
 The entry points (`mae_jax.core.entry`) print such an error without a traceback and exit with
 status 2 (bad input). Each class also derives from the builtin a caller would catch
@@ -8,10 +8,10 @@ status 2 (bad input). Each class also derives from the builtin a caller would ca
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
-# Exit statuses; mae_jax.core.entry's docstring says what each means.
+# Exit statuses; mae_jax.core.entry's docstring says what each means, `statuses` which error
+# ends a run with which.
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 EXIT_WRITE_FAILED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 74, 75, 130
 
@@ -113,29 +113,3 @@ def device_memory_error(error: BaseException, config) -> DeviceMemoryError | Non
         "of the memory by default). Checkpoints already written are intact: re-run with the "
         f"change to resume (--config_change_ok for {', '.join(fields[:-1])} or {fields[-1]}; "
         "the change is recorded).")
-
-
-def diverged(error: BaseException) -> bool:
-    """A NonFiniteLossError, without importing the loop (and JAX) to ask: where the loop
-    never loaded (a config refused before the library), the error cannot be one."""
-    loop = sys.modules.get("mae_jax.core.loop")
-    return loop is not None and isinstance(error, loop.NonFiniteLossError)
-
-
-def exit_status(error: BaseException) -> int:
-    """The exit status `error` ends a run with (here, not in the entry point, whose import
-    defines command-line flags: `mae_jax.core.processes` asks it of a library's errors too)."""
-    from mae_jax.core import checkpoint_integrity as integrity
-
-    if isinstance(error, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
-    if isinstance(error, ProcessFailedError):  # the status of the process that failed
-        return error.status
-    if diverged(error):
-        return EXIT_DIVERGED
-    if isinstance(error, integrity.CheckpointWriteError) or integrity.is_out_of_space(
-            error):
-        return EXIT_WRITE_FAILED
-    bad_input = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, BadInputError)
-    return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED

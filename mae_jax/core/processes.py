@@ -23,7 +23,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mae_jax.core.errors import ProcessFailedError, exit_status
+from mae_jax.core.errors import ProcessFailedError
+from mae_jax.core.statuses import exit_status
 
 
 def failure_status(error: BaseException) -> int:
