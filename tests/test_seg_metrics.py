@@ -100,6 +100,9 @@ def test_format_table_lists_every_class_and_the_summary():
     table = metrics.format_table(["wall", "building", "sky"])
     assert "building" in table and "sky" in table and "nan" in table
     assert "mIoU: 58.33" in table  # IoU wall 50, building 66.67, sky absent
+    assert table.endswith("(1 image)")
+    metrics.update(np.zeros((3, 2, 2), int), np.zeros((3, 2, 2), int))  # a batch of 3
+    assert metrics.num_images == 4
     with pytest.raises(ValueError, match="class names"):
         metrics.format_table(["wall"])
 

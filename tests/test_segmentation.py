@@ -78,6 +78,7 @@ def test_short_run_logs_losses_saves_checkpoints_and_evaluates(finished_run):
         saved = json.load(handle)
     assert {"aAcc", "mIoU", "mAcc", "per_class", "step"} <= set(saved)
     assert saved["step"] == 6 and result["step"] == 6
+    assert saved["num_images"] == result["num_images"] == 2  # eval_limit=2
     for key in ("aAcc", "mIoU", "mAcc"):
         assert 0.0 <= saved[key] <= 100.0 and saved[key] == pytest.approx(result[key])
     assert list(saved["per_class"]) == [f"class_{index}" for index in range(4)]
@@ -148,6 +149,20 @@ def test_killed_run_resumes_to_the_same_parameters_and_losses(finished_run, tmp_
     # the checkpointed state, so the resumed run is the uninterrupted one, bit for bit.
     assert losses_of(straight) == losses_of(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, params_of(straight), params_of(tmp_path))
+
+
+def test_a_rerun_of_a_finished_run_reports_its_recorded_evaluation(finished_run, tmp_path):
+    # E.g. a run killed between its last evaluation and its export: the re-run only exports,
+    # and its result is the evaluation already written, not an empty "Done: {'step': 6}".
+    finished, result = finished_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished, workdir)
+    before = read_metrics(str(workdir), kind="eval")
+    again = run(tiny_config(), workdir)
+    assert read_metrics(str(workdir), kind="eval") == before  # not evaluated again
+    assert again["step"] == 6 and again["num_images"] == 2
+    for key in ("aAcc", "mIoU", "mAcc"):
+        assert again[key] == pytest.approx(result[key])
 
 
 def test_eval_only_evaluates_the_newest_checkpoint_without_training(finished_run, tmp_path):

@@ -10,6 +10,7 @@ device works; nothing is read back until the end (except the few pictures).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -123,6 +124,7 @@ class Evaluator:
             name: {"IoU": _finite(iou), "Acc": _finite(acc)}
             for name, iou, acc in zip(self.names, per_class["IoU"], per_class["Acc"], strict=True)
         }
+        results["num_images"] = metrics.num_images
         results["step"] = int(step)
         with failing_together(f"writing the evaluation of step {step}"):
             if jax.process_index() == 0:
@@ -133,6 +135,16 @@ class Evaluator:
                 if pictures:
                     self.logger.log_images(step, {"segmentation": _stack(pictures)})
         return results
+
+    def recorded(self, step: int) -> dict[str, Any]:
+        """What eval_results.json holds when it is the evaluation of `step` (an earlier run's,
+        e.g. before a resume that only exports), else {} (this host's view of the file)."""
+        try:
+            with open(os.path.join(self.workdir, "eval_results.json")) as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return results if isinstance(results, dict) and results.get("step") == step else {}
 
     def evaluate(self, state, examples, *, num_pictures: int = 0):
         """This process's share of the validation set -> (SegMetrics summed over all
@@ -148,7 +160,14 @@ class Evaluator:
         areas = DeviceAreas(self._zeros, num_classes=self.num_classes,
                             max_pixels_per_call=layout.tiles * layout.tile**2)
         pictures: dict[int, np.ndarray] = {}
-        calls = canvas.pack(examples, layout, self.local_devices)
+        seen = [0]  # this process's examples
+
+        def counted():
+            for example in examples:
+                seen[0] += 1
+                yield example
+
+        calls = canvas.pack(counted(), layout, self.local_devices)
         dtype, several = None, jax.process_count() > 1
         failed: Exception | None = None  # this process's, told to the others at `_agree`
         while True:
@@ -183,8 +202,11 @@ class Evaluator:
                     failed = failed or error
         metrics = SegMetrics(self.num_classes)
         metrics.add_areas(areas.host_total())
-        # Pixel counts past 2**31 a class stay exact (int64 would travel as int32).
-        metrics.areas = sum_over_processes(metrics.areas)
+        # Pixel counts past 2**31 a class stay exact (int64 would travel as int32); the image
+        # count travels with them.
+        totals = sum_over_processes(np.append(metrics.areas.ravel(), seen[0]))
+        metrics.areas = totals[:-1].reshape(metrics.areas.shape)
+        metrics.num_images = int(totals[-1])
         return metrics, [pictures[index] for index in sorted(pictures)]
 
     def _global(self, inputs: dict[str, np.ndarray]) -> list[jax.Array]:

@@ -267,6 +267,8 @@ def train_and_evaluate(
         if result.step >= config.total_steps and not result.preempted:  # else the re-run does it
             with failing_together("writing the loss curve"):  # process 0
                 logger.save_loss_curve()
+            if not results:  # evaluated before this resume: that evaluation's results
+                results.update(evaluator.recorded(result.step))
             if config.export_mmseg:
                 results["export"] = export_mmseg(run.workdir, graphdef, result.state)
     return with_step(results, result.step)

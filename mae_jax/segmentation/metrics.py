@@ -75,9 +75,11 @@ class SegMetrics:
 
     def reset(self) -> None:
         self.areas = np.zeros((4, self.num_classes), np.int64)  # intersect, union, pred, label
+        self.num_images = 0  # counted by `update` and the evaluator
 
     def update(self, pred, label) -> None:
         """pred, label: int [H, W] or [B, H, W] class maps (numpy or jax), same shape."""
+        self.num_images += 1 if np.ndim(label) == 2 else np.shape(label)[0]
         self.add_areas(
             intersect_and_union_numpy(
                 np.asarray(pred), np.asarray(label), self.num_classes, self.ignore_index
@@ -122,7 +124,8 @@ class SegMetrics:
             lines.append(f"{name:<{width}} | {_fmt(iou)} | {_fmt(acc)}")
         summary = self.compute()
         lines.append("-" * (width + 18))
-        lines.append("  ".join(f"{key}: {_fmt(value).strip()}" for key, value in summary.items()))
+        lines.append("  ".join(f"{key}: {_fmt(value).strip()}" for key, value in summary.items())
+                     + f"  ({self.num_images} image{'s' if self.num_images != 1 else ''})")
         return "\n".join(lines)
 
 
