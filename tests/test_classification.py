@@ -182,6 +182,13 @@ def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path,
         for key in ("top1", "top5", "num_examples"):
             assert again[key] == result[key], (init_from, key)
         assert again["loss"] == pytest.approx(result["loss"], rel=1e-5)
+        # What was evaluated is recorded (QA: an eval_only workdir held no config); an
+        # evaluation starts no training record.
+        with open(tmp_path / init_from.name / "eval_config.json") as handle:
+            assert json.load(handle)["init_from"] == str(init_from)
+        assert not os.path.exists(tmp_path / init_from.name / "config.json")
+    with open(workdir / "config.json") as handle:
+        recorded = handle.read()
     # eval_only in the run's own directory evaluates its newest checkpoint, and says that an
     # init_from given too is not what it evaluates (QA: it was ignored without a word).
     pretrained = str(workdir / "export" / "mae_finetuned.pth")
@@ -189,6 +196,8 @@ def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path,
                             {"eval_only": True, "init_from": pretrained})
     capsys.readouterr()
     assert finetune.train_and_evaluate(evaluation, str(workdir))["top1"] == result["top1"]
+    with open(workdir / "config.json") as handle:
+        assert handle.read() == recorded  # the training record is left alone
     assert (f"eval_only evaluates this workdir's checkpoint of step 6; init_from ({pretrained}) "
             "only starts a new run") in capsys.readouterr().out
 

@@ -181,6 +181,8 @@ def test_eval_only_evaluates_the_newest_checkpoint_without_training(finished_run
     )
     assert read_metrics(str(workdir)) == before  # no training step ran
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    with open(workdir / "eval_config.json") as handle:
+        assert json.load(handle)["eval_only"] is True
 
 
 # --------------------------------------------------------------------------- Pretrained backbones

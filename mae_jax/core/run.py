@@ -71,7 +71,11 @@ class Run:
             )
             self.resume_step = self.checkpointer.newest_intact_step(move_damaged=True)
             self.config_changes = run_record.ConfigChanges()
-            if not config.get("eval_only", False):  # evaluating changes nothing to record
+            if config.get("eval_only", False):  # changes no record: says what it evaluates
+                with failing_together(f"writing {run_record.EVAL_CONFIG_FILE}"):
+                    if self.is_main:
+                        run_record.record_eval_config(self.workdir, config)
+            else:
                 with failing_together("checking or writing the config record"):
                     self.config_changes = run_record.record_config(
                         self.workdir, config, resume_step=self.resume_step, write=self.is_main)

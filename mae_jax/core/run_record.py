@@ -24,6 +24,7 @@ from mae_jax.core.workdir import set_aside
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
+EVAL_CONFIG_FILE = "eval_config.json"  # an eval_only run's config
 CHANGE_OK_FIELD = "config_change_ok"  # set by --config_change_ok; never compared
 # Fields whose value cannot change the trained parameters or the evaluation numbers: cadences
 # and retention (checks and saves happen between steps), pictures, TensorBoard, the profiled
@@ -212,6 +213,17 @@ def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict
         kept = set_aside(path)
         print(f"Starting from scratch with another config; the previous {CONFIG_FILE} is "
               f"kept as {kept}.", flush=True)
+    _write_config(path, config)
+
+
+def record_eval_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """eval_only: `eval_config.json`, the config of the newest evaluation (its weights:
+    `init_from`, or the workdir's checkpoint; eval_results.json has the step). The training
+    record is left alone."""
+    _write_config(os.path.join(workdir, EVAL_CONFIG_FILE), config)
+
+
+def _write_config(path: str, config: ml_collections.ConfigDict) -> None:
     with open(path + ".tmp", "w") as handle:  # whole or not at all: a crash cannot truncate it
         handle.write(config.to_json_best_effort(indent=2))
     os.replace(path + ".tmp", path)
