@@ -143,6 +143,40 @@ def test_resume_from_step_matches_fresh_iterator_across_epoch_boundary(tmp_path)
     assert not np.array_equal(fresh[0], fresh[2])
 
 
+def test_a_class_sorted_folder_is_fully_shuffled_whatever_the_buffer(tmp_path):
+    # Review: a folder's listing is sorted by class (ImageFolder's order), and a bounded
+    # shuffle buffer over it gave batches of a few neighbouring classes (ImageNet with the
+    # default buffer: 40-150 classes a batch instead of ~640). Here a buffer of 1, which
+    # would not shuffle at all, still gives a permutation of the whole listing every epoch.
+    source = _write_classes(tmp_path, {"train": 8})  # 24 files, classes 0, 1, 2 in order
+    iterator = images.create_train_iterator(
+        source=source, image_size=SIZE, global_batch_size=6, seed=0, with_labels=True,
+        shuffle_buffer_size=1, **_one_process())
+    epochs = [[next(iterator)["label"] for _ in range(4)] for _ in range(2)]
+    for epoch in epochs:
+        assert np.bincount(np.concatenate(epoch)).tolist() == [8, 8, 8]
+        assert len(set(epoch[0].tolist())) >= 2  # not class 0 alone
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))
+
+
+def test_an_index_stream_is_a_permutation_per_epoch_and_resumes_exactly():
+    def stream(start_step=0, **options):
+        return shuffled_stream(tf.data.Dataset.range(50), num_records=50, batch_size=8, seed=5,
+                               process_index=1, start_step=start_step, indices=True,
+                               shuffle_buffer_size=4, **options)
+
+    fresh = [(tuple(seed.numpy()), int(index)) for seed, index in stream().take(8 * 14)]
+    for epoch in (fresh[:48], fresh[48:96]):  # 6 batches of 8 an epoch, 2 records left out
+        assert len({index for _, index in epoch}) == 48 and max(i for _, i in epoch) >= 40
+    assert [index for _, index in fresh[:48]] != [index for _, index in fresh[48:96]]
+    resumed = [(tuple(seed.numpy()), int(index)) for seed, index in stream(9).take(8 * 5)]
+    assert resumed == fresh[8 * 9:]
+    # The example seeds are the buffered stream's: only the order of the records differs.
+    buffered = shuffled_stream(tf.data.Dataset.range(50), num_records=50, batch_size=8, seed=5,
+                               process_index=1, shuffle_buffer_size=4)
+    assert [tuple(seed.numpy()) for seed, _ in buffered.take(60)] == [s for s, _ in fresh[:60]]
+
+
 def test_folder_lists_every_file_decodes_modes_to_rgb_and_names_the_broken_one(tmp_path, caplog):
     source = _write_folder(tmp_path)
     # The broken file is listed (no start-up reading): the dataset size is the listing's.

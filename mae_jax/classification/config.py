@@ -52,7 +52,7 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     config.data.download = True  # Let TFDS download and prepare if missing.
     config.data.train_split = "train"
     config.data.eval_split = "validation"  # tfds:cifar100 has "test"; folders use "val".
-    config.data.shuffle_buffer_size = 50_000  # Encoded records held for shuffling.
+    config.data.shuffle_buffer_size = 50_000  # TFDS records held for shuffling (folders: all).
     config.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop scale (torchvision's default).
     # timm RandAugment policy ("" = off): fine-tuning uses rand-m9-mstd0.5-inc1.
     config.data.randaugment = "" if probe else "rand-m9-mstd0.5-inc1"

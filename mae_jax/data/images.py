@@ -100,7 +100,8 @@ def create_train_iterator(
     happen on device). center_crop=True replaces crop and flip by resize + center crop (no
     randomness). `start_step=k` yields what a fresh iterator yields from its k-th batch on.
     threads: size of a private tf.data thread pool (None: TF's shared one, all cores).
-    `shuffle_buffer_size` bounds the per-epoch shuffle (records are indices or encoded bytes).
+    `shuffle_buffer_size` bounds the per-epoch shuffle of TFDS records; a folder's listing is
+    fully permuted every epoch (`stream.shuffled_stream`).
     Process arguments default to jax.process_index() / jax.process_count().
 
     device_resize_canvas=C > 0: the host only decodes each crop window and pads it into a C x C
@@ -150,7 +151,7 @@ def create_train_iterator(
     stream = shuffled_stream(
         shard.records, num_records=shard.count, batch_size=batch, seed=seed,
         process_index=process_index, start_step=start_step,
-        shuffle_buffer_size=shuffle_buffer_size, what=shard.what,
+        shuffle_buffer_size=shuffle_buffer_size, what=shard.what, indices=shard.paths is not None,
     )
     fill, keys = fill_image(image_size, IMAGENET_MEAN_UINT8), ("image",)
     if device_resize_canvas:  # the mean colour, kept as it is by the device resize

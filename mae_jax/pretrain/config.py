@@ -33,7 +33,7 @@ def defaults() -> ml_collections.ConfigDict:
     config.data.data_dir = ""  # TFDS data_dir ("" = TFDS default).
     config.data.split = "train"  # TFDS split (split syntax allowed) | folder: train/val sub-folder.
     config.data.download = True  # Let TFDS download and prepare if missing.
-    config.data.shuffle_buffer_size = 50_000  # Records held for shuffling (indices or bytes).
+    config.data.shuffle_buffer_size = 50_000  # TFDS records held for shuffling (folders: all).
     config.data.generated_size = 64  # Image side for generated:N sources.
     config.data.augment = True  # Random resized crop + flip; False: resize + centre crop.
     # Decode the whole split once and augment on the devices (same crop distribution):
