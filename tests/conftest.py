@@ -104,6 +104,29 @@ def sigterm_after_step(step: int):
         yield
 
 
+@contextlib.contextmanager
+def sigterm_during_step(step: int):
+    """Runs started inside get a real SIGTERM while step `step` trains (as its batch is
+    taken): the stop is asked for before that step's hooks (evaluations, pictures) run."""
+    from mae_jax.core import loop
+
+    original_run_loop = loop.run_loop
+
+    def run_loop_with_sigterm(**kwargs):
+        def batches(source, first):
+            for number, batch in enumerate(source, first + 1):
+                if number == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        batches = batches(kwargs["batches"], kwargs["start_step"])
+        return original_run_loop(**(kwargs | {"batches": batches}))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "run_loop", run_loop_with_sigterm)
+        yield
+
+
 def one_worker(module_name):
     """A test module's mark keeping its tests on one worker (pyproject's `--dist loadgroup`):
     module-scoped runs and compilation caches are per worker process, so they are made once."""

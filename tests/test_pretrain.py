@@ -8,7 +8,13 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import losses_of, one_worker, params_of, sigterm_after_step
+from conftest import (
+    losses_of,
+    one_worker,
+    params_of,
+    sigterm_after_step,
+    sigterm_during_step,
+)
 from conftest import tiny_pretrain_config as tiny_config
 from flax import nnx
 from PIL import Image
@@ -29,10 +35,13 @@ def _persistent_compilation_cache(shared_compilations):
     yield
 
 
+KNN = {"knn.every_steps": 6, "knn.source": "generated:64", "knn.k": 3, "knn.num_train": 16,
+       "knn.num_eval": 8, "knn.batch_size": 4}
+
+
 def test_short_run_on_generated_folder_leaves_checkpoints_figures_and_exports(tmp_path):
     # The k-NN monitor on its own generated labelled data (the pretraining images have none).
-    knn = {"knn.every_steps": 6, "knn.source": "generated:64", "knn.k": 3, "knn.num_train": 16,
-           "knn.num_eval": 8, "knn.batch_size": 4}
+    knn = KNN
     config = tiny_config(export_encoder=True, **knn)
     result = pretrain_lib.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 6
@@ -61,6 +70,23 @@ def test_short_run_on_generated_folder_leaves_checkpoints_figures_and_exports(tm
                  jax.tree.map(np.asarray, nnx.state(flax_export, nnx.Param).to_pure_dict()),
                  trained)
 
+
+
+def test_a_stop_before_the_last_steps_monitor_and_pictures_leaves_them_to_the_resume(tmp_path):
+    # Review: a SIGTERM while the last step trained stopped before its k-NN accuracy and
+    # pictures (right: they can outlast the grace period), and the resume, with no step left,
+    # exported without them: the run's final k-NN accuracy was never measured.
+    config = tiny_config(**KNN)  # pictures every 3 steps, the k-NN monitor at step 6
+    with sigterm_during_step(6):
+        first = pretrain_lib.train_and_evaluate(config, str(tmp_path))
+    assert first["step"] == 6 and not read_metrics(str(tmp_path), kind="eval")
+    assert os.listdir(tmp_path / "images") == ["reconstruction_0000003.png"]
+    assert not os.path.exists(tmp_path / "loss_curve.png")  # left to the re-run
+    pretrain_lib.train_and_evaluate(config, str(tmp_path))
+    assert [record["step"] for record in read_metrics(str(tmp_path), kind="eval")] == [6]
+    assert sorted(os.listdir(tmp_path / "images")) == ["reconstruction_0000003.png",
+                                                       "reconstruction_0000006.png"]
+    assert os.path.exists(tmp_path / "loss_curve.png")
 
 def test_short_run_on_tfds_mock_cifar100(tmp_path):
     config = tiny_config(**{"data.source": "tfds:cifar100", "model.image_size": 16})

@@ -24,7 +24,7 @@ from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.processes import failing_together
-from mae_jax.core.run_logging import METRICS_FILE, RunLogger, read_metrics
+from mae_jax.core.run_logging import METRICS_FILE, RunLogger, image_path, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
 from mae_jax.core.workdir import ensure_workdir, lock_workdir, set_aside
@@ -183,6 +183,14 @@ class Run:
         return bool(from_process_0(lambda: any(
             record["step"] == step for record in read_metrics(self.workdir, kind="eval")),
             "reading metrics.jsonl"))
+
+    def pictures_at(self, name: str, step: int) -> bool:
+        """Whether picture `name` of `step` was written (`loop.Hook.missed`, as
+        `evaluated_at`): process 0's answer, for every process."""
+        from mae_jax.core.processes import from_process_0
+
+        return bool(from_process_0(lambda: os.path.exists(image_path(self.workdir, name, step)),
+                                   "looking for the pictures"))
 
     def record_config_changes(self) -> None:
         """Appends this resume's accepted config changes to `config_history.jsonl` (once, on

@@ -66,6 +66,11 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def image_path(workdir: str | os.PathLike, name: str, step: int) -> str:
+    """Where `RunLogger.log_images` writes picture `name` of `step`."""
+    return os.path.join(workdir, "images", f"{name.replace('/', '_')}_{step:07d}.png")
+
+
 def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dict[str, Any]]:
     """Lines of `workdir/metrics.jsonl` of one kind, sorted by step, last line per step wins.
 
@@ -254,7 +259,7 @@ class RunLogger:
         paths = []
         for name, array in arrays.items():
             grid = tile_images(array)
-            path = os.path.join(directory, f"{name.replace('/', '_')}_{step:07d}.png")
+            path = image_path(self.workdir, name, step)
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
             paths.append(path)
         if self._writer is not None:

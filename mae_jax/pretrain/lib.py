@@ -144,6 +144,8 @@ def train_and_evaluate(
             hooks.append(loop.Hook(
                 config.visualize_every_steps,
                 reconstruction_hook(config, graphdef, source, data_dir, logger),
+                # A stop before them, or a failure after the checkpoint: the resume draws them.
+                missed=lambda step: not run.pictures_at("reconstruction", step),
             ))
         if config.knn.every_steps > 0:
             from mae_jax.classification.knn import make_knn_hook
@@ -152,7 +154,7 @@ def train_and_evaluate(
                 config.knn, graphdef=graphdef, mesh=run.mesh, logger=logger, source=source,
                 image_size=config.model.image_size, data_dir=data_dir,
                 download=config.data.download, workdir=run.workdir, seed=config.seed,
-            )))
+            ), missed=lambda step: not run.evaluated_at(step)))
         step_fn = make_train_step(
             graphdef, make_loss_fn(config.mask_ratio), tx, schedule,
             grad_accum_steps=config.grad_accum_steps,
