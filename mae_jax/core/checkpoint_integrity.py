@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import time
 import zlib
@@ -153,9 +154,25 @@ def is_out_of_space(error: BaseException | None) -> bool:
     return False
 
 
+# TensorStore's I/O failures reach orbax's callers as ValueErrors; these name them.
+_STORAGE_TEXT = re.compile(r"\b(PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|DATA_LOSS)\b"
+                           r"|OS error|Error (writing|opening|reading|deleting|renaming)")
+
+
+def is_storage_error(error: BaseException | None) -> bool:
+    """Whether `error` (or its cause chain) is the storage failing: an OSError (a full disk,
+    permissions, a file server gone), TensorStore's I/O errors, a full disk."""
+    return is_out_of_space(error) or any(
+        isinstance(link, OSError) or _STORAGE_TEXT.search(str(link))
+        for link in cause_chain(error))
+
+
 class WriteErrors:
-    """Context manager: an error from orbax's save / wait becomes one CheckpointWriteError
-    naming the checkpoint, the newest committed one and the fix (free space for a full disk).
+    """Context manager: the storage failing during orbax's save / wait becomes one
+    CheckpointWriteError naming the checkpoint, the newest committed one and the fix (free
+    space for a full disk). Any other error (a bug, an error of the step surfacing where the
+    save reads the state) goes on as it is, noted with the checkpoint, so its traceback and
+    exit status are its own: "re-run to resume" would only repeat it.
 
     checkpointer: has `saving_step`, `directory` and `latest_step()`.
     """
@@ -170,6 +187,10 @@ class WriteErrors:
         if not isinstance(error, Exception) or isinstance(error, CheckpointWriteError):
             return False
         checkpointer = self.checkpointer
+        if not is_storage_error(error):
+            error.add_note(f"(while saving checkpoint {checkpointer.saving_step} in "
+                           f"{checkpointer.directory})")
+            return False
         try:
             kept = checkpointer.latest_step()
         except Exception:  # noqa: BLE001 - only for the message
