@@ -24,7 +24,7 @@ from conftest import losses_of, one_worker, params_of, tiny_pretrain_config
 from flax import nnx
 
 from mae_jax.core import checkpoint_integrity as integrity
-from mae_jax.core import checkpointing, optim, preemption, sharding
+from mae_jax.core import checkpointing, optim, preemption, run_record, sharding
 from mae_jax.core import config as config_lib
 from mae_jax.core.checkpointing import (
     Checkpointer,
@@ -549,6 +549,27 @@ def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_pa
         pass
     with pytest.raises(ConfigChangedError, match="lr: 0.5 -> 0.001"):
         Run(run_config(), str(workdir))
+
+
+def test_a_fall_back_behind_a_recorded_change_voids_it(finished_run, tmp_path):
+    # Review: after a change recorded at step 6 (--config_change_ok), a resume that fell
+    # back to step 4 (checkpoint 6 damaged) compared with the changed config: the new value
+    # was accepted silently for steps the record credits to the old one.
+    workdir = copy_of(finished_run, tmp_path)
+    changed = run_config(lr=0.5)
+    changed.config_change_ok = True
+    with Run(changed, str(workdir)) as run:
+        run.record_config_changes()
+    shutil.rmtree(workdir / "checkpoints" / "6")  # the fall-back: 6 is gone, 4 is newest
+    with pytest.raises(ConfigChangedError, match=r"(?s)from step 4 .*lr: 0.001 -> 0.5"):
+        Run(run_config(lr=0.5), str(workdir))
+    with Run(run_config(), str(workdir)) as run:  # the run's own value at step 4
+        assert run.resume_step == 4
+        run.record_config_changes()  # the change at 6 is void from now on
+    entries = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
+    assert [(entry["step"], entry["changes"]) for entry in entries] == [
+        (6, {"lr": [0.001, 0.5]}), (4, {})]
+    assert run_record.effective_config(str(workdir))["lr"] == 0.001  # past step 6 as well
 
 
 def test_a_run_recorded_before_data_on_device_resumes_with_its_tf_data_input(finished_run,

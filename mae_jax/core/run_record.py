@@ -68,10 +68,11 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     return flat
 
 
-def effective_config(workdir: str) -> dict[str, Any] | None:
-    """The recorded config with every recorded change applied, flat; None before a first run
-    (and in a run of a version that kept no record). Raises ConfigChangedError when the record
-    is unusable: config.json unreadable, or gone while its history is still there."""
+def effective_config(workdir: str, at_step: int | None = None) -> dict[str, Any] | None:
+    """The recorded config with the recorded changes of the run's history up to `at_step`
+    applied (all of them when None), flat; None before a first run (and in a run of a version
+    that kept no record). Raises ConfigChangedError when the record is unusable: config.json
+    unreadable, or gone while its history is still there."""
     path = os.path.join(workdir, CONFIG_FILE)
     history = os.path.join(workdir, HISTORY_FILE)
     if not os.path.exists(path):
@@ -89,17 +90,34 @@ def effective_config(workdir: str) -> dict[str, Any] | None:
             f"{path} is not a readable config ({error}): the run's config cannot be checked. "
             f"Restore it; or, to make this command's config the run's from now on, move it "
             f"and {HISTORY_FILE} aside.") from None
-    if os.path.exists(history):
-        with open(history) as handle:
-            for number, line in enumerate(handle, 1):
-                try:
-                    changes = json.loads(line)["changes"] if line.strip() else {}
-                except (ValueError, KeyError, TypeError):
-                    print(f"WARNING: skipping unreadable line {number} of {history}.")
-                    continue
-                for key, (_, new) in changes.items():
-                    flat[key] = new
+    for entry in history_entries(workdir):
+        if at_step is None or entry["step"] <= at_step:
+            for key, (_, new) in entry["changes"].items():
+                flat[key] = new
     return flat
+
+
+def history_entries(workdir: str) -> list[dict[str, Any]]:
+    """The entries of `config_history.jsonl` the run's state went through, in order. An entry
+    made at a resume from step S ends the entries after S written before it: those came from
+    checkpoints the run fell back behind (damaged ones set aside), so they never happened."""
+    path = os.path.join(workdir, HISTORY_FILE)
+    entries: list[dict[str, Any]] = []
+    if not os.path.exists(path):
+        return entries
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                entry["step"], entry["changes"] = int(entry["step"]), dict(entry["changes"])
+            except (ValueError, KeyError, TypeError):
+                print(f"WARNING: skipping unreadable line {number} of {path}.")
+                continue
+            entries = [earlier for earlier in entries if earlier["step"] <= entry["step"]]
+            entries.append(entry)
+    return entries
 
 
 _MISSING = "<absent>"
@@ -124,17 +142,24 @@ class ConfigChanges:
     step: int | None = None
     changes: dict[str, list] = dataclasses.field(default_factory=dict)
     accepted: str = ""
+    voids: list[int] = dataclasses.field(default_factory=list)  # later entries' steps
 
     def write(self, workdir: str) -> None:
-        if not self.changes:
+        if not self.changes and not self.voids:
             return
         entry = {"step": int(self.step), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "changes": self.changes, "accepted": self.accepted}
         with open(os.path.join(workdir, HISTORY_FILE), "a") as handle:
             handle.write(json.dumps(entry) + "\n")
-        print(f"Config changed at step {self.step}: "
-              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
-              + f" (recorded in {HISTORY_FILE}).", flush=True)
+        if self.voids:
+            print(f"Resuming from step {self.step}, before the config change(s) recorded at "
+                  f"step(s) {', '.join(map(str, self.voids))}: those no longer apply.",
+                  flush=True)
+        if self.changes:
+            print(f"Config changed at step {self.step}: "
+                  + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in
+                              self.changes.items())
+                  + f" (recorded in {HISTORY_FILE}).", flush=True)
 
 
 def record_config(
@@ -159,7 +184,9 @@ def record_config(
                 print(f"Starting from scratch: the earlier run's {HISTORY_FILE} is kept as "
                       f"{kept}.", flush=True)
         return ConfigChanges()
-    recorded = effective_config(workdir)
+    # After a fall-back to an older checkpoint, what the history recorded after its step
+    # did not happen: compare with the config at the step resumed from.
+    recorded = effective_config(workdir, at_step=resume_step)
     if recorded is None:  # checkpoints from a version that kept no record: start one now
         if write:
             print(f"No config record in {workdir} (a run of an older version): this "
@@ -182,8 +209,10 @@ def record_config(
             "with the changes (recorded in "
             f"{HISTORY_FILE} with the step), or give a new --workdir to start a new run."
         )
+    voids = [entry["step"] for entry in history_entries(workdir) if entry["step"] > resume_step]
     return ConfigChanges(int(resume_step), changes,
-                         "config_change_ok" if significant else "harmless fields only")
+                         "config_change_ok" if significant else "harmless fields only"
+                         if changes else "", voids)
 
 
 def _check_same_task(workdir: str, recorded: str | None, task: str | None, step: int) -> None:
