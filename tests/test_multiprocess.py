@@ -130,6 +130,15 @@ for failing in (0, 1):  # a block every process enters, whose writes only proces
         print(type(error).__name__, error, getattr(error, "status", ""), flush=True)
 with failing_together("writing nothing"):
     print("no failure", flush=True)
+import os, signal
+from mae_jax.core.entry import install_stop_handlers
+install_stop_handlers()  # a stop signal outside the training loop: KeyboardInterrupt
+try:
+    with failing_together("writing the export"):
+        if int(sys.argv[1]) == 1:  # this host alone is pre-empted
+            os.kill(os.getpid(), signal.SIGTERM)
+except (Exception, KeyboardInterrupt) as error:
+    print(type(error).__name__, str(error)[:80], getattr(error, "status", ""), flush=True)
 from mae_jax.core.processes import same_on_every_process
 same_on_every_process(1281167, "the number of training images")
 import numpy as np
@@ -170,6 +179,11 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
                 "(exit status 74); its log says why. This process stops too instead of waiting "
                 "for it. 74") in outputs[1 - failing], outputs[1 - failing][-2000:]
     assert all("no failure" in output for output in outputs)
+    # A stop signal to one host outside the training loop (its own pre-emption) reaches the
+    # others too (review: a KeyboardInterrupt skipped the exchange of statuses).
+    assert "KeyboardInterrupt SIGTERM outside the training loop" in outputs[1]
+    assert ("ProcessFailedError Process 1 was stopped while writing the export (exit status "
+            "130)") in outputs[0], outputs[0][-2000:]
     # Pixel counts past 2**31 (a class over a large validation set) summed exactly.
     assert all("summed [[6000000001, 10]]" in output for output in outputs)
     # Counts each process made on its own (its copy of the dataset) are compared.

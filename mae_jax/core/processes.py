@@ -12,8 +12,8 @@ nothing. Two tools share the failure instead, with the failed process's exit sta
   the config record). One all-gather of each process's status at its end.
 
 Every other process then raises `ProcessFailedError`: one line pointing at the failed
-process's log, exiting with that process's status (74 for a full disk, 2 for bad input, ...),
-at once.
+process's log, exiting with that process's status (74 for a full disk, 2 for bad input, 130
+for a stop signal to that host alone outside the training loop, ...), at once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mae_jax.core.errors import ProcessFailedError
+from mae_jax.core.errors import EXIT_INTERRUPTED, ProcessFailedError
 from mae_jax.core.statuses import exit_status
 
 
@@ -37,8 +37,9 @@ def raise_for(statuses: list[int], what: str) -> None:
     failed = [index for index, status in enumerate(statuses) if status]
     if failed:
         index = failed[0]
+        failed = "was stopped while" if statuses[index] == EXIT_INTERRUPTED else "failed"
         raise ProcessFailedError(
-            f"Process {index} failed {what} (exit status {statuses[index]}); its log says why. "
+            f"Process {index} {failed} {what} (exit status {statuses[index]}); its log says why. "
             "This process stops too instead of waiting for it.", statuses[index])
 
 
@@ -50,7 +51,7 @@ def from_process_0(compute: Callable[[], int], what: str) -> int:
     if jax.process_index() == 0:
         try:
             answer = int(compute())
-        except Exception as caught:  # noqa: BLE001 - every process must hear of it
+        except (Exception, KeyboardInterrupt) as caught:  # noqa: BLE001 - every process must hear
             error = caught
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -79,8 +80,11 @@ class failing_together:  # noqa: N801 - used as a statement: `with failing_toget
         return None
 
     def __exit__(self, kind, error, traceback) -> bool:
-        if jax.process_count() == 1 or (error is not None and not isinstance(error, Exception)):
-            return False  # a second Ctrl-C stops this process at once
+        # A stop signal outside the training loop is a KeyboardInterrupt (`entry`): a host's
+        # own pre-emption must reach the others too (status 130). SystemExit and the like go.
+        if jax.process_count() == 1 or (
+                error is not None and not isinstance(error, (Exception, KeyboardInterrupt))):
+            return False
         from jax.experimental import multihost_utils
 
         status = 0 if error is None else failure_status(error)
