@@ -195,6 +195,24 @@ def test_folder_lists_every_file_decodes_modes_to_rgb_and_names_the_broken_one(t
         str(tmp_path / "class0" / "broken.jpg")}
 
 
+def test_bmp_and_webp_are_read_and_formats_the_pipeline_cannot_read_are_named(tmp_path,
+                                                                             capsys):
+    # Review: torchvision's ImageFolder reads .bmp / .webp / .tif / .ppm too; they were left
+    # out without a word. BMP and WebP decode as PIL decodes them; the others are named.
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), np.uint8)
+    (tmp_path / "c0").mkdir()
+    for index, form in enumerate(["BMP", "WEBP", "PNG"]):
+        Image.fromarray(pixels).save(tmp_path / "c0" / f"{index}.{form.lower()}", format=form,
+                                     **({"lossless": True} if form == "WEBP" else {}))
+    Image.fromarray(pixels).save(tmp_path / "c0" / "3.tif", format="TIFF")
+    listing = sources.list_folder(str(tmp_path), with_labels=True)
+    assert [os.path.basename(path) for path in listing.paths] == ["0.bmp", "1.webp", "2.png"]
+    assert "WARNING: 1 file(s) in" in capsys.readouterr().out
+    for path in listing.paths:
+        decoded = image_ops.decode_rgb(tf.io.read_file(path)).numpy()
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+
+
 def test_start_up_only_lists_files_and_opens_none(tmp_path, monkeypatch):
     for i in range(6):  # contents that no decoder accepts: listing must not care
         (tmp_path / f"{i}.jpg").write_bytes(b"x" * i)
@@ -404,7 +422,7 @@ def test_clear_errors_for_bad_inputs(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="no .jpg/.jpeg/.png images"):
+    with pytest.raises(ValueError, match="no .jpg/.jpeg/.png/.bmp/.webp images"):
         images.num_examples(source=f"folder:{empty}")
     with pytest.raises(ValueError, match="no class sub-folders"):
         images.num_classes(source=f"folder:{empty}")

@@ -242,7 +242,9 @@ def test_epochs_convert_to_steps_in_one_place():
 def test_on_device_input_path_trains(tmp_path, capsys):
     # The in-memory path (decoded once, cropped and flipped on the devices) feeds the same step.
     config = tiny_config(**{"data.on_device": "always", "visualize_every_steps": 0,
-                            "total_steps": 2, "warmup_steps": 1})
+                            "total_steps": 2, "warmup_steps": 1, "data.device_resize_canvas": 32})
     result = pretrain_lib.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:2])
-    assert "Input on device: 32 images" in capsys.readouterr().out
+    # An option this path does not use is named (review: it was dropped without a word).
+    assert ("Input on device: 32 images, 0 MB per device; crop, flip there "
+            "(data.device_resize_canvas=32 unused).") in capsys.readouterr().out
     assert result["step"] == 2 and np.isfinite(result["loss"])

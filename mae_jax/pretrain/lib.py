@@ -124,8 +124,11 @@ def train_and_evaluate(
                 global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
                 augment=config.data.augment,
             )
+            unused = (f" (data.device_resize_canvas={config.data.device_resize_canvas} unused)"
+                      if config.data.device_resize_canvas else "")
             print(f"Input on device: {len(in_device_memory)} images, "
-                  f"{in_device_memory.nbytes / 1e6:.0f} MB per device.")
+                  f"{in_device_memory.nbytes / 1e6:.0f} MB per device; crop, flip there"
+                  f"{unused}.")
         else:
             batches = data.create_pretrain_iterator(
                 **where,
