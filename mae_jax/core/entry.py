@@ -21,6 +21,7 @@ import logging as std_logging
 import os
 import signal
 import sys
+import threading
 import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -154,21 +155,51 @@ def _parse_flags(argv):
     return command_line.parse_flags(FLAGS, argv, configs=("config",))
 
 
+class StopSignal(KeyboardInterrupt):
+    """A stop signal (`signum`) outside the training loop."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 def stop_outside_the_loop(signum: int, frame) -> None:
     """SIGTERM / Ctrl-C where the training loop's guard is not listening (start-up, eval_only,
     the export): stop at once, saying so (SIGTERM would otherwise kill silently)."""
     del frame
-    raise KeyboardInterrupt(
+    raise StopSignal(signum, (
         f"{signal.Signals(signum).name} outside the training loop (start-up, an eval_only "
         "evaluation, the export): stopped at once. Checkpoints already written are intact: "
-        "re-run the same command to resume.")
+        "re-run the same command to resume."))
+
+
+def _send_swallowed_stops_again(unraisable) -> bool:
+    """A StopSignal raised inside a finaliser (e.g. a TensorFlow object's __del__ run by the
+    garbage collector) is ignored by Python: "Exception ignored in ...", then the run went on
+    as if no signal had come (QA: a SIGTERM during the export ended in exit status 0 after
+    printing "stopped at once"). The signal is sent again 50 ms later, to land in the run's
+    own code. Returns whether `unraisable` was such a stop."""
+    error = unraisable.exc_value
+    if not isinstance(error, StopSignal):
+        return False
+    threading.Timer(0.05, os.kill, (os.getpid(), error.signum)).start()
+    return True
 
 
 def install_stop_handlers() -> None:
     """`stop_outside_the_loop` for SIGTERM and SIGINT; the training loop's `PreemptionGuard`
-    replaces it while it runs, then puts it back."""
+    replaces it while it runs, then puts it back. Stops swallowed by finalisers come again
+    (`_send_swallowed_stops_again`)."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_outside_the_loop)
+    previous = sys.unraisablehook
+    if not getattr(previous, "_sends_stops_again", False):
+        def hook(unraisable) -> None:
+            if not _send_swallowed_stops_again(unraisable):
+                previous(unraisable)
+
+        hook._sends_stops_again = True
+        sys.unraisablehook = hook
 
 
 def run(library: str, task: str) -> None:
