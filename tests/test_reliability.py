@@ -31,6 +31,7 @@ from mae_jax.core.checkpointing import (
     CheckpointWriteError,
     DamagedCheckpointsError,
 )
+from mae_jax.core.errors import BadDataError
 from mae_jax.core.loop import Hook, NonFiniteLossError, run_loop
 from mae_jax.core.run import Run
 from mae_jax.core.run_logging import INPUT_BOUND, RunLogger, read_metrics
@@ -549,6 +550,26 @@ def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_pa
         pass
     with pytest.raises(ConfigChangedError, match="lr: 0.5 -> 0.001"):
         Run(run_config(), str(workdir))
+
+
+def test_a_resume_on_a_training_set_of_another_size_is_refused(finished_run, tmp_path,
+                                                               monkeypatch, capsys):
+    # QA: images added to a folder between runs changed the schedule (in epochs) and the
+    # data order of the resumed run without a word. Each checkpoint records the count.
+    workdir = copy_of(finished_run, tmp_path)
+    with open(workdir / "checkpoints" / "6" / "metadata" / "metadata") as handle:
+        assert json.load(handle)["num_examples"] == 32
+    from mae_jax.data import images
+
+    monkeypatch.setattr(images, "num_examples", lambda **where: 40)
+    with pytest.raises(BadDataError, match=r"The training data changed since the checkpoint "
+                       r"of step 6: 32 images then, 40 now \(generated:32\).*--config_change_ok"):
+        pretrain_lib.train_and_evaluate(run_config(), str(workdir))
+    accepted = run_config()
+    accepted.config_change_ok = True
+    assert pretrain_lib.train_and_evaluate(accepted, str(workdir))["step"] == 6
+    assert "going on with it (--config_change_ok): another data order." in (
+        capsys.readouterr().out)
 
 
 def test_a_fall_back_behind_a_recorded_change_voids_it(finished_run, tmp_path):

@@ -103,6 +103,7 @@ def train_and_evaluate(
         in_device_memory = None  # (images, labels) of a training split kept on the devices
         if config.eval_only:
             schedule, total_steps, eval_every = optax.constant_schedule(0.0), 0, 0
+            num_examples = None  # no training data read
         else:
             if in_memory.use_on_device(config.data.on_device, devices=devices, **options,
                                        split=config.data.train_split):
@@ -131,7 +132,8 @@ def train_and_evaluate(
         spec = model_spec(config, num_classes, recipe.global_pool)
         abstract = nnx.state(nnx.eval_shape(spec.build), recipe.trainable)
         tx = recipe.create_tx(config, abstract, schedule)
-        graphdef, state, start_step = run.init_state(spec, tx, trainable=recipe.trainable)
+        graphdef, state, start_step = run.init_state(spec, tx, trainable=recipe.trainable,
+                                                     num_examples=num_examples)
         if not start_step:
             state = initialise(config, spec, state, run.state_shardings)
         logger = run.start_logging(total_steps=max(total_steps, 1), start_step=start_step)

@@ -23,6 +23,7 @@ from mae_jax.core import config as core_config
 from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
+from mae_jax.core.errors import BadDataError
 from mae_jax.core.processes import failing_together
 from mae_jax.core.run_logging import METRICS_FILE, RunLogger, image_path, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
@@ -58,6 +59,7 @@ class Run:
         self.logger: RunLogger | None = None
         self.state_shardings: Any = None
         self.checkpointer: Checkpointer | None = None
+        self.num_examples: int | None = None  # init_state's, saved with each checkpoint
         self._lock = lock_workdir(self.workdir)
         try:
             self.mesh = sharding_lib.create_mesh(
@@ -85,13 +87,16 @@ class Run:
 
     # ------------------------------------------------------------------------- state
     def init_state(
-        self, spec: ModelSpec, tx: optax.GradientTransformation, *, trainable: Any = nnx.Param
+        self, spec: ModelSpec, tx: optax.GradientTransformation, *, trainable: Any = nnx.Param,
+        num_examples: int | None = None,
     ) -> tuple[nnx.GraphDef, TrainState, int]:
         """(graphdef, state born sharded, start step): the newest intact checkpoint, else a new
         state.
 
         Parameters come from `config.seed`, step randomness from `config.seed + 1`. Writes
-        `model.json` (what `mae_jax.weights.load` reads back).
+        `model.json` (what `mae_jax.weights.load` reads back). num_examples: the training
+        images counted now, saved with each checkpoint; a resume whose count differs from its
+        checkpoint's is refused (`check_same_data`).
         """
         seed = self.config.seed
 
@@ -109,6 +114,9 @@ class Run:
             print(f"Note: eval_only evaluates this workdir's checkpoint of step {start_step}; "
                   f"init_from ({self.config.init_from}) only starts a new run. To evaluate it, "
                   "give a --workdir without checkpoints.", flush=True)
+        self.num_examples = num_examples
+        if start_step and num_examples is not None:
+            self.check_same_data(metadata.get("num_examples"), num_examples, start_step)
         written_by = metadata.get("process_count")  # absent in checkpoints before 2026-12-07
         reads_data = not self.config.get("eval_only", False)
         if self.is_main and reads_data and written_by not in (None, jax.process_count()):
@@ -123,6 +131,25 @@ class Run:
             if self.is_main:
                 spec.save(self.workdir)
         return graphdef, state, start_step
+
+    def check_same_data(self, saved: int | None, now: int, step: int) -> None:
+        """Refuses a resume whose training set changed size since the checkpoint (None: saved
+        before 2026-12-08): the schedule (when in epochs) and the data order would change
+        without a word (QA: images added to a folder between runs). --config_change_ok takes
+        the new data, with a note."""
+        if saved is None or int(saved) == now:
+            return
+        what = (f"The training data changed since the checkpoint of step {step}: {saved} "
+                f"images then, {now} now ({self.config.data.get('source', 'the source')})")
+        if not self.config.get(run_record.CHANGE_OK_FIELD, False):
+            raise BadDataError(
+                f"{what}. The data order, and a schedule given in epochs, would change. Restore "
+                "the data to resume the same run, add --config_change_ok to go on with this "
+                "data, or give a new --workdir.")
+        in_epochs = self.config.get("num_epochs") and not self.config.get("total_steps")
+        epochs = ", and the schedule in epochs follows it" if in_epochs else ""
+        print(f"Note: {what}; going on with it (--config_change_ok): another data order{epochs}.",
+              flush=True)
 
     def _set_aside_earlier_outputs(self) -> None:
         """A run starting from scratch in a workdir that holds an earlier run's metrics or
@@ -163,11 +190,13 @@ class Run:
         self.record_config_changes()
         train_step = compile_step(step_fn, self.state_shardings, self.mesh)
         processes = jax.process_count()  # read back by a resume (init_state)
+        counted = {} if self.num_examples is None else {"num_examples": int(self.num_examples)}
         return loop.run_loop(
             state=state, train_step=train_step, batches=batches, mesh=self.mesh,
             start_step=start_step, total_steps=total_steps, checkpointer=self.checkpointer,
             logger=self.logger, hooks=hooks,
-            metadata_fn=lambda step: {**metadata_fn(step), "process_count": processes},
+            metadata_fn=lambda step: {**metadata_fn(step), "process_count": processes,
+                                      **counted},
             profile=core_config.profile_steps(self.config.get("profile_steps", "")),
             profile_dir=os.path.join(self.workdir, "profile"),
         )

@@ -116,7 +116,7 @@ def train_and_evaluate(
         # ------------------------------------------------------------- Model and state
         spec = model_spec(config.model)
         tx = create_tx(config, schedule)
-        graphdef, state, start_step = run.init_state(spec, tx)
+        graphdef, state, start_step = run.init_state(spec, tx, num_examples=num_examples)
         logger = run.start_logging(total_steps=total_steps, start_step=start_step)
         if in_device_memory is not None:
             batches = OnDeviceIterator(
