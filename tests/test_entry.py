@@ -220,6 +220,9 @@ def test_command_line_mistakes_are_one_message_naming_the_fix(tmp_path):
                                     "No such file or directory: 'configs/nope.py'",
         "--config.batch_sise=32": "Bad command line: --config.batch_sise: the config has no "
                                   "field 'batch_sise'. Did you mean \"batch_size\"",
+        # QA: a missing parent field was ml_collections' traceback.
+        "--config.train.steps=5": "Bad command line: --config.train.steps: the config has no "
+                                  "field 'train'. The fields are those its config file sets.",
         "--config=configs/cifar100_tiny.py:decoder_depth=x": "Config argument "
                                                             "decoder_depth='x': expected an "
                                                             "integer, e.g. decoder_depth=4.",
@@ -271,6 +274,11 @@ def test_command_line_mistakes_are_found_before_jax_tensorflow_or_torch_load():
          "eval_batch_size 0 must be >= 1"),
         (["train.py", "--config=configs/demo.py", "--config.mesh.fsdp=0"],
          "mesh.data=-1 x mesh.fsdp=0: each must be >= 1 or -1"),
+        # QA: a traceback once JAX had started.
+        (["train.py", "--config=configs/demo.py", "--config.data.source=generated:0"],
+         "data.source 'generated:0': use generated:N with N >= 1 images"),
+        (["finetune.py", "--config=configs/finetune_demo.py", "--config.data.source=imagenet"],
+         "data.source 'imagenet' is not tfds:NAME, folder:PATH or generated:N"),
         # A negative lr was taken for "not set" and base_lr used instead.
         (["train.py", "--config=configs/demo.py", "--config.lr=-1"],
          "lr -1.0 must be >= 0 (0: not set)"),

@@ -188,6 +188,7 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
         problems.append(f"data.resize_ratio {config.data.resize_ratio} must be in (0, 1] (0: "
                         "the official fine-tuning rule for the image size)")
     core_config.check_device_resize(config, problems)
+    core_config.check_source(config.data.source, problems)
     core_config.check_on_device(config, problems)
     if task == "finetune":
         _check_finetune(config, problems)

@@ -42,14 +42,17 @@ def command_line_problem(error: BaseException, argv: list[str]) -> str:
             break
         chain.append(cause)
     for link in chain:
-        if (isinstance(link, AttributeError) and link.args and isinstance(link.args[0], KeyError)
-                and link.args[0].args):
-            # "'name'" [+ "\nDid you mean ...?"]
-            field, _, hint = str(link.args[0].args[0]).partition("\n")
+        # An unknown field: an AttributeError holding a KeyError (--config.x), or a KeyError
+        # (a missing parent, --config.x.y), whose text is "'name'" [+ "\nDid you mean ...?"].
+        missing = (link.args[0] if isinstance(link, AttributeError) and link.args
+                   and isinstance(link.args[0], KeyError) else link)
+        if missing is link and not _raised_in_ml_collections(link):
+            continue  # e.g. a KeyError of a config file's own code
+        if isinstance(missing, KeyError) and missing.args and isinstance(missing.args[0], str):
+            field, _, hint = str(missing.args[0]).partition("\n")
             name = field.strip("'\"")
             given = [flag for flag in (arg.split("=", 1)[0] for arg in argv[1:])
-                     if flag.startswith("--") and flag.partition(".")[2]
-                     and flag.rsplit(".", 1)[-1] == name]  # --config.x, --probe_config.x
+                     if flag.startswith("--") and name in flag.split(".")[1:]]
             return (f"{given[0] if given else name}: the config has no field {field}. "
                     + (hint + " " if hint else "")
                     + "The fields are those its config file sets.")
@@ -64,6 +67,11 @@ def command_line_problem(error: BaseException, argv: list[str]) -> str:
         return f"{type(error).__name__}: {error}"
     # An error in a config file's own code: where it happened.
     return "".join(traceback.format_exception(error)).rstrip()
+
+
+def _raised_in_ml_collections(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and "ml_collections" in frames[-1].filename
 
 
 def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, configs=()) -> list[str]:

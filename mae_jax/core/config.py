@@ -247,6 +247,16 @@ def check_device_resize(config: ml_collections.ConfigDict, problems: list[str], 
                         f"{host_only}, which runs on the host: set it to 0")
 
 
+def check_source(source: str, problems: list[str], field: str = "data.source") -> None:
+    """tfds:NAME | folder:PATH | generated:N (N >= 1), before JAX loads (QA: generated:0 was
+    a traceback once the run had started)."""
+    kind, colon, rest = str(source).partition(":")
+    if kind == "generated" and (not rest.isdigit() or int(rest) < 1):
+        problems.append(f"{field} {source!r}: use generated:N with N >= 1 images")
+    elif kind not in ("tfds", "folder", "generated") or not colon or not rest.strip():
+        problems.append(f"{field} {source!r} is not tfds:NAME, folder:PATH or generated:N")
+
+
 def check_on_device(config: ml_collections.ConfigDict, problems: list[str]) -> None:
     """data.on_device: auto | always | never (`mae_jax.data.in_memory.use_on_device`)."""
     if config.data.on_device not in ON_DEVICE_MODES:

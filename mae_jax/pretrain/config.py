@@ -123,6 +123,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int | None,
                             num_processes=num_processes)
     core_config.check_run(config, problems)
     core_config.check_schedule(config, problems)
+    core_config.check_source(config.data.source, problems)
     core_config.check_on_device(config, problems)
     core_config.check_device_resize(config, problems, host_only="" if config.data.augment
                                     else "data.augment=False (resize + centre crop)")
@@ -157,4 +158,6 @@ def check_knn(knn: ml_collections.ConfigDict, problems: list[str], *, num_device
         problems.append(f"knn.num_train {knn.num_train} must be >= knn.k {knn.k}")
     if knn.num_eval < 1 or knn.k < 1 or knn.temperature <= 0:
         problems.append("knn.num_eval and knn.k must be >= 1, knn.temperature > 0")
+    if knn.source:
+        core_config.check_source(knn.source, problems, "knn.source")
     core_config.multiple_of_devices("knn.batch_size", knn.batch_size, num_devices, problems)
