@@ -19,7 +19,7 @@ from flax import nnx
 
 from mae_jax.core.errors import BadDataError, BadInputError, WeightsError
 from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD, denormalize
-from mae_jax.models.mae import MAE
+from mae_jax.models.mae import MAE, num_visible
 
 
 def reconstruct(
@@ -76,6 +76,11 @@ def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
     for path in paths:
         try:
             with Image.open(path) as opened:
+                if opened.mode.startswith("I;16") or opened.mode == "I":  # 16-bit grey
+                    # Its high byte, as TensorFlow decodes it for training (PIL's
+                    # convert("RGB") clips it to white).
+                    wide = np.clip(np.asarray(opened, np.int64), 0, 65535) >> 8
+                    opened = Image.fromarray(wide.astype(np.uint8))
                 image = opened.convert("RGB")  # reads every pixel: a truncated file fails here
         except (OSError, SyntaxError, ValueError) as error:  # PIL's unreadable / truncated
             raise BadDataError(f"image {path} cannot be read ({error}); give an image file "
@@ -149,9 +154,10 @@ def main(argv=None) -> None:
         ratios = [float(r) for r in args.mask_ratios.split(",")]
     except ValueError:
         parser.error(f"--mask_ratios={args.mask_ratios}: give numbers, e.g. 0.75,0.9")
-    if not all(0 <= r < 1 for r in ratios):
-        parser.error(f"--mask_ratios={args.mask_ratios}: each must be in [0, 1) (1 masks every "
-                     "patch: nothing left to reconstruct from)")
+    if not all(0 < r < 1 for r in ratios):
+        parser.error(f"--mask_ratios={args.mask_ratios}: each must be in (0, 1) (0 removes no "
+                     "patch: nothing to reconstruct; 1 removes every patch: nothing left to "
+                     "reconstruct from)")
     if not os.path.exists(args.checkpoint):
         parser.error(f"checkpoint not found: {args.checkpoint}")
     # --out is checked before the model is loaded and run (minutes for a large one on a CPU).
@@ -167,6 +173,11 @@ def main(argv=None) -> None:
         model = load_model(args.checkpoint, **overrides)
     except (BadInputError, ValueError) as error:  # incl. official-only options for a run
         parser.error(f"--checkpoint={args.checkpoint}: {error}")
+    for ratio in ratios:
+        try:
+            num_visible(model.num_patches, ratio)
+        except ValueError as error:
+            parser.error(f"--mask_ratios={args.mask_ratios}: {error}")
     try:
         images = load_images(paths, model.encoder.image_size)
     except BadDataError as error:

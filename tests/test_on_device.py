@@ -17,6 +17,7 @@ from conftest import FAST_COMPILE
 from PIL import Image
 
 from mae_jax.core import sharding as sharding_lib
+from mae_jax.core.errors import BadDataError
 from mae_jax.data import device_resize, in_memory, on_device, pil_resample, tf_runtime
 from mae_jax.data.generated import generate_image
 
@@ -353,11 +354,12 @@ def test_labelled_folder_loads_each_image_with_its_label_and_leaves_out_undecoda
 def test_folder_of_mixed_sizes_is_refused_for_always_and_skipped_for_auto(tmp_path):
     source, _ = _folder(tmp_path, [(6, 10), (6, 10), (7, 10)])
     assert in_memory.fixed_image_shape(source=source) is None
-    with pytest.raises(ValueError, match="different sizes"):
+    # Bad input, one message and exit status 2 (QA: a traceback came first).
+    with pytest.raises(BadDataError, match="different sizes"):
         in_memory.load_image_array(source=source)
     cpu = jax.devices()
     assert in_memory.use_on_device("auto", source=source, devices=cpu) is False
-    with pytest.raises(ValueError, match="images of one size"):
+    with pytest.raises(BadDataError, match="images of one size"):
         in_memory.use_on_device("always", source=source, devices=cpu)
 
 

@@ -11,7 +11,8 @@ from flax import nnx
 from PIL import Image
 
 import mae_jax
-from mae_jax.visualize import figure_rows, main, reconstruct
+from mae_jax.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.visualize import figure_rows, load_images, main, reconstruct
 
 TINY = dict(
     image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
@@ -78,7 +79,8 @@ def test_command_names_a_bad_ratio_or_checkpoint_kind_in_one_line(tmp_path, caps
                 str(tmp_path / "run"))
     for flags, message in (
             (["--mask_ratios=abc"], "--mask_ratios=abc: give numbers"),
-            (["--mask_ratios=0.5,1.0"], "each must be in [0, 1)"),
+            (["--mask_ratios=0.5,1.0"], "each must be in (0, 1)"),
+            (["--mask_ratios=0"], "each must be in (0, 1)"),  # QA: a traceback, exit 1
             (["--num_heads=2"], "holds a ViTEncoder, not an MAE with its decoder"),
             # Checked before the model runs (they were tracebacks after it, exit 1; QA).
             ([f"--out={tmp_path}/none/figure.png"], "none does not exist"),
@@ -99,6 +101,26 @@ def test_command_names_a_bad_ratio_or_checkpoint_kind_in_one_line(tmp_path, caps
     text.write_text("not an image")
     for bad in (truncated, text):
         with pytest.raises(SystemExit) as exit_:
-            main([f"--checkpoint={full}", f"--images={image},{bad}"])
+            main([f"--checkpoint={full}", f"--images={image},{bad}", "--mask_ratios=0.5"])
         assert exit_.value.code == 2
         assert f"--images: image {bad} cannot be read" in capsys.readouterr().err
+    # A ratio that keeps no patch of this model is named once the model is known.
+    with pytest.raises(SystemExit) as exit_:
+        main([f"--checkpoint={full}", f"--images={image}", "--mask_ratios=0.5,0.999"])
+    assert exit_.value.code == 2 and "mask_ratio=0.999 keeps no patch" in capsys.readouterr().err
+
+
+def test_a_16_bit_png_reads_as_the_training_pipeline_reads_it(tmp_path):
+    # QA: PIL's convert("RGB") clips 16-bit grey to 255 (a white picture); TensorFlow's
+    # decoder, which training uses, keeps the high byte.
+    import tensorflow as tf
+
+    from mae_jax.data import image_ops
+
+    wide = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(wide).save(path)
+    trained_on = image_ops.decode_rgb(tf.io.read_file(str(path))).numpy()
+    shown = load_images([str(path)], (32, 32))[0] * np.asarray(IMAGENET_STD) + np.asarray(
+        IMAGENET_MEAN)
+    np.testing.assert_allclose(shown * 255, trained_on, atol=1e-3)

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from mae_jax.core import config as core_config
+from mae_jax.core.errors import BadDataError
 from mae_jax.data import (
     image_ops,
     sources,
@@ -96,12 +97,12 @@ def load_image_array(*, source: str, data_dir: str | None = None, split: str = "
                 sizes.append(image.shape)
             if len(sizes) == 2:
                 break
-        raise ValueError(
+        raise BadDataError(
             f"{shard.what} has images of different sizes, e.g. {sizes}; the on-device input "
             "needs one size. Use config.data.on_device='never' (tf.data) for this dataset."
         ) from None
     if not chunks:
-        raise ValueError(f"could not decode any image of {shard.what}.")
+        raise BadDataError(f"could not decode any image of {shard.what}.")
     if with_labels:
         array, labels = (np.concatenate(part) for part in zip(*chunks, strict=True))
     else:
@@ -143,7 +144,7 @@ def use_on_device(mode: str, *, source: str, devices, data_dir: str | None = Non
     if shape is None:
         if mode == "auto":
             return False
-        raise ValueError(
+        raise BadDataError(
             f"config.data.on_device='always' needs images of one size, but {source} (split "
             f"{split!r}) has images of several sizes (or a TFDS feature without a fixed shape). "
             "Use on_device='auto' or 'never'."
@@ -151,7 +152,7 @@ def use_on_device(mode: str, *, source: str, devices, data_dir: str | None = Non
     if math.prod(shape) > budget:
         if mode == "auto":
             return False
-        raise ValueError(
+        raise BadDataError(
             f"the decoded dataset {shape} takes {math.prod(shape) / 2**30:.2f} GiB per device, "
             f"more than {max_fraction:.0%} of the {limit / 2**30:.1f} GiB a device has; use "
             "on_device='never' (tf.data) for it."
