@@ -149,6 +149,17 @@ try:  # process 1's copy of the dataset lacks an image
     same_on_every_process(1281167 - int(sys.argv[1]), "the number of training images")
 except Exception as error:
     print(type(error).__name__, error, flush=True)
+from mae_jax.core.run import Run
+from mae_jax.pretrain.config import defaults
+with Run(defaults(), sys.argv[3] + "/shared"):
+    print("one run, one workdir", flush=True)
+changed = defaults()
+changed.lr = 0.02 if sys.argv[1] == "1" else changed.lr  # an override given to one host
+for config, workdir in ((changed, "/shared"), (defaults(), "/own" + sys.argv[1])):
+    try:
+        Run(config, sys.argv[3] + workdir)
+    except Exception as error:
+        print(type(error).__name__, str(error)[:300], flush=True)
 """
 
 
@@ -162,7 +173,8 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
     script.write_text(PROCESS_0_WORK)
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    processes = [subprocess.Popen([sys.executable, str(script), str(index), address], env=env,
+    processes = [subprocess.Popen([sys.executable, str(script), str(index), address,
+                                   str(tmp_path)], env=env,
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for index in range(2)]
     outputs = [process.communicate(timeout=120)[0] for process in processes]
@@ -181,7 +193,7 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
     assert all("no failure" in output for output in outputs)
     # A stop signal to one host outside the training loop (its own pre-emption) reaches the
     # others too (review: a KeyboardInterrupt skipped the exchange of statuses).
-    assert "KeyboardInterrupt SIGTERM outside the training loop" in outputs[1]
+    assert "StopSignal SIGTERM outside the training loop" in outputs[1]
     assert ("ProcessFailedError Process 1 was stopped while writing the export (exit status "
             "130)") in outputs[0], outputs[0][-2000:]
     # Pixel counts past 2**31 (a class over a large validation set) summed exactly.
@@ -190,6 +202,15 @@ def test_what_process_0_does_alone_reaches_every_process_failures_included(tmp_p
     for output in outputs:
         assert ("BadDataError The processes disagree on the number of training images "
                 "(process 0: 1281167, process 1: 1281166)") in output, output[-2000:]
+    # QA: an override given to one host trained apart without a word (or hung at the first
+    # step count that differed), and a workdir of its own on each host hung at the first
+    # checkpoint. Both are refused on every process before any work.
+    for index, output in enumerate(outputs):
+        assert "one run, one workdir" in output
+        assert "BadDataError The processes disagree on the config (a hash of it) (process 0: " \
+            in output, output[-2000:]
+        assert (f"WorkdirPathError Process(es) [1] do not see process 0's run.lock in --workdir "
+                f"{tmp_path}/own{index}") in output, output[-2000:]
 
 
 def two_process_stream(original):

@@ -95,7 +95,8 @@ class failing_together:  # noqa: N801 - used as a statement: `with failing_toget
         return False
 
 
-def same_on_every_process(value: int, what: str) -> None:
+def same_on_every_process(value: int, what: str, *, fix: str = "each host must see the same "
+                          "dataset (a shared data_dir, or identical complete copies).") -> None:
     """Raises BadDataError on every process when `value` differs between processes (e.g. the
     training images each process counted in its own copy of the dataset: an incomplete copy
     on one host gave it another schedule and another share of the data, and the processes
@@ -110,8 +111,7 @@ def same_on_every_process(value: int, what: str) -> None:
         np.int32(value))).reshape(-1)]
     if len(set(values)) > 1:
         listed = ", ".join(f"process {index}: {seen}" for index, seen in enumerate(values))
-        raise BadDataError(f"The processes disagree on {what} ({listed}): each host must see "
-                           "the same dataset (a shared data_dir, or identical complete copies).")
+        raise BadDataError(f"The processes disagree on {what} ({listed}): {fix}")
 
 
 def sum_over_processes(counts: np.ndarray) -> np.ndarray:

@@ -10,7 +10,9 @@ loop. A task library plugs in its model, loss, data and hooks:
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,11 +26,11 @@ from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.errors import BadDataError
-from mae_jax.core.processes import failing_together
+from mae_jax.core.processes import failing_together, same_on_every_process
 from mae_jax.core.run_logging import METRICS_FILE, RunLogger, image_path, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
-from mae_jax.core.workdir import ensure_workdir, lock_workdir, set_aside
+from mae_jax.core.workdir import check_shared, ensure_workdir, lock_workdir, set_aside
 from mae_jax.models.factory import ModelSpec
 from mae_jax.models.layers import make_rngs
 
@@ -39,6 +41,18 @@ def with_step(results: dict, step: int) -> dict:
     evaluated = results.get("step", step)
     return results | {"step": step} | ({"evaluated_step": evaluated} if evaluated != step
                                        else {})
+
+
+def config_hash(config: ml_collections.ConfigDict) -> int:
+    """31 bits of the config, without the data locations (each host may keep its own copy)."""
+    flat = {key: value for key, value in run_record.flat_config(config).items()
+            if not key.endswith(("data_dir", "manual_dir"))}
+    return zlib.crc32(json.dumps(flat, sort_keys=True, default=str).encode()) & 0x7FFFFFFF
+
+
+def _count(number: int) -> str:
+    """12.34M for a model, 520 for a linear probe's head (was "0.00M")."""
+    return f"{number / 1e6:.2f}M" if number >= 100_000 else f"{number:,}"
 
 
 class Run:
@@ -53,7 +67,13 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, devices=None):
         self.config = config
-        self.workdir = ensure_workdir(workdir)
+        # Every process runs the same config: a difference (an override given to one host)
+        # trained apart without a word, or hung at the first step count that differed (QA).
+        same_on_every_process(config_hash(config), "the config (a hash of it)", fix="give "
+                              "every process the same command: the same --config file and "
+                              "overrides.")
+        with failing_together("making the workdir"):  # a clear error on every process
+            self.workdir = ensure_workdir(workdir)
         self.devices = list(devices or jax.devices())
         self.is_main = jax.process_index() == 0
         self.logger: RunLogger | None = None
@@ -62,6 +82,7 @@ class Run:
         self.num_examples: int | None = None  # init_state's, saved with each checkpoint
         self._lock = lock_workdir(self.workdir)
         try:
+            check_shared(self.workdir)
             self.mesh = sharding_lib.create_mesh(
                 data=config.mesh.data, fsdp=config.mesh.fsdp, devices=self.devices
             )
@@ -109,7 +130,7 @@ class Run:
             init, self.mesh, self.checkpointer, self.resume_step
         )
         print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
-              f"{tree_size(state.params) / 1e6:.2f}M trainable parameters.")
+              f"{_count(tree_size(state.params))} trainable parameters.")
         if start_step and self.config.get("eval_only") and self.config.get("init_from"):
             print(f"Note: eval_only evaluates this workdir's checkpoint of step {start_step}; "
                   f"init_from ({self.config.init_from}) only starts a new run. To evaluate it, "

@@ -116,6 +116,7 @@ class WorkdirLock:
                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "job": scheduler_job()},
                       handle)
             handle.flush()
+            os.fsync(handle.fileno())  # other hosts read it (`check_shared`)
         except BaseException:
             handle.close()
             raise
@@ -194,3 +195,43 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
         raise held[0] if held else WorkdirLockedError(
             f"Process 0 could not lock {workdir}: another run holds it (see its log).")
     return held[0] if held else None
+
+
+def check_shared(workdir: str, *, wait_s: float = 10.0) -> None:
+    """With several processes: every process sees process 0's lock file in `workdir`, i.e. the
+    workdir is one shared directory (QA: a --workdir of its own on each host, or one path not
+    shared between them, trained and then hung at the first checkpoint, without a word). A
+    host whose view lags (a network file system's cache) gets `wait_s` to catch up."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from mae_jax.core.processes import from_process_0
+
+    path = os.path.join(workdir, LOCK_FILE)
+
+    def seen() -> int:
+        try:
+            with open(path, "rb") as handle:
+                return zlib.crc32(handle.read()) & 0x7FFFFFFF
+        except OSError:
+            return -1
+
+    expected = from_process_0(seen, f"reading {path}")
+    deadline = time.monotonic() + wait_s
+    while seen() != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    sees = int(seen() == expected)
+    views = [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(sees)))
+             .reshape(-1)]
+    blind = [index for index, view in enumerate(views) if not view]
+    if blind:
+        raise WorkdirPathError(
+            f"Process(es) {blind} do not see process 0's {LOCK_FILE} in --workdir {workdir}: "
+            "the workdir must be one directory shared by every host (the same path on a shared "
+            "file system), given the same way to every process.")
