@@ -92,6 +92,12 @@ def test_a_bad_huge_page_switch_is_bad_input():
         # Another process's failure: its status (mae_jax.core.processes).
         (ProcessFailedError("Process 0 failed writing metrics.jsonl", 74), 74),
         (ProcessFailedError("Process 1 failed writing config.json", 2), 2),
+        # Another process gone outside the blocks that share failures (QA: gloo's ValueError
+        # was exit status 2, "bad input", which tells a scheduler not to retry).
+        (ValueError("UNKNOWN: Gloo AllGather failed: [gloo/transport/tcp/pair.cc:534] Read "
+                    "error [127.0.0.1]:5000: Connection reset by peer"), 1),
+        (RuntimeError("Unable to initialize backend 'cpu': UNAVAILABLE: recvmsg:Connection "
+                      "reset by peer"), 1),
     ],
 )
 def test_each_kind_of_failure_has_its_exit_status(error, status):
@@ -103,8 +109,13 @@ def test_each_kind_of_failure_has_its_exit_status(error, status):
                  WorkdirLockedError, DamagedCheckpointsError, NonFiniteLossError,
                  CheckpointWriteError, KeyboardInterrupt, ProcessFailedError)
     message = entry.explanation(error)
-    # A full disk outside a checkpoint (metrics.jsonl, eval_results.json) is one line too.
-    assert (message is not None) == (isinstance(error, explained) or status == 74)
+    # A full disk outside a checkpoint (metrics.jsonl, eval_results.json) is one line too,
+    # and so is another process gone.
+    gone = "by peer" in str(error)
+    assert (message is not None) == (isinstance(error, explained) or status == 74 or gone)
+    if gone:
+        assert message.startswith("Lost contact with another process of this run (") and (
+            "launch every process again with the same command to resume") in message
     if status == 74 and not isinstance(error, (CheckpointWriteError, ProcessFailedError)):
         assert message.startswith("The disk is full: ") and "free space" in message
 
@@ -339,6 +350,17 @@ def test_multiprocess_reads_the_coordinator_from_the_environment(monkeypatch):
         with pytest.raises(ValueError, match="set JAX_PROCESS_ID too"):
             entry.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
                                           "JAX_NUM_PROCESSES": "2"})
+        # No variable and no cluster JAX knows: one message naming the variables (QA: JAX's
+        # bare "coordinator_address should be defined").
+        def no_cluster(**kwargs):
+            raise ValueError("coordinator_address should be defined.")
+
+        monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+        with pytest.raises(ValueError, match=r"--multiprocess found no cluster to join "
+                           r"\(coordinator_address should be defined.\): set "
+                           "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID") as error:
+            entry.initialize_distributed({})
+        assert entry.explanation(error.value) is not None  # one line, no traceback
     finally:
         jax.config.update("jax_cpu_collectives_implementation", before)
     assert calls == [

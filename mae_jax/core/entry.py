@@ -41,6 +41,7 @@ from mae_jax.core.errors import (  # noqa: E402
     BadInputError,
     ProcessFailedError,
     device_memory_error,
+    lost_peer,
 )
 from mae_jax.core.statuses import diverged, exit_status  # noqa: E402
 
@@ -92,20 +93,32 @@ def initialize_distributed(environ=os.environ) -> dict:
     # agree at log steps, core.preemption) stay in charge.
     jax.config.update("jax_enable_preemption_service", False)
     given = {name: environ[name] for name in COORDINATOR_VARIABLES if environ.get(name)}
+    from mae_jax.core.config import ConfigError  # no JAX
+
     kwargs = {}
     if given:
         missing = [name for name in COORDINATOR_VARIABLES if name not in given]
         if missing:
-            raise ValueError(f"--multiprocess: set {', '.join(missing)} too (got "
-                             f"{', '.join(given)}), or none of them to auto-detect.")
+            raise ConfigError(f"--multiprocess: set {', '.join(missing)} too (got "
+                              f"{', '.join(given)}), or none of them to auto-detect.")
         try:
             kwargs = {"coordinator_address": given["JAX_COORDINATOR_ADDRESS"],
                       "num_processes": int(given["JAX_NUM_PROCESSES"]),
                       "process_id": int(given["JAX_PROCESS_ID"])}
         except ValueError:
-            raise ValueError("--multiprocess: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
-                             f"integers, got {given}.") from None
-    jax.distributed.initialize(**kwargs)
+            raise ConfigError("--multiprocess: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                              f"integers, got {given}.") from None
+        print(f"Process {kwargs['process_id']} of {kwargs['num_processes']}: joining the "
+              f"coordinator at {kwargs['coordinator_address']} (JAX waits up to 5 minutes for "
+              "every process).", flush=True)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as error:  # nothing given, and no cluster JAX knows
+        if kwargs or "should be defined" not in str(error):
+            raise
+        raise ConfigError(f"--multiprocess found no cluster to join ({error}): set "
+                          f"{', '.join(COORDINATOR_VARIABLES)} (README: several hosts), or "
+                          "run without --multiprocess.") from None
     return kwargs
 
 
@@ -116,6 +129,11 @@ def explanation(error: BaseException) -> str | None:
     if diverged(error) or isinstance(error, (integrity.CheckpointWriteError, BadInputError,
                                               KeyboardInterrupt, ProcessFailedError)):
         return str(error) or "interrupted (Ctrl-C)"
+    peer = lost_peer(error)
+    if peer and not isinstance(error, BadInputError):
+        return (f"Lost contact with another process of this run ({peer}): it stopped, failed "
+                "or was killed, and its log says why. Checkpoints already written are intact: "
+                "launch every process again with the same command to resume.")
     if integrity.is_out_of_space(error):  # metrics.jsonl, eval_results.json, an export
         return (f"The disk is full: {error}. The checkpoints already written are intact: "
                 "free space, then re-run the same command to resume.")

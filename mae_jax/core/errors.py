@@ -8,6 +8,7 @@ status 2 (bad input). Each class also derives from the builtin a caller would ca
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 # Exit statuses; mae_jax.core.entry's docstring says what each means, `statuses` which error
@@ -76,6 +77,21 @@ def cause_chain(error: BaseException | None) -> Iterator[BaseException]:
         seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__
+
+
+# What a collective says when another process of the run is gone (killed, stopped or failed
+# outside the blocks that share failures): gloo on CPUs, JAX's coordination service.
+_LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Gloo \w+ failed|stopped sending "
+                        r"heartbeats|Socket closed")
+
+
+def lost_peer(error: BaseException | None) -> str | None:
+    """The line saying another process is gone, when `error` (or its cause chain) has one."""
+    for link in cause_chain(error):
+        for line in str(link).splitlines():
+            if _LOST_PEER.search(line):
+                return line.strip()[:300]
+    return None
 
 
 def device_out_of_memory(error: BaseException | None) -> str | None:

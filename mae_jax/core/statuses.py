@@ -17,6 +17,7 @@ from mae_jax.core.errors import (
     EXIT_WRITE_FAILED,
     BadInputError,
     ProcessFailedError,
+    lost_peer,
 )
 
 
@@ -38,6 +39,8 @@ def exit_status(error: BaseException) -> int:
     if isinstance(error, integrity.CheckpointWriteError) or integrity.is_out_of_space(
             error):
         return EXIT_WRITE_FAILED
+    if lost_peer(error):  # not this process's input: re-launching them all resumes
+        return EXIT_FAILED
     bad_input = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                  PermissionError, BadInputError)
     return EXIT_BAD_INPUT if isinstance(error, bad_input) else EXIT_FAILED
