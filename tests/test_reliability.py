@@ -532,7 +532,7 @@ def test_a_workdir_of_another_task_is_refused_in_one_line_even_with_config_chang
     assert not (workdir / HISTORY_FILE).exists()
 
 
-def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_path):
+def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_path, capsys):
     workdir = copy_of(finished_run, tmp_path)
     original = (workdir / "config.json").read_text()
     changed = run_config(lr=0.5)
@@ -544,6 +544,9 @@ def test_config_change_ok_records_each_change_with_its_step(finished_run, tmp_pa
         run.record_config_changes()  # once
     (entry,) = [json.loads(line) for line in open(workdir / HISTORY_FILE)]
     assert entry["step"] == 6 and entry["changes"] == {"lr": [0.001, 0.5]}
+    # QA: the recomputed schedule was not mentioned (the rate rose again after an extension).
+    assert "Note: the learning-rate schedule is recomputed from lr: from step 6 on" in (
+        capsys.readouterr().out)
     assert entry["accepted"] == "config_change_ok"
     assert (workdir / "config.json").read_text() == original  # the original stays
     with Run(run_config(lr=0.5), str(workdir)):  # 0.5 is now the run's value
@@ -570,6 +573,26 @@ def test_a_resume_on_a_training_set_of_another_size_is_refused(finished_run, tmp
     assert pretrain_lib.train_and_evaluate(accepted, str(workdir))["step"] == 6
     assert "going on with it (--config_change_ok): another data order." in (
         capsys.readouterr().out)
+
+
+def test_any_checkpoint_of_a_run_is_a_weights_source(finished_run):
+    # QA: init_from=<run>/checkpoints/4 was "neither a run directory ...": only the newest
+    # checkpoint could be started from or evaluated.
+    from mae_jax.weights.load import load_model, newest_step_everywhere, source_kind
+
+    chosen = finished_run / "checkpoints" / "4"
+    assert source_kind(chosen) == "run" and newest_step_everywhere(chosen) == 4
+    assert newest_step_everywhere(finished_run) == 6
+    with Checkpointer(finished_run) as checkpointer:  # the decoder's last kernel at 4 and 6
+        saved = {step: checkpointer.restore_model_arrays(step)["params"]["decoder"]["pred"][
+            "kernel"]["value"] for step in (4, 6)}
+    for source, step in ((chosen, 4), (finished_run, 6)):
+        kernel = nnx.state(load_model(source), nnx.Param).to_pure_dict()["decoder"]["pred"][
+            "kernel"]
+        np.testing.assert_array_equal(kernel, saved[step])
+    assert not np.array_equal(saved[4], saved[6])
+    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+        source_kind(finished_run / "checkpoints" / "5")
 
 
 def test_a_fall_back_behind_a_recorded_change_voids_it(finished_run, tmp_path):

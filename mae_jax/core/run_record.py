@@ -132,6 +132,11 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list]:
     }
 
 
+# Fields the learning-rate schedule is computed from (besides the data's size).
+SCHEDULE_FIELDS = frozenset({"total_steps", "num_epochs", "warmup_steps", "warmup_epochs",
+                             "lr", "base_lr", "min_lr", "batch_size", "layer_decay"})
+
+
 @dataclasses.dataclass(frozen=True)
 class ConfigChanges:
     """The changes a resume makes to the run's config, checked but not yet recorded: the
@@ -160,6 +165,12 @@ class ConfigChanges:
                   + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in
                               self.changes.items())
                   + f" (recorded in {HISTORY_FILE}).", flush=True)
+        schedule = sorted(set(self.changes) & SCHEDULE_FIELDS)
+        if schedule:  # QA: a finished run extended by 40% went from 5e-5 back up to 1.4e-3
+            print(f"Note: the learning-rate schedule is recomputed from {', '.join(schedule)}: "
+                  f"from step {self.step} on the rate follows the new curve (it may jump, e.g. "
+                  "rise again when a finished run is extended); metrics.jsonl logs it.",
+                  flush=True)
 
 
 def record_config(

@@ -36,10 +36,24 @@ EXPORT_WEIGHTS = "weights"
 RUN_CHECKPOINTS = "checkpoints"
 
 
-def source_kind(path: str | os.PathLike) -> str:
-    """"run" (a run directory), "export" (a Flax export) or "official" (an official .pth file,
-    or a Hugging Face ViTMAE folder / file)."""
+def run_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
+    """One checkpoint of a run directory, `<run>/checkpoints/<step>` -> (<run>, step); any
+    other path -> (path, None). (QA: only a run's newest checkpoint could be started from.)"""
     path = os.path.expanduser(os.fspath(path))
+    parent, name = os.path.split(os.path.abspath(path))
+    run, folder = os.path.split(parent)
+    if name.isdigit() and folder == RUN_CHECKPOINTS and os.path.isdir(path) and os.path.exists(
+            os.path.join(run, MODEL_JSON)):
+        return run, int(name)
+    return path, None
+
+
+def source_kind(path: str | os.PathLike) -> str:
+    """"run" (a run directory, or one of its checkpoints), "export" (a Flax export) or
+    "official" (an official .pth file, or a Hugging Face ViTMAE folder / file)."""
+    path = os.path.expanduser(os.fspath(path))
+    if run_checkpoint(path)[1] is not None:
+        return "run"
     if not os.path.exists(path):
         raise DataNotFoundError(f"No checkpoint at {path}: give a .pth file or a run directory.")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_JSON)):
@@ -69,11 +83,13 @@ def load_model(
 ) -> nnx.Module:
     """The model stored at `path`, on the host.
 
-    step: a run directory's checkpoint step (default: the newest). overrides: for official
-    files, the arguments `mae_jax.load_official` takes (model="mae"/"encoder", num_heads, ...).
+    step: a run directory's checkpoint step (default: the one `path` names, <run>/checkpoints/
+    <step>, else the newest). overrides: for official files, the arguments
+    `mae_jax.load_official` takes (model="mae"/"encoder", num_heads, ...).
     """
     kind = source_kind(path)
-    path = os.path.expanduser(os.fspath(path))
+    path, named = run_checkpoint(path)
+    step = named if step is None else step
     if kind == "official":
         return load_official(path, **overrides)
     overrides.pop("model", None)
@@ -107,6 +123,9 @@ def newest_step_everywhere(path: str | os.PathLike) -> int | None:
     path = os.path.expanduser(os.fspath(path))
     if source_kind(path) != "run":
         return None
+    path, named = run_checkpoint(path)
+    if named is not None:  # that one, on every process
+        return named
 
     def newest() -> int:
         with Checkpointer(path, async_save=False) as checkpointer:
