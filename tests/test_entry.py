@@ -185,6 +185,16 @@ def test_a_step_that_does_not_fit_the_devices_memory_is_bad_input_naming_the_fix
         assert "Could not write checkpoint 4" in str(wrapped.value)
         assert "Fix the cause" in str(wrapped.value) and "free space" not in str(wrapped.value)
         assert entry.exit_status(wrapped.value) == entry.EXIT_WRITE_FAILED
+    # Another process gone while the processes meet to commit a save is no failed write
+    # (review: JAX's UNAVAILABLE / DEADLINE_EXCEEDED read as the storage failing).
+    for gone in (RuntimeError("UNAVAILABLE: The following tasks are unhealthy (stopped sending "
+                              "heartbeats): 1"),
+                 ValueError("DEADLINE_EXCEEDED: Barrier timed out. Id: orbax_save_4")):
+        with pytest.raises(type(gone)) as passed_on:
+            with checkpoint_integrity.WriteErrors(saving):
+                raise gone
+        assert entry.exit_status(passed_on.value) == entry.EXIT_FAILED
+        assert entry.explanation(passed_on.value).startswith("Lost contact with another process")
     # Ctrl-C while unwinding from it stays an interruption; a full disk met while unwinding
     # from it stays a full disk.
     try:
@@ -406,7 +416,7 @@ def test_sigterm_saves_and_exits_75_and_a_changed_resume_exits_2(tmp_path):
     assert "Traceback" not in changed.stderr  # the message is the whole story
 
 
-def test_a_stop_signal_outside_the_training_loop_is_a_message_not_a_silent_kill():
+def test_a_stop_signal_outside_the_training_loop_is_a_message_not_a_silent_kill(capsys):
     """SIGTERM during start-up (or eval_only, the export) used to kill the process
     with status 143 and no word; now it is an interruption (130) that says where it came."""
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -430,6 +440,8 @@ def test_a_stop_signal_outside_the_training_loop_is_a_message_not_a_silent_kill(
         with pytest.raises(KeyboardInterrupt, match="SIGTERM outside the training loop"):
             Finalised()  # collected at once
             time.sleep(5)
+        assert "SIGTERM came while Python was finalising an object: it is acted on now." in (
+            capsys.readouterr().err)
         # Inside the loop a second Ctrl-C stops at once, with a message (was an empty line).
         with PreemptionGuard() as guard:
             os.kill(os.getpid(), signal.SIGINT)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import losses_of, one_worker, params_of, tiny_pretrain_config
+from conftest import losses_of, one_worker, params_of, set_fields, tiny_pretrain_config
 from flax import nnx
 
 from mae_jax.core import checkpoint_integrity as integrity
@@ -572,6 +572,25 @@ def test_a_resume_on_a_training_set_of_another_size_is_refused(finished_run, tmp
     accepted.config_change_ok = True
     assert pretrain_lib.train_and_evaluate(accepted, str(workdir))["step"] == 6
     assert "going on with it (--config_change_ok): another data order." in (
+        capsys.readouterr().out)
+
+
+def test_the_processes_config_hash_leaves_out_what_each_host_keeps_where_it_likes(capsys):
+    # Review: folder copies and starting weights may sit at other paths on each host.
+    from mae_jax.core.run import config_hash
+
+    here = run_config(**{"data.source": "folder:/ssd/a/imagenet", "init_from": "/a/m.pth",
+                         "data.data_dir": "/a"})
+    there = run_config(**{"data.source": "folder:/nvme/imagenet", "init_from": "/b/m.pth",
+                          "data.data_dir": "/b"})
+    assert config_hash(here) == config_hash(there)
+    assert config_hash(here) != config_hash(set_fields(here, {"lr": 0.02}))
+    assert config_hash(run_config()) != config_hash(here)  # generated:32 is another source
+    # A checkpoint of before the full shuffle of folder sources says the order changes.
+    import types
+
+    Run.check_same_data(types.SimpleNamespace(config=here), None, 1281167, 2000)
+    assert "Note: the checkpoint of step 2000 predates the full shuffle of folder sources" in (
         capsys.readouterr().out)
 
 

@@ -32,7 +32,7 @@ import time
 import zlib
 from typing import Any
 
-from mae_jax.core.errors import cause_chain, is_memory_text
+from mae_jax.core.errors import cause_chain, is_memory_text, lost_peer
 
 CHECKSUM_FILE = "checksums.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a checkpoint not yet committed
@@ -161,7 +161,10 @@ _STORAGE_TEXT = re.compile(r"\b(PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|
 
 def is_storage_error(error: BaseException | None) -> bool:
     """Whether `error` (or its cause chain) is the storage failing: an OSError (a full disk,
-    permissions, a file server gone), TensorStore's I/O errors, a full disk."""
+    permissions, a file server gone), TensorStore's I/O errors, a full disk; not another
+    process gone (JAX's UNAVAILABLE heartbeats, DEADLINE_EXCEEDED barrier: `lost_peer`)."""
+    if lost_peer(error) and not is_out_of_space(error):
+        return False
     return is_out_of_space(error) or any(
         isinstance(link, OSError) or _STORAGE_TEXT.search(str(link))
         for link in cause_chain(error))

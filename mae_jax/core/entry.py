@@ -200,7 +200,11 @@ def _send_swallowed_stops_again(unraisable) -> bool:
     error = unraisable.exc_value
     if not isinstance(error, StopSignal):
         return False
-    threading.Timer(0.05, os.kill, (os.getpid(), error.signum)).start()
+    print(f"{signal.Signals(error.signum).name} came while Python was finalising an object: "
+          "it is acted on now.", file=sys.stderr, flush=True)
+    again = threading.Timer(0.05, os.kill, (os.getpid(), error.signum))
+    again.daemon = True  # a run that is ending ends
+    again.start()
     return True
 
 

@@ -82,7 +82,7 @@ def cause_chain(error: BaseException | None) -> Iterator[BaseException]:
 # What a collective says when another process of the run is gone (killed, stopped or failed
 # outside the blocks that share failures): gloo on CPUs, JAX's coordination service.
 _LOST_PEER = re.compile(r"Connection (reset|closed) by peer|Gloo \w+ failed|stopped sending "
-                        r"heartbeats|Socket closed")
+                        r"heartbeats|Socket closed|Barrier timed out")
 
 
 def lost_peer(error: BaseException | None) -> str | None:

@@ -44,9 +44,11 @@ def with_step(results: dict, step: int) -> dict:
 
 
 def config_hash(config: ml_collections.ConfigDict) -> int:
-    """31 bits of the config, without the data locations (each host may keep its own copy)."""
-    flat = {key: value for key, value in run_record.flat_config(config).items()
-            if not key.endswith(("data_dir", "manual_dir"))}
+    """31 bits of the config, without the locations of files each host may keep a copy of
+    (data folders, starting weights): only a folder source's kind counts."""
+    flat = {key: "folder:" if str(value).startswith("folder:") else value
+            for key, value in run_record.flat_config(config).items()
+            if not key.endswith(("data_dir", "manual_dir", "init_from"))}
     return zlib.crc32(json.dumps(flat, sort_keys=True, default=str).encode()) & 0x7FFFFFFF
 
 
@@ -158,6 +160,11 @@ class Run:
         before 2026-12-08): the schedule (when in epochs) and the data order would change
         without a word (QA: images added to a folder between runs). --config_change_ok takes
         the new data, with a note."""
+        if saved is None and step and str(self.config.data.get("source", "")).startswith(
+                ("folder:", "generated:")):  # a checkpoint of before 2026-12-07 22:00 UTC
+            print(f"Note: the checkpoint of step {step} predates the full shuffle of folder "
+                  "sources (each epoch a permutation of the whole listing): from here on the "
+                  "images come in another order than in the uninterrupted run.", flush=True)
         if saved is None or int(saved) == now:
             return
         what = (f"The training data changed since the checkpoint of step {step}: {saved} "
