@@ -26,7 +26,7 @@ from mae_jax.core import loop, run_record
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.errors import BadDataError
-from mae_jax.core.processes import failing_together, same_on_every_process
+from mae_jax.core.processes import failing_together, from_process_0, same_on_every_process
 from mae_jax.core.run_logging import METRICS_FILE, RunLogger, image_path, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
@@ -160,7 +160,7 @@ class Run:
         before 2026-12-08): the schedule (when in epochs) and the data order would change
         without a word (QA: images added to a folder between runs). --config_change_ok takes
         the new data, with a note."""
-        if saved is None and step and str(self.config.data.get("source", "")).startswith(
+        if saved is None and str(self.config.data.get("source", "")).startswith(
                 ("folder:", "generated:")):  # a checkpoint of before 2026-12-07 22:00 UTC
             print(f"Note: the checkpoint of step {step} predates the full shuffle of folder "
                   "sources (each epoch a permutation of the whole listing): from here on the "
@@ -233,8 +233,6 @@ class Run:
         """Whether metrics.jsonl holds an evaluation of `step` (`loop.Hook.missed`: a
         checkpoint is written before its step's evaluation, so a failed evaluation loses only
         itself, and the resumed run evaluates that step first)."""
-        from mae_jax.core.processes import from_process_0
-
         # Process 0's reading for every process: they must agree on running the evaluation's
         # collectives, whatever each host's view of the shared file.
         return bool(from_process_0(lambda: any(
@@ -244,8 +242,6 @@ class Run:
     def pictures_at(self, name: str, step: int) -> bool:
         """Whether picture `name` of `step` was written (`loop.Hook.missed`, as
         `evaluated_at`): process 0's answer, for every process."""
-        from mae_jax.core.processes import from_process_0
-
         return bool(from_process_0(lambda: os.path.exists(image_path(self.workdir, name, step)),
                                    "looking for the pictures"))
 

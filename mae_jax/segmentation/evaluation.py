@@ -32,6 +32,8 @@ from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
 from mae_jax.segmentation.sliding_window import resize_tile, stitch_windows
 
+RESULTS_FILE = "eval_results.json"  # the newest evaluation, written by process 0
+
 
 def data_options(config) -> dict[str, Any]:
     """Keyword arguments shared by the train and eval input pipelines."""
@@ -129,7 +131,7 @@ class Evaluator:
         with failing_together(f"writing the evaluation of step {step}"):
             if jax.process_index() == 0:
                 print(metrics.format_table(self.names), flush=True)
-                path = os.path.join(self.workdir, "eval_results.json")
+                path = os.path.join(self.workdir, RESULTS_FILE)
                 write_json(path, results)
                 self.logger.log_eval(step, summary)
                 if pictures:
@@ -140,7 +142,7 @@ class Evaluator:
         """What eval_results.json holds when it is the evaluation of `step` (an earlier run's,
         e.g. before a resume that only exports), else {} (this host's view of the file)."""
         try:
-            with open(os.path.join(self.workdir, "eval_results.json")) as f:
+            with open(os.path.join(self.workdir, RESULTS_FILE)) as f:
                 results = json.load(f)
         except (OSError, ValueError):
             return {}
