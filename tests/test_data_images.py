@@ -410,6 +410,39 @@ def test_tfds_fixed_images_spread_and_labelled_eval_pass(tiny_tfds_dir):
     np.testing.assert_array_equal(labels, ids % 4)
 
 
+def test_an_undecodable_tfds_training_record_takes_another_example_of_its_batch(
+        tiny_tfds_dir, monkeypatch, caplog):
+    """TFDS records have no random access: a record that fails to decode gives its slot to an
+    example of its batch that decoded, WITH that example's label (never a mean-colour image
+    under the failed record's label), is named once, and a resume repeats the same batches."""
+    real_records = sources.tfds_records
+
+    def two_broken(builder, split):
+        records = real_records(builder, split).enumerate()
+        return records.map(lambda i, r: {**r, "encoded": tf.where(
+            (i == 3) | (i == 7), tf.constant(b"not an image"), r["encoded"])})
+
+    monkeypatch.setattr(sources, "tfds_records", two_broken)
+    common = dict(source="tfds:mae_jax_tiny_gray", data_dir=tiny_tfds_dir, image_size=SIZE,
+                  global_batch_size=4, seed=3, download=False, with_labels=True,
+                  **_one_process())
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data"):
+        iterator = images.create_train_iterator(**common)
+        fresh = [next(iterator) for _ in range(10)]  # two epochs of 5 batches
+    for batch in fresh:
+        ids = np.round((batch["image"].reshape(4, -1).mean(axis=1) - 5) / 10).astype(int)
+        assert (batch["image"] == batch["image"][:, :1, :1]).all()  # a real (constant) image
+        np.testing.assert_array_equal(batch["label"], ids % 4)
+    assert len(iterator.undecodable) == 2
+    assert caplog.text.count("Undecodable image") == 2
+    assert "filled by another example of its batch" in caplog.text
+    resumed = images.create_train_iterator(start_step=6, **common)
+    for expected in fresh[6:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["label"], expected["label"])
+
+
 def test_fixed_images_are_spread_over_a_class_sorted_folder(tmp_path):
     source = _write_classes(tmp_path, {"train": 5, "val": 4})
     fixed = images.load_fixed_images(source=source, image_size=SIZE, count=3)  # from val/

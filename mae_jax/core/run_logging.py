@@ -26,10 +26,10 @@ METRICS_FILE = "metrics.jsonl"
 INPUT_BOUND = 0.25
 INPUT_BOUND_ADVICE = (
     "the input, not the step, sets the speed. To feed the accelerators faster: "
-    "data.on_device=always (a training split that fits in device memory), "
-    "data.device_resize_canvas=512 (image files: the host decodes only the crop window, the "
-    "devices resize), data.device_photometric=True (segmentation), or more CPU cores for the "
-    "host (README, 'Is the input keeping up?')."
+    "data.on_device=always (a training split of images of one size that fits in device "
+    "memory), data.device_resize_canvas=512 (image files: the host decodes only the crop "
+    "window, the devices resize), data.device_photometric=True (segmentation), or more CPU "
+    "cores for the host (README, 'Is the input keeping up?')."
 )
 
 

@@ -6,7 +6,10 @@ of up to REPLACEMENTS other files of the shard, drawn with the example's own see
 run sees the same batches, batches keep their shape and the dataset keeps the size of the file
 listing (`ignore_errors` on the stream, as before, dropped examples and shifted everything after
 them). Each such file is named in a warning once per iterator and counted. TFDS records
-(validated when TFDS prepared them) have no random access: a failure there gets `fill`.
+(validated when TFDS prepared them) have no random access: a failing training record's slot
+takes another example of its decoding block (with that example's label; the block is a batch,
+so a resume repeats it), and `fill` only when none of the block decodes or when evaluating
+(`replacements=0`, the caller masks it out).
 
 `decoded` does this in blocks of BLOCK examples: a block whose records all decode (the usual
 case) costs one small dataset, not one per example; the replacement search runs only for the
@@ -186,10 +189,20 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
         def repaired():
             def example(j):
                 record = tf.nest.map_structure(lambda x: x[j], records)
-                return tf.cond(
-                    slot[j] >= 0,
-                    lambda: tf.nest.map_structure(lambda x: x[slot[j]], got),
-                    lambda: _padded(slow(seeds[j], record).get_single_element(), pad))
+
+                def replaced():
+                    if not (shard.paths is None and replacements):
+                        return _padded(slow(seeds[j], record).get_single_element(), pad)
+                    # TFDS training: no random access, so another example of the block that
+                    # decoded takes the slot, with its label; the mean colour only when none did.
+                    return tf.cond(found > 0, lambda: {
+                        **tf.nest.map_structure(lambda x: x[j % tf.maximum(found, 1)], got),
+                        "attempts": tf.constant(1, tf.int32),
+                        "failed": tf.reshape(record["name"], [1])},
+                        lambda: _padded(slow(seeds[j], record).get_single_element(), pad))
+
+                return tf.cond(slot[j] >= 0,
+                               lambda: tf.nest.map_structure(lambda x: x[slot[j]], got), replaced)
 
             return tf.data.Dataset.range(tf.cast(size, tf.int64)).map(
                 lambda j: example(tf.cast(j, tf.int32))).batch(block).get_single_element()

@@ -167,7 +167,9 @@ def create_train_iterator(
     ds = decoded(stream, shard, transform, replacements=REPLACEMENTS, fill=fill, pad=pad,
                  block=batch, batches=True)
     keys = (*keys, "label") if with_labels else keys
-    return Batches(_finish(ds, None, keys, threads), what=shard.what)
+    outcome = ("its slot is filled by another image" if shard.paths is not None
+               else "its slot is filled by another example of its batch")
+    return Batches(_finish(ds, None, keys, threads), what=shard.what, outcome=outcome)
 
 
 def create_pretrain_iterator(
