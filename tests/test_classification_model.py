@@ -253,7 +253,9 @@ def test_an_encoder_of_another_kind_is_refused_not_cut_to_fit(tmp_path):
     assert len(transfer_encoder(same, target)) == len(nnx.to_flat_state(nnx.state(target)))
     np.testing.assert_array_equal(target.cls_token.get_value(), same.cls_token.get_value())
 
-    # Another width, read from an official file: the sizes and the file, whatever the heads.
+    # Another width, read from an official file: the sizes and the file. A file of this code
+    # records its head count, which is then checked (QA: it was ignored); an official file
+    # records none, and lends its weights to a model of any head count.
     from mae_jax.weights.load import copy_encoder_from
     from mae_jax.weights.official import save_official
 
@@ -264,7 +266,15 @@ def test_an_encoder_of_another_kind_is_refused_not_cut_to_fit(tmp_path):
         copy_encoder_from(tmp_path / "wider.pth", target)
     four_heads = ViTEncoder(depth=2, **(kwargs | {"embed_dim": 20, "num_heads": 4}),
                             rngs=nnx.Rngs(0))
-    copied = copy_encoder_from(tmp_path / "wider.pth", four_heads)
+    with pytest.raises(WeightsError, match="has 5 attention heads, the model 4"):
+        copy_encoder_from(tmp_path / "wider.pth", four_heads)
+    five_heads = ViTEncoder(depth=2, **(kwargs | {"embed_dim": 20, "num_heads": 5}),
+                            rngs=nnx.Rngs(0))
+    assert len(copy_encoder_from(tmp_path / "wider.pth", five_heads)) == len(
+        nnx.to_flat_state(nnx.state(five_heads)))
+    unrecorded = {"model": torch.load(tmp_path / "wider.pth", weights_only=True)["model"]}
+    torch.save(unrecorded, tmp_path / "official_layout.pth")
+    copied = copy_encoder_from(tmp_path / "official_layout.pth", four_heads)
     assert len(copied) == len(nnx.to_flat_state(nnx.state(four_heads)))
 
     path = tmp_path / "segmenter.pth"

@@ -260,6 +260,84 @@ def test_checkpoint_of_another_variant_is_refused_with_every_bad_key():
         mae_jax.load_into(tiny_mae(), state)
 
 
+def test_an_encoder_load_leaves_out_only_the_decoder_and_a_classifier_head(tmp_path, caplog):
+    """QA: an encoder-only load (load_encoder, init_from) ignored every key it had no place
+    for. Now only an MAE file's decoder and a classifier's head / fc_norm are left out (the
+    latter said in the log); timm's layer-scale name, a relative-position table or a misspelt
+    key is an error naming it; NaN in an official file is refused."""
+    import logging
+
+    from mae_jax.core.errors import WeightsError
+    from mae_jax.weights.load import load_encoder
+
+    state = mae_jax.export_official(tiny_mae())  # an MAE file: the decoder is left out
+    torch.save({"model": {k: torch.from_numpy(v.copy()) for k, v in state.items()}},
+               tmp_path / "mae.pth")
+    assert isinstance(load_encoder(tmp_path / "mae.pth", num_heads=2), mae_jax.ViTEncoder)
+    encoder = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    for extra in ("blocks.0.ls1.gamma", "blocks.1.attn.relative_position_bias_table",
+                  "blocks.0.attn.qkv_biass"):
+        broken = encoder | {extra: np.ones(32, np.float32)}
+        torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in broken.items()}},
+                   tmp_path / "extra.pth")
+        with pytest.raises(WeightsError, match=rf"unexpected keys \(1\): {extra}"):
+            load_encoder(tmp_path / "extra.pth", num_heads=2)
+    with_head = encoder | {"head.weight": np.zeros((10, 32), np.float32),
+                           "head.bias": np.zeros(10, np.float32)}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mae_jax.weights"):
+        loaded = mae_jax.load_official(with_head, model="encoder", num_heads=2)
+    assert loaded.norm is not None and "its head is not part of the encoder" in caplog.text
+    nan = encoder | {"blocks.0.mlp.fc1.weight": np.full((128, 32), np.nan, np.float32)}
+    with pytest.raises(WeightsError, match=r"NaN or inf in 1 array\(s\): blocks.0.mlp.fc1"):
+        mae_jax.load_official(nan, num_heads=2)
+
+
+def test_save_official_files_reload_as_the_model_they_came_from(tmp_path):
+    """QA: a .pth of this code reloaded as a plain square encoder: a 32x48 grid failed, a 32x128
+    one (64 patches) came back as 64x64, a segmenter's backbone lost its layer scale and
+    relative-position bias without a word. The file now records them. Its tensors are
+    contiguous, as safetensors requires."""
+    from safetensors.torch import save_file
+
+    from mae_jax.models.vit import ViTEncoder
+    from mae_jax.weights.load import copy_encoder_from
+
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 128, 3)), jnp.float32)
+    for name, model in (
+        ("wide_mae", tiny_mae(image_size=(32, 128))),
+        ("backbone", ViTEncoder(image_size=(32, 128), patch_size=8, embed_dim=32, depth=2,
+                                num_heads=2, layer_scale_init=0.5, relative_position_bias=True,
+                                rngs=nnx.Rngs(1))),
+    ):
+        state = mae_jax.export_official(model)  # random non-zero values everywhere
+        rng = np.random.default_rng(2)
+        mae_jax.load_into(model, {k: v + 0.1 * rng.normal(size=v.shape) for k, v in state.items()})
+        mae_jax.save_official(model, tmp_path / f"{name}.pth")
+        back = mae_jax.load_official(str(tmp_path / f"{name}.pth"))
+        assert type(back) is type(model)
+        if name == "wide_mae":
+            assert back.encoder.image_size == (32, 128)
+            noise = jnp.asarray(np.random.default_rng(3).uniform(size=(1, 64)), jnp.float32)
+            want, got = (m.forward(images, noise=noise, mask_ratio=0.75)["pred"]
+                         for m in (model, back))
+        else:
+            want, got = model(images)["patches"], back(images)["patches"]
+        np.testing.assert_array_equal(got, want)
+        save_file(torch.load(tmp_path / f"{name}.pth", weights_only=True)["model"],
+                  str(tmp_path / f"{name}.safetensors"))
+    # init_from of the wide file into another size: the table resized from its real grid.
+    target = ViTEncoder(image_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                        rngs=nnx.Rngs(0))
+    assert copy_encoder_from(tmp_path / "wide_mae.pth", target)
+    assert target.pos_embed[...].shape == (1, 65, 32)
+    no_record = {"model": torch.load(tmp_path / "wide_mae.pth", weights_only=True)["model"]}
+    torch.save(no_record, tmp_path / "no_record.pth")
+    official_grid = mae_jax.load_official(str(tmp_path / "no_record.pth"), num_heads=2,
+                                          decoder_num_heads=2)
+    assert official_grid.encoder.image_size == (64, 64)  # 64 patches: read as the official 8x8
+
+
 class _RunsCode:
     def __init__(self, path):
         self.path = path

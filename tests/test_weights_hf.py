@@ -267,6 +267,34 @@ def test_a_damaged_folder_is_one_message_naming_the_file(tmp_path):
         hf.read_hf(index.parent)
 
 
+def test_a_config_that_contradicts_its_weights_is_refused_naming_the_sizes(tmp_path):
+    """transformers refuses a config.json whose sizes the weights contradict (pinned here);
+    so do we, naming them (QA: another image_size was resized to silently, another
+    hidden_size was blamed on decoder_intermediate_size)."""
+    transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**CONFIG)).save_pretrained(
+        tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in (({"image_size": 64}, r"image_size 64 \(64 patches; the position "
+                             r"table: 16\).*image_size=\.\.\."),
+                            ({"hidden_size": 64}, r"hidden_size 64 \(the weights: 32\)\. The "
+                             r"files come from different checkpoints")):
+        (tmp_path / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises((RuntimeError, ValueError), match="mismatch"):
+            transformers.ViTMAEForPreTraining.from_pretrained(tmp_path)
+        with pytest.raises(WeightsError, match=message):
+            mae_jax.load_official(tmp_path)
+
+
+def test_an_encoder_without_its_final_norm_is_not_exported_as_a_vitmaemodel(tmp_path):
+    """A fine-tuned classifier's encoder (global pooling deletes `norm`): transformers would
+    fill ViTMAEModel's final layernorm with fresh values, another function (QA)."""
+    encoder = random_mae().encoder
+    encoder.norm = None
+    with pytest.raises(WeightsError, match="no final norm"):
+        hf.save_hf(encoder, tmp_path)
+    assert not os.listdir(tmp_path)
+
+
 def test_official_pth_still_read_as_before_and_not_taken_for_hf(tmp_path):
     model = random_mae()
     path = tmp_path / "mae.pth"

@@ -18,7 +18,10 @@ norm-pix target with the unbiased variance, is the same computation):
   * HF's `logits` are our `pred`; its `ids_restore` is int64, ours int32;
   * images are NCHW for HF and NHWC here;
   * HF interpolates position tables per call (`interpolate_pos_encoding`); here they are resized
-    once when loading (`image_size=...`).
+    once when loading (`image_size=...`). The encoder's table is resized as HF does it (the same
+    values to float32 rounding); the decoder's is resized over the 2-D grid, as the official
+    code does, where HF resizes it as a 1-D sequence: at another image size the predictions
+    differ from HF's.
 """
 
 from __future__ import annotations
@@ -150,7 +153,48 @@ def read_hf(path) -> tuple[dict[str, np.ndarray], dict]:
     else:  # a pickle: official's torch.load(weights_only=True); it renames HF keys itself
         state_dict = hf_to_official(official.read_state_dict(weights))
     config = _read_json(config_path) if config_path is not None else {}
+    check_config_fits(config, state_dict, config_path)
     return state_dict, config_to_kwargs(config, has_decoder=official.has_decoder(state_dict))
+
+
+def check_config_fits(config: Mapping, state_dict: Mapping[str, np.ndarray], where) -> None:
+    """WeightsError naming each size `config.json` states that the weights' shapes contradict
+    (transformers refuses such a folder too; QA: another image_size was taken silently, and
+    another hidden_size was blamed on decoder_intermediate_size)."""
+    def rows(key):
+        return state_dict[key].shape[0] if key in state_dict else None
+
+    shapes = {
+        "hidden_size": state_dict["cls_token"].shape[-1] if "cls_token" in state_dict else None,
+        "num_hidden_layers": official.count_blocks(state_dict, "blocks") or None,
+        "intermediate_size": rows("blocks.0.mlp.fc1.weight"),
+        "num_channels": (state_dict["patch_embed.proj.weight"].shape[1]
+                         if "patch_embed.proj.weight" in state_dict else None),
+        "decoder_hidden_size": rows("decoder_embed.weight"),
+        "decoder_num_hidden_layers": official.count_blocks(state_dict, "decoder_blocks") or None,
+        "decoder_intermediate_size": rows("decoder_blocks.0.mlp.fc1.weight"),
+    }
+    wrong = [f"{name} {config[name]} (the weights: {have})" for name, have in shapes.items()
+             if have is not None and name in config and config[name] != have]
+    weight = state_dict.get("patch_embed.proj.weight")
+    if weight is not None and "patch_size" in config:
+        patch = config["patch_size"]
+        patches = [patch] * 2 if isinstance(patch, int) else list(patch)
+        if list(patches) != list(weight.shape[-2:]):
+            wrong.append(f"patch_size {patch} (the weights: {weight.shape[-1]})")
+        elif "image_size" in config and "pos_embed" in state_dict:
+            size = config["image_size"]
+            height, width = (size, size) if isinstance(size, int) else size
+            positions = (height // patches[0]) * (width // patches[1])
+            if positions != state_dict["pos_embed"].shape[1] - 1:
+                wrong.append(f"image_size {size} ({positions} patches; the position table: "
+                             f"{state_dict['pos_embed'].shape[1] - 1})")
+    if wrong:
+        raise WeightsError(
+            f"{where} does not describe the weights beside it: {'; '.join(wrong)}. The files "
+            "come from different checkpoints: download the folder again."
+            + (" (Another image size is an argument when loading: image_size=...)"
+               if wrong[-1].startswith("image_size") else ""))
 
 
 def _locate(path: str) -> tuple[str, str | None]:
@@ -231,6 +275,12 @@ def export_hf(model) -> tuple[dict[str, np.ndarray], dict]:
 
     is_mae = isinstance(model, MAE)
     encoder = model.encoder if is_mae else model
+    if encoder.norm is None:
+        raise WeightsError(
+            "This encoder has no final norm (a fine-tuned classifier's, whose global pooling "
+            "deletes it), and transformers' ViTMAEModel applies one: the folder would compute "
+            "another function. Export the pretrained encoder, or the classifier with "
+            "save_official.")
     state = official.export_official(model)
     height, width = encoder.image_size
     config = {

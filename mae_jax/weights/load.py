@@ -144,18 +144,23 @@ def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
     kwargs: see `mae_jax.weights.official.load_official` (model="mae"/"encoder", variant,
     image_size, num_heads for unnamed sizes, dtype, ...).
     """
+    state_dict, known = read_official(path_or_state_dict)
+    known |= kwargs.pop("known", None) or {}
+    return official.load_official(state_dict, known=known, **kwargs)
+
+
+def read_official(path_or_state_dict) -> tuple[dict[str, np.ndarray], dict]:
+    """An official / Hugging Face checkpoint -> (official state dict, what the file records
+    beside its weights: head counts, image size, norm_pix_loss, ...; see `load_official`)."""
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike) and hf.is_hf_checkpoint(source):
-        state_dict, known = hf.read_hf(source)
-        return official.load_official(state_dict, known=known, **kwargs)
+        return hf.read_hf(source)
     if isinstance(source, str | os.PathLike):
         source = official.safe_torch_load(source)
     state_dict = official.read_state_dict(source)
     if hf_keys.is_hf_state_dict(state_dict):  # e.g. a lone HF pytorch_model.bin
         state_dict = hf_keys.hf_to_official(state_dict)
-    # What the file records beside its weights (head counts, norm_pix_loss), then the caller's.
-    known = official.recorded(source) | (kwargs.pop("known", None) or {})
-    return official.load_official(state_dict, known=known, **kwargs)
+    return state_dict, official.recorded(source)
 
 
 def load_encoder(path: str | os.PathLike, **overrides) -> ViTEncoder:
@@ -201,7 +206,8 @@ def transfer_encoder(
     }
     table = values.get(("pos_embed",))
     if table is not None and table.shape[1:] != (1 + target.num_patches, target.embed_dim):
-        values[("pos_embed",)] = resize_pos_embed(table, target.grid_size)
+        values[("pos_embed",)] = resize_pos_embed(table, target.grid_size,
+                                                  old_grid=source.grid_size)
     missing = [
         key for path, _ in nnx.to_flat_state(nnx.state(target))
         if (key := _key(path)) not in values
@@ -252,16 +258,25 @@ def copy_encoder_from(
     """`transfer_encoder` from the encoder at `path` (anything `load_encoder` reads) into
     `target` (what `init_from` does); returns the paths copied. Errors name `path`.
 
-    Official files do not record the head count; the source only lends its weights, and no
-    weight's shape depends on it, so one head reads a file of any width. step: a run
+    The head count is checked where the source records it (a run, a Flax export, a `.pth`
+    this code wrote, a Hugging Face config). The official files do not: no weight's shape
+    depends on it and the source only lends its weights, so one head reads them. step: a run
     directory's checkpoint (default: its newest; `newest_step_everywhere` for a run of
     several processes).
     """
     path = os.path.expanduser(os.fspath(path))
-    official_file = source_kind(path) == "official"
     try:
-        source = load_encoder(path, **({"num_heads": 1} if official_file else {"step": step}))
-        if not official_file:  # the others record no head count
+        recorded_heads = True
+        if source_kind(path) == "official":
+            state_dict, known = read_official(path)
+            recorded_heads = "num_heads" in known
+            source = official.load_official(state_dict, known=known, model="encoder",
+                                            **({} if recorded_heads else {"num_heads": 1}))
+        else:
+            source = load_encoder(path, step=step)
+        same_size = (source.embed_dim, source.patch_size) == (target.embed_dim,
+                                                              target.patch_size)
+        if recorded_heads and same_size:  # else transfer_encoder names the sizes
             check_heads(source, target)
         return transfer_encoder(source, target, allow_missing=allow_missing)
     except WeightsError as error:
@@ -286,7 +301,7 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict:
 def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -> list[tuple]:
     """Writes `flat` values into the model's variables of the same path and shape."""
     state = nnx.state(model)
-    copied, missing, misshaped, nonfinite = [], [], [], []
+    copied, missing, misshaped, nonfinite = [], [], [], {}
     for path, variable in nnx.to_flat_state(state):
         key = _key(path)
         if key not in flat:
@@ -296,8 +311,8 @@ def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -
         if value.shape != tuple(current.shape):
             misshaped.append(f"{'.'.join(key)}: {value.shape} vs {tuple(current.shape)}")
             continue
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            nonfinite.append(".".join(key))
+        if np.issubdtype(value.dtype, np.floating):
+            nonfinite[".".join(key)] = value
         variable.set_value(jnp.asarray(value, dtype=current.dtype))
         copied.append(path)
     if (missing and strict) or misshaped:
@@ -310,11 +325,6 @@ def _assign(model: nnx.Module, flat: dict, *, where: str, strict: bool = True) -
                 ) if part
             )
         )
-    if nonfinite:
-        raise WeightsError(
-            f"The weights in {where} hold NaN or inf in {len(nonfinite)} array(s): "
-            f"{', '.join(nonfinite[:8])}. The file is damaged, or the run that wrote it "
-            "diverged: use an earlier checkpoint."
-        )
+    official.check_finite(nonfinite, where=where)
     nnx.update(model, state)
     return copied

@@ -1,12 +1,15 @@
 """Import and export of the official PyTorch MAE checkpoints (`facebookresearch/mae` key layout).
 
-Official files are pickles: they are read with `torch.load(..., weights_only=True)`, so a file
-that would run code when unpickled is refused. torch is needed only here, and imported lazily.
+Official files are pickles, read by `mae_jax.weights.pth` with `torch.load(...,
+weights_only=True)`, so a file that would run code when unpickled is refused; torch is imported
+lazily. An encoder-only load leaves out only an MAE's decoder and a fine-tuned classifier's
+fc_norm and head (and says so for the latter); any other weight the model has no place for is an
+error, as is NaN or inf in the weights.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -15,82 +18,31 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mae_jax.core.errors import DataNotFoundError, WeightsError
+from mae_jax.core.errors import WeightsError
 from mae_jax.models.layers import FixedEmbedding, make_rngs
 from mae_jax.models.mae import MAE
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.registry import DEFAULT_DECODER, VARIANTS, find_variant
-from mae_jax.models.vit import ViTEncoder
+from mae_jax.models.vit import ViTEncoder, check_image_size
+from mae_jax.weights.pth import (  # noqa: F401 (re-exported: part of this module's API)
+    ARCHITECTURE_KEY,
+    _import_torch,
+    read_state_dict,
+    recorded,
+    recorded_architecture,
+    safe_torch_load,
+)
 
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 _DECODER_NAMES = {"embed": "decoder_embed", "norm": "decoder_norm", "pred": "decoder_pred",
                   "blocks": "decoder_blocks", "pos_embed": "decoder_pos_embed"}
-ARCHITECTURE_KEY = "mae_jax_architecture"  # beside "model" in the files save_official writes
+# What an encoder-only load of an official file leaves out: an MAE's decoder, and a fine-tuned
+# classifier's pooling norm and head (said in the log). Any other key it has no place for is an
+# error (QA: layer-scale gammas, relative-position tables or a misspelt key were dropped).
+DECODER_KEYS = (r"^decoder_", r"^mask_token$")
+CLASSIFIER_KEYS = (r"^fc_norm\.", r"^head\.")
 
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "Reading or writing official .pth checkpoints needs PyTorch: "
-            "pip install torch (the CPU build is enough)."
-        ) from error
-    return torch
-
-
-def safe_torch_load(path: str | os.PathLike):
-    """torch.load(weights_only=True): a pickle that would run code is refused, by name. The
-    official training code's checkpoints (`checkpoint-N.pth`) also hold its `args`, an
-    argparse.Namespace (plain attributes, no code): that one class is allowed."""
-    torch = _import_torch()
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataNotFoundError(f"Checkpoint file not found: {path}")
-    with open(path, "rb") as handle:  # torch.save's zip archive, or a legacy pickle
-        if not (head := handle.read(4)).startswith(b"\x80") and head != b"PK\x03\x04":
-            raise WeightsError(f"{path} is not a PyTorch checkpoint (empty, or another kind of "
-                               "file?): give an official .pth, a run directory, its export/ "
-                               "folder or a Hugging Face folder.")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsError(
-            f"Refusing to load {path}: it is not a plain tensor checkpoint that "
-            "torch.load(weights_only=True) accepts (it may contain code that would run when "
-            f"unpickled, or be corrupt). Details: {str(error) or type(error).__name__}"
-        ) from error
-
-
-def read_state_dict(path_or_state_dict) -> dict[str, np.ndarray]:
-    """An official checkpoint (path or dict) -> {official key: float32 numpy array}.
-
-    Accepts the raw state dict or the official `{"model": state_dict, ...}` wrapper.
-    """
-    if isinstance(path_or_state_dict, str | os.PathLike):
-        checkpoint = safe_torch_load(path_or_state_dict)
-    else:
-        checkpoint = path_or_state_dict
-    if not isinstance(checkpoint, Mapping):
-        raise WeightsError(f"Expected a state dict (a mapping), got {type(checkpoint).__name__}.")
-    for wrapper in ("model", "state_dict"):  # the official and the Lightning / mmseg wrappers
-        if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
-            checkpoint = checkpoint[wrapper]
-            break
-    out = {}
-    for key, value in checkpoint.items():
-        if hasattr(value, "detach"):
-            value = value.detach().cpu().float().numpy()
-        try:
-            out[key] = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise WeightsError(
-                f"{key!r} in the checkpoint is a {type(value).__name__}, not an array: this is "
-                "not an encoder's state dict (a segmenter? load it with load_model or "
-                "mae_jax.weights.mmseg)."
-            ) from None
-    return out
+logger = logging.getLogger(__name__)
 
 
 def official_key(path: tuple) -> str:
@@ -144,40 +96,15 @@ def save_official(model: MAE | ViTEncoder, path: str | os.PathLike) -> None:
     Written to a temporary file first and renamed, so a failure never leaves half a file.
     """
     torch = _import_torch()
-    state = {key: torch.from_numpy(np.array(v, copy=True)) for key, v in
+    # Contiguous copies: safetensors and other writers refuse transposed views (QA).
+    state = {key: torch.from_numpy(np.array(v, order="C")) for key, v in
              export_official(model).items()}
     tmp = f"{os.fspath(path)}.tmp"
     torch.save({"model": state, ARCHITECTURE_KEY: recorded_architecture(model)}, tmp)
     os.replace(tmp, path)
 
 
-def recorded_architecture(model: MAE | ViTEncoder) -> dict:
-    """What no weight's shape tells (head counts, the loss's pixel normalisation), saved
-    beside the weights so that the file reloads as the model it came from."""
-    encoder = model.encoder if isinstance(model, MAE) else model
-    out = {"num_heads": int(encoder.blocks[0].attn.num_heads)} if len(encoder.blocks) else {}
-    if isinstance(model, MAE):
-        out["norm_pix_loss"] = bool(model.norm_pix_loss)
-        if len(model.decoder.blocks):
-            out["decoder_num_heads"] = int(model.decoder.blocks[0].attn.num_heads)
-    return out
-
-
-def recorded(checkpoint) -> dict:
-    """The architecture a checkpoint records: ours (`save_official`), or the official
-    training code's `args.norm_pix_loss`."""
-    if not isinstance(checkpoint, Mapping):
-        return {}
-    record = checkpoint.get(ARCHITECTURE_KEY)
-    if isinstance(record, Mapping):
-        return dict(record)
-    args = checkpoint.get("args")
-    if isinstance(args, argparse.Namespace) and hasattr(args, "norm_pix_loss"):
-        return {"norm_pix_loss": bool(args.norm_pix_loss)}
-    return {}
-
-
-def _count_blocks(state_dict: Mapping[str, np.ndarray], prefix: str) -> int:
+def count_blocks(state_dict: Mapping[str, np.ndarray], prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     ids = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
     return max(ids) + 1 if ids else 0
@@ -189,24 +116,31 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
     missing = [key for key in required if key not in state_dict]
     if missing:
         segmenter = any(key.startswith(("backbone.", "decode_head.")) for key in state_dict)
+        mmseg_backbone = "patch_embed.projection.weight" in state_dict
         raise WeightsError(
             f"Not an official MAE/ViT checkpoint: missing {missing}. Found keys such as "
             f"{sorted(state_dict)[:5]}."
             + (" It is a segmenter (mmseg's layout): segment.py reads it (init_from), as "
                "does mae_jax.weights.mmseg.load_mmseg." if segmenter else "")
+            + (" It is an mmseg backbone alone (layers.N, patch_embed.projection: e.g. the "
+               "output of mmseg's beit2mmseg converter): start from the original MAE file "
+               "(mae_pretrain_vit_*.pth) instead, or from a whole mmseg segmenter checkpoint."
+               if mmseg_backbone and not segmenter else "")
         )
     embed_dim = state_dict["cls_token"].shape[-1]
     weight = state_dict["patch_embed.proj.weight"]
     patch_size, in_chans = weight.shape[-1], weight.shape[1]
-    depth = _count_blocks(state_dict, "blocks")
-    grid = int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5))
+    depth = count_blocks(state_dict, "blocks")
+    positions = state_dict["pos_embed"].shape[1] - 1
+    grid = int(round(positions ** 0.5))
     config = {
         "embed_dim": embed_dim,
         "depth": depth,
         "patch_size": patch_size,
         "in_chans": in_chans,
-        "image_size": grid * patch_size,
     }
+    if grid * grid == positions:  # else the file must record its grid (`load_official` says)
+        config["image_size"] = grid * patch_size
     if "blocks.0.mlp.fc1.weight" in state_dict:
         config["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
     name = find_variant(embed_dim=embed_dim, depth=depth, patch_size=patch_size)
@@ -214,7 +148,7 @@ def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:
         config["num_heads"] = VARIANTS[name].num_heads
     if "decoder_embed.weight" in state_dict:
         config["decoder_embed_dim"] = state_dict["decoder_embed.weight"].shape[0]
-        config["decoder_depth"] = _count_blocks(state_dict, "decoder_blocks")
+        config["decoder_depth"] = count_blocks(state_dict, "decoder_blocks")
     return config
 
 
@@ -233,14 +167,18 @@ def load_into(
     *,
     strict: bool = True,
     allow_missing: tuple[str, ...] = (),
+    allow_unused: tuple[str, ...] = (),
+    source_grid: tuple[int, int] | None = None,
 ) -> None:
     """Copies official weights into `model` in place.
 
     Position embeddings of another grid are resized bicubically (official
     `interpolate_pos_embed`). Raises one error naming every missing, unexpected and mis-shaped
-    key. With strict=False, keys the model does not have (e.g. a decoder when loading an
-    encoder) are ignored, but missing and mis-shaped ones still fail. `allow_missing`: regexes
-    of model keys that may stay as initialised (e.g. layer-scale gammas the official MAE lacks).
+    key, and one for weights that hold NaN or inf. `allow_unused`: regexes of checkpoint keys
+    the model may lack (e.g. `DECODER_KEYS` when loading an encoder from an MAE file); with
+    strict=False, any key the model lacks is ignored. `allow_missing`: regexes of model keys
+    that may stay as initialised (e.g. layer-scale gammas the official MAE lacks).
+    source_grid: the checkpoint's patch grid (default: square, from its table's length).
     """
     state_dict = read_state_dict(state_dict)
     target = _loadable_state(model)
@@ -251,7 +189,10 @@ def load_into(
         for key in set(expected) - set(state_dict)
         if not any(re.search(pattern, key) for pattern in allow_missing)
     )
-    unexpected = sorted(set(state_dict) - set(expected)) if strict else []
+    unexpected = sorted(
+        key for key in set(state_dict) - set(expected)
+        if not any(re.search(pattern, key) for pattern in allow_unused)
+    ) if strict else []
     misshaped, updates = [], {}
     for key, (path, variable) in expected.items():
         if key not in state_dict:
@@ -262,7 +203,7 @@ def load_into(
             value.ndim == 3 and value.shape[-1] == want[-1]
         ):
             grid = model.encoder.grid_size if isinstance(model, MAE) else model.grid_size
-            value = resize_pos_embed(value, grid)
+            value = resize_pos_embed(value, grid, old_grid=source_grid)
         if tuple(value.shape) != want:
             misshaped.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model "
                              f"{tuple(to_official_array(key, np.zeros(want)).shape)}")
@@ -272,10 +213,24 @@ def load_into(
         raise fit_error("The checkpoint does not fit the model:", missing, unexpected, misshaped,
                         "Check that the file is of the model variant you built (or let "
                         "mae_jax.load_official infer it from the file).")
+    check_finite({official_key(path): value for path, value in updates.items()},
+                 where="the checkpoint")
     for path, variable in flat:
         if path in updates:
             variable[...] = jnp.asarray(updates[path], dtype=variable[...].dtype)
     nnx.update(model, target)
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], *, where: str) -> None:
+    """WeightsError naming the arrays that hold NaN or inf."""
+    bad = [name for name, value in arrays.items()
+           if np.issubdtype(np.asarray(value).dtype, np.floating)
+           and not np.isfinite(value).all()]
+    if bad:
+        raise WeightsError(
+            f"The weights in {where} hold NaN or inf in {len(bad)} array(s): "
+            f"{', '.join(bad[:8])}. The file is damaged, or the run that wrote it diverged: use "
+            "an earlier checkpoint.")
 
 
 def load_official(
@@ -312,7 +267,17 @@ def load_official(
         model = "mae" if has_decoder(state_dict) else "encoder"
     if model not in ("mae", "encoder"):
         raise ValueError(f"model must be 'auto', 'mae' or 'encoder', got {model!r}.")
+    source_grid = None
+    if "image_size" in config:  # the file's own size, before the caller's
+        source_grid = tuple(size // config["patch_size"] for size in
+                            check_image_size(config["image_size"], config["patch_size"]))
     config |= overrides
+    if "image_size" not in config:
+        positions = state_dict["pos_embed"].shape[1] - 1
+        raise WeightsError(
+            f"The position table has {positions} patch positions, not a square grid, and the "
+            "file does not record its image size: give it, as image_size=(height, width) "
+            f"(height x width / patch_size^2 = {positions}).")
     if "num_heads" not in config:
         raise WeightsError(
             f"Width {config['embed_dim']} / depth {config['depth']} is not a named variant, so "
@@ -326,6 +291,14 @@ def load_official(
         built = ViTEncoder(**config, rngs=rngs)
         if is_finetuned_classifier(state_dict):
             built.norm = None  # models_vit deletes it for global pooling (fc_norm follows the pool)
+        left_out = sorted({key.split(".")[0] for key in state_dict
+                           if any(re.search(pattern, key) for pattern in CLASSIFIER_KEYS)})
+        if left_out:
+            logger.warning(
+                "The checkpoint is a classifier: its %s %s not part of the encoder and left out. "
+                "The whole fine-tuned classifier: mae_jax.classification.transfer."
+                "load_official_classifier (finetune.py's eval_only).", " and ".join(left_out),
+                "is" if len(left_out) == 1 else "are")
     else:
         width = config.get("decoder_embed_dim", DEFAULT_DECODER["decoder_embed_dim"])
         if "decoder_num_heads" not in config and width != DEFAULT_DECODER["decoder_embed_dim"]:
@@ -334,7 +307,8 @@ def load_official(
                 "does not record its head count (no weight's shape depends on it): give it, as "
                 "decoder_num_heads=... in Python or --decoder_num_heads with mae_jax.visualize")
         built = MAE(**(DEFAULT_DECODER | config), rngs=rngs)
-    load_into(built, state_dict, strict=model == "mae")
+    unused = () if model == "mae" else DECODER_KEYS + CLASSIFIER_KEYS
+    load_into(built, state_dict, allow_unused=unused, source_grid=source_grid)
     return built
 
 
