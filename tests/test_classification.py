@@ -4,6 +4,8 @@ learns the task, k-NN accuracy rises with pretraining), export / eval / resume."
 
 import json
 import os
+import re
+import shutil
 import types
 
 import jax
@@ -329,11 +331,49 @@ def test_bad_finetune_configs_fail_before_any_work(textures, tmp_path, changes, 
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_generated_source_needs_its_own_split_names(tmp_path):
-    # "validation" reads PATH/val as for any folder source; a split it lacks is named.
-    config = tiny_config("linprobe", "generated:40", **{"data.eval_split": "test"})
-    with pytest.raises(ValueError, match="'val', not 'test'"):
-        linprobe.train_and_evaluate(config, str(tmp_path))
+def test_generated_source_settings_are_checked_with_the_rest_before_any_work(tmp_path):
+    """QA: a split name, a class count past the 8 textures or N below it were tracebacks after
+    JAX started, one at a time. Now one message lists them, before the workdir is made.
+    ("validation" reads PATH/val as for any folder source.)"""
+    config = tiny_config("linprobe", "generated:4", **{"data.eval_split": "test",
+                                                       "data.generated_classes": 9,
+                                                       "data.crop_scale": (0.5,)})
+    with pytest.raises(ValueError) as error:
+        linprobe.train_and_evaluate(config, str(tmp_path / "run"))
+    for message in (r"data.eval_split 'test': generated data has the splits 'train' and 'val'",
+                    r"data.generated_classes 9 must be in \[2, 8\]",
+                    r"data.crop_scale \(0.5,\) must be \(low, high\)"):
+        assert re.search(message, str(error.value)), message
+    config = tiny_config("linprobe", "generated:4", **{"data.generated_classes": 5})
+    with pytest.raises(ValueError, match=r"generated:4'?: N must be >= data.generated_classes 5"):
+        linprobe.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_class_or_an_empty_validation_class_is_refused_before_training(tmp_path):
+    """QA: one class trained at loss 0 and reported top-1 100; an empty class folder of the
+    validation split was found at the first evaluation, after an epoch of training."""
+    from PIL import Image
+
+    from mae_jax.core.errors import BadDataError, DataNotFoundError
+
+    for split, classes in (("train", "ab"), ("val", "a")):
+        for name in classes:
+            os.makedirs(tmp_path / "data" / split / name)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (40 * i,) * 3).save(
+                    tmp_path / "data" / split / name / f"{i}.png")
+    os.makedirs(tmp_path / "data" / "val" / "b")  # empty
+    config = tiny_config("linprobe", f"folder:{tmp_path / 'data'}", batch_size=2)
+    with pytest.raises(DataNotFoundError, match=r"class folder\(s\) \['b'\] .*val.* hold no "
+                       "images"):
+        linprobe.train_and_evaluate(config, str(tmp_path / "two"), devices=ONE)
+    assert not os.listdir(tmp_path / "two" / "checkpoints")  # no step trained
+    for split in ("train", "val"):
+        shutil.rmtree(tmp_path / "data" / split / "b")
+    with pytest.raises(BadDataError, match=r"has 1 class\(es\) \(a\): classification needs "
+                       "at least 2"):
+        linprobe.train_and_evaluate(config, str(tmp_path / "one"), devices=ONE)
 
 
 def test_saved_config_is_json(finetuned):

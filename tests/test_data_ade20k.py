@@ -352,6 +352,46 @@ def test_label_maps_that_are_not_8_bit_grayscale_are_refused_by_name():
             ade20k.check_label_png(data, "x.png")
 
 
+def test_label_maps_of_another_size_than_their_image_are_refused(tmp_path, monkeypatch):
+    """QA: label maps saved at another size (here half, and one transposed) were trained on as
+    "every pixel ignored" (a whole run at loss 0, exit 0) and scored on misaligned pixels.
+    Preparing now refuses such pairs, naming each with both sizes; data prepared before that
+    check is refused by the validation check and by evaluation; a training stream whose
+    examples mostly fail stops with BadDataError, its warnings giving the possible causes."""
+    from mae_jax.core.errors import BadDataError
+    from mae_jax.data import decodable
+
+    release = tmp_path / "manual" / "ADEChallengeData2016"
+    for folder in SIZES:
+        for stem, jpeg, _, label in _fake_pairs(folder):
+            label = label[::2, ::2] if folder == "training" else label.T
+            for kind, suffix, data in (("images", "jpg", jpeg),
+                                       ("annotations", "png", _png(label))):
+                path = release / kind / folder / f"{stem}.{suffix}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+    with pytest.raises(BadDataError, match=r"4 of 4 annotation\(s\) in training .* not the "
+                       r"size of their image: ADE_train_00000001 \(image 40x24, annotation "
+                       r"20x12\), .*nothing was prepared"):
+        ade20k.prepare_ade20k(data_dir=tmp_path / "refused", manual_dir=tmp_path / "manual")
+    monkeypatch.setattr(ade20k, "_jpeg_size", lambda data: None)  # as prepared before the check
+    data_dir = tmp_path / "tfds"
+    ade20k.prepare_ade20k(data_dir=data_dir, manual_dir=tmp_path / "manual")
+    with pytest.raises(BadDataError, match=r"2 validation label map\(s\) of ade20k are not the "
+                       r"size of their image: ADE_val_00000001 \(image 44x28, label 28x44\)"):
+        seg_input.check_validation_decodes("ade20k", data_dir=data_dir)
+    with pytest.raises(BadDataError, match="ADE_val_0000000[12] of ade20k does not decode"):
+        next(seg_input.seg_eval_examples(source="ade20k", data_dir=data_dir))
+    monkeypatch.setattr(decodable, "MIN_EXAMPLES_JUDGED", 8)
+    iterator = seg_input.create_seg_train_iterator(
+        source="ade20k", data_dir=data_dir, global_batch_size=2, crop_size=16, seed=1,
+        process_index=0, process_count=1, scale=(64, 32))
+    with pytest.raises(BadDataError, match=r"8 of the first 8 examples .* label map of another "
+                       r"size than its image.*broken as a whole"):
+        for _ in range(4):
+            next(iterator)
+
+
 def test_train_iterator_gives_each_process_its_own_share():
     first = next(_synthetic_iterator(process_index=0, process_count=2))
     second = next(_synthetic_iterator(process_index=1, process_count=2))

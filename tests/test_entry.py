@@ -548,3 +548,12 @@ def test_a_workdir_that_is_a_file_is_refused_by_name(tmp_path):
     # line as one that cannot be written, not makedirs' traceback.
     with pytest.raises(WorkdirPathError, match="Cannot write to workdir /sys/mae_jax_run"):
         ensure_workdir("/sys/mae_jax_run")
+
+
+def test_the_last_line_gives_a_large_table_as_its_size():
+    """QA: segmentation's Done line carried the 150 per-class results, ~9 KB on one line."""
+    per_class = {f"class_{i}": {"IoU": 1.0, "Acc": 1.0} for i in range(150)}
+    result = {"mIoU": 48.1, "step": 10, "per_class": per_class, "export": {"pth": "a.pth"}}
+    assert entry.brief(result) == {"mIoU": 48.1, "step": 10, "per_class": "<150 entries>",
+                                   "export": {"pth": "a.pth"}}
+    assert entry.brief(5) == 5

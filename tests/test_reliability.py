@@ -740,6 +740,11 @@ def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_export(finished_run, tm
     shutil.rmtree(workdir / "checkpoints")
     (workdir / "export").mkdir(exist_ok=True)
     (workdir / "export" / "encoder.pth").write_bytes(b"weights")
+    # QA: a new segment.py run reported the earlier run's eval_results.json as its own.
+    for name in ("eval_results.json", "eval_config.json"):
+        (workdir / name).write_text('{"step": 6}')
+    (workdir / "images").mkdir(exist_ok=True)
+    (workdir / "images" / "segmentation_0000006.png").write_bytes(b"png")
     metrics = (workdir / "metrics.jsonl").read_text()
     assert metrics
     exported = sorted(p.name for p in (workdir / "export").iterdir())
@@ -752,6 +757,27 @@ def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_export(finished_run, tm
     assert len(kept_export) == 1 and sorted(p.name for p in kept_export[0].iterdir()) == exported
     assert not (workdir / "export").exists()
     assert not (workdir / "metrics.jsonl").exists() or not (workdir / "metrics.jsonl").read_text()
+    for name in ("eval_results", "eval_config", "images"):
+        assert len(list(workdir.glob(f"{name}.replaced-*"))) == 1, name
+        assert not list(workdir.glob(f"{name}.json")) and not (workdir / name).exists(), name
+
+
+def test_eval_only_in_another_entry_points_run_is_refused_before_writing(tmp_path):
+    """QA: eval_only skipped the task check a training resume makes: a probe's eval_only in a
+    pretraining run wrote eval_config.json there, then failed with "315 arrays differ"."""
+    from mae_jax.classification.config import defaults
+    from mae_jax.core.run_record import ConfigChangedError, record_config, record_eval_config
+
+    record_config(str(tmp_path), tiny_pretrain_config(), resume_step=None)
+    probe = defaults("linprobe")
+    probe.eval_only = True
+    with pytest.raises(ConfigChangedError, match=r"holds a pretrain run \(task: pretrain -> "
+                       r"linprobe; its checkpoint at step 60 is train.py's\)"):
+        record_eval_config(str(tmp_path), probe, resume_step=60)
+    assert not (tmp_path / "eval_config.json").exists()
+    (tmp_path / "elsewhere").mkdir()
+    record_eval_config(str(tmp_path / "elsewhere"), probe, resume_step=None)  # init_from only
+    assert (tmp_path / "elsewhere" / "eval_config.json").exists()
 
 
 # --------------------------------------------------------------------------- Workdir lock

@@ -323,6 +323,7 @@ def test_same_losses_on_1_and_4_devices(finished_run, tmp_path):
         ({"model.dropout": 1.0}, r"model.dropout 1.0 must be in \[0, 1\)"),
         ({"model.channels": 0}, "model.channels 0 must be >= 1"),
         ({"data.ratio_range": (2.0, 0.5)}, "0 < low <= high"),
+        ({"data.ratio_range": (0.5, 1.0, 2.0)}, r"must be two numbers \(low, high\)"),
         ({"data.num_examples": 2}, "data.num_examples 2 must be >= batch_size 4"),
         ({"data.num_classes": 0}, r"data.num_classes 0 must be in \[2, 254\]"),
         ({"mesh.data": 1, "mesh.fsdp": 3}, r"mesh.data=1 x mesh.fsdp=3 does not fit the 4 "),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from mae_jax.classification.synthetic import TEXTURES, TRAIN_SPLIT, VAL_SPLIT
 from mae_jax.core import config as core_config
+from mae_jax.data.generated import generated_count
 
 # Official per-model ImageNet values (FINETUNE.md): fine-tuning blr, layer decay, drop path and
 # epochs; the linear probe shares blr 0.1, 90 epochs (FINETUNE.md: 50 suffice for L / H).
@@ -180,19 +182,42 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
         if config.base_lr <= 0 and config.lr <= 0:
             problems.append("set base_lr > 0 (scaled by batch_size/256) or an absolute lr > 0")
         core_config.check_learning_rates(config, problems)
-    low, high = config.data.crop_scale
-    if not 0 < low <= high <= 1:
-        problems.append(f"data.crop_scale {tuple(config.data.crop_scale)} must satisfy "
-                        "0 < low <= high <= 1")
+    if len(config.data.crop_scale) != 2 or not (
+            0 < config.data.crop_scale[0] <= config.data.crop_scale[-1] <= 1):
+        problems.append(f"data.crop_scale {tuple(config.data.crop_scale)} must be (low, high) "
+                        "with 0 < low <= high <= 1")
     if not 0 <= config.data.resize_ratio <= 1:
         problems.append(f"data.resize_ratio {config.data.resize_ratio} must be in (0, 1] (0: "
                         "the official fine-tuning rule for the image size)")
     core_config.check_device_resize(config, problems)
     core_config.check_source(config.data.source, problems)
+    _check_generated(config.data, problems)
     core_config.check_on_device(config, problems)
     if task == "finetune":
         _check_finetune(config, problems)
     core_config.raise_problems(problems)
+
+
+def _check_generated(data, problems: list[str]) -> None:
+    """A `generated:N` source's settings, with the rest (QA: a traceback after JAX started,
+    one problem at a time; `synthetic.resolve_labelled_source` checks them again)."""
+    try:
+        count = generated_count(data.source)
+    except ValueError:
+        return  # check_source names it
+    if count is None:
+        return
+    splits = (TRAIN_SPLIT, VAL_SPLIT, "validation")
+    for name in ("train_split", "eval_split"):
+        if data[name] not in splits:
+            problems.append(f"data.{name} {data[name]!r}: generated data has the splits "
+                            f"{TRAIN_SPLIT!r} and {VAL_SPLIT!r} ('validation' reads {VAL_SPLIT!r})")
+    if not 2 <= data.generated_classes <= len(TEXTURES):
+        problems.append(f"data.generated_classes {data.generated_classes} must be in [2, "
+                        f"{len(TEXTURES)}] (the textures there are)")
+    elif count < data.generated_classes:
+        problems.append(f"data.source {data.source!r}: N must be >= data.generated_classes "
+                        f"{data.generated_classes} (one training image per class)")
 
 
 def _check_finetune(config, problems: list[str]) -> None:

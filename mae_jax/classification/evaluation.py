@@ -20,9 +20,7 @@ from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.processes import failing_together
-from mae_jax.core.run_logging import RunLogger, write_json
-
-RESULTS_FILE = "eval_results.json"
+from mae_jax.core.run_logging import RESULTS_FILE, RunLogger, write_json
 
 
 def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:

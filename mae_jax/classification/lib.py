@@ -21,6 +21,7 @@ from mae_jax.classification.evaluation import Evaluator
 from mae_jax.classification.synthetic import resolve_labelled_source
 from mae_jax.core import config as core_config
 from mae_jax.core import loop, optim
+from mae_jax.core.errors import BadDataError
 from mae_jax.core.processes import failing_together, same_on_every_process
 from mae_jax.core.run import Run, with_step
 from mae_jax.core.state import TrainState, place_values
@@ -28,7 +29,7 @@ from mae_jax.core.step import LossFn, make_train_step
 from mae_jax.data.device_resize import resize_on_devices
 from mae_jax.data.on_device import OnDeviceIterator
 from mae_jax.models.factory import ModelSpec
-from mae_jax.weights.load import newest_step_everywhere
+from mae_jax.weights.load import describe, newest_step_everywhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +73,13 @@ def initialise(config, spec: ModelSpec, state: TrainState, shardings) -> TrainSt
     if config.eval_only:
         model = transfer.load_classifier(config.init_from, spec=spec, step=step)
         if model is not None:
-            print(f"Classifier loaded from {config.init_from}.")
+            print(f"Classifier loaded from {describe(config.init_from, step)}.")
             return place_values(state, shardings, transfer.model_values(model))
         print(f"WARNING: {config.init_from} holds an encoder, not a classifier: the head is "
               "untrained, so these metrics only check the pipeline.")
     values = transfer.encoder_values(config.init_from, spec, step=step)
-    print(f"Encoder initialised from {config.init_from} ({len(values)} arrays).")
+    print(f"Encoder initialised from {describe(config.init_from, step)} ({len(values)} "
+          "arrays).")
     return place_values(state, shardings, values)
 
 
@@ -98,8 +100,16 @@ def train_and_evaluate(
         source = resolve_labelled_source(config.data, run.workdir, seed=config.seed)
         options = {"source": source, "data_dir": config.data.data_dir or None,
                    "download": config.data.download}
-        num_classes = len(data.shared_classes(
-            **options, splits=(config.data.train_split, config.data.eval_split)))
+        classes = data.shared_classes(
+            **options, splits=(config.data.train_split, config.data.eval_split))
+        if len(classes) < 2:  # QA: one class trained at loss 0 and reported top-1 100
+            raise BadDataError(
+                f"{source} has {len(classes)} class(es) ({', '.join(classes) or 'none'}): "
+                "classification needs at least 2 (a folder source: one sub-folder per class).")
+        num_classes = len(classes)
+        # The evaluation split is listed now (an empty class folder there is an error), not
+        # at the first evaluation after an epoch of training (QA).
+        data.num_examples(**options, split=config.data.eval_split, with_labels=True)
         in_device_memory = None  # (images, labels) of a training split kept on the devices
         if config.eval_only:
             schedule, total_steps, eval_every = optax.constant_schedule(0.0), 0, 0

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import traceback
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -276,10 +277,19 @@ def run(library: str, task: str) -> None:
         from mae_jax.core import preemption
 
         if preemption.stopped_on_request() is not None:
-            print(f"Stopped early: {result}\nExit status {EXIT_PREEMPTED}: "
+            print(f"Stopped early: {brief(result)}\nExit status {EXIT_PREEMPTED}: "
                   f"{EXIT_MEANINGS[EXIT_PREEMPTED]}.")
             return EXIT_PREEMPTED
-        print(f"Done: {result}")
+        print(f"Done: {brief(result)}")
         return EXIT_COMPLETED
 
     app.run(main, flags_parser=_parse_flags)
+
+
+def brief(result: Any) -> Any:
+    """A run's result for its last line: a nested table (segmentation's 150 per-class
+    results, ~9 KB on one line) becomes its size; the files and the log hold it whole."""
+    if not isinstance(result, dict):
+        return result
+    return {key: f"<{len(value)} entries>" if isinstance(value, dict) and len(value) > 8
+            else value for key, value in result.items()}

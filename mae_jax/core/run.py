@@ -27,7 +27,7 @@ from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
 from mae_jax.core.errors import BadDataError
 from mae_jax.core.processes import failing_together, from_process_0, same_on_every_process
-from mae_jax.core.run_logging import METRICS_FILE, RunLogger, image_path, read_metrics
+from mae_jax.core.run_logging import RUN_OUTPUTS, RunLogger, image_path, read_metrics
 from mae_jax.core.state import TrainState, init_or_restore, tree_size
 from mae_jax.core.step import compile_step
 from mae_jax.core.workdir import check_shared, ensure_workdir, lock_workdir, set_aside
@@ -99,7 +99,8 @@ class Run:
             if config.get("eval_only", False):  # changes no record: says what it evaluates
                 with failing_together(f"writing {run_record.EVAL_CONFIG_FILE}"):
                     if self.is_main:
-                        run_record.record_eval_config(self.workdir, config)
+                        run_record.record_eval_config(self.workdir, config,
+                                                      resume_step=self.resume_step)
             else:
                 with failing_together("checking or writing the config record"):
                     self.config_changes = run_record.record_config(
@@ -180,10 +181,11 @@ class Run:
               flush=True)
 
     def _set_aside_earlier_outputs(self) -> None:
-        """A run starting from scratch in a workdir that holds an earlier run's metrics or
-        export (its checkpoints deleted, or none saved yet) keeps them as
-        `<name>.replaced-<time>` instead of appending to or overwriting them."""
-        for name in (METRICS_FILE, "export"):
+        """A run starting from scratch in a workdir that holds an earlier run's metrics,
+        results, pictures, logs or export (its checkpoints deleted, or none saved yet) keeps
+        them as `<name>.replaced-<time>` instead of appending to, mixing with or overwriting
+        them (QA: a new run reported the earlier run's eval_results.json as its own)."""
+        for name in (*RUN_OUTPUTS, "export", run_record.EVAL_CONFIG_FILE):
             path = os.path.join(self.workdir, name)
             if os.path.isdir(path) or (os.path.isfile(path) and os.path.getsize(path) > 0):
                 kept = set_aside(path)

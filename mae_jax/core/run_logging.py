@@ -22,6 +22,9 @@ import numpy as np
 from mae_jax.core.tensorboard import create_tensorboard_writer
 
 METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "eval_results.json"  # the newest evaluation (classification, segmentation)
+# What a run writes into its workdir as it goes: a fresh start sets an earlier run's aside.
+RUN_OUTPUTS = (METRICS_FILE, RESULTS_FILE, "images", "tensorboard", "loss_curve.png")
 # Waiting for batches more than this share of the wall time: the run says it is input-bound.
 INPUT_BOUND = 0.25
 INPUT_BOUND_ADVICE = (

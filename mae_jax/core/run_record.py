@@ -256,10 +256,16 @@ def _start_record(workdir: str, config: ml_collections.ConfigDict, current: dict
     _write_config(path, config)
 
 
-def record_eval_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def record_eval_config(workdir: str, config: ml_collections.ConfigDict, *,
+                       resume_step: int | None = None) -> None:
     """eval_only: `eval_config.json`, the config of the newest evaluation (its weights:
     `init_from`, or the workdir's checkpoint; eval_results.json has the step). The training
-    record is left alone."""
+    record is left alone. A checkpoint of another entry point's run (`resume_step`) is refused
+    first, nothing written (QA: a probe's eval_only wrote into a pretraining run, then failed
+    with 315 arrays that "differ")."""
+    if resume_step is not None and (recorded := effective_config(workdir, at_step=resume_step)):
+        _check_same_task(workdir, recorded.get("task"), flat_config(config).get("task"),
+                         resume_step)
     _write_config(os.path.join(workdir, EVAL_CONFIG_FILE), config)
 
 

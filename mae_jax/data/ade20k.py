@@ -10,11 +10,13 @@ the MIT Scene Parsing release itself. It never downloads anything.
 where ~/downloads holds ADEChallengeData2016.zip or the extracted ADEChallengeData2016/ folder.
 """
 
+import io
 import os
 import pathlib
 import zipfile
 
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from mae_jax.core.errors import BadDataError, DataNotFoundError
 from mae_jax.data import tf_runtime  # sets TensorFlow up when imported
@@ -62,6 +64,21 @@ def check_label_png(data: bytes, where: str) -> bytes:
             "the label maps in that form (e.g. PIL: Image.fromarray(label.astype(np.uint8)), "
             "mode 'L') or use the release as downloaded.")
     return data
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image's header, None when PIL cannot read it (a damaged file
+    is named when it is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR (`check_label_png` checked it is there)."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def find_ade20k_release(manual_dir) -> pathlib.Path:
@@ -155,16 +172,30 @@ class Ade20kSemantic(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, release: pathlib.Path, folder: str):
         def examples(pairs):
-            count = 0
+            count, mismatched = 0, []
             for stem, read_image, read_label in pairs:
                 count += 1
                 # JPEG/PNG bytes are stored as they are: no re-encoding, no quality loss.
                 label = check_label_png(read_label(), f"{stem}.png ({folder}, in {release})")
-                yield stem, {"image": read_image(), "label": label, "file_name": stem}
+                image = read_image()
+                sizes = _jpeg_size(image), _png_size(label)
+                if sizes[0] is not None and sizes[0] != sizes[1]:
+                    mismatched.append(f"{stem} (image {'x'.join(map(str, sizes[0]))}, "
+                                      f"annotation {'x'.join(map(str, sizes[1]))})")
+                    continue
+                yield stem, {"image": image, "label": label, "file_name": stem}
             if count == 0:
                 raise DataNotFoundError(
                     f"No images/{folder}/*.jpg found in {release}.\n{_HOW_TO_GET_IT}"
                 )
+            if mismatched:  # QA: every pair was trained on as "all ignored", exit 0
+                listed = ", ".join(mismatched[:10]) + (
+                    f" and {len(mismatched) - 10} more" if len(mismatched) > 10 else "")
+                raise BadDataError(
+                    f"{len(mismatched)} of {count} annotation(s) in {folder} of {release} are "
+                    f"not the size of their image: {listed}. A label map holds one class per "
+                    "pixel of its image (mmseg fails on such pairs too): put the release's own "
+                    "files back (width x height above), then run again; nothing was prepared.")
 
         if release.suffix == ".zip":
             try:

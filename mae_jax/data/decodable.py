@@ -21,6 +21,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from mae_jax.core.errors import BadDataError
 from mae_jax.data import sources
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 # autograph's source transformation saves seconds of start-up.
 no_autograph = tf.autograph.experimental.do_not_convert
 REPLACEMENTS = 9  # other files tried for an undecodable one before the fill image
+# A training stream stops with BadDataError once over MAX_FAILING of its examples (after at
+# least MIN_EXAMPLES_JUDGED) had files that failed: broken data, not a damaged file or two.
+MIN_EXAMPLES_JUDGED, MAX_FAILING = 32, 0.5
 _REPLACEMENT_STREAM = 0x5EED  # folds the example seed into the replacement draws' seed
 
 
@@ -40,12 +44,15 @@ class Batches:
     """
 
     def __init__(self, dataset: tf.data.Dataset, *, what: str, num_batches: int | None = None,
-                 outcome: str = "its slot is filled by another image"):
+                 outcome: str = "its slot is filled by another image",
+                 kind: str = "Undecodable image"):
         self._iterator = dataset.as_numpy_iterator()
         self.what = what
         self.outcome = outcome  # what became of an undecodable file's example
+        self.kind = kind  # what the warning calls such a file
         self.num_batches = num_batches
         self.undecodable: set[str] = set()
+        self._seen = self._failed = 0  # examples, and those whose own file failed
 
     def __iter__(self):
         return self
@@ -58,9 +65,22 @@ class Batches:
     def __next__(self) -> dict[str, np.ndarray]:
         batch = self._iterator.__next__()
         attempts, failed = batch.pop("attempts"), batch.pop("failed")
+        self._seen += len(attempts)
         if attempts.any():  # the usual batch costs one vectorised test
             self._report(attempts, failed)
+            self._failed += int(np.count_nonzero(attempts))
+            self._check_failure_rate()
         return batch
+
+    def _check_failure_rate(self):
+        """BadDataError when most examples so far failed: the data is broken as a whole (QA:
+        ADE20K label maps all of another size trained a whole run on "all ignored", exit 0)."""
+        if self.num_batches is None and self._seen >= MIN_EXAMPLES_JUDGED and (
+                self._failed > self._seen * MAX_FAILING):
+            raise BadDataError(
+                f"{self._failed} of the first {self._seen} examples of {self.what} could not be "
+                f"used ({self.kind.lower()}), e.g. {', '.join(sorted(self.undecodable)[:3])}: "
+                "the data is broken as a whole, not a file or two. Check how it was written.")
 
     def _report(self, attempts, failed):
         for tries, names in zip(attempts, failed, strict=True):
@@ -69,9 +89,8 @@ class Batches:
             for name in (n.decode() for n in names[:tries]):
                 if name not in self.undecodable:
                     self.undecodable.add(name)
-                    logger.warning("Undecodable image %s (%s): %s; %d "
-                                   "undecodable file(s) so far.", name, self.what,
-                                   self.outcome, len(self.undecodable))
+                    logger.warning("%s %s (%s): %s; %d such file(s) so far.", self.kind,
+                                   name, self.what, self.outcome, len(self.undecodable))
             if tries == len(names) and len(names) > 1:
                 logger.warning("None of %d files tried for one example of %s decodes: the "
                                "example is the mean colour. Check the data.", tries, self.what)

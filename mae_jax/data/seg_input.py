@@ -10,6 +10,7 @@ decoder) and PIL do.
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mae_jax.core.errors import BadDataError
 from mae_jax.data import (
     ade20k,
     image_ops,
@@ -234,7 +235,9 @@ def create_seg_train_iterator(
     if threads:
         options.threading.private_threadpool_size = threads
     return Batches(dataset.with_options(options).prefetch(2), what=f"{source} training split",
-                   outcome="its slot is filled by the mean colour with every pixel ignored")
+                   outcome="its slot is filled by the mean colour with every pixel ignored",
+                   kind="Unusable training pair (a damaged image or label file, a label map of "
+                        "another size than its image, or a label value past 150)")
 
 
 def seg_eval_examples(
@@ -278,16 +281,24 @@ def seg_eval_examples(
 
     def transform(record):
         example = decode(record)
-        image, label = seg_transforms.eval_transform(example["image"], example["label"],
-                                                     scale=scale)
+        with tf.control_dependencies([_same_size(example)]):  # else scored on other pixels
+            image, label = seg_transforms.eval_transform(example["image"], example["label"],
+                                                         scale=scale)
         return {"image": image, "label": label}
 
     failed = {"image": tf.zeros([0, 0, 3], tf.uint8), "label": tf.zeros([0, 0], tf.int32)}
     for example in _each_or_failed(records, transform, failed, name).as_numpy_iterator():
         example["name"] = example["name"].decode()
         if not example.pop("valid"):
-            raise ValueError(_not_decoding([example["name"]], source))
+            raise BadDataError(_not_decoding([example["name"]], source))
         yield example
+
+
+def _same_size(example):
+    """An op failing (the example then counts as damaged) when the label map is not its
+    image's size (QA: a label of another size was resized to and scored on the wrong pixels)."""
+    return tf.debugging.assert_equal(tf.shape(example["image"])[:2],
+                                     tf.shape(example["label"])[:2])
 
 
 def check_validation_decodes(source, *, data_dir=None, manual_dir=None, limit=None) -> int:
@@ -310,11 +321,23 @@ def check_validation_decodes(source, *, data_dir=None, manual_dir=None, limit=No
         return {"shapes": tf.concat([tf.shape(example["image"]), tf.shape(example["label"])], 0)}
 
     failed = {"shapes": tf.zeros([5], tf.int32)}
-    bad = [example["name"].decode()
-           for example in _each_or_failed(records, decoded, failed, name).as_numpy_iterator()
-           if not example["valid"]]
+    bad, misfit = [], []
+    for example in _each_or_failed(records, decoded, failed, name).as_numpy_iterator():
+        (height, width), label = example["shapes"][:2], example["shapes"][3:5]
+        if not example["valid"]:
+            bad.append(example["name"].decode())
+        elif (height, width) != tuple(label):
+            misfit.append(f"{example['name'].decode()} (image {width}x{height}, label "
+                          f"{label[1]}x{label[0]})")
     if bad:
-        raise ValueError(_not_decoding(sorted(bad), source, count))
+        raise BadDataError(_not_decoding(sorted(bad), source, count))
+    if misfit:
+        raise BadDataError(
+            f"{len(misfit)} validation label map(s) of {source} are not the size of their "
+            f"image: {', '.join(sorted(misfit)[:10])}{' ...' if len(misfit) > 10 else ''}. "
+            "Evaluation scores each pixel of the image against its label: put the release's "
+            "own files back and prepare the data again (delete the prepared ade20k_semantic "
+            "folder in data_dir; a preparation now refuses such pairs).")
     return count
 
 

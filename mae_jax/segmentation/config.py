@@ -150,8 +150,10 @@ def check_numbers(config, problems: list[str]) -> None:
             problems.append(f"model.{name} {model[name]} must be >= 1")
     if len(data.scale) != 2 or min(data.scale) < 1:
         problems.append(f"data.scale {tuple(data.scale)} must be (long side, short side) >= 1")
-    low, high = data.ratio_range
-    if not 0 < low <= high:
+    if len(data.ratio_range) != 2:
+        problems.append(f"data.ratio_range {tuple(data.ratio_range)} must be two numbers (low, "
+                        "high)")
+    elif not 0 < data.ratio_range[0] <= data.ratio_range[1]:
         problems.append(f"data.ratio_range {tuple(data.ratio_range)} must be (low, high) with "
                         "0 < low <= high")
     if data.source == "synthetic":

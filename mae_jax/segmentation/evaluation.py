@@ -27,12 +27,10 @@ from mae_jax.core.processes import (
     raise_for,
     sum_over_processes,
 )
-from mae_jax.core.run_logging import RunLogger, write_json
+from mae_jax.core.run_logging import RESULTS_FILE, RunLogger, write_json
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
 from mae_jax.segmentation.sliding_window import resize_tile, stitch_windows
-
-RESULTS_FILE = "eval_results.json"  # the newest evaluation, written by process 0
 
 
 def data_options(config) -> dict[str, Any]:

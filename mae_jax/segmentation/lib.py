@@ -158,17 +158,18 @@ def initialise(config, spec: ModelSpec, state: TrainState, shardings) -> tuple[T
     if not config.init_from:
         print("Backbone initialised at random (set init_from for MAE weights).")
         return state, False
-    from mae_jax.weights.load import newest_step_everywhere
+    from mae_jax.weights.load import describe, newest_step_everywhere
 
     step = newest_step_everywhere(config.init_from)  # a run directory's, the same everywhere
     values = load_segmenter(config.init_from, spec, step)
     whole = values is not None
     if whole:
         print(f"Segmenter (backbone, neck, heads, BatchNorm statistics) initialised from "
-              f"{config.init_from}.")
+              f"{describe(config.init_from, step)}.")
     else:
         values = init_backbone(config.init_from, spec, step)
-        print(f"Backbone initialised from {config.init_from} ({len(values)} arrays).")
+        print(f"Backbone initialised from {describe(config.init_from, step)} ({len(values)} "
+              "arrays).")
     return place_values(state, shardings, values), whole
 
 

@@ -136,6 +136,12 @@ def newest_step_everywhere(path: str | os.PathLike) -> int | None:
     return None if step < 0 else step
 
 
+def describe(path, step: int | None) -> str:
+    """`path`, with the checkpoint step a run directory gave (for the log: QA, which of a
+    run's checkpoints an init_from used was never said)."""
+    return f"{path} (its checkpoint of step {step})" if step is not None else str(path)
+
+
 def load_official(path_or_state_dict, **kwargs) -> nnx.Module:
     """A model from an official MAE checkpoint (`mae_*_vit_*.pth`, or its state dict) or a
     Hugging Face ViTMAE checkpoint (`facebook/vit-mae-*`: a folder with config.json and
