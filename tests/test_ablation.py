@@ -69,3 +69,9 @@ def test_the_command_line_exits_0_for_help_and_2_for_a_bad_flag():
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     assert "Bad command line: --probe_config.bogus: the config has no field 'bogus'" \
         in wrong.stderr and "Traceback" not in wrong.stderr
+    # From another directory (QA: the default probe / fine-tune configs were relative to the
+    # working directory), a bad --depths is one message and status 2 (QA: a traceback, 1).
+    bad = subprocess.run([*command, f"--config={ROOT}/configs/demo.py", "--depths=0"],
+                         capture_output=True, text=True, env=env, cwd="/", timeout=120)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "ERROR: --depths [0] must be >= 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from conftest import tiny_segmentation_config
 from PIL import Image
 
-from mae_jax.data import ade20k, seg_input, synthetic_scenes
+from mae_jax.data import ade20k, seg_eval_input, seg_input, synthetic_scenes
 from mae_jax.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE, colorize
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 from mae_jax.segmentation import lib as segment_lib
@@ -172,7 +172,8 @@ def test_ade20k_train_batches_are_reduced_padded_and_typed(prepared):
 
 
 def test_ade20k_eval_examples_keep_the_original_label(prepared, release):
-    examples = list(seg_input.seg_eval_examples(source="ade20k", data_dir=prepared, scale=(64, 32)))
+    examples = list(seg_eval_input.seg_eval_examples(source="ade20k", data_dir=prepared,
+                                                     scale=(64, 32)))
     assert len(examples) == 2
     for example in examples:
         raw = release["labels"][example["name"]]
@@ -181,18 +182,19 @@ def test_ade20k_eval_examples_keep_the_original_label(prepared, release):
         )
         assert example["label"].dtype == np.int32 and example["image"].dtype == np.uint8
         assert min(example["image"].shape[:2]) == 32 or max(example["image"].shape[:2]) == 64
-    assert len(list(seg_input.seg_eval_examples(source="ade20k", data_dir=prepared, limit=1))) == 1
+    assert len(list(seg_eval_input.seg_eval_examples(source="ade20k", data_dir=prepared,
+                                                     limit=1))) == 1
     # segment.py's check before training: every pair decodes (the first `limit`), nothing raised
-    assert seg_input.check_validation_decodes("ade20k", data_dir=prepared) == 2
-    assert seg_input.check_validation_decodes("ade20k", data_dir=prepared, limit=1) == 1
-    assert seg_input.check_validation_decodes("synthetic") == 0  # generated: nothing to decode
+    assert seg_eval_input.check_validation_decodes("ade20k", data_dir=prepared) == 2
+    assert seg_eval_input.check_validation_decodes("ade20k", data_dir=prepared, limit=1) == 1
+    assert seg_eval_input.check_validation_decodes("synthetic") == 0  # generated: nothing to decode
 
 
 def test_ade20k_images_decode_with_the_accurate_dct_as_pil_and_opencv_do(prepared, release):
     from mae_jax.data import seg_transforms
 
     folder = release["folder"] / "ADEChallengeData2016" / "images" / "validation"
-    for example in seg_input.seg_eval_examples(source="ade20k", data_dir=prepared,
+    for example in seg_eval_input.seg_eval_examples(source="ade20k", data_dir=prepared,
                                                scale=(64, 32)):
         decoded = np.asarray(Image.open(folder / f"{example['name']}.jpg").convert("RGB"))
         expected = seg_transforms.resize_image(decoded, example["image"].shape[:2]).numpy()
@@ -303,15 +305,15 @@ def test_undecodable_files_cost_their_slot_not_the_run_nor_exact_resume(tmp_path
     # Evaluation cannot leave an image out without changing the metrics: it stops, naming it.
     # (in the records' order: the good pair may come first)
     with pytest.raises(ValueError, match="image ADE_val_0000000[234] of ade20k does not decode"):
-        for example in seg_input.seg_eval_examples(source="ade20k", data_dir=data_dir):
+        for example in seg_eval_input.seg_eval_examples(source="ade20k", data_dir=data_dir):
             assert example["name"] == "ADE_val_00000001"
     # segment.py finds them before any model work, not at the first evaluation: every pair is
     # decoded first (its workdir is not even made).
     with pytest.raises(ValueError, match=r"images ADE_val_00000002, ADE_val_00000003, "
                        r"ADE_val_00000004 of ade20k do not decode \(3 of 4\): .* prepare"):
-        seg_input.check_validation_decodes("ade20k", data_dir=data_dir)
+        seg_eval_input.check_validation_decodes("ade20k", data_dir=data_dir)
     with pytest.raises(ValueError, match=r"\(3 of 4\)"):
-        seg_input.check_validation_decodes("ade20k", data_dir=data_dir, limit=10)
+        seg_eval_input.check_validation_decodes("ade20k", data_dir=data_dir, limit=10)
     config = tiny_segmentation_config(**{"data.source": "ade20k", "data.data_dir": str(data_dir),
                                          "data.num_classes": None, "data.eval_limit": 0})
     with pytest.raises(ValueError, match="ADE_val_00000002, ADE_val_00000003, ADE_val_00000004"):
@@ -379,9 +381,9 @@ def test_label_maps_of_another_size_than_their_image_are_refused(tmp_path, monke
     ade20k.prepare_ade20k(data_dir=data_dir, manual_dir=tmp_path / "manual")
     with pytest.raises(BadDataError, match=r"2 validation label map\(s\) of ade20k are not the "
                        r"size of their image: ADE_val_00000001 \(image 44x28, label 28x44\)"):
-        seg_input.check_validation_decodes("ade20k", data_dir=data_dir)
+        seg_eval_input.check_validation_decodes("ade20k", data_dir=data_dir)
     with pytest.raises(BadDataError, match="ADE_val_0000000[12] of ade20k does not decode"):
-        next(seg_input.seg_eval_examples(source="ade20k", data_dir=data_dir))
+        next(seg_eval_input.seg_eval_examples(source="ade20k", data_dir=data_dir))
     monkeypatch.setattr(decodable, "MIN_EXAMPLES_JUDGED", 8)
     iterator = seg_input.create_seg_train_iterator(
         source="ade20k", data_dir=data_dir, global_batch_size=2, crop_size=16, seed=1,
@@ -416,7 +418,7 @@ def test_synthetic_scenes_are_deterministic_and_labels_in_range():
 
 def test_synthetic_eval_examples_and_class_counts():
     examples = list(
-        seg_input.seg_eval_examples(
+        seg_eval_input.seg_eval_examples(
             source="synthetic", scale=(64, 32), num_classes=5, image_size=(32, 48), limit=3
         )
     )

@@ -97,9 +97,11 @@ def run_ablation(
     """Every (depth, width) pair; writes and prints `<workdir>/ablation.md`; returns the rows.
     devices: of every run (default: all)."""
     from mae_jax.classification.synthetic import TRAIN_SPLIT, resolve_labelled_source
+    from mae_jax.core.config import ConfigError
 
     if not depths or not widths or min(depths) < 1 or min(widths) < 32:
-        raise ValueError(f"depths {depths} must be >= 1 and widths {widths} >= 32 (heads of 32).")
+        raise ConfigError(f"--depths {list(depths)} must be >= 1 and --widths {list(widths)} "
+                          ">= 32 (heads of 32).")
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     probe, tune = copy.deepcopy(probe), copy.deepcopy(tune)
@@ -141,11 +143,17 @@ def main() -> None:
     from mae_jax.core import command_line
 
     config_flags.DEFINE_config_file("config", None, "Pretraining config (configs/*.py).")
+    # The defaults are the repository's files, wherever the command runs (QA: they were
+    # relative to the working directory).
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "configs")
     try:  # a default file is loaded here, with its overrides from the command line
-        config_flags.DEFINE_config_file("probe_config", "configs/cifar100_linprobe.py",
-                                        "Linear-probe config.")
-        config_flags.DEFINE_config_file("finetune_config", "configs/cifar100_finetune.py",
-                                        "Fine-tuning config.")
+        config_flags.DEFINE_config_file(
+            "probe_config", os.path.join(configs, "cifar100_linprobe.py"),
+            "Linear-probe config.")
+        config_flags.DEFINE_config_file(
+            "finetune_config", os.path.join(configs, "cifar100_finetune.py"),
+            "Fine-tuning config.")
     except Exception as error:  # noqa: BLE001 - from the command line
         command_line.bad_command_line(error, sys.argv)
     flags.DEFINE_list("depths", ["1", "2", "4", "8"], "Decoder depths.")
@@ -159,10 +167,22 @@ def main() -> None:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         from absl import logging
 
+        from mae_jax.core.config import ConfigError
+        from mae_jax.core.errors import BadInputError
+
         logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
-        run_ablation(values.config, values.probe_config, values.finetune_config,
-                     depths=[int(d) for d in values.depths],
-                     widths=[int(w) for w in values.widths], workdir=values.workdir)
+        try:  # bad input: one message and status 2 (QA: a traceback and status 1)
+            try:
+                sizes = {name: [int(v) for v in values[name].value]
+                         for name in ("depths", "widths")}
+            except ValueError:
+                raise ConfigError(f"--depths {values.depths} and --widths {values.widths} "
+                                  "take integers, e.g. --depths=1,2,4,8") from None
+            run_ablation(values.config, values.probe_config, values.finetune_config,
+                         **sizes, workdir=values.workdir)
+        except BadInputError as error:
+            print(f"\nERROR: {error}\nExit status 2: bad input.", file=sys.stderr)
+            return 2
 
     app.run(run, flags_parser=lambda argv: command_line.parse_flags(
         values, argv, configs=("config", "probe_config", "finetune_config")))

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from mae_jax.classification.synthetic import TEXTURES, TRAIN_SPLIT, VAL_SPLIT
+from mae_jax.classification.textures import TEXTURES, TRAIN_SPLIT, VAL_SPLIT
 from mae_jax.core import config as core_config
-from mae_jax.data.generated import generated_count
 
 # Official per-model ImageNet values (FINETUNE.md): fine-tuning blr, layer decay, drop path and
 # epochs; the linear probe shares blr 0.1, 90 epochs (FINETUNE.md: 50 suffice for L / H).
@@ -201,12 +200,10 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
 def _check_generated(data, problems: list[str]) -> None:
     """A `generated:N` source's settings, with the rest (QA: a traceback after JAX started,
     one problem at a time; `synthetic.resolve_labelled_source` checks them again)."""
-    try:
-        count = generated_count(data.source)
-    except ValueError:
-        return  # check_source names it
-    if count is None:
-        return
+    kind, _, count = str(data.source).partition(":")
+    if kind != "generated" or not count.isdigit():
+        return  # check_source names a bad N
+    count = int(count)
     splits = (TRAIN_SPLIT, VAL_SPLIT, "validation")
     for name in ("train_split", "eval_split"):
         if data[name] not in splits:

@@ -19,11 +19,8 @@ import os
 
 import numpy as np
 
+from mae_jax.classification.textures import TEXTURES, TRAIN_SPLIT, VAL_SPLIT
 from mae_jax.data.generated import clear_generated, generated_count
-
-TEXTURES = ("vertical_stripes", "horizontal_stripes", "checkerboard", "diagonal_checkerboard",
-            "dots", "rings", "grid", "crosshatch")
-TRAIN_SPLIT, VAL_SPLIT = "train", "val"
 
 
 def _pattern(kind: str, rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator):

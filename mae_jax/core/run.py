@@ -132,8 +132,12 @@ class Run:
         state, self.state_shardings, start_step, metadata = init_or_restore(
             init, self.mesh, self.checkpointer, self.resume_step
         )
-        print(f"Resuming from step {start_step}." if start_step else "Starting from scratch.",
-              f"{_count(tree_size(state.params))} trainable parameters.")
+        if self.config.get("eval_only", False):  # trains nothing (QA: "Resuming from step")
+            began = (f"Evaluating this workdir's checkpoint of step {start_step}." if start_step
+                     else "Evaluating (no checkpoint in this workdir).")
+        else:
+            began = f"Resuming from step {start_step}." if start_step else "Starting from scratch."
+        print(began, f"{_count(tree_size(state.params))} trainable parameters.")
         if start_step and self.config.get("eval_only") and self.config.get("init_from"):
             print(f"Note: eval_only evaluates this workdir's checkpoint of step {start_step}; "
                   f"init_from ({self.config.init_from}) only starts a new run. To evaluate it, "
@@ -185,7 +189,9 @@ class Run:
         results, pictures, logs or export (its checkpoints deleted, or none saved yet) keeps
         them as `<name>.replaced-<time>` instead of appending to, mixing with or overwriting
         them (QA: a new run reported the earlier run's eval_results.json as its own)."""
-        for name in (*RUN_OUTPUTS, "export", run_record.EVAL_CONFIG_FILE):
+        evaluation = () if self.config.get("eval_only", False) else (  # this one's own
+            run_record.EVAL_CONFIG_FILE,)
+        for name in (*RUN_OUTPUTS, "export", *evaluation):
             path = os.path.join(self.workdir, name)
             if os.path.isdir(path) or (os.path.isfile(path) and os.path.getsize(path) > 0):
                 kept = set_aside(path)

@@ -107,10 +107,10 @@ class Evaluator:
         )
 
     def __call__(self, step: int, state) -> dict[str, Any]:
-        from mae_jax.data import seg_input
+        from mae_jax.data import seg_eval_input
 
         config = self.config
-        examples = seg_input.seg_eval_examples(
+        examples = seg_eval_input.seg_eval_examples(
             **data_options(config),
             limit=config.data.eval_limit or None,
             process_index=jax.process_index(),

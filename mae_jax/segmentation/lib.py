@@ -203,7 +203,7 @@ def train_and_evaluate(
 
     Returns the final evaluation results (aAcc, mIoU, mAcc in percent, per_class, step).
     """
-    from mae_jax.data import seg_input  # TensorFlow: input pipeline only
+    from mae_jax.data import seg_eval_input, seg_input  # TensorFlow: input pipeline only
 
     devices = list(devices or jax.devices())
     check_config(config, num_devices=len(devices), num_processes=jax.process_count())
@@ -221,7 +221,7 @@ def train_and_evaluate(
         # while the others waited for it in the evaluation's collectives.
         if (config.eval_every_steps and not config.eval_only) or (
                 config.eval_only and jax.process_count() > 1):
-            seg_input.check_validation_decodes("ade20k", **folders,
+            seg_eval_input.check_validation_decodes("ade20k", **folders,
                                                limit=config.data.eval_limit or None)
     num_classes = seg_input.num_seg_classes(config.data.source,
                                             num_classes=config.data.num_classes)
