@@ -211,6 +211,13 @@ def test_bmp_and_webp_are_read_and_formats_the_pipeline_cannot_read_are_named(tm
     for path in listing.paths:
         decoded = image_ops.decode_rgb(tf.io.read_file(path)).numpy()
         np.testing.assert_array_equal(decoded, np.asarray(Image.open(path).convert("RGB")))
+    # A pretraining folder of loose images says it too (QA: it dropped them silently).
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.fromarray(pixels).save(loose / "a.png")
+    Image.fromarray(pixels).save(loose / "b.ppm")
+    assert sources.list_folder(str(loose), with_labels=False).paths == (str(loose / "a.png"),)
+    assert f"1 file(s) in {loose} are left out, e.g. {loose / 'b.ppm'}" in capsys.readouterr().out
 
 
 def test_start_up_only_lists_files_and_opens_none(tmp_path, monkeypatch):

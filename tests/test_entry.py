@@ -557,3 +557,16 @@ def test_the_last_line_gives_a_large_table_as_its_size():
     assert entry.brief(result) == {"mIoU": 48.1, "step": 10, "per_class": "<150 entries>",
                                    "export": {"pth": "a.pth"}}
     assert entry.brief(5) == 5
+
+
+def test_a_tuple_field_given_twice_is_refused_a_scalar_takes_the_last():
+    """ml_collections joins a tuple field's values when the override comes twice (QA:
+    --config.data.scale=(64,32) --config.data.scale=(80,40) gave (64, 32, 80, 40))."""
+    config = load_config_file("seg_demo")
+    config.data.scale = (64, 32, 80, 40)  # what ml_collections made of the two
+    argv = ["segment.py", "--config=configs/seg_demo.py", "--config.data.scale=(64,32)",
+            "--config.data.scale=(80,40)", "--config.lr=1", "--config.lr=2"]
+    with pytest.raises(command_line.CommandLineError, match=r"--config.data.scale is given 2 "
+                       r"times: .* \(here \(64, 32, 80, 40\)\)"):
+        command_line._refuse_repeated_tuples(config, "config", argv)
+    command_line._refuse_repeated_tuples(config, "config", argv[:3] + argv[4:])  # lr: scalar

@@ -86,6 +86,7 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, configs=()) -
         for name in configs:
             if flag_values[name].value is not None:
                 flag_values[name].value.get("task")
+                _refuse_repeated_tuples(flag_values[name].value, name, argv)
             elif flag_values[name].present:  # a file whose get_config() returns nothing
                 raise CommandLineError(f"--{name}={flag_values[name].config_filename}: its "
                                        "get_config() returned None; it must return the "
@@ -100,6 +101,27 @@ def parse_flags(flag_values: flags.FlagValues, argv: list[str], *, configs=()) -
         return rest
     except Exception as error:  # noqa: BLE001 - everything here comes from the command line
         bad_command_line(error, argv)
+
+
+def _refuse_repeated_tuples(config, name: str, argv: list[str]) -> None:
+    """ml_collections joins the values of a tuple field given twice ((64,32) then (80,40):
+    (64, 32, 80, 40)), where any other field takes the last: refused (QA)."""
+    prefix, seen = f"--{name}.", {}
+    for index, arg in enumerate(argv[1:], start=1):
+        if arg.startswith(prefix):
+            field = arg[len(prefix):].split("=", 1)[0]
+            seen.setdefault(field, []).append(index)
+    for field, places in seen.items():
+        if len(places) < 2:
+            continue
+        value = config
+        for part in field.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if isinstance(value, tuple | list):
+            raise CommandLineError(
+                f"{prefix}{field} is given {len(places)} times: ml_collections joins the "
+                f"values of a tuple field (here {tuple(value)}) instead of keeping the last. "
+                "Give it once.")
 
 
 def bad_command_line(error: BaseException, argv: list[str]) -> NoReturn:

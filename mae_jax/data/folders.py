@@ -44,19 +44,23 @@ def class_folders(directory: str) -> list[str]:
         return sorted(entry.name for entry in entries if entry.is_dir())
 
 
-def _loose_images(directory: str) -> list[str]:
+def _loose_images(directory: str, extensions=IMAGE_EXTENSIONS) -> list[str]:
     with os.scandir(directory) as entries:
         return sorted(entry.name for entry in entries
-                      if not entry.is_dir() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+                      if not entry.is_dir() and entry.name.lower().endswith(extensions))
 
 
 def _walk(directory: str, with_loose: bool, unread: list[str] | None = None):
     """(path, label) in a fixed order: loose images (label -1) first, then each class folder as
     torchvision's `make_dataset` orders it (sorted(os.walk(...)), sorted names). Files of the
-    UNREAD_EXTENSIONS in class folders are appended to `unread`."""
+    UNREAD_EXTENSIONS (loose ones too, QA: a pretraining folder's were dropped without a word)
+    are appended to `unread`."""
     if with_loose:
         for name in _loose_images(directory):
             yield os.path.join(directory, name), -1
+        if unread is not None:
+            unread.extend(os.path.join(directory, name)
+                          for name in _loose_images(directory, UNREAD_EXTENSIONS))
     for label, name in enumerate(class_folders(directory)):
         for root, _, names in sorted(os.walk(os.path.join(directory, name), followlinks=True)):
             for file in sorted(names):
