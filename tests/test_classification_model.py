@@ -135,6 +135,8 @@ def test_official_finetuned_layout_round_trips_through_a_pth_file(tmp_path):
     assert set(state) == expected
     assert state["head.weight"].shape == (7, 32)  # torch Linear layout [out, in]
     path = transfer.save_official_classifier(model, str(tmp_path / "mae_finetuned.pth"))
+    written = torch.load(path, weights_only=True)["model"]
+    assert all(value.is_contiguous() for value in written.values())  # as safetensors needs
     loaded = transfer.load_official_classifier(path, num_heads=2)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param).to_pure_dict(),
                  nnx.state(loaded, nnx.Param).to_pure_dict())

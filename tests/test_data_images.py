@@ -218,6 +218,11 @@ def test_bmp_and_webp_are_read_and_formats_the_pipeline_cannot_read_are_named(tm
     Image.fromarray(pixels).save(loose / "b.ppm")
     assert sources.list_folder(str(loose), with_labels=False).paths == (str(loose / "a.png"),)
     assert f"1 file(s) in {loose} are left out, e.g. {loose / 'b.ppm'}" in capsys.readouterr().out
+    (loose / "a.png").rename(tmp_path / "c0" / "4.png")  # class folders, loose .ppm only
+    (loose / "c0").mkdir()
+    Image.fromarray(pixels).save(loose / "c0" / "a.png")
+    assert len(sources.list_folder(str(loose), with_labels=False).paths) == 1
+    assert f"1 file(s) in {loose} are left out, e.g. {loose / 'b.ppm'}" in capsys.readouterr().out
 
 
 def test_start_up_only_lists_files_and_opens_none(tmp_path, monkeypatch):

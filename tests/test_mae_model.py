@@ -288,6 +288,7 @@ def test_an_encoder_load_leaves_out_only_the_decoder_and_a_classifier_head(tmp_p
     with caplog.at_level(logging.WARNING, logger="mae_jax.weights"):
         loaded = mae_jax.load_official(with_head, model="encoder", num_heads=2)
     assert loaded.norm is not None and "its head is not part of the encoder" in caplog.text
+    assert "load_official_classifier" not in caplog.text  # it reads fine-tuned (fc_norm) files
     nan = encoder | {"blocks.0.mlp.fc1.weight": np.full((128, 32), np.nan, np.float32)}
     with pytest.raises(WeightsError, match=r"NaN or inf in 1 array\(s\): blocks.0.mlp.fc1"):
         mae_jax.load_official(nan, num_heads=2)

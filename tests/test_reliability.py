@@ -264,7 +264,7 @@ def fake_step(first_bad_step):
 
 
 def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0, start_step=0,
-                  profile=None, save_every_steps=2):
+                  profile=None, save_every_steps=2, batches=None):
     checkpointer = Checkpointer(workdir, save_every_steps=save_every_steps)
     logger = RunLogger(workdir, total_steps=8, tensorboard=False, log_every=4)
 
@@ -272,7 +272,7 @@ def run_fake_loop(workdir, first_bad_step, hooks=(), seconds_per_batch=0.0, star
         time.sleep(seconds_per_batch)
         return {"x": np.zeros((1, 2), np.float32)}
 
-    batches = iter(batch, None)
+    batches = iter(batch, None) if batches is None else batches
     try:
         run_loop(state=tiny_state(), train_step=fake_step(first_bad_step), batches=batches,
                  mesh=sharding.create_mesh(devices=jax.devices()[:1]), start_step=start_step,
@@ -289,6 +289,32 @@ def test_a_nonfinite_state_is_never_saved_and_the_error_cites_the_last_saved_one
         run_fake_loop(tmp_path, first_bad_step=3)  # checked at step 4 (log + checkpoint)
     assert "(first seen by step 4; 2 bad step(s))" in str(error.value)
     assert Checkpointer(tmp_path).all_steps() == [2]
+
+
+def test_input_broken_as_a_whole_stops_the_run_at_its_next_log_step(tmp_path):
+    """decodable.Batches marks a stream `broken` when most examples fail (QA: a segmentation
+    run trained on "every pixel ignored" to the end, exit 0). The loop stops at the next log
+    step, where every process learns it in the same all-gather (`slowest_input`), so no
+    process stops alone while the others wait in the step."""
+    class BrokenAfter:
+        broken = None
+
+        def __init__(self):
+            self.served = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.served += 1
+            if self.served == 3:
+                self.broken = "30 of the first 32 examples of x could not be used"
+            return {"x": np.zeros((1, 2), np.float32)}
+
+    batches = BrokenAfter()
+    with pytest.raises(BadDataError, match="30 of the first 32 examples of x"):
+        run_fake_loop(tmp_path, first_bad_step=100, batches=batches)  # logs every 4 steps
+    assert batches.served == 4
 
 
 def test_a_run_that_diverges_before_any_checkpoint_cites_none(tmp_path):

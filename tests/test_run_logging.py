@@ -64,15 +64,17 @@ def test_with_several_processes_the_slowest_input_is_logged_and_named(tmp_path, 
     program, so that process holds the others back. One process: its own wait, no process."""
     from mae_jax.core import loop
 
-    assert loop.slowest_input(1.5) == (1.5, None)
+    assert loop.slowest_input(1.5) == (1.5, None, False)
     gathered = []
 
-    def gather(mine):  # what process_allgather returns to every process: [processes]
+    def gather(mine):  # what process_allgather returns to every process: [processes, 2]
         gathered.append(mine)
-        return np.array([mine, 7.0, 3.0], np.float32)
+        return np.array([mine, [7.0, 0.0], [3.0, 1.0]], np.float32)
 
-    waited, process = loop.slowest_input(2.0, gather=gather)
-    assert (waited, process) == (7.0, 1) and gathered == [np.float32(2.0)]
+    # Another process's broken input reaches this one at the same step (all stop together).
+    waited, process, broken = loop.slowest_input(2.0, gather=gather)
+    assert (waited, process, broken) == (7.0, 1, True)
+    np.testing.assert_array_equal(gathered, [[2.0, 0.0]])
     clock = iter([0.0, 10.0, 20.0])
     fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock))
     monkeypatch.setattr(run_logging, "time", fake_time)

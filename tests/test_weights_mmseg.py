@@ -345,6 +345,8 @@ def test_export_round_trip_is_exact_and_loads_into_torch(tmp_path):
     mmseg.save_mmseg(segmenter, tmp_path / "out.pth", meta={"CLASSES": tuple("abcde")})
     checkpoint = torch.load(tmp_path / "out.pth", weights_only=True)
     assert checkpoint["meta"]["CLASSES"] == tuple("abcde")
+    # Contiguous tensors, as safetensors and other writers require (review).
+    assert all(value.is_contiguous() for value in checkpoint["state_dict"].values())
     again = TorchSegmentor().eval()
     again.load_state_dict(checkpoint["state_dict"], strict=True)
     for got, expected in run_both(again, segmenter):

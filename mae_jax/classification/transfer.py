@@ -44,7 +44,7 @@ def save_official_classifier(model: ViTClassifier, path: str) -> str:
     """Writes `{"model": state_dict}` as the official main_finetune.py saves it (atomically)."""
     import torch
 
-    state = {key: torch.from_numpy(np.array(value, copy=True))
+    state = {key: torch.from_numpy(np.array(value, order="C"))
              for key, value in export_official_classifier(model).items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"model": state}, path + ".tmp")
@@ -78,7 +78,10 @@ def load_official_classifier(
         )
     variant = find_variant(embed_dim=dims["embed_dim"], depth=dims["depth"],
                            patch_size=dims["patch_size"]) or "vit_base_patch16"
-    file_size = dims.pop("image_size")
+    file_size = dims.pop("image_size", None)
+    if file_size is None and image_size is None:
+        raise WeightsError("The classifier's position table is not a square grid: give its "
+                           "image size, image_size=(height, width).")
     model = ViTClassifier(
         variant=variant, image_size=image_size or file_size,
         num_classes=state_dict["head.weight"].shape[0], global_pool=True, rngs=make_rngs(0),

@@ -24,27 +24,32 @@ import numpy as np
 from mae_jax.core import preemption
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.checkpointing import Checkpointer
+from mae_jax.core.errors import BadDataError
 from mae_jax.core.preemption import PreemptionGuard
 from mae_jax.core.processes import failing_together
 from mae_jax.core.run_logging import RunLogger
 from mae_jax.core.state import TrainState
 
 
-def slowest_input(seconds: float, gather: Callable | None = None) -> tuple[float, int | None]:
-    """(the longest time any process waited for its batches, that process) from this process's
-    `seconds`; (seconds, None) with one process. The step is one collective program, so the
-    process that waits longest for its input holds the others back; every process must call
-    this at the same steps (one tiny all-gather). `gather`: multihost_utils.process_allgather
-    (tests pass their own)."""
+def slowest_input(seconds: float, broken: bool = False,
+                  gather: Callable | None = None) -> tuple[float, int | None, bool]:
+    """(the longest time any process waited for its batches, that process, whether any
+    process's input is broken as a whole) from this process's `seconds` and `broken`;
+    (seconds, None, broken) with one process. The step is one collective program, so the
+    process that waits longest for its input holds the others back, and one process stopping
+    for broken data alone would leave the others waiting in the step: every process calls
+    this at the same steps (one tiny all-gather) and all stop together. `gather`:
+    multihost_utils.process_allgather (tests pass their own)."""
     if gather is None:
         if jax.process_count() == 1:
-            return seconds, None
+            return seconds, None, broken
         from jax.experimental import multihost_utils
 
         gather = multihost_utils.process_allgather
-    waits = np.asarray(gather(np.float32(seconds)), dtype=np.float64).reshape(-1)
-    slowest = int(np.argmax(waits))
-    return float(waits[slowest]), slowest
+    mine = np.array([seconds, float(broken)], np.float32)
+    gathered = np.asarray(gather(mine), dtype=np.float64).reshape(-1, 2)
+    slowest = int(np.argmax(gathered[:, 0]))
+    return float(gathered[slowest, 0]), slowest, bool(gathered[:, 1].any())
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -196,7 +201,13 @@ def run_loop(
                 if log_now:
                     check_finite(step)
                     last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    waited, waiting = slowest_input(input_seconds)
+                    broken = getattr(batches, "broken", None)  # decodable.Batches
+                    waited, waiting, broken_anywhere = slowest_input(input_seconds,
+                                                                     broken is not None)
+                    if broken_anywhere:  # on every process at this step
+                        raise BadDataError(broken or "Another process of this run found its "
+                                           "training data broken as a whole (its log names "
+                                           "files): check the data.")
                     with failing_together(f"writing the log of step {step}"):  # process 0
                         logger.log_train(step, last_metrics, input_seconds=waited,
                                          input_process=waiting)

@@ -21,7 +21,6 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from mae_jax.core.errors import BadDataError
 from mae_jax.data import sources
 
 logger = logging.getLogger(__name__)
@@ -30,8 +29,8 @@ logger = logging.getLogger(__name__)
 # autograph's source transformation saves seconds of start-up.
 no_autograph = tf.autograph.experimental.do_not_convert
 REPLACEMENTS = 9  # other files tried for an undecodable one before the fill image
-# A training stream stops with BadDataError once over MAX_FAILING of its examples (after at
-# least MIN_EXAMPLES_JUDGED) had files that failed: broken data, not a damaged file or two.
+# A training stream is `broken` once over MAX_FAILING of its examples (after at least
+# MIN_EXAMPLES_JUDGED) had files that failed: broken data, not a damaged file or two.
 MIN_EXAMPLES_JUDGED, MAX_FAILING = 32, 0.5
 _REPLACEMENT_STREAM = 0x5EED  # folds the example seed into the replacement draws' seed
 
@@ -53,6 +52,10 @@ class Batches:
         self.num_batches = num_batches
         self.undecodable: set[str] = set()
         self._seen = self._failed = 0  # examples, and those whose own file failed
+        # Set once most examples failed; the training loop stops every process on it at its
+        # next log step (`loop.slowest_input`: one process stopping alone would leave the
+        # others waiting in the step).
+        self.broken: str | None = None
 
     def __iter__(self):
         return self
@@ -73,11 +76,11 @@ class Batches:
         return batch
 
     def _check_failure_rate(self):
-        """BadDataError when most examples so far failed: the data is broken as a whole (QA:
+        """`broken` when most examples so far failed: the data is broken as a whole (QA:
         ADE20K label maps all of another size trained a whole run on "all ignored", exit 0)."""
-        if self.num_batches is None and self._seen >= MIN_EXAMPLES_JUDGED and (
-                self._failed > self._seen * MAX_FAILING):
-            raise BadDataError(
+        if self.broken is None and self.num_batches is None and (
+                self._seen >= MIN_EXAMPLES_JUDGED and self._failed > self._seen * MAX_FAILING):
+            self.broken = (
                 f"{self._failed} of the first {self._seen} examples of {self.what} could not be "
                 f"used ({self.kind.lower()}), e.g. {', '.join(sorted(self.undecodable)[:3])}: "
                 "the data is broken as a whole, not a file or two. Check how it was written.")

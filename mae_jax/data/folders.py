@@ -82,7 +82,10 @@ def list_folder(directory: str, *, with_labels: bool, shard_index: int = 0,
                 shard_count: int = 1) -> FolderListing:
     """Lists `directory` (a split folder); labelled listings leave out the loose images, and
     a folder without loose images gives one listing for both (one walk)."""
-    with_loose = not with_labels and bool(_loose_images(directory))
+    # Loose files it cannot read count too: they are named (with no readable loose image
+    # the walk yields the same paths either way, so `folder_paths_at` agrees).
+    with_loose = not with_labels and bool(_loose_images(
+        directory, IMAGE_EXTENSIONS + UNREAD_EXTENSIONS))
     # Keyed on the folder's mtime so that a changed folder is listed again.
     listing = _list_folder(directory, with_loose, shard_index, shard_count,
                            os.stat(directory).st_mtime_ns)

@@ -135,7 +135,8 @@ def _not_decoding(names, source, count=None) -> str:
              f"Validation images {listed} of {source} do not decode")
     of = f" ({len(names)} of {count})" if count is not None else ""
     whose = "its" if len(names) == 1 else "each one's"
-    return (f"{which}{of}: {whose} image or label file is damaged, or the label holds a value "
-            "past 150. Evaluation needs every image (leaving one out would change the "
-            "metrics): replace the file in the release and prepare the data again (delete "
-            "the prepared ade20k_semantic folder in data_dir).")
+    return (f"{which}{of}: {whose} image or label file is damaged, the label holds a value "
+            "past 150, or the label map is not the size of its image. Evaluation needs every "
+            "image (leaving one out would change the metrics): replace the file in the release "
+            "and prepare the data again (delete the prepared ade20k_semantic folder in "
+            "data_dir).")

@@ -227,7 +227,7 @@ def save_mmseg(
     """
     torch = official._import_torch()
     state = {
-        key: torch.from_numpy(np.array(value, copy=True))
+        key: torch.from_numpy(np.array(value, order="C"))
         for key, value in export_mmseg(segmenter, final_norm=final_norm).items()
     }
     info = {"exported_by": "mae_jax", "out_indices": list(segmenter.out_indices)}

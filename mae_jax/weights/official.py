@@ -294,11 +294,12 @@ def load_official(
         left_out = sorted({key.split(".")[0] for key in state_dict
                            if any(re.search(pattern, key) for pattern in CLASSIFIER_KEYS)})
         if left_out:
-            logger.warning(
-                "The checkpoint is a classifier: its %s %s not part of the encoder and left out. "
-                "The whole fine-tuned classifier: mae_jax.classification.transfer."
-                "load_official_classifier (finetune.py's eval_only).", " and ".join(left_out),
-                "is" if len(left_out) == 1 else "are")
+            whole = (" The whole fine-tuned classifier: mae_jax.classification.transfer."
+                     "load_official_classifier (finetune.py's eval_only)."
+                     if is_finetuned_classifier(state_dict) else "")
+            logger.warning("The checkpoint is a classifier: its %s %s not part of the encoder "
+                           "and left out.%s", " and ".join(left_out),
+                           "is" if len(left_out) == 1 else "are", whole)
     else:
         width = config.get("decoder_embed_dim", DEFAULT_DECODER["decoder_embed_dim"])
         if "decoder_num_heads" not in config and width != DEFAULT_DECODER["decoder_embed_dim"]:
