@@ -165,7 +165,8 @@ def test_finetune_run_leaves_results_metrics_and_official_export(finetuned):
     assert [r["top1"] for r in read_metrics(str(workdir), kind="eval")] == [result["top1"]]
     saved = read_results(str(workdir))
     assert saved == {k: result[k] for k in saved}
-    assert set(saved) == {"top1", "top5", "loss", "num_examples", "step"}
+    assert set(saved) == {"top1", "top5", "loss", "num_examples", "step", "split"}
+    assert saved["split"] == "val"  # which split (QA: an eval_only of another one replaced it)
     assert saved["num_examples"] == 248 and saved["top5"] == 100.0  # 4 classes: top-4
     records = read_metrics(str(workdir))
     assert [r["step"] for r in records] == [2, 4, 6]

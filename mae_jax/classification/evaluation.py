@@ -101,12 +101,16 @@ class Evaluator:
 
     def __call__(self, step: int, state, *, log: bool = True) -> dict[str, Any]:
         """log=False: not in metrics.jsonl (a finished run's evaluation, reported again)."""
-        results = self.evaluate(state) | {"step": int(step)}
+        # The split is named (QA: an eval_only run of another split replaced the file with
+        # nothing saying so).
+        results = self.evaluate(state) | {"step": int(step),
+                                          "split": str(self.config.data.eval_split)}
         with failing_together(f"writing the evaluation of step {step}"):  # process 0
             if jax.process_index() == 0:
                 write_json(os.path.join(self.workdir, RESULTS_FILE), results)
             if self.logger is not None and log:
-                self.logger.log_eval(step, {k: v for k, v in results.items() if k != "step"})
+                self.logger.log_eval(step, {k: v for k, v in results.items()
+                                            if k not in ("step", "split")})
         return results
 
 

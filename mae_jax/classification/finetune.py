@@ -83,5 +83,5 @@ RECIPE = lib.Recipe(task="finetune", global_pool=True, trainable=nnx.Param,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None):
     """Fine-tunes (or resumes, or with eval_only evaluates) in `workdir`; returns the last
-    evaluation (top1, top5, loss, num_examples, step, export paths)."""
+    evaluation (top1, top5, loss, num_examples, step, split, export paths)."""
     return lib.train_and_evaluate(config, workdir, RECIPE, devices=devices)

@@ -87,7 +87,7 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, recipe: Recipe, *, devices=None
 ) -> dict[str, Any]:
     """Trains (or resumes; with eval_only just evaluates) in `workdir`; returns the last
-    evaluation (top1, top5, loss, num_examples, step)."""
+    evaluation (top1, top5, loss, num_examples, step, split)."""
     from mae_jax.data import images as data  # TensorFlow: input pipeline only
     from mae_jax.data import in_memory
 

@@ -55,5 +55,5 @@ RECIPE = lib.Recipe(task="linprobe", global_pool=False, trainable=TRAINABLE,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, devices=None):
     """Probes (or resumes, or with eval_only evaluates) in `workdir`; returns the last
-    evaluation (top1, top5, loss, num_examples, step)."""
+    evaluation (top1, top5, loss, num_examples, step, split)."""
     return lib.train_and_evaluate(config, workdir, RECIPE, devices=devices)
