@@ -10,7 +10,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax.data import image_ops, images, sources, tf_runtime
-from mae_jax.data.constants import IMAGENET_STD, denormalize, normalize, normalize_uint8
+from mae_jax.data.constants import (
+    IMAGENET_MEAN_UINT8,
+    IMAGENET_STD,
+    denormalize,
+    normalize,
+    normalize_uint8,
+)
 from mae_jax.data.stream import shuffled_stream
 
 SIZE = 32
@@ -453,6 +459,16 @@ def test_an_undecodable_tfds_training_record_takes_another_example_of_its_batch(
         got = next(resumed)
         np.testing.assert_array_equal(got["image"], expected["image"])
         np.testing.assert_array_equal(got["label"], expected["label"])
+    # A batch of which nothing decodes: the mean colour, said as such (review: the warning
+    # said another example had taken the slot).
+    monkeypatch.setattr(sources, "tfds_records", lambda builder, split: real_records(
+        builder, split).map(lambda r: {**r, "encoded": tf.constant(b"not an image")}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mae_jax.data"):
+        batch = next(images.create_train_iterator(**common))
+    np.testing.assert_array_equal(batch["image"],
+                                  np.broadcast_to(IMAGENET_MEAN_UINT8, batch["image"].shape))
+    assert "No example of a batch of tfds:mae_jax_tiny_gray" in caplog.text
 
 
 def test_fixed_images_are_spread_over_a_class_sorted_folder(tmp_path):

@@ -97,6 +97,9 @@ class Batches:
             if tries == len(names) and len(names) > 1:
                 logger.warning("None of %d files tried for one example of %s decodes: the "
                                "example is the mean colour. Check the data.", tries, self.what)
+            elif tries > len(names):  # a TFDS batch of which no example decodes
+                logger.warning("No example of a batch of %s decodes: the slot is the mean "
+                               "colour. Check the data.", self.what)
 
 
 def _tries(shard: sources.Shard, replacements: int) -> int:
@@ -217,11 +220,13 @@ def decoded(stream: tf.data.Dataset, shard, transform, *, replacements, fill,
                         return _padded(slow(seeds[j], record).get_single_element(), pad)
                     # TFDS training: no random access, so another example of the block that
                     # decoded takes the slot, with its label; the mean colour only when none did.
+                    # attempts 2 (> its one name) tells `Batches` the slot is the fill.
                     return tf.cond(found > 0, lambda: {
                         **tf.nest.map_structure(lambda x: x[j % tf.maximum(found, 1)], got),
                         "attempts": tf.constant(1, tf.int32),
                         "failed": tf.reshape(record["name"], [1])},
-                        lambda: _padded(slow(seeds[j], record).get_single_element(), pad))
+                        lambda: {**_padded(slow(seeds[j], record).get_single_element(), pad),
+                                 "attempts": tf.constant(2, tf.int32)})
 
                 return tf.cond(slot[j] >= 0,
                                lambda: tf.nest.map_structure(lambda x: x[slot[j]], got), replaced)
