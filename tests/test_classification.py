@@ -203,6 +203,19 @@ def test_exported_checkpoint_evaluates_exactly_like_the_run(finetuned, tmp_path,
         assert handle.read() == recorded  # the training record is left alone
     assert (f"eval_only evaluates this workdir's checkpoint of step 6; init_from ({pretrained}) "
             "only starts a new run") in capsys.readouterr().out
+    assert not list(workdir.glob("eval_results.replaced-*"))  # the same evaluation: replaced
+    # Another split: the run's own evaluation is kept beside the new one, not replaced (QA:
+    # an eval_only run in a training workdir replaced it, and said nothing).
+    own = read_results(str(workdir))
+    other = set_fields(config.copy_and_resolve_references(),
+                       {"eval_only": True, "data.eval_split": "train"})
+    assert finetune.train_and_evaluate(other, str(workdir))["num_examples"] == 1000
+    kept = list(workdir.glob("eval_results.replaced-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == own
+    assert read_results(str(workdir))["split"] == "train"
+    printed = capsys.readouterr().out
+    assert f"held the evaluation of step 6 (val split); kept as {kept[0]}" in printed
+    os.replace(kept[0], workdir / "eval_results.json")  # the fixture's run as it was
 
 
 def test_a_run_of_several_processes_starts_every_process_from_process_0s_newest_step(

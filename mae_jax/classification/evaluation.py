@@ -20,7 +20,7 @@ from flax import nnx
 
 from mae_jax.core import sharding as sharding_lib
 from mae_jax.core.processes import failing_together
-from mae_jax.core.run_logging import RESULTS_FILE, RunLogger, write_json
+from mae_jax.core.run_logging import RESULTS_FILE, RunLogger, write_results
 
 
 def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -107,7 +107,8 @@ class Evaluator:
                                           "split": str(self.config.data.eval_split)}
         with failing_together(f"writing the evaluation of step {step}"):  # process 0
             if jax.process_index() == 0:
-                write_json(os.path.join(self.workdir, RESULTS_FILE), results)
+                write_results(self.workdir, results,
+                              keep_other=bool(self.config.get("eval_only", False)))
             if self.logger is not None and log:
                 self.logger.log_eval(step, {k: v for k, v in results.items()
                                             if k not in ("step", "split")})

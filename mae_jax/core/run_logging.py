@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mae_jax.core.tensorboard import create_tensorboard_writer
+from mae_jax.core.workdir import set_aside
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "eval_results.json"  # the newest evaluation (classification, segmentation)
@@ -57,6 +58,22 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
     with open(path + ".tmp", "w") as handle:
         json.dump(strict_json(data), handle, indent=2, allow_nan=False)
     os.replace(path + ".tmp", path)
+
+
+def write_results(workdir: str, results: Mapping[str, Any], *, keep_other: bool) -> None:
+    """`workdir/eval_results.json` := `results`; keep_other (eval_only): another step's or split's
+    evaluation there is set aside first (QA: it replaced a training run's own, without a word)."""
+    path, key = os.path.join(workdir, RESULTS_FILE), ("step", "split")
+    try:
+        with open(path) as handle:
+            earlier = json.load(handle) if keep_other else None
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and [earlier.get(k) for k in key] != [results.get(k) for k in key]:
+        split = f" ({earlier['split']} split)" if earlier.get("split") else ""
+        print(f"Note: {path} held the evaluation of step {earlier.get('step')}{split}; kept as "
+              f"{set_aside(path)}.", flush=True)
+    write_json(path, results)
 
 
 def format_duration(seconds: float) -> str:

@@ -27,7 +27,7 @@ from mae_jax.core.processes import (
     raise_for,
     sum_over_processes,
 )
-from mae_jax.core.run_logging import RESULTS_FILE, RunLogger, write_json
+from mae_jax.core.run_logging import RESULTS_FILE, RunLogger, write_results
 from mae_jax.segmentation import canvas
 from mae_jax.segmentation.metrics import DeviceAreas, SegMetrics, intersect_and_union
 from mae_jax.segmentation.sliding_window import resize_tile, stitch_windows
@@ -129,8 +129,8 @@ class Evaluator:
         with failing_together(f"writing the evaluation of step {step}"):
             if jax.process_index() == 0:
                 print(metrics.format_table(self.names), flush=True)
-                path = os.path.join(self.workdir, RESULTS_FILE)
-                write_json(path, results)
+                write_results(self.workdir, results,
+                              keep_other=bool(self.config.get("eval_only", False)))
                 self.logger.log_eval(step, summary)
                 if pictures:
                     self.logger.log_images(step, {"segmentation": _stack(pictures)})
