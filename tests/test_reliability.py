@@ -723,6 +723,28 @@ def test_a_smaller_evaluation_batch_is_a_harmless_change(tmp_path):
     assert changes.accepted == "harmless fields only"
 
 
+def test_generated_data_settings_matter_on_resume_only_for_generated_data(tmp_path):
+    """data.generated_classes' default went from 10 (more classes than the 8 textures: a config
+    error for every generated:N source) to 8; runs of other data recorded 10, unread."""
+    from mae_jax.classification.config import defaults
+    from mae_jax.core.run_record import record_config
+
+    for source, kept in (("folder:/data/imagenet", {}), ("generated:64", {
+            "data.generated_classes": [10, 8], "data.generated_size": [32, 16]})):
+        config = defaults("finetune")
+        config.data.source = source
+        config.data.update(generated_classes=10, generated_size=32)
+        (tmp_path / source[:6]).mkdir()
+        record_config(str(tmp_path / source[:6]), config, resume_step=None)
+        config.data.update(generated_classes=8, generated_size=16)
+        if kept:
+            with pytest.raises(ConfigChangedError, match="data.generated_classes: 10 -> 8"):
+                record_config(str(tmp_path / source[:6]), config, resume_step=2)
+            config.config_change_ok = True
+        changes = record_config(str(tmp_path / source[:6]), config, resume_step=2)
+        assert changes.changes == kept, source
+
+
 def test_a_damaged_or_missing_config_record_is_refused_and_a_fresh_start_starts_a_new_one(
         tmp_path, capsys):
     """From a QA pass: with config.json deleted, a resume adopted the command's config without

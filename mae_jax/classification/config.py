@@ -76,7 +76,7 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     # size and take < 25% of device memory (CIFAR), on GPUs; the example order differs from
     # the tf.data pipeline's (every example once an epoch). Evaluation stays on tf.data.
     config.data.on_device = "auto"  # auto | always | never
-    config.data.generated_classes = 10  # generated:N sources: number of classes ...
+    config.data.generated_classes = 8  # generated:N sources: number of classes (<= 8) ...
     config.data.generated_size = 32  # ... and image side.
 
     config.batch_size = 16384 if probe else 1024  # Global images per optimizer step.

@@ -44,6 +44,9 @@ HARMLESS_FIELDS = frozenset({
 # probe (and pretraining before the field) read the data through tf.data; profile_steps:
 # no trace; mesh.cpu_devices: JAX's one CPU device.
 LATER_FIELDS = {"data.on_device": "never", "profile_steps": "", "mesh.cpu_devices": 0}
+# Fields read only for a `generated:N` source: no change to them alters a run of other data
+# (data.generated_classes defaulted to 10 until 2026-12-08, more than the 8 textures there are).
+GENERATED_FIELDS = frozenset({"data.generated_classes", "data.generated_size"})
 
 
 class ConfigChangedError(BadInputError, ValueError):
@@ -209,6 +212,8 @@ def record_config(
         if key in current and key not in recorded:
             recorded[key] = value
     changes = differences(recorded, current)
+    if not any(str(c.get("data.source", "")).startswith("generated:") for c in (recorded, current)):
+        changes = {k: v for k, v in changes.items() if k not in GENERATED_FIELDS}
     significant = {k: v for k, v in changes.items() if k not in HARMLESS_FIELDS}
     if significant and not config.get(CHANGE_OK_FIELD, False):
         listed = "\n  - ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in
