@@ -135,7 +135,8 @@ def main(argv=None) -> None:
     from PIL import Image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help=".pth file or train.py workdir")
+    parser.add_argument("--checkpoint", required=True, help="official .pth (mae_visualize_*), "
+                        "Hugging Face ViTMAE folder or train.py workdir")
     parser.add_argument("--images", required=True, help="comma-separated image files")
     parser.add_argument("--mask_ratios", default="0.75,0.85,0.95")
     parser.add_argument("--out", default="reconstructions.png")

@@ -339,6 +339,42 @@ def test_save_official_files_reload_as_the_model_they_came_from(tmp_path):
     assert official_grid.encoder.image_size == (64, 64)  # 64 patches: read as the official 8x8
 
 
+def test_a_fine_tuned_encoder_reloads_and_misuse_is_named(tmp_path):
+    """QA of the Python API: a fine-tuned encoder (no final norm) saved with save_official did
+    not reload ("missing norm"); a model="mae" load of an encoder-only file listed 100 missing
+    decoder keys; a non-square table given its own size asked for an `old_grid` argument
+    load_official does not have; a classifier or uint8 pixels met an AttributeError, or a
+    loss of 20910."""
+    from mae_jax.models.classifier import ViTClassifier
+    from mae_jax.models.vit import ViTEncoder
+    from mae_jax.weights import hf
+
+    plain, encoder = (ViTEncoder(image_size=(32, 64), patch_size=8, embed_dim=32, depth=2,
+                                 num_heads=2, rngs=nnx.Rngs(1)) for _ in range(2))
+    encoder.norm = None
+    mae_jax.save_official(encoder, tmp_path / "finetuned.pth")
+    back = mae_jax.load_official(str(tmp_path / "finetuned.pth"))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 64, 3)), jnp.float32)
+    assert back.norm is None
+    np.testing.assert_array_equal(back(images, apply_norm=False)["patches"],
+                                  encoder(images, apply_norm=False)["patches"])
+    with pytest.raises(ValueError, match="holds an encoder alone .* model='encoder'"):
+        mae_jax.load_official(str(tmp_path / "finetuned.pth"), model="mae")
+    bare = mae_jax.export_official(plain)  # no record of its size
+    own_size = mae_jax.load_official(bare, image_size=(32, 64), num_heads=2)  # 32 positions
+    np.testing.assert_array_equal(own_size(images)["patches"], plain(images)["patches"])
+    with pytest.raises(ValueError, match=r"not a square grid.*height x width / patch_size\^2 "
+                       "= 32 .*transfer_encoder"):
+        mae_jax.load_official(bare, image_size=64, num_heads=2)
+    classifier = ViTClassifier(num_classes=3, image_size=32, patch_size=8, embed_dim=32,
+                               depth=1, num_heads=2, rngs=nnx.Rngs(0))
+    for save in (mae_jax.save_official, hf.save_hf):
+        with pytest.raises(TypeError, match="not a ViTClassifier.*save_official_classifier"):
+            save(classifier, tmp_path / "classifier")
+    with pytest.raises(TypeError, match="got uint8: .*normalize_uint8"):
+        back(images.astype(jnp.uint8))
+
+
 class _RunsCode:
     def __init__(self, path):
         self.path = path
@@ -358,8 +394,10 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 
 
 def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        mae_jax.load_official(str(tmp_path / "nope.pth"))
+    for name in ("nope.pth", "facebook/vit-mae-base"):  # QA: a Hub name, never fetched
+        with pytest.raises(FileNotFoundError, match="No checkpoint at .* Hub names such as "
+                           "facebook/vit-mae-base are not fetched"):
+            mae_jax.load_official(str(tmp_path / name))
 
 
 def test_initialisation_follows_the_official_recipe():

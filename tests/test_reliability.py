@@ -638,6 +638,27 @@ def test_any_checkpoint_of_a_run_is_a_weights_source(finished_run):
     assert not np.array_equal(saved[4], saved[6])
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         source_kind(finished_run / "checkpoints" / "5")
+    # QA: a step the run does not hold crashed deep in orbax; step= and model= were ignored
+    # without a word where they do not apply; load_official of a run was an IsADirectoryError.
+    with pytest.raises(FileNotFoundError, match=r"No finished checkpoint of step 5 .* holds "
+                       r"\[2, 4, 6\]"):
+        load_model(finished_run, step=5)
+    with pytest.raises(ValueError, match="step=6: .* is checkpoint 4 of its run"):
+        load_model(chosen, step=6)
+    with pytest.raises(ValueError, match="model.json: model='bogus' only for official"):
+        load_model(finished_run, model="bogus")
+    encoder = load_model(chosen, model="encoder")
+    assert type(encoder).__name__ == "ViTEncoder" and np.array_equal(
+        encoder.patch_embed.proj.kernel[...],
+        load_model(chosen).encoder.patch_embed.proj.kernel[...])
+    import mae_jax
+
+    mae_jax.save_official(encoder, finished_run.parent / "encoder.pth")
+    with pytest.raises(ValueError, match="step=4: .* is one set of weights"):
+        load_model(finished_run.parent / "encoder.pth", step=4)
+    with pytest.raises(ValueError, match="is a run directory or a Flax export, not an official "
+                       "checkpoint: load it with mae_jax.load_model"):
+        mae_jax.load_official(str(finished_run))
 
 
 def test_a_fall_back_behind_a_recorded_change_voids_it(finished_run, tmp_path):

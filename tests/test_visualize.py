@@ -86,7 +86,7 @@ def test_command_names_a_bad_ratio_or_checkpoint_kind_in_one_line(tmp_path, caps
             ([f"--out={tmp_path}/none/figure.png"], "none does not exist"),
             ([f"--out={tmp_path}/figure"], "give an image file name"),
             ([f"--checkpoint={tmp_path}/run", "--norm_pix_loss"],
-             "only apply to official checkpoint files")):
+             "norm_pix_loss only for official checkpoint files")):
         with pytest.raises(SystemExit) as exit_:
             main([f"--checkpoint={encoder}", f"--images={image}", *flags])
         assert exit_.value.code == 2

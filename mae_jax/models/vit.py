@@ -218,6 +218,11 @@ class ViTEncoder(nnx.Module):
         return len(self.blocks)
 
     def check_images(self, images: jax.Array) -> None:
+        if not jnp.issubdtype(images.dtype, jnp.floating):  # QA: raw pixels gave loss 20910
+            raise TypeError(
+                f"Expected float images, normalised with the ImageNet mean and std, got "
+                f"{images.dtype}: mae_jax.data.constants.normalize_uint8 turns uint8 pixels "
+                "into the model's input.")
         expected = (*self.image_size, self.in_chans)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(

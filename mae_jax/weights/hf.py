@@ -34,6 +34,7 @@ import numpy as np
 
 from mae_jax.core.errors import DataNotFoundError, WeightsError
 from mae_jax.models.mae import MAE
+from mae_jax.models.vit import ViTEncoder
 from mae_jax.weights import official
 from mae_jax.weights.hf_keys import hf_to_official, official_to_hf
 
@@ -274,13 +275,17 @@ def export_hf(model) -> tuple[dict[str, np.ndarray], dict]:
     float32 numpy in PyTorch layout, config.json as a dict)."""
 
     is_mae = isinstance(model, MAE)
+    if not isinstance(model, MAE | ViTEncoder):
+        raise TypeError(f"save_hf writes an MAE or a ViT encoder, not a {type(model).__name__} "
+                        "(a classifier: mae_jax.classification.transfer"
+                        ".save_official_classifier).")
     encoder = model.encoder if is_mae else model
     if encoder.norm is None:
         raise WeightsError(
             "This encoder has no final norm (a fine-tuned classifier's, whose global pooling "
             "deletes it), and transformers' ViTMAEModel applies one: the folder would compute "
-            "another function. Export the pretrained encoder, or the classifier with "
-            "save_official.")
+            "another function. Export the pretrained encoder, or this one with save_official "
+            "(the whole classifier: mae_jax.classification.transfer.save_official_classifier).")
     state = official.export_official(model)
     height, width = encoder.image_size
     config = {

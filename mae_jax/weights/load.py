@@ -27,55 +27,11 @@ from flax import nnx
 from mae_jax.core.checkpointing import Checkpointer, read_pytree, save_pytree
 from mae_jax.core.errors import DataNotFoundError, WeightsError
 from mae_jax.core.processes import failing_together, from_process_0
-from mae_jax.models.factory import MODEL_JSON, ModelSpec, encoder_of
+from mae_jax.models.factory import ModelSpec, encoder_of
 from mae_jax.models.pos_embed import resize_pos_embed
 from mae_jax.models.vit import ViTEncoder
 from mae_jax.weights import hf, hf_keys, official
-
-EXPORT_WEIGHTS = "weights"
-RUN_CHECKPOINTS = "checkpoints"
-
-
-def run_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
-    """One checkpoint of a run directory, `<run>/checkpoints/<step>` -> (<run>, step); any
-    other path -> (path, None). (QA: only a run's newest checkpoint could be started from.)"""
-    path = os.path.expanduser(os.fspath(path))
-    parent, name = os.path.split(os.path.abspath(path))
-    run, folder = os.path.split(parent)
-    if name.isdigit() and folder == RUN_CHECKPOINTS and os.path.isdir(path) and os.path.exists(
-            os.path.join(run, MODEL_JSON)):
-        return run, int(name)
-    return path, None
-
-
-def source_kind(path: str | os.PathLike) -> str:
-    """"run" (a run directory, or one of its checkpoints), "export" (a Flax export) or
-    "official" (an official .pth file, or a Hugging Face ViTMAE folder / file)."""
-    path = os.path.expanduser(os.fspath(path))
-    if run_checkpoint(path)[1] is not None:
-        return "run"
-    if not os.path.exists(path):
-        raise DataNotFoundError(f"No checkpoint at {path}: give a .pth file or a run directory.")
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_JSON)):
-        if os.path.isdir(os.path.join(path, RUN_CHECKPOINTS)):
-            return "run"
-        if os.path.isdir(os.path.join(path, EXPORT_WEIGHTS)):
-            return "export"
-    if os.path.isdir(path):
-        if hf.is_hf_checkpoint(path):
-            return "official"
-        inside = sorted(name for name in os.listdir(path)
-                        if os.path.exists(os.path.join(path, name, MODEL_JSON)))
-        raise WeightsError(
-            f"{path} is a directory but neither a run directory (model.json + checkpoints/), "
-            "a Flax export (model.json + weights/) nor a Hugging Face ViTMAE folder "
-            "(config.json + model.safetensors): point at a train.py / segment.py workdir, a "
-            "Flax export folder (a run's export/encoder_flax or export/classifier_flax), an "
-            "HF folder or an official .pth file."
-            + (f" Here: {', '.join(os.path.join(path, name) for name in inside)}."
-               if inside else "")
-        )
-    return "official"
+from mae_jax.weights.kinds import EXPORT_WEIGHTS, run_checkpoint, source_kind
 
 
 def load_model(
@@ -85,34 +41,42 @@ def load_model(
 
     step: a run directory's checkpoint step (default: the one `path` names, <run>/checkpoints/
     <step>, else the newest). overrides: for official files, the arguments
-    `mae_jax.load_official` takes (model="mae"/"encoder", num_heads, ...).
+    `mae_jax.load_official` takes (model="mae"/"encoder", num_heads, ...); for a run or an
+    export, model="encoder" alone (its encoder).
     """
     kind = source_kind(path)
     path, named = run_checkpoint(path)
+    if step is not None and (kind != "run" or named not in (None, step)):
+        raise ValueError(f"step={step}: {path} is " + (
+            f"checkpoint {named} of its run; give the run directory with step=, or that "
+            "checkpoint's folder alone" if kind == "run" else "one set of weights (steps are a "
+            "run directory's checkpoints)") + ".")  # QA: it was ignored without a word
     step = named if step is None else step
     if kind == "official":
         return load_official(path, **overrides)
-    overrides.pop("model", None)
-    if overrides:
+    part = overrides.pop("model", None)
+    if overrides or part not in (None, "encoder"):
         raise ValueError(
-            f"{path} records its architecture in model.json; {sorted(overrides)} only apply to "
-            "official checkpoint files."
-        )
+            f"{path} records its architecture in model.json: "
+            f"{', '.join(sorted(overrides)) or f'model={part!r}'} only for official checkpoint "
+            "files (model='encoder' gives its encoder; mae_jax.weights.load.transfer_encoder "
+            "copies it into an encoder of another image size).")
     spec = ModelSpec.load(path)
     if kind == "run":
         with Checkpointer(path, async_save=False) as checkpointer:
-            if checkpointer.latest_step() is None:
+            steps = checkpointer.all_steps()
+            if not steps or (step is not None and step not in steps):
                 raise DataNotFoundError(
-                    f"No finished checkpoint in {checkpointer.directory}: the run has not saved "
-                    "one yet."
-                )
+                    f"No finished checkpoint of step {step} in {checkpointer.directory}; it holds "
+                    f"{steps}." if steps else f"No finished checkpoint in "
+                    f"{checkpointer.directory}: the run has not saved one yet.")
             arrays = checkpointer.restore_model_arrays(step)
         flat = {**_flatten(arrays.get("params", {})), **_flatten(arrays.get("rest", {}))}
     else:
         flat = _flatten(read_pytree(os.path.join(path, EXPORT_WEIGHTS)))
     model = spec.build()
     _assign(model, flat, where=path)
-    return model
+    return encoder_of(model) if part == "encoder" else model
 
 
 def newest_step_everywhere(path: str | os.PathLike) -> int | None:
@@ -161,6 +125,9 @@ def read_official(path_or_state_dict) -> tuple[dict[str, np.ndarray], dict]:
     source = path_or_state_dict
     if isinstance(source, str | os.PathLike) and hf.is_hf_checkpoint(source):
         return hf.read_hf(source)
+    if isinstance(source, str | os.PathLike) and source_kind(source) != "official":
+        raise WeightsError(f"{source} is a run directory or a Flax export, not an official "
+                           "checkpoint: load it with mae_jax.load_model.")
     if isinstance(source, str | os.PathLike):
         source = official.safe_torch_load(source)
     state_dict = official.read_state_dict(source)

@@ -95,6 +95,10 @@ def save_official(model: MAE | ViTEncoder, path: str | os.PathLike) -> None:
 
     Written to a temporary file first and renamed, so a failure never leaves half a file.
     """
+    if not isinstance(model, MAE | ViTEncoder):
+        raise TypeError(f"save_official writes an MAE or a ViT encoder, not a "
+                        f"{type(model).__name__}: a classifier goes through mae_jax.classification"
+                        ".transfer.save_official_classifier, a segmenter mae_jax.weights.mmseg.")
     torch = _import_torch()
     # Contiguous copies: safetensors and other writers refuse transposed views (QA).
     state = {key: torch.from_numpy(np.array(v, order="C")) for key, v in
@@ -253,6 +257,7 @@ def load_official(
     """
     state_dict = read_state_dict(path_or_state_dict)
     config = infer_config(state_dict) | dict(known or {})
+    final_norm = config.pop("final_norm", True) and not is_finetuned_classifier(state_dict)
     if variant is not None:
         want = VARIANTS.get(variant)
         if want is None:
@@ -267,17 +272,28 @@ def load_official(
         model = "mae" if has_decoder(state_dict) else "encoder"
     if model not in ("mae", "encoder"):
         raise ValueError(f"model must be 'auto', 'mae' or 'encoder', got {model!r}.")
+    if model == "mae" and not has_decoder(state_dict):
+        raise WeightsError("The checkpoint holds an encoder alone (no decoder_* weights: e.g. "
+                           "mae_pretrain_vit_*.pth, or a fine-tuned classifier): load it with "
+                           "model='encoder'; the official mae_visualize_vit_*.pth files hold "
+                           "the whole MAE.")
     source_grid = None
     if "image_size" in config:  # the file's own size, before the caller's
         source_grid = tuple(size // config["patch_size"] for size in
                             check_image_size(config["image_size"], config["patch_size"]))
     config |= overrides
-    if "image_size" not in config:
-        positions = state_dict["pos_embed"].shape[1] - 1
-        raise WeightsError(
-            f"The position table has {positions} patch positions, not a square grid, and the "
-            "file does not record its image size: give it, as image_size=(height, width) "
-            f"(height x width / patch_size^2 = {positions}).")
+    positions = state_dict["pos_embed"].shape[1] - 1
+    if source_grid is None and round(positions ** 0.5) ** 2 != positions:
+        if "image_size" in config:  # the caller's: the file's own size, or an error
+            grid = [size // config["patch_size"] for size in
+                    check_image_size(config["image_size"], config["patch_size"])]
+            source_grid = tuple(grid) if grid[0] * grid[1] == positions else None
+        if source_grid is None:
+            raise WeightsError(
+                f"The position table has {positions} patch positions, not a square grid, and "
+                "the file does not record its image size: give it, as image_size=(height, "
+                f"width) with height x width / patch_size^2 = {positions} (for another size, "
+                "load it at its own, then mae_jax.weights.load.transfer_encoder).")
     if "num_heads" not in config:
         raise WeightsError(
             f"Width {config['embed_dim']} / depth {config['depth']} is not a named variant, so "
@@ -289,8 +305,8 @@ def load_official(
         for key in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss"):
             config.pop(key, None)
         built = ViTEncoder(**config, rngs=rngs)
-        if is_finetuned_classifier(state_dict):
-            built.norm = None  # models_vit deletes it for global pooling (fc_norm follows the pool)
+        if not final_norm:  # models_vit deletes it for global pooling (fc_norm follows the pool)
+            built.norm = None
         left_out = sorted({key.split(".")[0] for key in state_dict
                            if any(re.search(pattern, key) for pattern in CLASSIFIER_KEYS)})
         if left_out:

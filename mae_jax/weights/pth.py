@@ -89,6 +89,8 @@ def recorded_architecture(model: MAE | ViTEncoder) -> dict:
     file reloads as the model it came from."""
     encoder = model.encoder if isinstance(model, MAE) else model
     out = {"image_size": [int(size) for size in encoder.image_size]}
+    if encoder.norm is None:  # a fine-tuned encoder (QA: it did not reload: "missing norm")
+        out["final_norm"] = False
     if len(encoder.blocks):
         block = encoder.blocks[0]
         out["num_heads"] = int(block.attn.num_heads)
