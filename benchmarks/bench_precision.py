@@ -199,6 +199,8 @@ def main() -> None:
     parser.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
                         help="ViT-B attention (auto: cuDNN on GPU in bf16, XLA elsewhere)")
     args = parser.parse_args()
+    if min(args.images, args.train_steps, args.batch_size) < 1:  # QA: optax's error, 32 s in
+        parser.error("--images, --train_steps and --batch_size must be >= 1")
     print(f"jax {jax.__version__}, {jax.default_backend()} ({platform.processor() or 'cpu'}), "
           f"{jax.device_count()} device(s); {load_average()} at start")
 

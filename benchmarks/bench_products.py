@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from mae_jax.core import hostmem  # noqa: E402
 from mae_jax.models.mae import num_visible  # noqa: E402
+from mae_jax.models.registry import VARIANTS  # noqa: E402
 
 # Operand layouts: "nn" A[m, k] B[k, n]; "nt" A[m, k] B[n, k]; "tn" A[k, m] B[k, n].
 LINEAR_FORMS = {  # pass -> (ours, torch's)
@@ -48,13 +49,16 @@ ATTENTION_FORMS = {"QK^T": "nt", "PV": "nn", "dP = dO V^T": "nt", "dV = P^T dO":
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_tiny_patch16")
+    parser.add_argument("--model", default="vit_tiny_patch16", choices=sorted(VARIANTS))
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument("--calls", type=int, default=5, help="Timed calls per product.")
     parser.add_argument("--frameworks", default="jax,torch")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.frameworks or set(args.frameworks.split(",")) - {"jax", "torch"}:
+        parser.error(f"--frameworks {args.frameworks}: give jax, torch or jax,torch")
+    return args
 
 
 def linear_products(name, count, rows, fan_in, fan_out):

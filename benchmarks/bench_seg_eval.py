@@ -73,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_json", default="")
     args = parser.parse_args(argv)
-    args.scale = tuple(int(v) for v in args.scale.split(","))
+    try:
+        args.scale = tuple(int(v) for v in args.scale.split(","))
+    except ValueError:  # QA: int()'s traceback
+        parser.error(f"--scale {args.scale}: give long,short in pixels, e.g. 2048,512")
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if set(args.paths) - set(PATHS) or not args.paths:
         parser.error(f"--paths must list some of {PATHS}")

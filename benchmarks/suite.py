@@ -1,7 +1,7 @@
 """The benchmark suite: every benchmark of this folder at one preset's sizes in one run, and one
 markdown table of what they measured against the project's speed targets.
 
-    python benchmarks/suite.py                           # CPU preset: ~22-36 minutes on 2 cores
+    python benchmarks/suite.py                           # CPU preset: 18-36 minutes on 2 cores
     python benchmarks/suite.py --preset gpu --out_dir /tmp/suite    # one GPU (gpu_check.sh)
     python benchmarks/suite.py --preset smoke            # tiny sizes: checks the plumbing
     python benchmarks/suite.py --render DIR              # the table again, from DIR's reports
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -205,6 +206,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"{args.preset!r}; its entries: {', '.join(names)}")
     if args.render and not os.path.isfile(os.path.join(args.render, "suite.json")):
         parser.error(f"--render {args.render}: no suite.json there (a suite run's --out_dir)")
+    # Before any entry runs (QA: tracebacks, or every entry skipped).
+    if args.stop_starting_after < 0:
+        parser.error(f"--stop_starting_after {args.stop_starting_after:g}: give seconds >= 0 "
+                     "(0: no limit)")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"--out_dir {args.out_dir} is a file: give a folder (new or a run's)")
+    copy_dir = os.path.dirname(os.path.abspath(args.table_copy)) if args.table_copy else ""
+    if copy_dir and not os.path.isdir(copy_dir):
+        parser.error(f"--table_copy {args.table_copy}: no folder {copy_dir}")
     return args
 
 
@@ -226,11 +236,15 @@ def run_entry(entry: dict, out_dir: str) -> dict:
     if os.path.exists(report):  # an earlier run's, in a reused folder: not this run's result
         os.remove(report)
     with open(os.path.join(out_dir, entry["name"] + ".txt"), "w") as log:
+        # Its own session: a timeout stops the processes the entry started too (QA: a
+        # bench_train_step child ran on, loading the machine under the next entries).
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                   start_new_session=True)
         try:
-            record["returncode"] = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                  env=env, cwd=REPO,
-                                                  timeout=entry["timeout"]).returncode
+            record["returncode"] = process.wait(timeout=entry["timeout"])
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             record["returncode"] = f"timed out after {entry['timeout']} s"
     record.update(seconds=time.perf_counter() - started, load_after=os.getloadavg()[0])
     return record

@@ -159,7 +159,9 @@ def on_device_rows(report: dict) -> list[tuple]:
 
 def seg_train_rows(report: dict) -> list[tuple]:
     rows = report["results"]
-    ours = next(r for r in rows if r["framework"].startswith("jax"))
+    ours = next((r for r in rows if r["framework"].startswith("jax")), None)
+    if ours is None:  # every row failed: the entry's own row says how (QA: a StopIteration row)
+        return []
     torch = next((r for r in rows if r["framework"].startswith("torch")), None)
     on_gpu = _on_gpu(ours["device"])
     setting = (f"{ours['model']}, {ours['image_size']} px, batch {ours['batch']}, "
@@ -221,6 +223,12 @@ ROWS = {"train": train_rows, "input": lambda r: input_rows(r, "input"),
         "seg_train": seg_train_rows, "seg_eval": seg_eval_rows}
 
 
+def _cell(text) -> str:
+    """One table cell: an error's newlines and pipes would split the row (QA: XLA's
+    out-of-memory message is several lines)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def markdown(info: dict, reports: dict[str, dict]) -> str:
     m = info["machine"]
     judged = info["preset"] != "smoke"  # tiny sizes: no target applies
@@ -242,10 +250,10 @@ def markdown(info: dict, reports: dict[str, dict]) -> str:
                 f"{record['seconds']:.0f} s" if "seconds" in record else "")
         if record.get("returncode") != 0:
             errors = (reports.get(name) or {}).get("errors")
-            lines.append(f"| {name} | did not run to the end: {record['returncode']}"
-                         + (f" ({'; '.join(f'{k}: {v[:200]}' for k, v in errors.items())})"
-                            if errors else "")
-                         + f" | `{record['command']}` | - | - | - | - | - | {load} |")
+            failure = f"did not run to the end: {record['returncode']}" + (
+                f" ({'; '.join(f'{k}: {v[:200]}' for k, v in errors.items())})" if errors else "")
+            lines.append(f"| {name} | {_cell(failure)} | `{_cell(record['command'])}` | - | - | "
+                         f"- | - | - | {load} |")
             if name not in reports:  # a failed run's report keeps the rows that ran
                 continue
         try:
@@ -256,7 +264,7 @@ def markdown(info: dict, reports: dict[str, dict]) -> str:
             notes = "; ".join(x for x in (row[-1], load if i == 0 else "") if x)
             if not judged and row[6] != "-":
                 row = (*row[:6], "(smoke sizes)", row[7])
-            lines.append("| " + " | ".join((name, *row[:-1], notes)) + " |")
+            lines.append("| " + " | ".join(_cell(x) for x in (name, *row[:-1], notes)) + " |")
     failed = [r["name"] for r in info["entries"] if r.get("returncode") != 0]
     lines += ["", "Each entry's command, log and JSON report are in the run's folder (suite.json"
               ", <entry>.txt, <entry>.json)." + (f" Did not finish: {', '.join(failed)}."

@@ -5,8 +5,10 @@ smoke preset runs every script and renders one table from their real reports."""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,6 +65,37 @@ def test_a_failed_entry_is_reported_and_later_ones_skipped_past_the_deadline(tmp
         suite.parse_args(["--only", "no_such_entry"])
     with pytest.raises(SystemExit):
         suite.parse_args(["--render", str(tmp_path / "missing")])
+    # Before any entry runs (QA: every entry skipped, or tracebacks at the first save).
+    for argv in (["--stop_starting_after", "-1"], ["--out_dir", str(tmp_path / "suite.md")],
+                 ["--table_copy", str(tmp_path / "none" / "suite.md")]):
+        with pytest.raises(SystemExit):
+            suite.parse_args(argv)
+
+
+def test_a_timed_out_entry_stops_the_processes_it_started(tmp_path):
+    """QA: subprocess.run's timeout killed the entry alone; a child it had started (as
+    bench_train_step starts one per framework) ran on under the next entries."""
+    script = tmp_path / "spawns.py"
+    script.write_text("import subprocess, sys, time\n"
+                      "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                      "time.sleep(60)'])\n"
+                      f"open({str(tmp_path / 'child')!r}, 'w').write(str(child.pid))\n"
+                      "time.sleep(60)\n")
+    entry = suite._entry("spawns", "input", str(script), [], 3)
+    record = suite.run_entry(entry, str(tmp_path))
+    assert record["returncode"] == "timed out after 3 s"
+    pid = int((tmp_path / "child").read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                alive = handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+        except FileNotFoundError:
+            alive = False
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive
 
 
 def _train_report(device, ours_ms, torch_ms, mfu=None, model="vit_base_patch16",
@@ -118,13 +151,23 @@ def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
            "peak_memory_gib": 8.0, "compiled_memory_gib": 7.5, "mfu": None}
     (tmp_path / "train.json").write_text(json.dumps(report))
     (tmp_path / "seg.json").write_text(json.dumps({"results": [seg]}))
+    # QA: a several-line error with a pipe split the row; a report whose every row failed
+    # gave a "report not understood (StopIteration)" row.
+    (tmp_path / "seg_b16.json").write_text(json.dumps({"results": [], "errors": {
+        "jax": "RESOURCE_EXHAUSTED: Out of memory\nBufferAssignment | stats:\n  2 GiB"}}))
     info = {"preset": "gpu", "started_utc": "now", "load_before": [0.0], "machine": {
         "cpu": "x", "cores": 16, "gpu": "NVIDIA H200", "python": "3.12", "commit": "abc1234",
         "versions": {"jax": "0.11.2", "torch": "2.11.0"}}, "entries": [
             {"name": "train", "kind": "train", "command": "c", "returncode": 1},
-            {"name": "seg", "kind": "seg_train", "command": "c", "returncode": 0}]}
+            {"name": "seg", "kind": "seg_train", "command": "c", "returncode": 0},
+            {"name": "seg_b16", "kind": "seg_train", "command": "c", "returncode": 1}]}
     (tmp_path / "suite.json").write_text(json.dumps(info))
     text = suite.render(str(tmp_path))
+    assert ("| seg_b16 | did not run to the end: 1 (jax: RESOURCE_EXHAUSTED: Out of memory "
+            "BufferAssignment \\| stats: 2 GiB) | `c` |") in text
+    assert "not understood" not in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 7 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
     assert ("| train | did not run to the end: 1 (jax: XlaRuntimeError: RESOURCE_EXHAUSTED: out "
             "of memory) |") in text
     assert "| train | MAE train step | vit_base_patch16 224 px, batch 8, bfloat16 | - (failed) " \
@@ -132,7 +175,7 @@ def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
     assert "XLA - TFLOP/step" in text
     assert "| 8.59 GB | - | - | <= 10 GB (2 images, 512 px) | met | peak bytes in use; " \
            "XLA's plan 8.05 GB |" in text
-    assert "Did not finish: train." in text
+    assert "Did not finish: train, seg_b16." in text
     assert "; GPU NVIDIA H200), Python 3.12, jax 0.11.2, torch 2.11.0, at commit abc1234. " in text
 
 
