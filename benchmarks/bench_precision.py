@@ -159,6 +159,9 @@ def held_out_loss(model, images, noise):
     return model(images, noise=noise)[0]
 
 
+DEMO_IMAGES = 2048  # generated 32 px images of the short training run
+
+
 def demo_run(
     dtype, steps: int, batch: int, data: np.ndarray, held_out, seed: int, attention_impl: str
 ) -> dict:
@@ -199,8 +202,9 @@ def main() -> None:
     parser.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
                         help="ViT-B attention (auto: cuDNN on GPU in bf16, XLA elsewhere)")
     args = parser.parse_args()
-    if min(args.images, args.train_steps, args.batch_size) < 1:  # QA: optax's error, 32 s in
-        parser.error("--images, --train_steps and --batch_size must be >= 1")
+    if min(args.images, args.train_steps, args.batch_size) < 1 or args.batch_size > DEMO_IMAGES:
+        parser.error(f"--images and --train_steps must be >= 1, --batch_size in [1, "
+                     f"{DEMO_IMAGES}] (the demo run's images)")  # QA: errors 32 s in
     print(f"jax {jax.__version__}, {jax.default_backend()} ({platform.processor() or 'cpu'}), "
           f"{jax.device_count()} device(s); {load_average()} at start")
 
@@ -218,7 +222,7 @@ def main() -> None:
     print("\n(randomized: every parameter random as tests' torch_mae.randomize_, so that biases,"
           " LayerNorm affines and large block outputs are exercised)")
 
-    data = generated_images(2048, 32, args.seed + 1)
+    data = generated_images(DEMO_IMAGES, 32, args.seed + 1)
     held_images = jnp.asarray(generated_images(256, 32, args.seed + 2))
     held_noise = jax.random.uniform(jax.random.key(args.seed + 3), (256, 64))
     results = {}

@@ -246,6 +246,10 @@ def run_entry(entry: dict, out_dir: str) -> dict:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             record["returncode"] = f"timed out after {entry['timeout']} s"
+        except BaseException:  # Ctrl-C, or the suite's SIGTERM (`stop_on_sigterm`): the entry
+            os.killpg(process.pid, signal.SIGKILL)  # is no longer in the suite's process group
+            process.wait()
+            raise
     record.update(seconds=time.perf_counter() - started, load_after=os.getloadavg()[0])
     return record
 
@@ -359,5 +363,12 @@ def main(argv: list[str] | None = None) -> str:
     return text
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (gpu_check.sh's `timeout 420`) as an exception, so that `run_entry` stops the
+    running entry's processes too: they are in a session of their own (review)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

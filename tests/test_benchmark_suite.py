@@ -81,21 +81,37 @@ def test_a_timed_out_entry_stops_the_processes_it_started(tmp_path):
                       "time.sleep(60)'])\n"
                       f"open({str(tmp_path / 'child')!r}, 'w').write(str(child.pid))\n"
                       "time.sleep(60)\n")
-    entry = suite._entry("spawns", "input", str(script), [], 3)
+    entry = suite._entry("spawns", "input", str(script), [], 8)
     record = suite.run_entry(entry, str(tmp_path))
-    assert record["returncode"] == "timed out after 3 s"
+    assert record["returncode"] == "timed out after 8 s"
+    assert _gone(int((tmp_path / "child").read_text()))
+    # The suite stopped by SIGTERM (gpu_check.sh's `timeout 420`) stops the entry too (review:
+    # in a session of its own, the signal no longer reached it).
+    (tmp_path / "child").unlink()
+    runner = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, "
+                               f"{BENCHMARKS!r}); import suite; suite.stop_on_sigterm(); "
+                               f"suite.run_entry(suite._entry('spawns', 'input', {str(script)!r}, "
+                               f"[], 60), {str(tmp_path)!r})"])
+    deadline = time.time() + 30
+    while not (tmp_path / "child").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    runner.terminate()
+    assert runner.wait(timeout=30) == 128 + 15
     pid = int((tmp_path / "child").read_text())
-    deadline = time.time() + 10
+    assert _gone(pid)
+
+
+def _gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
     while time.time() < deadline:
         try:
             with open(f"/proc/{pid}/stat") as handle:
-                alive = handle.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":  # a zombie is gone
+                    return True
         except FileNotFoundError:
-            alive = False
-        if not alive:
-            break
+            return True
         time.sleep(0.1)
-    assert not alive
+    return False
 
 
 def _train_report(device, ours_ms, torch_ms, mfu=None, model="vit_base_patch16",
@@ -155,19 +171,24 @@ def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
     # gave a "report not understood (StopIteration)" row.
     (tmp_path / "seg_b16.json").write_text(json.dumps({"results": [], "errors": {
         "jax": "RESOURCE_EXHAUSTED: Out of memory\nBufferAssignment | stats:\n  2 GiB"}}))
+    (tmp_path / "seg_torch.json").write_text(json.dumps({"results": [  # PyTorch's row stands
+        seg | {"framework": "torch (transformers BEiT, eager)", "ms_per_step_median": 600.0}]}))
     info = {"preset": "gpu", "started_utc": "now", "load_before": [0.0], "machine": {
         "cpu": "x", "cores": 16, "gpu": "NVIDIA H200", "python": "3.12", "commit": "abc1234",
         "versions": {"jax": "0.11.2", "torch": "2.11.0"}}, "entries": [
             {"name": "train", "kind": "train", "command": "c", "returncode": 1},
             {"name": "seg", "kind": "seg_train", "command": "c", "returncode": 0},
-            {"name": "seg_b16", "kind": "seg_train", "command": "c", "returncode": 1}]}
+            {"name": "seg_b16", "kind": "seg_train", "command": "c", "returncode": 1},
+            {"name": "seg_torch", "kind": "seg_train", "command": "c", "returncode": 1}]}
     (tmp_path / "suite.json").write_text(json.dumps(info))
     text = suite.render(str(tmp_path))
     assert ("| seg_b16 | did not run to the end: 1 (jax: RESOURCE_EXHAUSTED: Out of memory "
             "BufferAssignment \\| stats: 2 GiB) | `c` |") in text
     assert "not understood" not in text
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(table) == 7 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
+    assert ("| seg_torch | segmentation train step | vit_base_patch16 + UPerNet (768 ch), 512 px, "
+            "batch 2, bfloat16 | - (failed) | 600.0 ms (transformers BEiT) |") in text
+    assert len(table) == 9 and all(len(re.findall(r"(?<!\\)\|", line)) == 10 for line in table)
     assert ("| train | did not run to the end: 1 (jax: XlaRuntimeError: RESOURCE_EXHAUSTED: out "
             "of memory) |") in text
     assert "| train | MAE train step | vit_base_patch16 224 px, batch 8, bfloat16 | - (failed) " \
@@ -175,7 +196,7 @@ def test_a_failed_entry_keeps_the_rows_its_report_holds(tmp_path):
     assert "XLA - TFLOP/step" in text
     assert "| 8.59 GB | - | - | <= 10 GB (2 images, 512 px) | met | peak bytes in use; " \
            "XLA's plan 8.05 GB |" in text
-    assert "Did not finish: train, seg_b16." in text
+    assert "Did not finish: train, seg_b16, seg_torch." in text
     assert "; GPU NVIDIA H200), Python 3.12, jax 0.11.2, torch 2.11.0, at commit abc1234. " in text
 
 

@@ -468,7 +468,11 @@ def test_an_undecodable_tfds_training_record_takes_another_example_of_its_batch(
         batch = next(images.create_train_iterator(**common))
     np.testing.assert_array_equal(batch["image"],
                                   np.broadcast_to(IMAGENET_MEAN_UINT8, batch["image"].shape))
-    assert "No example of a batch of tfds:mae_jax_tiny_gray" in caplog.text
+    assert caplog.text.count("No example of a batch of tfds:mae_jax_tiny_gray split 'train' "
+                             "decodes: its "
+                             f"{len(batch['image'])} slot(s) are the mean colour") == 1
+    assert "its slot is the mean colour" in caplog.text
+    assert "filled by another example" not in caplog.text  # review: it said so for these too
 
 
 def test_fixed_images_are_spread_over_a_class_sorted_folder(tmp_path):

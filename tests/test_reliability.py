@@ -643,7 +643,7 @@ def test_any_checkpoint_of_a_run_is_a_weights_source(finished_run):
     with pytest.raises(FileNotFoundError, match=r"No finished checkpoint of step 5 .* holds "
                        r"\[2, 4, 6\]"):
         load_model(finished_run, step=5)
-    with pytest.raises(ValueError, match="step=6: .* is checkpoint 4 of its run"):
+    with pytest.raises(ValueError, match="step=6: .*checkpoints/4 is checkpoint 4 of its run"):
         load_model(chosen, step=6)
     with pytest.raises(ValueError, match="model.json: model='bogus' only for official"):
         load_model(finished_run, model="bogus")

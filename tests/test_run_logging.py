@@ -214,3 +214,27 @@ def test_a_nan_or_inf_value_is_written_as_json_null(tmp_path):
     with open(path) as handle:
         assert json.load(handle, parse_constant=pytest.fail) == {
             "mIoU": None, "per_class": {"a": {"IoU": None}}}
+
+
+def test_an_evaluation_of_another_step_split_or_unreadable_is_kept_by_eval_only(tmp_path,
+                                                                                capsys):
+    """eval_only in a run's workdir (review of the QA fix): the same evaluation is replaced; one
+    of another step or split, or a file it cannot read (a torn copy of the run's own), is set
+    aside, each under its own name even within one second; training runs replace it."""
+    path = tmp_path / run_logging.RESULTS_FILE
+    own = {"top1": 50.0, "step": 6, "split": "val"}
+
+    def write(results, keep_other=True):
+        run_logging.write_results(str(tmp_path), results, keep_other=keep_other)
+        return sorted(p.name for p in tmp_path.glob("eval_results.replaced-*"))
+
+    assert write(own) == [] and json.loads(path.read_text()) == own  # nothing there before
+    assert write(own | {"top1": 51.0}) == []  # the same step and split: replaced
+    kept = write(own | {"split": "train"})
+    assert len(kept) == 1 and json.loads((tmp_path / kept[0]).read_text())["top1"] == 51.0
+    assert "held the evaluation of step 6 (val split); kept as" in capsys.readouterr().out
+    path.write_text('{"top1": 5')  # torn
+    assert len(write(own)) == 2  # the second within the same second keeps its own name
+    assert "held an evaluation it could not read; kept as" in capsys.readouterr().out
+    assert len(write(own | {"step": 8}, keep_other=False)) == 2  # training: replaced
+    assert json.loads(path.read_text())["step"] == 8

@@ -62,17 +62,20 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
 
 def write_results(workdir: str, results: Mapping[str, Any], *, keep_other: bool) -> None:
     """`workdir/eval_results.json` := `results`; keep_other (eval_only): another step's or split's
-    evaluation there is set aside first (QA: it replaced a training run's own, without a word)."""
+    evaluation there, or one unreadable, is set aside first (QA: it replaced a run's own)."""
     path, key = os.path.join(workdir, RESULTS_FILE), ("step", "split")
-    try:
-        with open(path) as handle:
-            earlier = json.load(handle) if keep_other else None
-    except (OSError, ValueError):
-        earlier = None
-    if isinstance(earlier, dict) and [earlier.get(k) for k in key] != [results.get(k) for k in key]:
-        split = f" ({earlier['split']} split)" if earlier.get("split") else ""
-        print(f"Note: {path} held the evaluation of step {earlier.get('step')}{split}; kept as "
-              f"{set_aside(path)}.", flush=True)
+    if keep_other and os.path.exists(path):
+        try:
+            with open(path) as handle:
+                earlier = json.load(handle)
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or [earlier.get(k) for k in key] != [results.get(k)
+                                                                              for k in key]:
+            what = (f"the evaluation of step {earlier.get('step')}" + (
+                f" ({earlier['split']} split)" if earlier.get("split") else "")
+                if isinstance(earlier, dict) else "an evaluation it could not read")
+            print(f"Note: {path} held {what}; kept as {set_aside(path)}.", flush=True)
     write_json(path, results)
 
 
@@ -136,11 +139,8 @@ def tile_images(images: np.ndarray) -> np.ndarray:
     n, h, w, c = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), images.dtype)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    return grid
+    padded = np.concatenate([images, np.zeros((rows * cols - n, h, w, c), images.dtype)])
+    return padded.reshape(rows, cols, h, w, c).swapaxes(1, 2).reshape(rows * h, cols * w, c)
 
 
 class RunLogger:

@@ -48,7 +48,11 @@ def set_aside(path: str) -> str:
     """Renames `path` to `<name>.replaced-<time><ext>` beside it (kept, never deleted) and
     returns the new path."""
     root, ext = os.path.splitext(path)
-    kept = f"{root}.replaced-{time.strftime('%Y%m%dT%H%M%S')}{ext}"
+    stamp = f"{root}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+    kept, count = f"{stamp}{ext}", 1
+    while os.path.exists(kept):  # another set aside within the second (review)
+        count += 1
+        kept = f"{stamp}-{count}{ext}"
     os.replace(path, kept)
     return kept
 

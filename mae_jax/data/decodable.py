@@ -86,20 +86,24 @@ class Batches:
                 "the data is broken as a whole, not a file or two. Check how it was written.")
 
     def _report(self, attempts, failed):
+        mean_slots = 0  # TFDS training: slots of a batch of which no example decoded
         for tries, names in zip(attempts, failed, strict=True):
             if not tries:
                 continue
+            mean = tries > len(names)  # `decoded` marks such a slot with one try too many
+            mean_slots += mean
             for name in (n.decode() for n in names[:tries]):
                 if name not in self.undecodable:
                     self.undecodable.add(name)
                     logger.warning("%s %s (%s): %s; %d such file(s) so far.", self.kind,
-                                   name, self.what, self.outcome, len(self.undecodable))
+                                   name, self.what, "its slot is the mean colour" if mean
+                                   else self.outcome, len(self.undecodable))
             if tries == len(names) and len(names) > 1:
                 logger.warning("None of %d files tried for one example of %s decodes: the "
                                "example is the mean colour. Check the data.", tries, self.what)
-            elif tries > len(names):  # a TFDS batch of which no example decodes
-                logger.warning("No example of a batch of %s decodes: the slot is the mean "
-                               "colour. Check the data.", self.what)
+        if mean_slots:  # once a batch (review: once a slot, after "filled by another example")
+            logger.warning("No example of a batch of %s decodes: its %d slot(s) are the mean "
+                           "colour. Check the data.", self.what, mean_slots)
 
 
 def _tries(shard: sources.Shard, replacements: int) -> int:

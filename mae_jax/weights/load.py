@@ -45,9 +45,9 @@ def load_model(
     export, model="encoder" alone (its encoder).
     """
     kind = source_kind(path)
-    path, named = run_checkpoint(path)
+    given, (path, named) = path, run_checkpoint(path)
     if step is not None and (kind != "run" or named not in (None, step)):
-        raise ValueError(f"step={step}: {path} is " + (
+        raise ValueError(f"step={step}: {given} is " + (
             f"checkpoint {named} of its run; give the run directory with step=, or that "
             "checkpoint's folder alone" if kind == "run" else "one set of weights (steps are a "
             "run directory's checkpoints)") + ".")  # QA: it was ignored without a word
@@ -55,12 +55,12 @@ def load_model(
     if kind == "official":
         return load_official(path, **overrides)
     part = overrides.pop("model", None)
-    if overrides or part not in (None, "encoder"):
+    refused = sorted(overrides) + ([f"model={part!r}"] if part not in (None, "encoder") else [])
+    if refused:
         raise ValueError(
-            f"{path} records its architecture in model.json: "
-            f"{', '.join(sorted(overrides)) or f'model={part!r}'} only for official checkpoint "
-            "files (model='encoder' gives its encoder; mae_jax.weights.load.transfer_encoder "
-            "copies it into an encoder of another image size).")
+            f"{path} records its architecture in model.json: {', '.join(refused)} only for "
+            "official checkpoint files (model='encoder' gives its encoder; mae_jax.weights.load"
+            ".transfer_encoder copies it into an encoder of another image size).")
     spec = ModelSpec.load(path)
     if kind == "run":
         with Checkpointer(path, async_save=False) as checkpointer:

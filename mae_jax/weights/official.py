@@ -288,6 +288,9 @@ def load_official(
             grid = [size // config["patch_size"] for size in
                     check_image_size(config["image_size"], config["patch_size"])]
             source_grid = tuple(grid) if grid[0] * grid[1] == positions else None
+            if source_grid is not None:  # (review: a transposed size would load as well)
+                logger.warning("The file does not record its image size: its %d positions are "
+                               "read as the %d x %d grid of image_size.", positions, *grid)
         if source_grid is None:
             raise WeightsError(
                 f"The position table has {positions} patch positions, not a square grid, and "
