@@ -68,10 +68,11 @@ def figure_rows(parts: dict[str, jax.Array], *, min_height: int = 96) -> np.ndar
     return rows.reshape(-1, *rows.shape[2:])
 
 
-def load_images(paths: list[str], size: tuple[int, int]) -> np.ndarray:
+def load_images(paths: list[str], size: int | tuple[int, int]) -> np.ndarray:
     """Image files (any format PIL reads) -> normalised float32 [N, H, W, 3] (resize + crop)."""
     from PIL import Image
 
+    size = (size, size) if isinstance(size, int) else tuple(size)  # QA: an int was a TypeError
     out = []
     for path in paths:
         try:

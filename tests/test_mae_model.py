@@ -373,6 +373,16 @@ def test_a_fine_tuned_encoder_reloads_and_misuse_is_named(tmp_path):
             save(classifier, tmp_path / "classifier")
     with pytest.raises(TypeError, match="got uint8: .*normalize_uint8"):
         back(images.astype(jnp.uint8))
+    with pytest.raises(ValueError, match=r"got \(0, 32, 64, 3\)"):  # was a ZeroDivisionError
+        back(images[:0])
+    mae = tiny_mae()
+    shape = (1, mae.encoder.image_size[0], mae.encoder.image_size[1], 3)
+    noise = np.random.default_rng(1).uniform(size=(1, mae.encoder.num_patches))
+    pixels = jnp.zeros(shape, jnp.float32)
+    np.testing.assert_array_equal(mae(pixels, noise=noise.tolist())[0],  # a list: was an error
+                                  mae(pixels, noise=jnp.asarray(noise))[0])
+    with pytest.raises(ValueError, match="static_argnames"):
+        jax.jit(lambda r: mae.loss(pixels, rng=jax.random.key(0), mask_ratio=r))(0.75)
 
 
 class _RunsCode:

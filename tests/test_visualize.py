@@ -124,3 +124,4 @@ def test_a_16_bit_png_reads_as_the_training_pipeline_reads_it(tmp_path):
     shown = load_images([str(path)], (32, 32))[0] * np.asarray(IMAGENET_STD) + np.asarray(
         IMAGENET_MEAN)
     np.testing.assert_allclose(shown * 255, trained_on, atol=1e-3)
+    np.testing.assert_array_equal(load_images([str(path)], 32), load_images([str(path)], (32, 32)))

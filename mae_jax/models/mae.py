@@ -284,7 +284,7 @@ class MAE(nnx.Module):
         self.encoder.check_images(images)
         if (noise is None) == (rng is None):
             raise ValueError("Pass exactly one of noise=[N, L] array or rng=PRNG key.")
-        return self.make_noise(rng, images.shape[0]) if noise is None else noise
+        return self.make_noise(rng, images.shape[0]) if noise is None else jnp.asarray(noise)
 
     def forward(
         self,

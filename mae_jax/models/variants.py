@@ -52,5 +52,7 @@ def check_mask_ratio(mask_ratio: float) -> None:
     without JAX)."""
     if not isinstance(mask_ratio, int | float) or not 0.0 < float(mask_ratio) < 1.0:
         raise ValueError(
-            f"mask_ratio must be a Python float strictly between 0 and 1, got {mask_ratio!r}."
+            f"mask_ratio must be a Python float strictly between 0 and 1, got {mask_ratio!r}"
+            + (" (under jit, pass it as a static argument: static_argnames=('mask_ratio',))."
+               if hasattr(mask_ratio, "aval") else ".")
         )

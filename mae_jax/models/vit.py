@@ -224,7 +224,7 @@ class ViTEncoder(nnx.Module):
                 f"{images.dtype}: mae_jax.data.constants.normalize_uint8 turns uint8 pixels "
                 "into the model's input.")
         expected = (*self.image_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected or not images.shape[0]:
             raise ValueError(
                 f"Expected images of shape [N, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"(float, channels-last), got {tuple(images.shape)}. Resize the images, or build "
