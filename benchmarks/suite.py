@@ -353,8 +353,9 @@ def render(out_dir: str) -> str:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.list:
-        for entry in PRESETS[args.preset]:
-            print(f"{entry['name']}: {entry['script']} {' '.join(entry['args'])}")
+        for entry in PRESETS[args.preset]:  # --only's, if given (QA: all of them)
+            if entry["name"] in (args.only or [entry["name"]]):
+                print(f"{entry['name']}: {entry['script']} {' '.join(entry['args'])}")
         return ""
     out_dir = args.render or run(args)
     text = render(out_dir)

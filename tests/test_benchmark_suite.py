@@ -34,7 +34,7 @@ def test_every_entry_is_a_command_its_script_accepts(preset):
 
 
 def test_a_failed_entry_is_reported_and_later_ones_skipped_past_the_deadline(tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, capsys):
     bad = suite._entry("bad_input", "input", "bench_input.py", ["--images", "1"], 60)
     late = suite._entry("late", "input", "bench_input.py", ["--images", "1"], 60)
     monkeypatch.setitem(suite.PRESETS, "smoke", [bad, late])
@@ -65,6 +65,9 @@ def test_a_failed_entry_is_reported_and_later_ones_skipped_past_the_deadline(tmp
         suite.parse_args(["--only", "no_such_entry"])
     with pytest.raises(SystemExit):
         suite.parse_args(["--render", str(tmp_path / "missing")])
+    capsys.readouterr()
+    suite.main(["--preset", "smoke", "--list", "--only", "late"])  # QA: --only was ignored
+    assert capsys.readouterr().out == "late: bench_input.py --images 1\n"
     # Before any entry runs (QA: every entry skipped, or tracebacks at the first save).
     for argv in (["--stop_starting_after", "-1"], ["--out_dir", str(tmp_path / "suite.md")],
                  ["--table_copy", str(tmp_path / "none" / "suite.md")]):
