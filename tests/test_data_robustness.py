@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mae_jax.core.errors import BadDataError
 from mae_jax.data import images, sources
 from mae_jax.data.constants import IMAGENET_MEAN_UINT8
 
@@ -62,9 +63,15 @@ def test_a_block_where_nothing_decodes_gives_the_mean_colour_and_says_so(tmp_pat
             source=f"folder:{tmp_path}", image_size=SIZE, global_batch_size=2, seed=0,
             process_index=0, process_count=1)
         batch = next(batches)["image"]
+        for _ in range(3):
+            next(batches)
     assert batch.shape == (2, SIZE, SIZE, 3)
     np.testing.assert_array_equal(batch, np.broadcast_to(IMAGENET_MEAN_UINT8, batch.shape))
     assert "Check the data" in caplog.text and len(batches.undecodable) == 3
+    assert caplog.text.count("None of 10 files tried") == 1  # QA: a line an example, 1,600
+    # The fixed pictures: one clear error, no traceback (QA: a plain ValueError).
+    with pytest.raises(BadDataError, match=r"None of \[.*bad0.jpg.*\] decodes .*check the data"):
+        images.load_fixed_images(source=f"folder:{tmp_path}", image_size=SIZE, count=2)
 
 
 def test_pictures_and_evaluation_skip_undecodable_files(folder_with_bad_files, caplog):

@@ -143,8 +143,10 @@ def test_same_parameters_on_1_2_and_4_devices_and_after_moving_to_1(tmp_path, ca
 
     with sigterm_after_step(3):  # a real SIGTERM after step 3, as a pre-empted job gets
         config.mesh.update(data=data, fsdp=fsdp)
-        assert pretrain_lib.train_and_evaluate(
-            config, many, devices=jax.devices()[: data * fsdp])["step"] == 3
+        stopped = pretrain_lib.train_and_evaluate(config, many,
+                                                  devices=jax.devices()[: data * fsdp])
+        # The loss shown is step 2's, the last log step, and named so (QA: beside "step 3").
+        assert (stopped["step"], stopped["metrics_of_step"]) == (3, 2) and "loss" in stopped
         close = functools.partial(
             jax.tree_util.tree_map_with_path,
             lambda path, a, b: np.testing.assert_allclose(

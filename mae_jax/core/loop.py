@@ -127,8 +127,9 @@ class StepProfiler:
 class LoopResult:
     state: TrainState
     step: int  # the last step done
-    metrics: dict[str, float]  # the last logged training metrics
+    metrics: dict[str, float]  # the last logged training metrics ...
     preempted: bool  # stopped early on SIGTERM / Ctrl-C (a checkpoint was saved)
+    metrics_step: int | None = None  # ... of this step (before `step` when stopped early)
 
 
 def run_loop(
@@ -159,6 +160,7 @@ def run_loop(
     step = start_step
     last_saved = start_step if start_step > 0 else None  # never cite a checkpoint not written
     last_metrics: dict[str, float] = {}
+    metrics_step = None
     preempted = False
     input_seconds = 0.0  # waiting for batches since the last log step
     preemption.record_stop(None)
@@ -201,6 +203,7 @@ def run_loop(
                 if log_now:
                     check_finite(step)
                     last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    metrics_step = step
                     broken = getattr(batches, "broken", None)  # decodable.Batches
                     waited, waiting, broken_anywhere = slowest_input(input_seconds,
                                                                      broken is not None)
@@ -247,4 +250,5 @@ def run_loop(
             preemption.record_stop(step)
             print(f"Stopped after step {step} on request (its checkpoint is saved); re-run the "
                   "same command to finish (the export, the loss curve).", flush=True)
-    return LoopResult(state=state, step=step, metrics=last_metrics, preempted=preempted)
+    return LoopResult(state=state, step=step, metrics=last_metrics, preempted=preempted,
+                      metrics_step=metrics_step)

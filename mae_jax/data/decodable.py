@@ -52,6 +52,7 @@ class Batches:
         self.num_batches = num_batches
         self.undecodable: set[str] = set()
         self._seen = self._failed = 0  # examples, and those whose own file failed
+        self._said_none = False  # "None of N files tried ...": once (QA: 1,600 lines)
         # Set once most examples failed; the training loop stops every process on it at its
         # next log step (`loop.slowest_input`: one process stopping alone would leave the
         # others waiting in the step).
@@ -98,9 +99,11 @@ class Batches:
                     logger.warning("%s %s (%s): %s; %d such file(s) so far.", self.kind,
                                    name, self.what, "its slot is the mean colour" if mean
                                    else self.outcome, len(self.undecodable))
-            if tries == len(names) and len(names) > 1:
+            if tries == len(names) and len(names) > 1 and not self._said_none:
+                self._said_none = True
                 logger.warning("None of %d files tried for one example of %s decodes: the "
-                               "example is the mean colour. Check the data.", tries, self.what)
+                               "example is the mean colour (said once). Check the data.",
+                               tries, self.what)
         if mean_slots:  # once a batch (review: once a slot, after "filled by another example")
             logger.warning("No example of a batch of %s decodes: its %d slot(s) are the mean "
                            "colour. Check the data.", self.what, mean_slots)

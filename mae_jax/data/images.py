@@ -279,7 +279,8 @@ def load_fixed_images(*, source: str, image_size: int, count: int, data_dir: str
     for tried, _, names in results:
         names = [n.decode() for n in names]
         if tried == tries:
-            raise ValueError(f"none of {names} decodes; check the data of {source}")
+            raise BadDataError(f"None of {names} decodes (files tried for one of the fixed "
+                               f"pictures): check the data of {source}.")  # QA: a traceback
         for bad in names[:tried]:
             logger.warning("Undecodable image %s: the fixed pictures use %s instead.", bad,
                            names[tried])

@@ -169,8 +169,11 @@ def train_and_evaluate(
             hooks=tuple(hooks),
             metadata_fn=lambda step: {"step": step, "images_seen": step * config.batch_size},
         )
-        out: dict[str, Any] = {"total_steps": total_steps, "step": result.step,
-                               **result.metrics}
+        # The metrics of the last log step, named as such when the run stopped after it (QA:
+        # "step 65" beside step 50's loss).
+        out: dict[str, Any] = {"total_steps": total_steps, "step": result.step, **(
+            {"metrics_of_step": result.metrics_step} if result.metrics and
+            result.metrics_step != result.step else {}), **result.metrics}
         # ------------------------------------------------------------- Export
         if result.step >= total_steps and not result.preempted:  # else the re-run does it
             if config.export_encoder:
