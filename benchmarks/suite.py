@@ -243,13 +243,11 @@ def run_entry(entry: dict, out_dir: str) -> dict:
         try:
             record["returncode"] = process.wait(timeout=entry["timeout"])
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             record["returncode"] = f"timed out after {entry['timeout']} s"
-        except BaseException:  # Ctrl-C, or the suite's SIGTERM (`stop_on_sigterm`): the entry
-            os.killpg(process.pid, signal.SIGKILL)  # is no longer in the suite's process group
-            process.wait()
-            raise
+        finally:  # also on Ctrl-C or the suite's SIGTERM (`stop_on_sigterm`): the entry is
+            if process.poll() is None:  # no longer in the suite's process group
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     record.update(seconds=time.perf_counter() - started, load_after=os.getloadavg()[0])
     return record
 

@@ -63,15 +63,15 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
 def write_results(workdir: str, results: Mapping[str, Any], *, keep_other: bool) -> None:
     """`workdir/eval_results.json` := `results`; keep_other (eval_only): another step's or split's
     evaluation there, or one unreadable, is set aside first (QA: it replaced a run's own)."""
-    path, key = os.path.join(workdir, RESULTS_FILE), ("step", "split")
+    path = os.path.join(workdir, RESULTS_FILE)
     if keep_other and os.path.exists(path):
         try:
             with open(path) as handle:
                 earlier = json.load(handle)
         except (OSError, ValueError):
             earlier = None
-        if not isinstance(earlier, dict) or [earlier.get(k) for k in key] != [results.get(k)
-                                                                              for k in key]:
+        if not isinstance(earlier, dict) or any(earlier.get(k) != results.get(k)
+                                                for k in ("step", "split")):
             what = (f"the evaluation of step {earlier.get('step')}" + (
                 f" ({earlier['split']} split)" if earlier.get("split") else "")
                 if isinstance(earlier, dict) else "an evaluation it could not read")

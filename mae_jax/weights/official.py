@@ -277,18 +277,19 @@ def load_official(
                            "mae_pretrain_vit_*.pth, or a fine-tuned classifier): load it with "
                            "model='encoder'; the official mae_visualize_vit_*.pth files hold "
                            "the whole MAE.")
-    source_grid = None
-    if "image_size" in config:  # the file's own size, before the caller's
-        source_grid = tuple(size // config["patch_size"] for size in
-                            check_image_size(config["image_size"], config["patch_size"]))
+    def grid_of(image_size) -> tuple[int, int]:
+        return tuple(size // config["patch_size"] for size in
+                     check_image_size(image_size, config["patch_size"]))
+
+    # The file's own size, before the caller's.
+    source_grid = grid_of(config["image_size"]) if "image_size" in config else None
     config |= overrides
     positions = state_dict["pos_embed"].shape[1] - 1
     if source_grid is None and round(positions ** 0.5) ** 2 != positions:
         if "image_size" in config:  # the caller's: the file's own size, or an error
-            grid = [size // config["patch_size"] for size in
-                    check_image_size(config["image_size"], config["patch_size"])]
-            source_grid = tuple(grid) if grid[0] * grid[1] == positions else None
-            if source_grid is not None:  # (review: a transposed size would load as well)
+            grid = grid_of(config["image_size"])
+            if grid[0] * grid[1] == positions:  # (review: a transposed size would load too)
+                source_grid = grid
                 logger.warning("The file does not record its image size: its %d positions are "
                                "read as the %d x %d grid of image_size.", positions, *grid)
         if source_grid is None:
