@@ -21,6 +21,7 @@ from PIL import Image
 
 from mae_jax.core import config as core_config
 from mae_jax.core import loop
+from mae_jax.core.errors import WeightsError
 from mae_jax.core.run_logging import read_metrics
 from mae_jax.pretrain import lib as pretrain_lib
 from mae_jax.pretrain.config import check_config
@@ -69,6 +70,10 @@ def test_short_run_on_generated_folder_leaves_checkpoints_figures_and_exports(tm
     jax.tree.map(np.testing.assert_array_equal,
                  jax.tree.map(np.asarray, nnx.state(flax_export, nnx.Param).to_pure_dict()),
                  trained)
+    # The export folder itself is neither: the error names what in it loads, .pth included
+    # (QA: it named the Flax export only).
+    with pytest.raises(WeightsError, match=r"Here: .*encoder\.pth, .*_flax, .*mae_full\.pth\."):
+        load_model(str(tmp_path / "export"))
 
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from mae_jax.core.workdir import set_aside
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "eval_results.json"  # the newest evaluation (classification, segmentation)
+_SAID: set[tuple[str, int, str]] = set()  # (path, number, text): lines read_metrics warned of
 # What a run writes into its workdir as it goes: a fresh start sets an earlier run's aside.
 RUN_OUTPUTS = (METRICS_FILE, RESULTS_FILE, "images", "tensorboard", "loss_curve.png")
 # Waiting for batches more than this share of the wall time: the run says it is input-bound.
@@ -100,8 +100,7 @@ def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dic
     A resume from step S writes a line of kind "resume": the lines before it past step S came
     from a run that stopped before its next checkpoint (killed), whose steps after S were
     redone, so they are left out (kept in the file). A line that is not a JSON record with a
-    step (e.g. torn by a crash or a full disk) is skipped with a warning naming the file and
-    line.
+    step (e.g. torn by a crash or a full disk) is skipped with a warning (once) naming it.
     """
     path = os.path.join(workdir, METRICS_FILE)
     by_step: dict[int, dict[str, Any]] = {}
@@ -114,9 +113,10 @@ def read_metrics(workdir: str | os.PathLike, *, kind: str = "train") -> list[dic
                     record = json.loads(line)
                     step = int(record["step"])
                 except (ValueError, KeyError, TypeError):
-                    message = f"Skipping unreadable line {number} of {path}: {line[:80]!r}"
-                    print(f"WARNING: {message}", flush=True)
-                    warnings.warn(message, stacklevel=2)
+                    if (path, number, line.rstrip("\n")) not in _SAID:  # once, every read
+                        _SAID.add((path, number, line.rstrip("\n")))
+                        print(f"WARNING: Skipping unreadable line {number} of {path}: "
+                              f"{line[:80]!r}", flush=True)
                     continue
                 if record.get("kind") == "resume":  # the steps after it were redone
                     by_step = {s: r for s, r in by_step.items() if s <= step}

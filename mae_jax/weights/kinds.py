@@ -44,8 +44,9 @@ def source_kind(path: str | os.PathLike) -> str:
     if os.path.isdir(path):
         if hf.is_hf_checkpoint(path):
             return "official"
-        inside = sorted(name for name in os.listdir(path)
-                        if os.path.exists(os.path.join(path, name, MODEL_JSON)))
+        inside = sorted(name for name in os.listdir(path)  # what `<run>/export` holds
+                        if os.path.exists(os.path.join(path, name, MODEL_JSON))
+                        or name.endswith(".pth") and os.path.isfile(os.path.join(path, name)))
         raise WeightsError(
             f"{path} is a directory but neither a run directory (model.json + checkpoints/), "
             "a Flax export (model.json + weights/) nor a Hugging Face ViTMAE folder "
