@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -315,6 +316,34 @@ def test_input_broken_as_a_whole_stops_the_run_at_its_next_log_step(tmp_path):
     with pytest.raises(BadDataError, match="30 of the first 32 examples of x"):
         run_fake_loop(tmp_path, first_bad_step=100, batches=batches)  # logs every 4 steps
     assert batches.served == 4
+
+
+def test_a_failed_background_write_stops_the_run_at_its_next_log_step(tmp_path, monkeypatch):
+    """QA: a checkpoint write that failed in orbax's background thread (not a full disk: the
+    log goes on) was learnt of only at the next save, the training between lost. The loop now
+    looks at log steps (every process together), here step 4 of saves at 3 and 6."""
+    failed = threading.Event()
+
+    def write_fails(step_dir):
+        failed.set()
+        raise OSError(errno.EIO, "Input/output error", step_dir)
+
+    def batches():
+        while True:
+            if len(served) == 3:  # step 4's batch, once orbax has given up on checkpoint 3
+                assert failed.wait(timeout=60)
+                while any(t.name == "save_finalize" for t in threading.enumerate()):
+                    time.sleep(0.01)
+            served.append(1)
+            yield {"x": np.zeros((1, 2), np.float32)}
+
+    served = []
+    monkeypatch.setattr(integrity, "write_checksums", write_fails)
+    with pytest.raises(CheckpointWriteError, match="Could not write checkpoint 3 .*Input/out"):
+        run_fake_loop(tmp_path, first_bad_step=100, save_every_steps=3, batches=batches())
+    assert len(served) == 4  # steps 1 to 4
+    monkeypatch.undo()
+    assert Checkpointer(tmp_path).all_steps() == []
 
 
 def test_a_run_that_diverges_before_any_checkpoint_cites_none(tmp_path):

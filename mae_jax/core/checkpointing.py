@@ -266,6 +266,14 @@ class Checkpointer:
         with ocp.PyTreeCheckpointer() as checkpointer:
             return leaf_shapes(checkpointer.metadata(path).item_metadata.tree)
 
+    def check(self) -> None:
+        """Raises CheckpointWriteError if a background save has failed, without waiting for one
+        in progress (microseconds): a run learns of a failed write at its next log step, not
+        at its next checkpoint."""
+        if not self._manager.is_saving_in_progress():  # nothing to wait for: raises a
+            with integrity.WriteErrors(self):  # finished save's error, if any
+                self._manager.wait_until_finished()
+
     def wait(self) -> None:
         """Blocks until background saves have finished; raises CheckpointWriteError if one
         failed (once: the manager forgets the error after raising it)."""

@@ -212,6 +212,7 @@ def run_loop(
                                            "training data broken as a whole (its log names "
                                            "files): check the data.")
                     with failing_together(f"writing the log of step {step}"):  # process 0
+                        checkpointer.check()  # a failed background write stops the run now
                         logger.log_train(step, last_metrics, input_seconds=waited,
                                          input_process=waiting)
                     input_seconds = 0.0
