@@ -43,7 +43,7 @@ def test_imagenet_finetune_configs_carry_the_official_per_model_values(size):
     assert (config.label_smoothing, config.mixup, config.cutmix, config.mixup_switch_prob,
             config.reprob, config.data.randaugment) == (0.1, 0.8, 1.0, 0.5, 0.25,
                                                         "rand-m9-mstd0.5-inc1")
-    assert config.data.crop_scale == (0.08, 1.0)
+    assert config.data.crop_scale == (0.08, 1.0) and config.data.crop_style == "torchvision"
     check_config(config, task="finetune", num_devices=8, num_processes=1)
     # The evaluation's resize (util/datasets.py build_transform): crop_pct 224/256 up to
     # 224 px, 1.0 above (ViT-H's 448 px fine-tune: the input size, nothing cropped away).
@@ -64,7 +64,12 @@ def test_imagenet_linprobe_configs_carry_the_official_recipe(size):
         16384, 0.1, 90, 10.0, 0.0, 0.9, 0.001)
     assert config.batch_size // config.grad_accum_steps == 1024  # accumulated micro-batches
     assert config.data.randaugment == "" and config.model.drop_path_rate == 0.0
+    # main_linprobe.py crops with MAE's util/crop.py, not torchvision's (a QA audit).
+    assert config.data.crop_style == "clipped" and config.data.crop_scale == (0.08, 1.0)
     check_config(config, task="linprobe", num_devices=8, num_processes=1)
+    config.data.crop_style = "byol"
+    with pytest.raises(ValueError, match="data.crop_style 'byol' must be one of torchvision, cl"):
+        check_config(config, task="linprobe", num_devices=8, num_processes=1)
 
 
 def test_unknown_config_arguments_are_refused():

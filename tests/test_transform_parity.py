@@ -97,6 +97,22 @@ def torchvision_get_params(height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
     return i, j, h, w
 
 
+def mae_get_params(height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """MAE's util/crop.py RandomResizedCrop.get_params (the official linear probe's), verbatim
+    but for `img` -> sizes: one draw, width and height clipped to the image's."""
+    area = height * width
+    target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+    log_ratio = torch.log(torch.tensor(ratio))
+    aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    w = min(w, width)
+    h = min(h, height)
+    i = torch.randint(0, height - h + 1, size=(1,)).item()
+    j = torch.randint(0, width - w + 1, size=(1,)).item()
+    return i, j, h, w
+
+
 def _ks(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest distance between the two CDFs."""
     a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
@@ -110,41 +126,48 @@ CROP_SAMPLES = 8000
 
 @pytest.fixture(scope="module")
 def torchvision_boxes():
-    """{(height, width): int [CROP_SAMPLES, 4] torchvision boxes}, torch's RNG seeded."""
+    """{(style, (height, width)): int [CROP_SAMPLES, 4] boxes of torchvision's get_params
+    ("torchvision") or MAE's util/crop.py ("clipped")}, torch's RNG seeded."""
     torch.manual_seed(0)
-    return {shape: np.array([torchvision_get_params(*shape) for _ in range(CROP_SAMPLES)])
+    return {(style, shape): np.array([get_params(*shape) for _ in range(CROP_SAMPLES)])
+            for style, get_params in [("torchvision", torchvision_get_params),
+                                      ("clipped", mae_get_params)]
             for shape in [(37, 100), (90, 64)]}
 
 
-def _tf_boxes(height, width, count):
+def _tf_boxes(height, width, count, clipped=False):
     seeds = tf.stack([tf.range(count, dtype=tf.int64), tf.fill([count], tf.constant(5, tf.int64))],
                      axis=1)
     ds = tf.data.Dataset.from_tensor_slices(seeds)
-    ds = ds.map(lambda s: tf.stack(image_ops.crop_box(s, height, width))).batch(count)
-    return next(iter(ds)).numpy()
+    ds = ds.map(lambda s: tf.stack(image_ops.crop_box(s, height, width, clipped=clipped)))
+    return next(iter(ds.batch(count))).numpy()
 
 
-def _jax_boxes(height, width, count):
+def _jax_boxes(height, width, count, clipped=False):
     keys = jax.random.split(jax.random.key(3), count)
-    return np.asarray(jax.jit(on_device.random_params, static_argnums=(1, 2))(
-        keys, height, width)[0])
+    return np.asarray(jax.jit(on_device.random_params, static_argnums=(1, 2, 3, 4))(
+        keys, height, width, on_device.CROP_SCALE, clipped)[0])
 
 
 @pytest.mark.parametrize("shape", [(37, 100), (90, 64)])
 @pytest.mark.parametrize("sampler", ["tf", "jax"])
-def test_crop_box_distribution_matches_torchvision(torchvision_boxes, shape, sampler):
+@pytest.mark.parametrize("style", ["torchvision", "clipped"])
+def test_crop_box_distribution_matches_torchvision(torchvision_boxes, shape, sampler, style):
     """image_ops.crop_box (tf.data) and on_device.crop_box (JAX) vs torchvision's get_params on
     non-square images, 8000 boxes each. (37, 100) is wider than 4/3: ~7% of draws exhaust the
     10 tries and take the centre fallback; (90, 64) is taller than wide, fallback-free.
+    style "clipped" (the linear probe's) vs MAE's util/crop.py: one draw, clipped to the image.
 
     Pins: KS statistic < 0.03 (the 0.001 critical value for 8000 vs 8000 is 0.031; measured
     <= 0.024; a uniform instead of log-uniform ratio would give ~0.05) for the area fraction,
     log aspect ratio, top / (H - h) and left / (W - w); fallback frequency within 0.02 of
     torchvision's (5 standard deviations; measured 7.2% / 7.1% vs 7.1%); boxes inside the image.
+    The two styles' boxes differ beyond that (KS > 0.1 on (37, 100)).
     """
     height, width = shape
-    theirs = torchvision_boxes[shape]
-    ours = (_tf_boxes if sampler == "tf" else _jax_boxes)(height, width, CROP_SAMPLES)
+    theirs = torchvision_boxes[style, shape]
+    ours = (_tf_boxes if sampler == "tf" else _jax_boxes)(height, width, CROP_SAMPLES,
+                                                          clipped=style == "clipped")
     assert (ours[:, :2] >= 0).all() and (ours[:, 2:] > 0).all()
     assert (ours[:, 0] + ours[:, 2] <= height).all() and (ours[:, 1] + ours[:, 3] <= width).all()
 
@@ -160,6 +183,12 @@ def test_crop_box_distribution_matches_torchvision(torchvision_boxes, shape, sam
     ours_f, theirs_f = features(ours), features(theirs)
     for name in ours_f:
         assert _ks(ours_f[name], theirs_f[name]) < 0.03, name
+    if shape == (37, 100):  # the other style's boxes are told apart
+        other = features(torchvision_boxes[
+            {"torchvision": "clipped", "clipped": "torchvision"}[style], shape])
+        assert max(_ks(ours_f[name], other[name]) for name in ours_f) > 0.1
+    if style == "clipped":
+        return
     fallback = np.array(torchvision_get_params(1, 1000))  # only fallbacks: (0, 499, 1, 1)
     assert tuple(fallback) == (0, 499, 1, 1)
     center = {(37, 100): (0, 25, 37, 49), (90, 64): None}[shape]

@@ -21,6 +21,12 @@ FINETUNE_RECIPES = {
                          "num_epochs": 50},
 }
 TASKS = ("linprobe", "finetune")
+# RandomResizedCrop's box draws: "torchvision" (up to 10 draws of area and aspect, the first
+# that fits the image, else a centre crop: MAE's pretraining and fine-tuning) or "clipped"
+# (MAE's util/crop.py, after BYOL's TF code, its linear probe's: one draw, the width and height
+# clipped to the image's, so a large draw is kept, cut to the image, where torchvision draws
+# again: at scale (0.08, 1) on 500 x 375 images the mean crop is 0.52 of the image, not 0.43).
+CROP_STYLES = ("torchvision", "clipped")
 
 
 def defaults(task: str) -> ml_collections.ConfigDict:
@@ -55,6 +61,8 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     config.data.eval_split = "validation"  # tfds:cifar100 has "test"; folders use "val".
     config.data.shuffle_buffer_size = 50_000  # TFDS records held for shuffling (folders: all).
     config.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop scale (torchvision's default).
+    # How RandomResizedCrop draws its box (CROP_STYLES): the official probe's util/crop.py.
+    config.data.crop_style = "clipped" if probe else "torchvision"
     # timm RandAugment policy ("" = off): fine-tuning uses rand-m9-mstd0.5-inc1.
     config.data.randaugment = "" if probe else "rand-m9-mstd0.5-inc1"
     # Eval: resize the shorter side to image_size / ratio, centre crop. 0 (fine-tuning): the
@@ -185,6 +193,9 @@ def check_config(config: ml_collections.ConfigDict, *, task: str, num_devices: i
             0 < config.data.crop_scale[0] <= config.data.crop_scale[-1] <= 1):
         problems.append(f"data.crop_scale {tuple(config.data.crop_scale)} must be (low, high) "
                         "with 0 < low <= high <= 1")
+    if config.data.crop_style not in CROP_STYLES:
+        problems.append(f"data.crop_style {config.data.crop_style!r} must be one of "
+                        f"{', '.join(CROP_STYLES)}")
     if not 0 <= config.data.resize_ratio <= 1:
         problems.append(f"data.resize_ratio {config.data.resize_ratio} must be in (0, 1] (0: "
                         "the official fine-tuning rule for the image size)")

@@ -195,7 +195,8 @@ def train_batches(config, options: dict, mesh, start_step: int, in_device_memory
         return OnDeviceIterator(
             images, labels=labels, mesh=mesh, image_size=config.model.image_size,
             global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-            crop_scale=tuple(config.data.crop_scale), randaugment=config.data.randaugment)
+            crop_scale=tuple(config.data.crop_scale), randaugment=config.data.randaugment,
+            crop_clipped=config.data.crop_style == "clipped")
     batches = data.create_train_iterator(
         **options,
         split=config.data.train_split,
@@ -205,6 +206,7 @@ def train_batches(config, options: dict, mesh, start_step: int, in_device_memory
         start_step=start_step,
         shuffle_buffer_size=config.data.shuffle_buffer_size,
         crop_scale=tuple(config.data.crop_scale),
+        crop_clipped=config.data.crop_style == "clipped",
         with_labels=True,
         randaugment=config.data.randaugment or None,
         device_resize_canvas=config.data.device_resize_canvas,

@@ -28,8 +28,11 @@ _JPEG_EDGE = 2
 _BLOCK = 8
 
 
-def crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, scale=(0.2, 1.0)):
-    """torchvision RandomResizedCrop.get_params, with all tries drawn at once (stateless).
+def crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, scale=(0.2, 1.0),
+             clipped: bool = False):
+    """torchvision RandomResizedCrop.get_params, with all tries drawn at once (stateless);
+    clipped=True: MAE's util/crop.py (its linear probe's): the first try, its width and height
+    clipped to the image's (`mae_jax.classification.config.CROP_STYLES`).
 
     Returns (top, left, crop_height, crop_width) as int32 scalars.
     """
@@ -43,6 +46,8 @@ def crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, scale=(0.2, 1
     # tf.round and Python's round both round half to even.
     crop_w = tf.round(tf.sqrt(area * aspect))
     crop_h = tf.round(tf.sqrt(area / aspect))
+    if clipped:  # then every try fits and the first is taken
+        crop_w, crop_h = tf.clip_by_value(crop_w, 1.0, w), tf.clip_by_value(crop_h, 1.0, h)
     valid = (crop_w > 0) & (crop_w <= w) & (crop_h > 0) & (crop_h <= h)
     # torch.randint(0, h - crop_h + 1) as a floor of a uniform draw.
     top = tf.floor(tf.random.stateless_uniform([CROP_TRIES], seeds[2]) * (h - crop_h + 1))
@@ -78,7 +83,8 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     )
 
 
-def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)):
+def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0),
+                       clipped: bool = False):
     """Image bytes -> (pixels, left, width): a RandomResizedCrop window (before resizing) is
     columns left .. left+width-1 of pixels, [h, W, 3] uint8.
 
@@ -88,14 +94,14 @@ def decode_random_crop(encoded: tf.Tensor, seed: tf.Tensor, scale=(0.2, 1.0)):
     """
     def jpeg():
         shape = tf.image.extract_jpeg_shape(encoded)
-        top, left, height, width = crop_box(seed, shape[0], shape[1], scale)
+        top, left, height, width = crop_box(seed, shape[0], shape[1], scale, clipped)
         wide, before = _decode_jpeg_window(encoded, shape, top, left, height, width)
         return wide, before, width
 
     def other():
         image = _decode_other(encoded)
         shape = tf.shape(image)
-        top, left, height, width = crop_box(seed, shape[0], shape[1], scale)
+        top, left, height, width = crop_box(seed, shape[0], shape[1], scale, clipped)
         return image[top:top + height], left, width
 
     pixels, left, width = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
@@ -220,13 +226,13 @@ def resize_bicubic(image: tf.Tensor, size, window=None, columns=None) -> tf.Tens
 
 
 def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
-                        scale=(0.2, 1.0)) -> tf.Tensor:
+                        scale=(0.2, 1.0), clipped: bool = False) -> tf.Tensor:
     """RandomResizedCrop(image_size, scale, bicubic) + horizontal flip (p 0.5) of image bytes.
 
     Returns [image_size, image_size, 3] uint8.
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    pixels, left, width = decode_random_crop(encoded, crop_seed, scale)
+    pixels, left, width = decode_random_crop(encoded, crop_seed, scale, clipped)
     image = resize_bicubic(pixels, (image_size, image_size), columns=(left, width))
     # Flipping after the resize equals flipping before: the kernel is symmetric. (tf.reverse:
     # a negative-stride slice copies byte by byte, ~1 ms a 224 px image.)
@@ -235,7 +241,7 @@ def random_resized_crop(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
 
 
 def random_crop_window(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, canvas: int,
-                       scale=(0.2, 1.0)) -> dict[str, tf.Tensor]:
+                       scale=(0.2, 1.0), clipped: bool = False) -> dict[str, tf.Tensor]:
     """`random_resized_crop` with the resize and flip left to the accelerator.
 
     Decodes the same crop window (same seed, same box): {"canvas": uint8 [h, w, 3] with h, w
@@ -247,7 +253,7 @@ def random_crop_window(encoded: tf.Tensor, seed: tf.Tensor, image_size: int, can
     whole image_size square, which the device resize leaves unchanged), so no crop is cut.
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    pixels, left, width = decode_random_crop(encoded, crop_seed, scale)
+    pixels, left, width = decode_random_crop(encoded, crop_seed, scale, clipped)
     shape = tf.shape(pixels)
 
     def resized_here():

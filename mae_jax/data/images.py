@@ -89,16 +89,17 @@ def create_train_iterator(
     shuffle_buffer_size: int = 50_000, crop_scale=CROP_SCALE, with_labels: bool = False,
     randaugment: str | None = None, process_index: int | None = None,
     process_count: int | None = None, center_crop: bool = False, threads: int | None = None,
-    device_resize_canvas: int = 0,
+    device_resize_canvas: int = 0, crop_clipped: bool = False,
 ) -> Batches:
     """Infinite, resumable iterator of {"image": uint8 [B, S, S, 3], "label": int32 [B] (only
     with_labels)}, B = global_batch_size // process_count, S = image_size.
 
     Per example: RandomResizedCrop(S, scale=crop_scale, ratio (3/4, 4/3), bicubic) + horizontal
-    flip, then RandAugment on the uint8 crop when `randaugment` is a timm string such as
-    "rand-m9-mstd0.5-inc1" (the official fine-tuning order; normalising and random erasing
-    happen on device). center_crop=True replaces crop and flip by resize + center crop (no
-    randomness). `start_step=k` yields what a fresh iterator yields from its k-th batch on.
+    flip (crop_clipped: the linear probe's boxes, `image_ops.crop_box`), then RandAugment on
+    the uint8 crop when `randaugment` is a timm string such as "rand-m9-mstd0.5-inc1" (the
+    official fine-tuning order; normalising and random erasing happen on device).
+    center_crop=True replaces crop and flip by resize + center crop (no randomness).
+    `start_step=k` yields what a fresh iterator yields from its k-th batch on.
     threads: size of a private tf.data thread pool (None: TF's shared one, all cores).
     `shuffle_buffer_size` bounds the per-epoch shuffle of TFDS records; a folder's listing is
     fully permuted every epoch (`stream.shuffled_stream`).
@@ -139,11 +140,13 @@ def create_train_iterator(
         crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         if device_resize_canvas:
             window = image_ops.random_crop_window(encoded, crop_seed, image_size,
-                                                  device_resize_canvas, (low, high))
+                                                  device_resize_canvas, (low, high),
+                                                  crop_clipped)
             if augment_layers is not None:  # the draws here, the ops on the devices
                 window.update(layer_program(augment_seed, image_size, **augment_layers))
             return window
-        image = image_ops.random_resized_crop(encoded, crop_seed, image_size, (low, high))
+        image = image_ops.random_resized_crop(encoded, crop_seed, image_size, (low, high),
+                                              crop_clipped)
         if augment_layers is not None:
             image = randaugment_lib.rand_augment(image, augment_seed, **augment_layers)
         return image

@@ -99,8 +99,10 @@ class ExampleSchedule:
 # ------------------------------------------------------------------ Device: augmentation
 
 
-def crop_box(key: jax.Array, height: int, width: int, scale=CROP_SCALE) -> jax.Array:
-    """torchvision RandomResizedCrop.get_params with all tries drawn at once.
+def crop_box(key: jax.Array, height: int, width: int, scale=CROP_SCALE,
+             clipped: bool = False) -> jax.Array:
+    """torchvision RandomResizedCrop.get_params with all tries drawn at once; clipped=True:
+    MAE's util/crop.py (`mae_jax.data.image_ops.crop_box`).
 
     Returns int32 [4]: (top, left, crop_height, crop_width).
     """
@@ -112,6 +114,8 @@ def crop_box(key: jax.Array, height: int, width: int, scale=CROP_SCALE) -> jax.A
     # jnp.round and Python's round (torchvision) both round half to even.
     crop_w = jnp.round(jnp.sqrt(area * aspect))
     crop_h = jnp.round(jnp.sqrt(area / aspect))
+    if clipped:  # then every try fits and the first is taken
+        crop_w, crop_h = jnp.clip(crop_w, 1, width), jnp.clip(crop_h, 1, height)
     valid = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
     # torch.randint(0, n + 1) as floor(u * (n + 1)); the clamp guards float32 rounding of u ~ 1.
     top_u, left_u = (jax.random.uniform(k, (CROP_TRIES,)) for k in (top_key, left_key))
@@ -136,19 +140,19 @@ def example_key(seed: int, ids: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, ids[2]), ids[3])
 
 
-def random_params(keys: jax.Array, height: int, width: int,
-                  scale=CROP_SCALE) -> tuple[jax.Array, jax.Array]:
+def random_params(keys: jax.Array, height: int, width: int, scale=CROP_SCALE,
+                  clipped: bool = False) -> tuple[jax.Array, jax.Array]:
     """keys: [B] -> (crop boxes int32 [B, 4] (top, left, height, width), flips bool [B]);
-    `scale`: RandomResizedCrop's area range."""
+    `scale`: RandomResizedCrop's area range; clipped: `crop_box`'s."""
     crop_keys, flip_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    boxes = jax.vmap(lambda key: crop_box(key, height, width, scale))(crop_keys)
+    boxes = jax.vmap(lambda key: crop_box(key, height, width, scale, clipped))(crop_keys)
     return boxes, jax.vmap(jax.random.uniform)(flip_keys) < 0.5  # RandomHorizontalFlip(0.5)
 
 
 @functools.lru_cache(maxsize=16)  # a resumed or repeated iterator reuses the compiled function
 def make_batch_fn(mesh: Mesh, *, seed: int, image_size: int, augment: bool = True,
                   dtype: str = "uint8", crop_scale: tuple[float, float] = CROP_SCALE,
-                  randaugment: bool = False):
+                  randaugment: bool = False, crop_clipped: bool = False):
     """jitted (dataset [N, H, W, 3] replicated, ids int32 [B, 4] batch-sharded) -> images
     [B, S, S, 3] batch-sharded: uint8, or ImageNet-normalised float32 of the same uint8 values.
     randaugment=True: two more batch-sharded arguments, ra_code int32 [B, L] and ra_args
@@ -161,7 +165,7 @@ def make_batch_fn(mesh: Mesh, *, seed: int, image_size: int, augment: bool = Tru
         images = jnp.take(dataset, ids[:, 0], axis=0)
         if augment:
             keys = jax.vmap(lambda row: example_key(seed, row))(ids)
-            boxes, flips = random_params(keys, *dataset.shape[1:3], crop_scale)
+            boxes, flips = random_params(keys, *dataset.shape[1:3], crop_scale, crop_clipped)
             images = resized_crop(images, boxes, flips, image_size)
         else:
             images = center_resize(images, image_size)
@@ -202,7 +206,8 @@ class OnDeviceIterator:
     uses its shard p, p + P, ...). dtype "uint8" (normalise in the step) or "float32"
     (ImageNet-normalised here, what a step without normalisation expects). crop_scale:
     RandomResizedCrop's area range (MAE pretraining's (0.2, 1); torchvision's default
-    (0.08, 1) for the linear probe and fine-tuning).
+    (0.08, 1) for the linear probe and fine-tuning); crop_clipped: the linear probe's boxes
+    (`crop_box`).
 
     For classification: labels, int [N], adds "label" (this process's int32 [B_local], numpy;
     the loop makes it global); randaugment, a timm string such as "rand-m9-mstd0.5-inc1", adds
@@ -214,7 +219,8 @@ class OnDeviceIterator:
     def __init__(self, images: np.ndarray, *, mesh: Mesh, image_size: int,
                  global_batch_size: int, seed: int, start_step: int = 0, augment: bool = True,
                  dtype: str = "uint8", labels: np.ndarray | None = None,
-                 crop_scale: tuple[float, float] = CROP_SCALE, randaugment: str = ""):
+                 crop_scale: tuple[float, float] = CROP_SCALE, randaugment: str = "",
+                 crop_clipped: bool = False):
         check_images(images)
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}.")
@@ -252,7 +258,8 @@ class OnDeviceIterator:
         self.dataset_bytes_per_device = images.nbytes
         self.batch_fn = make_batch_fn(mesh, seed=seed, image_size=image_size, augment=augment,
                                       dtype=dtype, crop_scale=tuple(crop_scale),
-                                      randaugment=self.randaugment is not None)
+                                      randaugment=self.randaugment is not None,
+                                      crop_clipped=crop_clipped)
         self.image_size, self.step = image_size, start_step
 
     def __iter__(self) -> OnDeviceIterator:
