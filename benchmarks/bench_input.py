@@ -47,8 +47,9 @@ import numpy as np
 BATCH = 64
 SIZE = 224
 # The crop: MAE pretraining's (scale 0.2-1; a 512 px canvas holds every window of a 500 x 375
-# image) or, with --probe, the linear probe's (scale 0.08-1; a 384 px canvas, 14% of the
-# windows wider: resized on the host). Worker processes read the choice from the environment.
+# image) or, with --probe, the linear probe's (scale 0.08-1, MAE's util/crop.py boxes: one
+# draw clipped to the image; a 384 px canvas, 22% of the windows wider: resized on the host).
+# Worker processes read the choice from the environment.
 PROBE = os.environ.get("BENCH_INPUT_PROBE") == "1"
 CROP_SCALE = (0.08, 1.0) if PROBE else (0.2, 1.0)
 CANVAS = 384 if PROBE else 512  # device_resize_canvas
@@ -123,7 +124,7 @@ def worker_ours(folder: str, cores: list[int], seconds: float, canvas: int = 0,
     batches = images.create_train_iterator(
         source=f"folder:{folder}", image_size=SIZE, global_batch_size=BATCH, seed=0,
         process_index=0, process_count=1, threads=len(cores), device_resize_canvas=canvas,
-        **{"crop_scale": CROP_SCALE, **options})
+        **{"crop_scale": CROP_SCALE, "crop_clipped": PROBE, **options})
     return _measure(lambda: next(batches)["canvas" if canvas else "image"], seconds)
 
 
@@ -196,7 +197,7 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     rng = random.Random(cores[0])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    get_params = crop_sampler(rng, CROP_SCALE)
+    get_params = crop_sampler(rng, CROP_SCALE, clipped=PROBE)  # main_linprobe.py: util/crop.py
 
     def transform(path):
         with open(path, "rb") as handle:  # torchvision's pil_loader
@@ -222,16 +223,19 @@ def worker_official(folder: str, cores: list[int], seconds: float) -> dict:
     return _measure(next_batch, seconds)
 
 
-def crop_sampler(rng, scale):
+def crop_sampler(rng, scale, clipped=False):
     """torchvision's RandomResizedCrop.get_params (ratio 3/4-4/3) drawing from Python's `rng`:
-    (width, height) -> (top, left, h, w); the whole image after 10 misses."""
+    (width, height) -> (top, left, h, w); the whole image after 10 misses. clipped: MAE's
+    util/crop.py (the linear probe's): one draw, its width and height clipped to the image."""
     import math
 
     def get_params(width, height):
-        for _ in range(10):
+        for _ in range(1 if clipped else 10):
             target = width * height * rng.uniform(*scale)
             ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+            if clipped:
+                w, h = min(w, width), min(h, height)
             if 0 < w <= width and 0 < h <= height:
                 return rng.randint(0, height - h), rng.randint(0, width - w), h, w
         return 0, 0, height, width

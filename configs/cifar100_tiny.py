@@ -2,7 +2,9 @@ r"""The seed run: MAE ViT-Tiny pretraining on CIFAR-100 train at 224x224.
 
 ViT-Tiny encoder (width 192, depth 12, 3 heads, patch 16), decoder 512/8/16, mask ratio 0.75,
 base lr 1.5e-4 (peak lr = 1.5e-4 * 256 / 256), batch 256, 2000 epochs (the loss curve flattens
-after ~1500), 40 warmup epochs, AdamW (0.9, 0.95), wd 0.05, raw-pixel target.
+after ~1500), 40 warmup epochs, AdamW (0.9, 0.95), wd 0.05, raw-pixel target. The seed write-up's
+"1500 / 2000 迭代次数" may mean epochs (read so here, ~390k steps) or steps; for the latter add
+--config.num_epochs=0 --config.total_steps=2000 --config.warmup_steps=100.
 
     python train.py --config=configs/cifar100_tiny.py --workdir=runs/cifar100_tiny
     # decoder ablation (paper Table 1a/b), e.g.:

@@ -2,8 +2,9 @@ r"""Official MAE pretraining recipe on ImageNet-1K: 800 epochs, effective batch 
 
 norm_pix_loss, mask 0.75, base lr 1.5e-4 (peak 2.4e-3), 40 warmup epochs, AdamW (0.9, 0.95),
 wd 0.05, bfloat16 compute. The argument picks the encoder (`variant=base`, the default, `large` or
-`huge`) and may add the decoder ablation (`decoder_depth=N,decoder_width=W`). The paper reports
-83.6 / 85.9 / 86.9 top-1 after fine-tuning and 68.0 / 75.8 linear probing (ViT-B / L / H).
+`huge`) and may add the decoder ablation (`decoder_depth=N,decoder_width=W`). The paper's
+83.6 / 85.9 / 86.9 top-1 after fine-tuning and 68.0 / 75.8 linear probing (ViT-B / L / H) come
+from 1600 epochs of pretraining (`--config.num_epochs=1600`); 800 give somewhat less.
 Needs the ImageNet TFDS data prepared by hand (`imagenet2012`, manual download).
 
     python train.py --config=configs/imagenet_pretrain.py:variant=large \

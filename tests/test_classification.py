@@ -333,6 +333,7 @@ def test_finetune_on_the_devices_resumes_exactly_after_a_kill(textures, tmp_path
     ({"data.on_device": "yes"}, "data.on_device must be one of auto, always, never"),
     ({"data.on_device": "always", "seed": -1}, "must be >= 0 for the on-device input"),
     ({"batch_size": 99, "grad_accum_steps": 3}, "must be even"),
+    ({"mixup_batch": 1}, "mixup_batch 1 must be 0 .the micro-batch. or >= 2"),
     ({"data.device_resize_canvas": 8}, r"must be 0 \(resize on the host\) or an int >= "),
     ({"data.crop_scale": (0.0, 1.0)}, "crop_scale"),
     ({"layer_decay": 1.5}, "layer_decay"),

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from conftest import load_config_file, one_worker, set_fields
 
 from mae_jax.classification import finetune, linprobe
-from mae_jax.classification.config import check_config, resolve_resize_ratio
+from mae_jax.classification.config import check_config, mixup_group, resolve_resize_ratio
 from mae_jax.core import run as run_lib
 from mae_jax.core.checkpointing import Checkpointer
 
@@ -43,6 +43,14 @@ def test_imagenet_finetune_configs_carry_the_official_per_model_values(size):
     assert (config.label_smoothing, config.mixup, config.cutmix, config.mixup_switch_prob,
             config.reprob, config.data.randaugment) == (0.1, 0.8, 1.0, 0.5, 0.25,
                                                         "rand-m9-mstd0.5-inc1")
+    assert config.mixup_batch == 32  # mixed per GPU batch of 32 (FINETUNE.md: 32 x 32 GPUs)
+    # Other micro-batches: the fewest equal even runs of at most 32 images.
+    assert [mixup_group(b, 32) for b in (1024, 96, 48, 100, 34, 30)] == [32, 32, 24, 20, 2, 30]
+    assert mixup_group(1024, 0) == 1024
+    # Runs never span devices: each device's rows, as the official mixes each GPU's batch (a
+    # review: 96 images on 4 devices in runs of 32 all-gathered the batch on every device).
+    assert [mixup_group(96, 32, 4), mixup_group(1024, 32, 8), mixup_group(24, 8, 4)] == [24, 32, 6]
+    assert mixup_group(96, 32, 32) == 32  # 3 rows a device: runs of the micro-batch instead
     assert config.data.crop_scale == (0.08, 1.0) and config.data.crop_style == "torchvision"
     check_config(config, task="finetune", num_devices=8, num_processes=1)
     # The evaluation's resize (util/datasets.py build_transform): crop_pct 224/256 up to
@@ -135,3 +143,26 @@ def test_each_script_refuses_the_other_ones_config_with_exit_status_2(script, co
     assert result.returncode == entry.EXIT_BAD_INPUT, result.stderr[-2000:]
     other = "finetune.py" if script == "linprobe.py" else "linprobe.py"
     assert f"python {other}" in result.stderr + result.stdout
+
+
+def test_the_probes_crop_style_reaches_both_input_paths(monkeypatch):
+    """The wiring of data.crop_style: the linear probe's boxes are MAE's util/crop.py ones
+    (clipped) on the host (tf.data) and on the devices; fine-tuning's torchvision's."""
+    from mae_jax.classification import lib
+    from mae_jax.classification.config import defaults
+    from mae_jax.data import images as data
+
+    class Seen(Exception):
+        pass
+
+    def fake(*args, **options):
+        raise Seen(options)
+
+    monkeypatch.setattr(data, "create_train_iterator", fake)
+    monkeypatch.setattr(lib, "OnDeviceIterator", fake)
+    in_memory = (np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int32))
+    for task, clipped in (("linprobe", True), ("finetune", False)):
+        for on_device in (None, in_memory):
+            with pytest.raises(Seen) as seen:
+                lib.train_batches(defaults(task), {}, None, 0, on_device)
+            assert seen.value.args[0]["crop_clipped"] is clipped, (task, on_device)

@@ -181,6 +181,68 @@ def test_jitted_mixup_cutmix_follows_timm_batch_mode_for_either_method():
     np.testing.assert_allclose(targets, timm_smooth_one_hot(y, K, 0.1), atol=1e-7)
 
 
+def test_groups_mix_like_the_official_per_gpu_batches():
+    """group=G (config.mixup_batch, the official per-GPU batch 32): each run of G images is a
+    batch of its own, as each GPU's DataLoader batch is in main_finetune.py: its own lam, and
+    its images paired with that run reversed (a recipe audit: one lam for all 1024 images)."""
+    b, g = 12, 4
+    images = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, 2, 2, 1))
+    labels = jnp.arange(b)
+    grouped = jax.jit(mx.mixup_cutmix, static_argnames=("num_classes", "mixup_alpha",
+                                                       "cutmix_alpha", "group"))
+    out, targets = grouped(images, labels, jax.random.key(4), num_classes=b, cutmix_alpha=0.0,
+                           label_smoothing=0.0, group=g)
+    out, targets = np.asarray(out)[:, 0, 0, 0], np.asarray(targets)
+    partner = np.arange(b).reshape(-1, g)[:, ::-1].reshape(-1)  # i paired within its run
+    lam = targets[np.arange(b), np.arange(b)]
+    np.testing.assert_allclose(targets[np.arange(b), partner], 1 - lam, atol=1e-6)
+    np.testing.assert_allclose(out, lam * np.arange(b) + (1 - lam) * partner, atol=1e-5)
+    per_group = lam.reshape(-1, g)
+    np.testing.assert_allclose(per_group, per_group[:, :1].repeat(g, 1), atol=1e-6)
+    assert len(np.unique(per_group[:, 0].round(6))) == b // g  # a lam for each run
+    whole, _ = grouped(images, labels, jax.random.key(4), num_classes=b, cutmix_alpha=0.0,
+                       label_smoothing=0.0, group=0)  # one batch: paired with all reversed
+    lam0 = float((np.asarray(whole)[0, 0, 0, 0] - (b - 1)) / (0 - (b - 1)))
+    np.testing.assert_allclose(np.asarray(whole)[:, 0, 0, 0],
+                               lam0 * np.arange(b) + (1 - lam0) * np.arange(b)[::-1], atol=1e-5)
+    # CutMix in each run: a box of the run's partner image, lam its share of the pixels.
+    cut, cut_targets = grouped(images[:, :1, :1].repeat(8, 1).repeat(8, 2), labels,
+                               jax.random.key(5), num_classes=b, cutmix_alpha=1.0,
+                               mixup_alpha=0.0, label_smoothing=0.0, group=g)
+    cut, cut_targets = np.asarray(cut)[..., 0].reshape(b, -1), np.asarray(cut_targets)
+    kept = (cut == np.arange(b)[:, None]).mean(1)
+    assert ((cut == np.arange(b)[:, None]) | (cut == partner[:, None])).all()
+    np.testing.assert_allclose(cut_targets[np.arange(b), np.arange(b)], kept, atol=1e-6)
+    assert (kept.reshape(-1, g) == kept.reshape(-1, g)[:, :1]).all()  # one box a run
+    for group in (5, 7):  # runs must be even and divide the batch
+        with pytest.raises(ValueError, match=f"groups of {group} images must be even and div"):
+            mx.mixup_cutmix(images, labels, jax.random.key(0), num_classes=b, group=group)
+
+
+def test_fine_tuning_mixes_each_devices_rows_in_runs_of_mixup_batch(monkeypatch):
+    """The wiring: finetune.make_loss_fn hands `mixup_group` of its batch, its devices and
+    config.mixup_batch to mixup_cutmix."""
+    import ml_collections
+
+    from mae_jax.classification import finetune
+
+    seen = []
+
+    def mixing(images, labels, key, **options):
+        seen.append(options["group"])
+        raise StopIteration
+
+    monkeypatch.setattr(finetune, "mixup_cutmix", mixing)
+    config = ml_collections.ConfigDict(dict(mixup=0.8, cutmix=1.0, mixup_switch_prob=0.5,
+                                            mixup_prob=1.0, label_smoothing=0.1, reprob=0.0,
+                                            mixup_batch=32))
+    batch = {"image": jnp.zeros((96, 4, 4, 3), jnp.uint8), "label": jnp.zeros(96, jnp.int32)}
+    for devices, group in ((1, 32), (4, 24)):
+        with pytest.raises(StopIteration):
+            finetune.make_loss_fn(config, K, devices)(None, batch, jax.random.key(0))
+        assert seen.pop() == group
+
+
 def test_odd_batches_and_integer_images_are_rejected():
     images, labels = _batch(b=5)
     with pytest.raises(ValueError, match="even"):

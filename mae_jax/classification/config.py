@@ -110,6 +110,9 @@ def defaults(task: str) -> ml_collections.ConfigDict:
         config.cutmix = 1.0  # CutMix alpha; 0 disables.
         config.mixup_prob = 1.0  # Probability of mixing a batch at all.
         config.mixup_switch_prob = 0.5  # Probability of CutMix when both are on.
+        # Images per draw at most (`mixup_group`): the official code mixes each GPU's batch of
+        # 32 on its own (its own lam, method and box, its images paired); 0 = the micro-batch.
+        config.mixup_batch = 32
         config.reprob = 0.25  # Random erasing probability per image ...
         config.remode = "pixel"  # ... fill: pixel | rand | const ...
         config.recount = 1  # ... boxes per image.
@@ -228,6 +231,20 @@ def _check_generated(data, problems: list[str]) -> None:
                         f"{data.generated_classes} (one training image per class)")
 
 
+def mixup_group(batch: int, most: int, devices: int = 1) -> int:
+    """Images per Mixup / CutMix draw in a micro-batch of `batch` (even) split over `devices`:
+    each device's rows in the fewest equal runs of an even number of images, at most `most`
+    (0: the whole micro-batch); 96 -> 32, 48 -> 24. Runs never span devices (whose rows are
+    even), so the mixing needs no communication."""
+    rows = batch // devices if batch % devices == 0 and batch // devices % 2 == 0 else batch
+    if most < 2 or most >= rows or rows % 2:  # (an odd batch: mixup_cutmix refuses it)
+        return batch if most <= 0 or rows % 2 else rows
+    count = -(-rows // most)
+    while rows % count or rows // count % 2:
+        count += 1  # ends by rows / 2 runs of 2 images
+    return rows // count
+
+
 def _check_finetune(config, problems: list[str]) -> None:
     if not 0 < config.layer_decay <= 1:
         problems.append(f"layer_decay {config.layer_decay} must be in (0, 1]")
@@ -236,6 +253,8 @@ def _check_finetune(config, problems: list[str]) -> None:
     if config.mixup < 0 or config.cutmix < 0:
         problems.append(f"mixup {config.mixup} and cutmix {config.cutmix} must be >= 0")
     micro_batch = config.batch_size // max(config.grad_accum_steps, 1)
+    if config.mixup_batch < 0 or config.mixup_batch == 1:
+        problems.append(f"mixup_batch {config.mixup_batch} must be 0 (the micro-batch) or >= 2")
     if (config.mixup > 0 or config.cutmix > 0) and micro_batch % 2:
         problems.append(
             f"mixup / cutmix pair each image with the batch reversed: the micro-batch "

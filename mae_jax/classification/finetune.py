@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from mae_jax.classification import lib
+from mae_jax.classification.config import mixup_group
 from mae_jax.classification.erasing import random_erasing
 from mae_jax.classification.mixup import (
     label_smoothing_cross_entropy,
@@ -44,8 +45,11 @@ def create_tx(config, params, schedule) -> optax.GradientTransformation:
     )
 
 
-def make_loss_fn(config, num_classes: int):
+def make_loss_fn(config, num_classes: int, batch_devices: int = 1):
     """loss_fn(model, batch, rng): erasing -> Mixup / CutMix -> model with drop path -> loss.
+
+    Mixup / CutMix draw for each run of `mixup_group` images of each device's rows (of the
+    `batch_devices` a micro-batch is split over), as the official code does per GPU batch.
 
     The criterion follows main_finetune.py: SoftTargetCrossEntropy with mixing (smoothing is
     in the targets), LabelSmoothingCrossEntropy without, plain cross-entropy at 0 smoothing.
@@ -66,6 +70,7 @@ def make_loss_fn(config, num_classes: int):
                 mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                 switch_prob=config.mixup_switch_prob, prob=config.mixup_prob,
                 label_smoothing=config.label_smoothing,
+                group=mixup_group(images.shape[0], config.mixup_batch, batch_devices),
             )
         logits = model(images, train=True, rngs=make_rngs(dropout=drop_key))
         if mixing:

@@ -39,7 +39,8 @@ class Recipe:
     trainable: Any  # nnx filter of the trained parameters
     create_tx: Callable[[ml_collections.ConfigDict, Any, optax.Schedule],
                         optax.GradientTransformation]  # (config, abstract params, schedule)
-    make_loss_fn: Callable[[ml_collections.ConfigDict, int], LossFn]  # (config, num_classes)
+    # (config, num_classes, batch_devices: the devices a batch is split over)
+    make_loss_fn: Callable[[ml_collections.ConfigDict, int, int], LossFn]
 
 
 def model_spec(config: ml_collections.ConfigDict, num_classes: int, global_pool: bool):
@@ -157,7 +158,7 @@ def train_and_evaluate(
         # ------------------------------------------------------------- Train loop
         batches = train_batches(config, options, run.mesh, start_step, in_device_memory)
         step_fn = make_train_step(
-            graphdef, recipe.make_loss_fn(config, num_classes), tx, schedule,
+            graphdef, recipe.make_loss_fn(config, num_classes, run.mesh.size), tx, schedule,
             grad_accum_steps=config.grad_accum_steps, trainable=recipe.trainable,
         )
         results: dict[str, Any] = {}

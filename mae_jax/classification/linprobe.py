@@ -33,11 +33,11 @@ def create_tx(config, params, schedule) -> optax.GradientTransformation:
                 weight_decay=config.weight_decay)
 
 
-def make_loss_fn(config, num_classes: int):
+def make_loss_fn(config, num_classes: int, batch_devices: int = 1):
     """loss_fn(model, batch, rng): cross-entropy of the probe; BatchNorm in training mode."""
     from mae_jax.data.constants import normalize_uint8
 
-    del config, num_classes
+    del config, num_classes, batch_devices
 
     def loss_fn(model, batch, rng):
         del rng  # nothing random in the probe's forward

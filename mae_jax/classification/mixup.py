@@ -108,6 +108,7 @@ def mixup_cutmix(
     switch_prob=0.5,
     label_smoothing=0.1,
     prob=1.0,
+    group=0,
 ):
     """timm ``Mixup(mode='batch', correct_lam=True)`` on a batch: returns ``(images, targets)``.
 
@@ -115,10 +116,25 @@ def mixup_cutmix(
     key: a JAX key. targets: ``[B, num_classes]`` soft labels in the images' dtype.
     Key use: ``k_params, k_box = jax.random.split(key)``; ``k_params`` goes to
     `sample_mix_params` and ``k_box`` to `rand_bbox`. jit-able (keyword arguments static).
+
+    group=G < B: each run of G images is a batch of its own, as each GPU's batch is in the
+    official training (its own lam, method and box; images paired within it), with the keys
+    ``jax.random.split(key, B // G)``. B must be a multiple of G, G even.
     """
     _check_images(images)
     if images.shape[0] % 2:
         raise ValueError(f"batch size must be even for mixup / cutmix, got {images.shape[0]}")
+    options = dict(num_classes=num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                   switch_prob=switch_prob, label_smoothing=label_smoothing, prob=prob)
+    count = images.shape[0] // group if 0 < group < images.shape[0] else 1
+    if 0 < group < images.shape[0] and (images.shape[0] % group or group % 2):
+        raise ValueError(f"mixup groups of {group} images must be even and divide the batch of "
+                         f"{images.shape[0]}")
+    if count > 1:
+        grouped = jax.vmap(lambda x, y, k: mixup_cutmix(x, y, k, **options))(
+            images.reshape(count, group, *images.shape[1:]), labels.reshape(count, group),
+            jax.random.split(key, count))
+        return grouped[0].reshape(images.shape), grouped[1].reshape(images.shape[0], -1)
     k_params, k_box = jax.random.split(key)
     lam, use_cutmix = sample_mix_params(
         k_params,

@@ -44,7 +44,7 @@ HARMLESS_FIELDS = frozenset({
 # probe (and pretraining before the field) read the data through tf.data; profile_steps:
 # no trace; mesh.cpu_devices: JAX's one CPU device.
 LATER_FIELDS = {"data.on_device": "never", "profile_steps": "", "mesh.cpu_devices": 0,
-                "data.crop_style": "torchvision"}  # (the probe's "clipped" since 2026-12-08)
+                "data.crop_style": "torchvision", "mixup_batch": 0}  # until 2026-12-08
 # Fields read only for a `generated:N` source: no change to them alters a run of other data
 # (data.generated_classes defaulted to 10 until 2026-12-08, more than the 8 textures there are).
 GENERATED_FIELDS = frozenset({"data.generated_classes", "data.generated_size"})
