@@ -72,7 +72,7 @@ def defaults(task: str) -> ml_collections.ConfigDict:
     # devices resize + flip it (train.py's option; larger windows are resized on the host),
     # then apply RandAugment's layers, whose random draws the host makes
     # (mae_jax.data.randaugment_device). The same images to rounding. Measured per host core:
-    # the probe's crops at C = 384 2.19x the official transform's images/s (`bench_input.py
+    # the probe's crops at C = 384 2.11x the official transform's images/s (`bench_input.py
     # --probe`); fine-tuning's at C = 512 3.0x / 2.9x timm's transform on one / two cores,
     # against 1.1x / 1.0x with RandAugment on the host; on CIFAR's 32 px images at C = 224
     # 9.0x / 6.3x against 1.3x / 1.2x (`bench_finetune_input.py [--cifar]`). A batch of
