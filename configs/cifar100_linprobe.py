@@ -2,8 +2,9 @@ r"""Linear probe of the seed's CIFAR-100 ViT-Tiny MAE (configs/cifar100_tiny.py)
 
 The official main_linprobe.py recipe: frozen encoder, cls token after the final norm,
 BatchNorm(affine=False) + Linear head, LARS, base lr 0.1 (peak 0.1 * 4096 / 256 = 1.6), 90
-epochs with 10 warmup, RandomResizedCrop(0.08, 1) + flip at 224, eval resize 256 / centre crop
-224 on the test split. Batch 4096 (16384 would be 3 steps an epoch on 50,000 images).
+epochs with 10 warmup, RandomResizedCrop(0.08, 1) (boxes as MAE's util/crop.py draws them) +
+flip at 224, eval resize 256 / centre crop 224 on the test split. Batch 4096 (16384 would be 3
+steps an epoch on 50,000 images).
 
     python train.py --config=configs/cifar100_tiny.py --workdir=runs/cifar100_tiny
     python linprobe.py --config=configs/cifar100_linprobe.py \
