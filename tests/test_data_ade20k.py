@@ -383,6 +383,13 @@ def test_label_maps_of_another_size_than_their_image_are_refused(tmp_path, monke
     with pytest.raises(BadDataError, match=r"2 validation label map\(s\) of ade20k are not the "
                        r"size of their image: ADE_val_00000001 \(image 44x28, label 28x44\)"):
         seg_eval_input.check_validation_decodes("ade20k", data_dir=data_dir)
+    # segment.py's eval_only in one process too, before any model work (QA: it met the first
+    # at evaluation time).
+    config = tiny_segmentation_config(**{"data.source": "ade20k", "data.data_dir": str(data_dir),
+                                         "data.num_classes": 150, "eval_only": True})
+    with pytest.raises(BadDataError, match=r"2 validation label map\(s\) of ade20k are not"):
+        segment_lib.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not (tmp_path / "run").exists()
     with pytest.raises(BadDataError, match="ADE_val_0000000[12] of ade20k does not decode"):
         next(seg_eval_input.seg_eval_examples(source="ade20k", data_dir=data_dir))
     monkeypatch.setattr(decodable, "MIN_EXAMPLES_JUDGED", 8)

@@ -216,11 +216,11 @@ def train_and_evaluate(
         for split in ("train", "validation"):  # each host's copy: the same records
             same_on_every_process(splits[split].num_examples, f"the number of ADE20K {split} "
                                   "examples")
-        # A run that will evaluate checks the validation pairs first. eval_only needs it only
-        # with several processes: there a damaged pair raised on the process that holds it
-        # while the others waited for it in the evaluation's collectives.
-        if (config.eval_every_steps and not config.eval_only) or (
-                config.eval_only and jax.process_count() > 1):
+        # A run that will evaluate checks the validation pairs first (a few seconds): one
+        # message naming each damaged or misfit pair before any model work, where evaluation
+        # stopped at the first (QA), or with several processes raised on the process that
+        # holds it while the others waited for it in the evaluation's collectives.
+        if config.eval_every_steps or config.eval_only:
             seg_eval_input.check_validation_decodes("ade20k", **folders,
                                                limit=config.data.eval_limit or None)
     num_classes = seg_input.num_seg_classes(config.data.source,
