@@ -105,7 +105,7 @@ def build_step(config, mesh):
         spec = classification_lib.model_spec(config, NUM_CLASSES, global_pool=True)
         tx = finetune.create_tx(config, nnx.state(nnx.eval_shape(spec.build), nnx.Param),
                                 schedule)
-        loss_fn = finetune.make_loss_fn(config, NUM_CLASSES)
+        loss_fn = finetune.make_loss_fn(config, NUM_CLASSES, mesh.size)  # as lib does
     else:
         spec, tx = pretrain_lib.model_spec(config.model), pretrain_lib.create_tx(config, schedule)
         # Batches arrive as uint8 and the pretraining loss normalises them inside the step.
