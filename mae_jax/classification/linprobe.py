@@ -3,7 +3,8 @@
 The encoder is frozen (it lives in the state's `rest`, so the step never differentiates it);
 the cls token after the final norm feeds BatchNorm(affine=False, eps 1e-6) and a Linear head
 (N(0, 0.01)), trained with LARS (momentum 0.9, trust 0.001, weight decay 0) at base lr 0.1 x
-batch / 256, warmup + cosine, cross-entropy; RandomResizedCrop + flip for training.
+batch / 256, warmup + cosine, cross-entropy; RandomResizedCrop + flip for training, its boxes
+drawn as MAE's util/crop.py draws them (`data.crop_style`).
 """
 
 from __future__ import annotations
