@@ -237,9 +237,9 @@ def mixup_group(batch: int, most: int, devices: int = 1) -> int:
     (0: the whole micro-batch); 96 -> 32, 48 -> 24. Runs never span devices (whose rows are
     even), so the mixing needs no communication."""
     rows = batch // devices if batch % devices == 0 and batch // devices % 2 == 0 else batch
-    if most < 2 or most >= rows or rows % 2:  # (an odd batch: mixup_cutmix refuses it)
-        return batch if most <= 0 or rows % 2 else rows
-    count = -(-rows // most)
+    if most <= 0 or rows % 2:  # the whole micro-batch (an odd one: mixup_cutmix refuses it)
+        return batch
+    count = -(-rows // max(most, 2))
     while rows % count or rows // count % 2:
         count += 1  # ends by rows / 2 runs of 2 images
     return rows // count

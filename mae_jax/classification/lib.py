@@ -186,6 +186,7 @@ def train_batches(config, options: dict, mesh, start_step: int, in_device_memory
     the tf.data pipeline (with `data.device_resize_canvas`, resized on the devices)."""
     from mae_jax.data import images as data
 
+    clipped = config.data.crop_style == "clipped"
     if in_device_memory is not None:
         images, labels = in_device_memory
         then = f", RandAugment {config.data.randaugment}" if config.data.randaugment else ""
@@ -197,7 +198,7 @@ def train_batches(config, options: dict, mesh, start_step: int, in_device_memory
             images, labels=labels, mesh=mesh, image_size=config.model.image_size,
             global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
             crop_scale=tuple(config.data.crop_scale), randaugment=config.data.randaugment,
-            crop_clipped=config.data.crop_style == "clipped")
+            crop_clipped=clipped)
     batches = data.create_train_iterator(
         **options,
         split=config.data.train_split,
@@ -207,7 +208,7 @@ def train_batches(config, options: dict, mesh, start_step: int, in_device_memory
         start_step=start_step,
         shuffle_buffer_size=config.data.shuffle_buffer_size,
         crop_scale=tuple(config.data.crop_scale),
-        crop_clipped=config.data.crop_style == "clipped",
+        crop_clipped=clipped,
         with_labels=True,
         randaugment=config.data.randaugment or None,
         device_resize_canvas=config.data.device_resize_canvas,

@@ -124,13 +124,14 @@ def mixup_cutmix(
     _check_images(images)
     if images.shape[0] % 2:
         raise ValueError(f"batch size must be even for mixup / cutmix, got {images.shape[0]}")
-    options = dict(num_classes=num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                   switch_prob=switch_prob, label_smoothing=label_smoothing, prob=prob)
-    count = images.shape[0] // group if 0 < group < images.shape[0] else 1
-    if 0 < group < images.shape[0] and (images.shape[0] % group or group % 2):
-        raise ValueError(f"mixup groups of {group} images must be even and divide the batch of "
-                         f"{images.shape[0]}")
-    if count > 1:
+    if 0 < group < images.shape[0]:
+        if images.shape[0] % group or group % 2:
+            raise ValueError(f"mixup groups of {group} images must be even and divide the batch "
+                             f"of {images.shape[0]}")
+        count = images.shape[0] // group
+        options = dict(num_classes=num_classes, mixup_alpha=mixup_alpha,
+                       cutmix_alpha=cutmix_alpha, switch_prob=switch_prob,
+                       label_smoothing=label_smoothing, prob=prob)
         grouped = jax.vmap(lambda x, y, k: mixup_cutmix(x, y, k, **options))(
             images.reshape(count, group, *images.shape[1:]), labels.reshape(count, group),
             jax.random.split(key, count))
